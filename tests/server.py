@@ -162,6 +162,7 @@ class ScriptedServer:
         self._events: list[threading.Event] = []
         self._requests: list[Recorded] = []
         self._sockets: set[socket.socket] = set()
+        self._connections = 0
         self._stopped = threading.Event()
         self._httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
@@ -189,6 +190,12 @@ class ScriptedServer:
         with self._lock:
             self._scripts[path] = list(answers)
             self._events.extend(a.event for a in answers if a.event is not None)
+
+    @property
+    def connections_opened(self) -> int:
+        """How many TCP connections the server has accepted (keep-alive reuses them)."""
+        with self._lock:
+            return self._connections
 
     @property
     def requests(self) -> list[Recorded]:
@@ -241,3 +248,4 @@ class ScriptedServer:
     def _track(self, sock: socket.socket) -> None:
         with self._lock:
             self._sockets.add(sock)
+            self._connections += 1
