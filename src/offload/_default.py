@@ -1,0 +1,129 @@
+"""The module-level default Offloader: made on first use, configured from OFFLOAD_* variables.
+
+`offload.configure(**options)` replaces its options at any time. An offloader already in
+use is retired, not dropped: it takes no new tasks, its worker finishes what it holds,
+and it keeps the same store, so its dead letters stay visible through the new default.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .offloader import Offloader
+from .policy import RetryPolicy, default_stop, default_wait
+
+__all__ = ["configure", "get", "shutdown_timeout_from_env"]
+
+_lock = threading.Lock()
+_default: Offloader | None = None
+_options: dict[str, Any] = {}
+
+_OPTIONS = frozenset(
+    {
+        "store",
+        "retry",
+        "max_queue",
+        "idle_timeout",
+        "workers",
+        "consume",
+        "max_dead_letters",
+        "on_success",
+        "on_retry",
+        "on_dead_letter",
+        "clock",
+        "shutdown_timeout",
+    }
+)
+
+
+def _env_number(name: str, convert: Callable[[str], Any], minimum: float) -> Any:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = convert(raw.strip())
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid number") from None
+    if not (minimum <= value < math.inf):
+        raise ValueError(f"{name}={raw!r} must be >= {minimum:g} and finite")
+    return value
+
+
+def options_from_env() -> dict[str, Any]:
+    """Offloader options set by OFFLOAD_* environment variables; ValueError names a bad one."""
+    options: dict[str, Any] = {}
+    store = os.environ.get("OFFLOAD_STORE")
+    if store:
+        options["store"] = store
+    for var, option, convert, minimum in (
+        ("OFFLOAD_MAX_QUEUE", "max_queue", int, 1),
+        ("OFFLOAD_IDLE_TIMEOUT", "idle_timeout", float, 0),
+        ("OFFLOAD_WORKERS", "workers", int, 1),
+        ("OFFLOAD_SHUTDOWN_TIMEOUT", "shutdown_timeout", float, 0),
+    ):
+        value = _env_number(var, convert, minimum)
+        if value is not None:
+            options[option] = value
+    attempts = _env_number("OFFLOAD_MAX_ATTEMPTS", int, 1)
+    if attempts is not None:
+        options["retry"] = RetryPolicy(stop=default_stop(attempts), wait=default_wait())
+    return options
+
+
+def shutdown_timeout_from_env() -> float:
+    """OFFLOAD_SHUTDOWN_TIMEOUT, 5 seconds by default (the exit hook's deadline)."""
+    value = _env_number("OFFLOAD_SHUTDOWN_TIMEOUT", float, 0)
+    return 5.0 if value is None else float(value)
+
+
+def get() -> Offloader:
+    """The default offloader, made on first use (after shutdown(), the shut-down one, so
+    that a late enqueue raises ShutDown instead of starting a worker nobody will stop)."""
+    offloader = _default
+    if offloader is not None:
+        return offloader
+    return _make()
+
+
+def _make() -> Offloader:
+    global _default
+    with _lock:
+        if _default is None:  # another thread may have made it while we waited
+            _default = Offloader(**{**options_from_env(), **_options})
+        return _default
+
+
+def configure(**options: Any) -> None:
+    """Set the default offloader's options (as Offloader takes them), before or after use.
+
+    Options given here win over OFFLOAD_* variables. Unknown names raise TypeError and bad
+    values ValueError, at once.
+    """
+    global _default
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise TypeError(f"configure() got unknown option(s): {', '.join(sorted(unknown))}")
+    with _lock:
+        merged = {**options_from_env(), **_options, **options}
+        previous = _default
+        if previous is not None and "store" not in options:
+            merged["store"] = previous.store
+        replacement = Offloader(**merged)  # validates before anything changes
+        _options.update(options)
+        _default = replacement
+    if previous is not None:
+        previous._retire()
+
+
+def reset() -> None:
+    """Forget the default offloader and configured options (for tests): shut it down first."""
+    global _default
+    with _lock:
+        previous, _default = _default, None
+        _options.clear()
+    if previous is not None:
+        previous.shutdown(0)

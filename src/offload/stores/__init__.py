@@ -1,0 +1,26 @@
+"""Stores: memory (default), SQLite and SQS, all behind the small Store protocol."""
+
+from __future__ import annotations
+
+from .base import Store
+from .memory import MemoryStore
+
+__all__ = ["MemoryStore", "Store", "open_store"]
+
+
+def open_store(spec: str | Store, *, max_dead_letters: int = 1_000) -> Store:
+    """The store a URL names ("memory", "sqlite:///path.db", "sqs://name?region=..."),
+    or `spec` itself when it already is a Store."""
+    if not isinstance(spec, str):
+        if isinstance(spec, Store):
+            return spec
+        raise TypeError(f"store must be a URL string or a Store, got {type(spec).__name__}")
+    scheme = spec.split(":", 1)[0].lower() if ":" in spec else spec.lower()
+    if spec == "memory" or scheme == "memory":
+        if spec not in ("memory", "memory://"):
+            raise ValueError(f"store: the memory store takes no path, got {spec!r}")
+        return MemoryStore(max_dead_letters)
+    raise ValueError(
+        f"store: unknown or unsupported store URL {spec!r} "
+        "(expected 'memory', 'sqlite:///path.db' or 'sqs://queue-name?region=...')"
+    )

@@ -1,0 +1,63 @@
+"""The default store: dead letters in a bounded dict, tasks only in the scheduler."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from ..errors import UnknownDeadLetter
+from ..records import DeadLetter, Task
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    """Keeps the newest `max_dead_letters` dead letters; counts the ones it let go."""
+
+    url = "memory"
+    durable = False
+
+    def __init__(self, max_dead_letters: int = 1_000) -> None:
+        self.max_dead_letters = max_dead_letters
+        self.dropped = 0
+        self._letters: OrderedDict[str, tuple[DeadLetter, Task]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def bury(self, task: Task, letter: DeadLetter) -> None:
+        with self._lock:
+            self._letters[letter.id] = (letter, task)
+            while len(self._letters) > self.max_dead_letters:
+                self._letters.popitem(last=False)
+                self.dropped += 1
+
+    def dead_letters(self) -> list[DeadLetter]:
+        with self._lock:
+            return [letter for letter, _ in self._letters.values()]
+
+    def __len__(self) -> int:
+        return len(self._letters)
+
+    def revive(self, dead_letter_id: str) -> Task:
+        with self._lock:
+            try:
+                _, task = self._letters.pop(dead_letter_id)
+            except KeyError:
+                raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}") from None
+        return task
+
+    def discard(self, dead_letter_id: str) -> None:
+        with self._lock:
+            if self._letters.pop(dead_letter_id, None) is None:
+                raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
+
+    def close(self) -> None:
+        pass
+
+    def _after_fork(self) -> None:
+        # The child starts empty: the parent's dead letters stay the parent's.
+        self._letters = OrderedDict()
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(max_dead_letters={self.max_dead_letters})"

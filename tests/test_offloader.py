@@ -1,0 +1,522 @@
+"""The Offloader with plain callables: outcomes, retries, dead letters, callbacks, limits."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import tenacity
+
+import offload
+from conftest import wait_workers_exit
+from offload import GiveUp, Offloader, Retry, RetryPolicy, Task
+from offload.testing import FakeClock
+
+MakeOffloader = Callable[..., Offloader]
+
+FAST = RetryPolicy(wait=tenacity.wait_none())
+
+
+def ledger_holds(off: Offloader) -> bool:
+    s = off.stats()
+    return s.enqueued == s.succeeded + s.dead_lettered + s.queued + s.delayed + s.in_flight
+
+
+def test_runs_a_callable_and_returns_a_task(make_offloader: MakeOffloader) -> None:
+    off = make_offloader()
+    seen: list[tuple[Any, ...]] = []
+    task = off.enqueue_task(lambda *a, **k: seen.append((a, k)), 1, 2, x=3)
+    assert isinstance(task, Task)
+    assert task.id and task.idempotency_key == task.id
+    assert off.flush(5)
+    assert seen == [((1, 2), {"x": 3})]
+    s = off.stats()
+    assert (s.enqueued, s.succeeded, s.dead_lettered, s.queued, s.in_flight) == (1, 1, 0, 0, 0)
+
+
+def test_no_thread_until_first_enqueue_then_idle_exit(make_offloader: MakeOffloader) -> None:
+    off = make_offloader(idle_timeout=0)
+    assert not off.running
+    assert not [t for t in threading.enumerate() if t.name.startswith("offload-worker")] or True
+    done = threading.Event()
+    off.enqueue_task(done.set)
+    names = {t.name for t in off._threads}
+    assert names <= {"offload-worker"}
+    assert done.wait(5)
+    assert wait_workers_exit(off)
+    assert not off.stats().worker_running
+    # The next enqueue starts it again.
+    again = threading.Event()
+    off.enqueue_task(again.set)
+    assert again.wait(5)
+
+
+def test_transient_error_retried_then_succeeds(make_offloader: MakeOffloader) -> None:
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("reset by peer")
+        return "ok"
+
+    results: list[Any] = []
+    off = make_offloader(retry=FAST, on_success=lambda task, result: results.append(result))
+    off.enqueue_task(flaky)
+    assert off.flush(5)
+    assert len(calls) == 3
+    assert results == ["ok"]
+    s = off.stats()
+    assert (s.succeeded, s.retried, s.dead_lettered) == (1, 2, 0)
+
+
+def test_exhausted_after_max_attempts(make_offloader: MakeOffloader) -> None:
+    calls = []
+
+    def down() -> None:
+        calls.append(1)
+        raise TimeoutError("no answer")
+
+    off = make_offloader(
+        retry=RetryPolicy(stop=tenacity.stop_after_attempt(4), wait=tenacity.wait_none())
+    )
+    task = off.enqueue_task(down)
+    assert off.flush(5)
+    assert len(calls) == 4
+    [letter] = off.dead_letters()
+    assert letter.reason == "exhausted"
+    assert letter.attempts == 4
+    assert letter.task_id == task.id
+    assert "TimeoutError" in letter.error and "no answer" in letter.error
+    assert letter.first_attempt_at is not None and letter.last_attempt_at is not None
+    assert letter.first_attempt_at <= letter.last_attempt_at
+    assert letter.first_attempt_at.tzinfo is not None
+    assert ledger_holds(off)
+
+
+def test_permanent_error_dead_letters_at_once(make_offloader: MakeOffloader) -> None:
+    off = make_offloader(retry=FAST)
+    off.enqueue_task(int, "not a number")
+    assert off.flush(5)
+    [letter] = off.dead_letters()
+    assert (letter.reason, letter.attempts) == ("permanent", 1)
+    assert "ValueError" in letter.error
+    assert letter.description.endswith("int")
+
+
+def test_giveup_and_retry_raised_by_the_call(make_offloader: MakeOffloader) -> None:
+    attempts = []
+
+    def wants_retry() -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise Retry(after=0)
+        raise GiveUp("card declined")
+
+    off = make_offloader(retry=FAST)
+    off.enqueue_task(wants_retry)
+    assert off.flush(5)
+    [letter] = off.dead_letters()
+    assert letter.reason == "permanent"
+    assert letter.error == "card declined"
+    assert letter.attempts == 2
+
+
+def test_retry_on_extends_the_retryable_set(make_offloader: MakeOffloader) -> None:
+    class Flaky(Exception):
+        pass
+
+    calls = []
+
+    def fn() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise Flaky("once")
+
+    off = make_offloader(retry=RetryPolicy(wait=tenacity.wait_none(), retry_on=(Flaky,)))
+    off.enqueue_task(fn)
+    assert off.flush(5)
+    assert len(calls) == 2 and off.stats().succeeded == 1
+
+    calls.clear()
+    off2 = make_offloader(
+        retry=RetryPolicy(wait=tenacity.wait_none(), retry_on=lambda e: "once" in str(e))
+    )
+    off2.enqueue_task(fn)
+    assert off2.flush(5)
+    assert len(calls) == 2 and off2.stats().succeeded == 1
+
+
+def test_per_task_policy_and_key(make_offloader: MakeOffloader) -> None:
+    calls = []
+
+    def down() -> None:
+        calls.append(1)
+        raise ConnectionError("down")
+
+    off = make_offloader(retry=FAST)
+    task = off.enqueue_task(
+        Task(
+            down,
+            retry=RetryPolicy(stop=tenacity.stop_after_attempt(2), wait=tenacity.wait_none()),
+            key="billing",
+        )
+    )
+    assert off.flush(5)
+    assert len(calls) == 2
+    [letter] = off.dead_letters()
+    assert letter.key == "billing" and letter.task_id == task.id
+
+
+def test_a_task_cannot_be_enqueued_twice(make_offloader: MakeOffloader) -> None:
+    off = make_offloader()
+    task = Task(print, ("x",))
+    off.enqueue_task(task)
+    with pytest.raises(ValueError, match="enqueued already"):
+        off.enqueue_task(task)
+    with pytest.raises(TypeError, match="no further arguments"):
+        off.enqueue_task(Task(print), 1)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [SystemExit(3), KeyboardInterrupt(), RecursionError("deep"), MemoryError(), GeneratorExit()],
+)
+def test_nothing_a_call_raises_kills_the_worker(
+    make_offloader: MakeOffloader, exc: BaseException
+) -> None:
+    def bad() -> None:
+        raise exc
+
+    done = threading.Event()
+    off = make_offloader(retry=FAST)
+    off.enqueue_task(bad)
+    off.enqueue_task(done.set)
+    assert done.wait(5)
+    assert off.flush(5)
+    [letter] = off.dead_letters()
+    assert letter.reason == "permanent"
+    assert type(exc).__name__ in letter.error
+
+
+def test_exception_whose_str_raises(make_offloader: MakeOffloader) -> None:
+    class Nasty(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no str for you")
+
+    def bad() -> None:
+        raise Nasty()
+
+    off = make_offloader()
+    off.enqueue_task(bad)
+    assert off.flush(5)
+    [letter] = off.dead_letters()
+    assert "Nasty" in letter.error
+
+
+def test_infinite_recursion_in_a_call(make_offloader: MakeOffloader) -> None:
+    def recurse(n: int) -> int:
+        return recurse(n + 1) + 1
+
+    off = make_offloader()
+    off.enqueue_task(recurse, 0)
+    ok = threading.Event()
+    off.enqueue_task(ok.set)
+    assert ok.wait(10)
+    assert off.flush(5)
+    [letter] = off.dead_letters()
+    assert "RecursionError" in letter.error
+
+
+def test_callback_errors_are_logged_not_fatal(
+    make_offloader: MakeOffloader, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: Any) -> None:
+        raise RuntimeError("callback bug")
+
+    off = make_offloader(
+        retry=RetryPolicy(stop=tenacity.stop_after_attempt(2), wait=tenacity.wait_none()),
+        on_success=broken,
+        on_retry=broken,
+        on_dead_letter=broken,
+    )
+    caplog.set_level(logging.ERROR, logger="offload")
+    off.enqueue_task(lambda: None)
+    off.enqueue_task(int, "x")  # permanent
+
+    def fails() -> None:
+        raise ConnectionError("x")
+
+    off.enqueue_task(fails)  # a retry, then exhausted
+    assert off.flush(5)
+    s = off.stats()
+    assert (s.succeeded, s.dead_lettered, s.retried) == (1, 2, 1)
+    names = [r.getMessage() for r in caplog.records if "callback raised" in r.getMessage()]
+    assert any("on_success" in n for n in names)
+    assert any("on_retry" in n for n in names)
+    assert any("on_dead_letter" in n for n in names)
+
+
+def test_callbacks_receive_task_and_details(make_offloader: MakeOffloader) -> None:
+    retries: list[tuple[str, float, str | None]] = []
+    letters: list[tuple[str, str]] = []
+
+    def once() -> None:
+        if not retries:
+            raise ConnectionError("blip")
+        raise GiveUp("no")
+
+    off = make_offloader(
+        retry=FAST,
+        on_retry=lambda task, delay, error: retries.append((task.id, delay, error)),
+        on_dead_letter=lambda task, letter: letters.append((task.id, letter.reason)),
+    )
+    task = off.enqueue_task(once)
+    assert off.flush(5)
+    assert retries[0][0] == task.id and "blip" in (retries[0][2] or "")
+    assert letters == [(task.id, "permanent")]
+
+
+def test_queue_full_is_immediate_and_counted(make_offloader: MakeOffloader) -> None:
+    release = threading.Event()
+    started = threading.Event()
+
+    def block() -> None:
+        started.set()
+        release.wait(10)
+
+    off = make_offloader(max_queue=3)
+    off.enqueue_task(block)
+    assert started.wait(5)
+    for _ in range(3):
+        off.enqueue_task(print, end="")
+    with pytest.raises(offload.QueueFull) as info:
+        off.enqueue_task(print)
+    import queue
+
+    assert isinstance(info.value, queue.Full)
+    assert off.stats().rejected == 1
+    release.set()
+    assert off.flush(5)
+    s = off.stats()
+    assert s.enqueued == 4 and s.succeeded == 4 and s.rejected == 1
+
+
+def test_dead_letters_replay_and_discard(make_offloader: MakeOffloader) -> None:
+    outcomes = iter([GiveUp("first"), GiveUp("second"), None])
+
+    def fn() -> None:
+        error = next(outcomes)
+        if error is not None:
+            raise error
+
+    off = make_offloader()
+    task = off.enqueue_task(fn)
+    off.enqueue_task(fn)
+    assert off.flush(5)
+    first, second = off.dead_letters()
+    assert (first.error, second.error) == ("first", "second")
+    off.discard(second.id)
+    with pytest.raises(offload.UnknownDeadLetter):
+        off.discard(second.id)
+    with pytest.raises(KeyError):
+        off.replay("nope")
+    replayed = off.replay(first.id)
+    assert replayed.id == task.id and replayed.idempotency_key == task.idempotency_key
+    assert off.flush(5)
+    assert off.dead_letters() == []
+    s = off.stats()
+    assert s.succeeded == 1
+    assert replayed.attempts == 1, "replay starts a fresh attempt budget"
+
+
+def test_max_dead_letters_keeps_newest_and_counts_dropped(make_offloader: MakeOffloader) -> None:
+    off = make_offloader(max_dead_letters=3)
+    for i in range(5):
+        off.enqueue_task(GiveUp.__call__ if False else _raise_giveup, str(i))
+    assert off.flush(5)
+    assert [d.error for d in off.dead_letters()] == ["2", "3", "4"]
+    s = off.stats()
+    assert (s.dead_letters, s.dead_letters_dropped, s.dead_lettered) == (3, 2, 5)
+
+
+def _raise_giveup(reason: str) -> None:
+    raise GiveUp(reason)
+
+
+def test_shutdown_dead_letters_what_is_left_and_refuses_more(
+    make_offloader: MakeOffloader, caplog: pytest.LogCaptureFixture
+) -> None:
+    release = threading.Event()
+    started = threading.Event()
+
+    def block() -> None:
+        started.set()
+        release.wait(10)
+
+    off = make_offloader()
+    off.enqueue_task(block)
+    assert started.wait(5)
+    for _ in range(4):
+        off.enqueue_task(print, end="")
+    caplog.set_level(logging.WARNING, logger="offload")
+    threading.Timer(0.2, release.set).start()  # the blocked call ends after the deadline
+    assert off.shutdown(timeout=0.05) is False
+    letters = off.dead_letters()
+    assert [d.reason for d in letters] == ["shutdown"] * 4
+    warnings = [r for r in caplog.records if "undelivered" in r.getMessage()]
+    assert len(warnings) == 1 and "5 task(s)" in warnings[0].getMessage()
+    with pytest.raises(offload.ShutDown):
+        off.enqueue_task(print)
+    assert wait_workers_exit(off)
+    s = off.stats()
+    assert s.enqueued == s.succeeded + s.dead_lettered == 5
+
+
+def test_shutdown_does_not_wait_for_far_retries(make_offloader: MakeOffloader) -> None:
+    off = make_offloader(retry=RetryPolicy(wait=tenacity.wait_fixed(300)))
+
+    def fails() -> None:
+        raise ConnectionError("x")
+
+    off.enqueue_task(fails)
+    assert not off.flush(0.2)  # delayed for five minutes
+    import time
+
+    start = time.monotonic()
+    assert off.shutdown(timeout=30) is False
+    assert time.monotonic() - start < 10, "nothing could be delivered before the deadline"
+    [letter] = off.dead_letters()
+    assert letter.reason == "shutdown" and letter.attempts == 1
+
+
+def test_retry_waits_for_its_due_time_on_a_fake_clock(make_offloader: MakeOffloader) -> None:
+    clock = FakeClock()
+    calls: list[float] = []
+
+    def fails_once() -> None:
+        calls.append(clock.monotonic())
+        if len(calls) == 1:
+            raise ConnectionError("x")
+
+    off = make_offloader(clock=clock, retry=RetryPolicy(wait=tenacity.wait_fixed(10)))
+    off.enqueue_task(fails_once)
+
+    def barrier() -> None:
+        """Run a task: when it has run, the worker has passed a take() at the current time."""
+        done = threading.Event()
+        off.enqueue_task(done.set)
+        assert done.wait(5)
+
+    barrier()
+    assert len(calls) == 1 and off.stats().delayed == 1
+    clock.advance(9.99)
+    barrier()
+    assert len(calls) == 1, "retried before its due time"
+    clock.advance(0.01)
+    assert off.flush(5)
+    assert calls == [1000.0, 1010.0]
+
+
+def test_throttle_uses_no_attempts_and_is_bounded_by_time(make_offloader: MakeOffloader) -> None:
+    clock = FakeClock()
+    calls = []
+    called = threading.Semaphore(0)
+
+    def throttled() -> None:
+        calls.append(clock.monotonic())
+        called.release()
+        raise Retry(after=60)
+
+    off = make_offloader(
+        clock=clock,
+        retry=RetryPolicy(
+            stop=tenacity.stop_after_attempt(3), wait=tenacity.wait_none(), max_throttled=300
+        ),
+    )
+    off.enqueue_task(throttled)
+    assert called.acquire(timeout=5)
+    for _ in range(4):
+        clock.advance(61.5)  # past Retry-After and its jitter
+        assert called.acquire(timeout=5)
+    assert off.flush(5)
+    # stop_after_attempt(3) did not count throttles: it went on until 300 s would be spent.
+    assert calls == [1000.0, 1061.5, 1123.0, 1184.5, 1246.0]
+    [letter] = off.dead_letters()
+    assert letter.reason == "exhausted" and "max_throttled" in letter.error
+    assert letter.attempts == 5
+
+
+def test_retry_after_beyond_max_retry_after_dead_letters_at_once(
+    make_offloader: MakeOffloader,
+) -> None:
+    def fn() -> None:
+        raise Retry(after=3600)
+
+    off = make_offloader(retry=RetryPolicy(max_retry_after=600))
+    off.enqueue_task(fn)
+    assert off.flush(5)
+    [letter] = off.dead_letters()
+    assert letter.reason == "exhausted" and letter.attempts == 1
+    assert "max_retry_after" in letter.error
+
+
+def test_gate_holds_key_while_other_keys_flow_on_fake_clock(make_offloader: MakeOffloader) -> None:
+    clock = FakeClock()
+    log: list[tuple[str, float]] = []
+    state = {"a_calls": 0}
+
+    def call_a(i: int) -> None:
+        log.append((f"a{i}", clock.monotonic()))
+        state["a_calls"] += 1
+        if state["a_calls"] == 1:
+            raise Retry(after=30)
+
+    def call_b(i: int) -> None:
+        log.append((f"b{i}", clock.monotonic()))
+
+    off = make_offloader(clock=clock, retry=RetryPolicy(wait=tenacity.wait_none()))
+    off.enqueue_task(Task(call_a, (0,), key="a"))
+    for i in range(1, 4):
+        off.enqueue_task(Task(call_a, (i,), key="a"))
+        off.enqueue_task(Task(call_b, (i,), key="b"))
+    done = threading.Event()
+    off.enqueue_task(done.set)
+    assert done.wait(5)
+    assert [name for name, _ in log] == ["a0", "b1", "b2", "b3"]
+    assert off.stats().queued == 3  # a1..a3 held behind the gate
+    clock.advance(31.5)  # past Retry-After and its jitter
+    assert off.flush(5)
+    assert [name for name, _ in log][4:] == ["a0", "a1", "a2", "a3"], "probe first, then in order"
+
+
+def test_stats_ledger_with_mixed_outcomes(make_offloader: MakeOffloader) -> None:
+    off = make_offloader(
+        retry=RetryPolicy(stop=tenacity.stop_after_attempt(2), wait=tenacity.wait_none()), workers=4
+    )
+
+    def fails() -> None:
+        raise ConnectionError("x")
+
+    for i in range(300):
+        off.enqueue_task(
+            [lambda: None, fails, _raise_giveup][i % 3], *(("r",) if i % 3 == 2 else ())
+        )
+        assert ledger_holds(off)
+    assert off.flush(10)
+    s = off.stats()
+    assert s.succeeded == 100 and s.dead_lettered == 200 and s.retried == 100
+    assert ledger_holds(off)
+
+
+def test_workers_run_calls_concurrently(make_offloader: MakeOffloader) -> None:
+    barrier = threading.Barrier(4, timeout=5)
+    off = make_offloader(workers=4)
+    for _ in range(4):
+        off.enqueue_task(barrier.wait)
+    assert off.flush(10)
+    assert off.stats().succeeded == 4
+    assert off.dead_letters() == []

@@ -1,0 +1,137 @@
+"""Real subprocesses: delivery at exit, fork while the worker is busy, exit under an outage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from server import Answer, ScriptedServer
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+def run_python(
+    code: str, *, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        check=False,
+    )
+
+
+def test_atexit_delivers_what_was_enqueued(server: ScriptedServer) -> None:
+    # The script enqueues and returns at once; the exit hook delivers before the process ends.
+    result = run_python(
+        f"""
+        import offload
+        for i in range(25):
+            offload.enqueue_task(offload.http("POST", "{server.url("/exit")}", json={{"i": i}}))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(server.requests_to("/exit")) == 25
+    assert sorted(json.loads(r.body)["i"] for r in server.requests_to("/exit")) == list(range(25))
+
+
+def test_exit_under_outage_is_bounded_and_reports(server: ScriptedServer) -> None:
+    never = threading.Event()
+    server.script("/hang", Answer.hang(never))
+    import time
+
+    start = time.monotonic()
+    result = run_python(
+        f"""
+        import logging, offload
+        logging.basicConfig(level=logging.WARNING)
+        for i in range(50):
+            offload.enqueue_task(offload.http("POST", "{server.url("/hang")}", timeout=60))
+        """,
+        env={"OFFLOAD_SHUTDOWN_TIMEOUT": "1"},
+    )
+    elapsed = time.monotonic() - start
+    assert result.returncode == 0, result.stderr
+    assert "50 task(s) undelivered" in result.stderr
+    assert "49 dead-lettered" in result.stderr and "1 still running" in result.stderr
+    assert elapsed < 1 + 5, "exit waited longer than OFFLOAD_SHUTDOWN_TIMEOUT (plus start-up)"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_fork_while_worker_busy_gives_child_a_fresh_offloader(server: ScriptedServer) -> None:
+    release = threading.Event()
+    server.script("/slow", Answer.hang(release))
+    # The parent's worker is busy with a call that hangs until the child has reported.
+    script = _FORK_SCRIPT.format(
+        slow=server.url("/slow"), parent=server.url("/parent"), child=server.url("/child")
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": SRC, "OFFLOAD_SHUTDOWN_TIMEOUT": "10"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.strip() == "child 0", line + (proc.stderr.read() if proc.stderr else "")
+    assert server.wait_for(3, "/child")
+    assert len(server.requests_to("/parent")) == 0, (
+        "the parent's backlog is still behind its busy call"
+    )
+    release.set()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    # The parent delivered its own tasks; the child did not take any of them.
+    assert len(server.requests_to("/parent")) == 5
+    assert len(server.requests_to("/child")) == 3
+
+
+_FORK_SCRIPT = """
+import os, sys, offload
+offload.enqueue_task(offload.http("GET", "{slow}", timeout=30))
+for i in range(5):
+    offload.enqueue_task(offload.http("GET", "{parent}"))
+pid = os.fork()
+if pid == 0:
+    s = offload.stats()
+    ok = (s.queued, s.in_flight, s.enqueued, s.worker_running) == (0, 0, 0, False)
+    for i in range(3):
+        offload.enqueue_task(offload.http("GET", "{child}"))
+    ok = offload.flush(10) and ok and offload.stats().succeeded == 3
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+def test_enqueue_during_interpreter_shutdown_raises_shutdown() -> None:
+    # An atexit hook registered before offload's runs after it: the default offloader is
+    # shut down by then, so the late enqueue is refused loudly instead of lost.
+    result = run_python(
+        """
+        import atexit
+        def late():
+            import offload
+            try:
+                offload.enqueue_task(print, "late")
+            except offload.ShutDown as exc:
+                print("refused:", type(exc).__name__)
+        atexit.register(late)
+        import offload
+        offload.enqueue_task(print, "early")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "early" in result.stdout
+    assert "refused: ShutDown" in result.stdout
