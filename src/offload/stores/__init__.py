@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .base import Store
+from .base import DurableStore, Store, StoreCounts
 from .memory import MemoryStore
 
-__all__ = ["MemoryStore", "Store", "open_store"]
+__all__ = ["DurableStore", "MemoryStore", "Store", "StoreCounts", "open_store"]
 
 
 def open_store(spec: str | Store, *, max_dead_letters: int = 1_000) -> Store:

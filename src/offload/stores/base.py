@@ -1,33 +1,64 @@
 """The Store protocol: where an offloader keeps dead letters and, if durable, its tasks.
 
-The memory store holds its queued tasks in the scheduler itself and only keeps dead
-letters; durable stores (SQLite, SQS) also hold every task until it is delivered or
-dead-lettered, so that a crash loses nothing.
+The memory store keeps queued tasks in the scheduler itself and only holds dead letters
+(`durable = False`; the task methods are not called). A durable store (SQLite, SQS) holds
+every task from `put` until `complete` or `bury`, so a crash loses nothing:
+
+    put(task, lease=True)  ──► leased to this process ──► complete(task)        delivered
+          │                          │      ▲    │
+          │ lease=False              │      │    └──► bury(task, letter)        dead letter
+          ▼                          │      │
+    waiting (due at a time) ◄────────┘      │  release(task, due): retry later, or hand back
+          │                                 │
+          └──────── claim(limit, ...) ──────┘  (by any process sharing the store)
+
+A leased task is this process's to perform. Leases last `lease_timeout` seconds and are
+renewed (`renew`) while the task is held; a lease whose process died is taken back by
+`claim` at once where the store can tell (same host, pid gone), otherwise when it expires.
+Delivery is at least once: a process killed mid-call leaves a lease that expires, and the
+task runs again.
+
+Times are wall-clock epoch seconds (`time.time()`), since they are shared across processes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from ..records import DeadLetter, Task
 
-__all__ = ["Store"]
+__all__ = ["Store", "StoreCounts"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCounts:
+    """What a durable store holds now, for stats() and the CLI."""
+
+    ready: int  # due now, not leased
+    delayed: int  # due later, not leased
+    leased: int  # leased to some process (this one or another)
+    dead_letters: int
 
 
 @runtime_checkable
 class Store(Protocol):
     """What an Offloader needs of a store."""
 
-    #: The URL the store was opened from ("memory", "sqlite:///...", "sqs://...").
+    #: The URL the store was opened from ("memory", "sqlite:///...", "sqs://..."), no secrets.
     url: str
-    #: True when tasks survive the process (the offloader then writes each one through).
+    #: True when tasks survive the process: the offloader then writes each one through.
     durable: bool
 
+    # -- dead letters (every store) -------------------------------------------------------
+
     def bury(self, task: Task, letter: DeadLetter) -> None:
-        """Keep a dead letter, with what is needed to replay its task."""
+        """Keep a dead letter with what is needed to replay its task; a durable store
+        removes the task itself in the same step."""
 
     def dead_letters(self) -> list[DeadLetter]:
-        """Every dead letter held, oldest first."""
+        """Every dead letter held, oldest first. Never consumes or hides them."""
         ...
 
     def __len__(self) -> int:
@@ -35,7 +66,7 @@ class Store(Protocol):
         ...
 
     def revive(self, dead_letter_id: str) -> Task:
-        """Remove a dead letter and return its task, ready to enqueue again.
+        """Remove a dead letter and return its task (ids and idempotency key kept).
 
         Raises UnknownDeadLetter when no dead letter has that id.
         """
@@ -45,4 +76,40 @@ class Store(Protocol):
         """Remove a dead letter; raises UnknownDeadLetter when none has that id."""
 
     def close(self) -> None:
-        """Release connections and files."""
+        """Release connections and files. The store is not used afterwards."""
+
+
+@runtime_checkable
+class DurableStore(Store, Protocol):
+    """A Store that also holds tasks until they are delivered or dead-lettered."""
+
+    def put(self, task: Task, *, lease: bool) -> None:
+        """Write a new task durably before returning (NotSerializable if it cannot be
+        stored). `lease=True`: leased to this process, which will perform it."""
+
+    def claim(self, limit: int, *, exclude_keys: Collection[str] = ()) -> list[Task]:
+        """Lease up to `limit` tasks that are due now, skipping the keys given (gates this
+        process holds closed), oldest first. Tasks come back with their attempt state."""
+        ...
+
+    def renew(self, tasks: Sequence[Task]) -> None:
+        """Extend the leases of tasks this process holds."""
+
+    def release(self, task: Task, due: float) -> None:
+        """Hand a leased task back, due again at `due` (epoch seconds), keeping its attempt
+        state (attempts, first/last attempt times) so that any process continues it."""
+
+    def complete(self, task: Task) -> None:
+        """Forget a delivered task."""
+
+    def next_due(self) -> float | None:
+        """When the earliest task not leased is due (epoch seconds); None if none is held."""
+        ...
+
+    def counts(self) -> StoreCounts:
+        """What the store holds now."""
+        ...
+
+    def purge(self) -> int:
+        """Remove every dead letter; returns how many."""
+        ...
