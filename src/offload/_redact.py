@@ -1,0 +1,204 @@
+"""Redaction of secrets in what offload shows: descriptions, reprs, error summaries, logs.
+
+Dead letters and log lines outlive the request that made them and are read by people who
+should not see credentials. Redaction here errs towards hiding too much: a parameter
+called `keyword` shown as `***` costs little; an API key in a log costs a lot.
+
+What counts as secret (case-insensitive, `-`/`_`/`.` ignored):
+- the names Authorization, Proxy-Authorization, Cookie, Set-Cookie, X-Api-Key;
+- any name containing token, secret, key, password, passwd, signature, credential, session;
+- any name with a part (split on `-`, `_`, `.`) equal to auth, sig, pwd, pass or jwt;
+- except the idempotency key (Idempotency-Key, X-Idempotency-Key), which is not a secret
+  and is what people need to see to trace a duplicate charge.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import SplitResult, unquote_plus, urlsplit, urlunsplit
+
+__all__ = [
+    "REDACTED",
+    "RedactingFilter",
+    "is_secret_name",
+    "redact_headers",
+    "redact_text",
+    "redact_third_party_logs",
+    "redact_url",
+]
+
+REDACTED = "***"
+
+_SECRET_NAMES = frozenset({"authorization", "proxyauthorization", "cookie", "setcookie", "xapikey"})
+_SECRET_FRAGMENTS = (
+    "token",
+    "secret",
+    "key",
+    "password",
+    "passwd",
+    "signature",
+    "credential",
+    "session",
+)
+_SECRET_PARTS = frozenset({"auth", "sig", "pwd", "pass", "jwt"})
+_NOT_SECRET = frozenset({"idempotencykey", "xidempotencykey"})
+_SEPARATORS = re.compile(r"[-_.\s]+")
+
+
+def is_secret_name(name: str) -> bool:
+    """True if a header, query parameter or field called `name` holds a secret."""
+    lowered = name.strip().lower()
+    compact = _SEPARATORS.sub("", lowered)
+    if compact in _NOT_SECRET:
+        return False
+    if compact in _SECRET_NAMES or any(f in compact for f in _SECRET_FRAGMENTS):
+        return True
+    return any(part in _SECRET_PARTS for part in _SEPARATORS.split(lowered))
+
+
+def redact_headers(headers: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> dict[str, str]:
+    """A copy of `headers` with secret values replaced by `***` (others redacted as text)."""
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return {
+        str(name): REDACTED if is_secret_name(str(name)) else redact_text(str(value))
+        for name, value in items
+    }
+
+
+def _redact_pairs(query: str) -> str:
+    """Redact the values of secret names in `a=1&token=x`, keeping everything else verbatim."""
+    parts = re.split(r"([&;])", query)
+    for i in range(0, len(parts), 2):
+        name, eq, _value = parts[i].partition("=")
+        if eq and is_secret_name(unquote_plus(name)):
+            parts[i] = f"{name}={REDACTED}"
+    return "".join(parts)
+
+
+def _redact_netloc(split: SplitResult) -> str:
+    netloc = split.netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    if not at:
+        return netloc
+    user, colon, password = userinfo.partition(":")
+    if colon and password:
+        return f"{user}:{REDACTED}@{hostport}"
+    # A user name alone (`https://ghp_xxx@github.com`, `https://sk_live_x:@api...`) is
+    # how several APIs take a token: treat it as the credential.
+    return f"{REDACTED}@{hostport}"
+
+
+def redact_url(url: str) -> str:
+    """`url` with the userinfo password and the values of secret query parameters as `***`.
+
+    The result still reads as a URL (`https://u:***@host/p?token=***&page=2`). Never raises:
+    a URL that cannot be parsed has everything after `?` redacted instead.
+    """
+    try:
+        split = urlsplit(url)
+    except ValueError:
+        base, q, _rest = url.partition("?")
+        base = re.sub(r"//[^/@]*@", f"//{REDACTED}@", base)
+        return f"{base}{q}{REDACTED}" if q else base
+    fragment = split.fragment
+    if "=" in fragment:  # OAuth implicit flow puts access_token=... in the fragment
+        fragment = _redact_pairs(fragment)
+    return urlunsplit(
+        (split.scheme, _redact_netloc(split), split.path, _redact_pairs(split.query), fragment)
+    )
+
+
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>`]+")
+_AUTH_SCHEME = re.compile(
+    r"\b(Bearer|Basic|Digest|Negotiate|NTLM|AWS4-HMAC-SHA256)(\s+)(?!\*\*\*)([^\s'\",]+)",
+    re.IGNORECASE,
+)
+_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
+# name=value, name='value', name="value"  (query strings, kwargs reprs, log-style text)
+_PAIR = re.compile(r"(?<![\w-])([A-Za-z][\w.\-]*)(=)(\"[^\"]*\"|'[^']*'|[^\s&'\",;)\]}]+)")
+# 'name': 'value', "name": "value" and 'name': b'value'  (dict reprs and JSON)
+_QUOTED_PAIR = re.compile(r"(['\"])([^'\"]{1,100})\1(\s*:\s*b?)(['\"])(.*?)(?<!\\)\4")
+# Name: value at the start of a line (header dumps). Only header-shaped names (with a
+# dash, or a known header) so that "KeyError: 'x'" keeps its message.
+_HEADER_LINE = re.compile(r"(?m)^([A-Za-z][\w]*-[\w\-]*|Authorization|Cookie)(:[ \t]*)(\S.*)$")
+_TRAILING = ").,;:]}!?"
+
+
+def _pair(match: re.Match[str]) -> str:
+    name, eq, value = match.group(1), match.group(2), match.group(3)
+    if not is_secret_name(name):
+        return match.group(0)
+    quote = value[0] if value[:1] in ("'", '"') else ""
+    return f"{name}{eq}{quote}{REDACTED}{quote}"
+
+
+def _quoted_pair(match: re.Match[str]) -> str:
+    q1, name, colon, q2, _value = match.groups()
+    if not is_secret_name(name):
+        return match.group(0)
+    return f"{q1}{name}{q1}{colon}{q2}{REDACTED}{q2}"
+
+
+def _header_line(match: re.Match[str]) -> str:
+    name, colon, _value = match.groups()
+    return f"{name}{colon}{REDACTED}" if is_secret_name(name) else match.group(0)
+
+
+def _url(match: re.Match[str]) -> str:
+    # "(see https://h/x?token=a)." : the closing punctuation belongs to the prose.
+    url = match.group(0)
+    stripped = url.rstrip(_TRAILING)
+    return redact_url(stripped) + url[len(stripped) :]
+
+
+def redact_text(text: str) -> str:
+    """Free text (an exception message, a log line) with the secrets in it replaced by `***`.
+
+    Covers URLs (userinfo and secret query parameters), `Bearer`/`Basic`/... credentials,
+    AWS access key ids, and `name=value` / `'name': 'value'` / `Name: value` pairs whose
+    name is secret. Best effort by nature: it cannot know that an opaque word is a key.
+    """
+    text = _URL.sub(_url, text)
+    text = _AUTH_SCHEME.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+    text = _AWS_KEY_ID.sub(REDACTED, text)
+    text = _QUOTED_PAIR.sub(_quoted_pair, text)
+    text = _PAIR.sub(_pair, text)
+    return _HEADER_LINE.sub(_header_line, text)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts each record's message (it never drops a record)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken record is the handler's problem, not ours
+            return True
+        redacted = redact_text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+_FILTER = RedactingFilter()
+# The loggers that print request URLs, headers or bodies at DEBUG: urllib3 logs every
+# request line with its query string; botocore logs headers (X-Amz-Security-Token is a
+# credential) and response bodies.
+_THIRD_PARTY_LOGGERS = (
+    "urllib3.connectionpool",
+    "botocore.endpoint",
+    "botocore.auth",
+    "botocore.parsers",
+    "botocore.hooks",
+)
+
+
+def redact_third_party_logs() -> None:
+    """Redact the DEBUG lines of urllib3 and botocore that carry secrets (idempotent)."""
+    for name in _THIRD_PARTY_LOGGERS:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)

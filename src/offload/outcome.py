@@ -1,0 +1,289 @@
+"""How one attempt ended: success, retry (throttled or transient) or permanent failure.
+
+This is the table in DESIGN.md ("Outcomes") and nothing else; `RetryPolicy(retry_on=...)`
+extends it. A throttled retry means the whole target is saturated ("not now") and closes
+its key's gate; a transient one is a failure of this attempt only.
+
+`Retry-After` (and AWS's `x-amz-retry-after`, in milliseconds) becomes `retry_after`, the
+server's floor in seconds; the policy decides what to do with it. botocore is optional:
+its exception types are recognised only when botocore is already imported, which it
+always is when one of them was raised.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http
+import logging
+import math
+import re
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timezone
+from typing import Any, Final
+
+import requests
+import urllib3.exceptions
+
+from ._redact import redact_text
+from .errors import GiveUp, Retry
+
+__all__ = [
+    "PERMANENT",
+    "RETRY",
+    "SUCCESS",
+    "Outcome",
+    "classify_exception",
+    "classify_result",
+    "parse_retry_after",
+]
+
+log = logging.getLogger("offload")
+
+SUCCESS: Final = "success"
+RETRY: Final = "retry"
+PERMANENT: Final = "permanent"
+_KINDS = frozenset({SUCCESS, RETRY, PERMANENT})
+
+MAX_ERROR_CHARS: Final = 300
+_MAX_MESSAGE_CHARS = 2_000  # read no more of a message than could survive truncation
+
+_TRANSIENT_STATUS = frozenset({408, 425, 500, 502, 503, 504})
+_AWS_TRANSIENT_STATUS = frozenset({500, 502, 503, 504})
+# botocore's standard retry mode (botocore/retries/standard.py), plus Glue's answer while
+# the previous run of a job is still going: that one lasts minutes and must not use up
+# attempts.
+_AWS_THROTTLING_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "TransactionInProgressException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "LimitExceededException",
+        "RequestThrottled",
+        "SlowDown",
+        "PriorRequestNotComplete",
+        "EC2ThrottledException",
+        "ConcurrentRunsExceededException",
+    }
+)
+_AWS_TRANSIENT_CODES = frozenset({"RequestTimeout", "RequestTimeoutException"})
+
+_TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    requests.exceptions.ConnectionError,  # includes ConnectTimeout, SSLError, ProxyError
+    requests.exceptions.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    # Raised unwrapped when a caller reads a response body itself.
+    urllib3.exceptions.ProtocolError,
+    urllib3.exceptions.TimeoutError,
+    urllib3.exceptions.NewConnectionError,
+    ConnectionError,  # builtin: resets, refusals, broken pipes
+    TimeoutError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt ended. `error` is a one-line, redacted summary (<= 300 chars)."""
+
+    kind: str  # SUCCESS, RETRY or PERMANENT
+    throttled: bool = False  # a retry because the target is saturated: close its gate
+    retry_after: float | None = None  # the server's floor, in seconds
+    status: int | None = None  # HTTP status, when there was a response
+    error: str | None = None
+    value: Any = None  # what the call returned, on success
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"Outcome kind must be one of {sorted(_KINDS)}, got {self.kind!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Retry-After
+
+
+_DELAY_SECONDS = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+
+
+def _ignored(value: object, why: str) -> None:
+    log.warning("ignoring %s Retry-After %r", why, str(value)[:100])
+
+
+def parse_retry_after(value: str | None, *, now: float) -> float | None:
+    """Seconds to wait from a `Retry-After` value: delay-seconds or an HTTP-date.
+
+    `now` is the wall-clock time (epoch seconds) an HTTP-date is measured from. A time in
+    the past or a negative delay is 0.0. A malformed value is logged and ignored (None):
+    a misbehaving server must not break the worker.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        _ignored(value, "non-text")
+        return None
+    text = value.strip()
+    if not text:
+        _ignored(value, "empty")
+        return None
+    if _DELAY_SECONDS.match(text):
+        seconds = float(text)
+        if not math.isfinite(seconds):  # hundreds of digits
+            _ignored(value, "out-of-range")
+            return None
+        return max(seconds, 0.0)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+        if when.tzinfo is None:  # "-0000": UTC, origin unknown
+            when = when.replace(tzinfo=timezone.utc)
+        delay = when.timestamp() - now
+    except (TypeError, ValueError, IndexError, OverflowError):
+        _ignored(value, "malformed")
+        return None
+    return max(delay, 0.0)
+
+
+def _header(headers: Any, name: str) -> str | None:
+    """A header from a case-insensitive or plain (lowercase-keyed) mapping."""
+    if not isinstance(headers, Mapping):
+        return None
+    for key in (name, name.lower()):
+        if key in headers:
+            return str(headers[key])
+    for key, value in headers.items():
+        if isinstance(key, str) and key.lower() == name.lower():
+            return str(value)
+    return None
+
+
+def _aws_retry_after(headers: Any, now: float) -> float | None:
+    millis = _header(headers, "x-amz-retry-after")
+    if millis is not None:
+        if _DELAY_SECONDS.match(millis.strip()) and math.isfinite(float(millis)):
+            return max(float(millis) / 1000.0, 0.0)
+        log.warning("ignoring malformed x-amz-retry-after %r", millis[:100])
+    return parse_retry_after(_header(headers, "Retry-After"), now=now)
+
+
+# --------------------------------------------------------------------------------------
+# Summaries
+
+
+def _clean(text: str) -> str:
+    """Redacted, on one line, at most MAX_ERROR_CHARS."""
+    text = " ".join(redact_text(text[:_MAX_MESSAGE_CHARS]).split())
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 1] + "…"
+    return text
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # an exception's __str__ can itself be broken
+        return ""
+
+
+def _summary(exc: BaseException) -> str:
+    name = type(exc).__name__
+    message = _clean(_message(exc))
+    return _clean(f"{name}: {message}") if message else name
+
+
+def _http_summary(status: int, reason: Any) -> str:
+    if not isinstance(reason, str) or not reason.strip():
+        try:
+            reason = http.HTTPStatus(status).phrase
+        except ValueError:
+            reason = ""
+    return _clean(f"HTTP {status} {reason}".strip())
+
+
+# --------------------------------------------------------------------------------------
+# Classification
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else now
+
+
+def classify_result(value: Any, *, now: float | None = None) -> Outcome:
+    """The outcome of an attempt that returned `value`.
+
+    A `requests.Response` is judged by its status: < 400 success; 429, and 503 with a
+    Retry-After, throttled; 408, 425, 500, 502, 503, 504 transient; any other status
+    permanent (other 4xx, 501). Anything else returned is a success.
+    """
+    if not isinstance(value, requests.Response):
+        return Outcome(SUCCESS, value=value)
+    status = value.status_code
+    if status < 400:
+        return Outcome(SUCCESS, status=status, value=value)
+    error = _http_summary(status, value.reason)
+    raw = value.headers.get("Retry-After")
+    if status == 429 or (status == 503 and raw is not None and raw.strip()):
+        retry_after = parse_retry_after(raw, now=_now(now))
+        return Outcome(RETRY, throttled=True, retry_after=retry_after, status=status, error=error)
+    if status in _TRANSIENT_STATUS:
+        retry_after = parse_retry_after(raw, now=_now(now)) if raw is not None else None
+        return Outcome(RETRY, retry_after=retry_after, status=status, error=error)
+    return Outcome(PERMANENT, status=status, error=error)
+
+
+def _classify_client_error(exc: BaseException, now: float | None) -> Outcome:
+    response = getattr(exc, "response", None)
+    response = response if isinstance(response, Mapping) else {}
+    details = response.get("Error")
+    details = details if isinstance(details, Mapping) else {}
+    meta = response.get("ResponseMetadata")
+    meta = meta if isinstance(meta, Mapping) else {}
+    code = str(details.get("Code") or "")
+    status = meta.get("HTTPStatusCode")
+    status = status if isinstance(status, int) and not isinstance(status, bool) else None
+
+    message = _clean(str(details.get("Message") or ""))
+    error = f"{code or type(exc).__name__}: {message}" if message else code or _summary(exc)
+    error = _clean(f"{error} (HTTP {status})" if status is not None else error)
+
+    if code in _AWS_THROTTLING_CODES or status == 429:
+        retry_after = _aws_retry_after(meta.get("HTTPHeaders"), _now(now))
+        return Outcome(RETRY, throttled=True, retry_after=retry_after, status=status, error=error)
+    if code in _AWS_TRANSIENT_CODES or status in _AWS_TRANSIENT_STATUS:
+        retry_after = _aws_retry_after(meta.get("HTTPHeaders"), _now(now))
+        return Outcome(RETRY, retry_after=retry_after, status=status, error=error)
+    return Outcome(PERMANENT, status=status, error=error)
+
+
+def classify_exception(exc: BaseException, *, now: float | None = None) -> Outcome:
+    """The outcome of an attempt that raised `exc`.
+
+    `offload.Retry` is throttled (with its `after`), `offload.GiveUp` permanent (with its
+    reason). botocore ClientErrors go by error code and HTTP status; network errors and
+    timeouts of requests, urllib3, botocore and the builtins are transient; anything
+    else is permanent.
+    """
+    if isinstance(exc, Retry):
+        error = "Retry requested" + (f" after {exc.after:g}s" if exc.after is not None else "")
+        return Outcome(RETRY, throttled=True, retry_after=exc.after, error=error)
+    if isinstance(exc, GiveUp):
+        reason = exc.reason if isinstance(exc.reason, str) else _message(exc)
+        return Outcome(PERMANENT, error=_clean(reason) or "GiveUp")
+
+    botocore = sys.modules.get("botocore.exceptions")
+    if botocore is not None:
+        if isinstance(exc, botocore.ClientError):
+            return _classify_client_error(exc, now)
+        # As botocore's standard mode: every connection error and HTTP client error
+        # (EndpointConnectionError, ConnectionClosedError, connect and read timeouts).
+        if isinstance(exc, (botocore.ConnectionError, botocore.HTTPClientError)):
+            return Outcome(RETRY, error=_summary(exc))
+
+    if isinstance(exc, _TRANSIENT_EXCEPTIONS):
+        return Outcome(RETRY, error=_summary(exc))
+    return Outcome(PERMANENT, error=_summary(exc))

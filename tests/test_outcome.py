@@ -1,0 +1,411 @@
+"""offload.outcome: the DESIGN.md "Outcomes" table, row by row, and Retry-After parsing."""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import botocore.exceptions
+import pytest
+import requests
+import urllib3.exceptions
+from botocore.stub import Stubber
+
+from offload.errors import GiveUp, Retry
+from offload.outcome import (
+    PERMANENT,
+    RETRY,
+    SUCCESS,
+    Outcome,
+    classify_exception,
+    classify_result,
+    parse_retry_after,
+)
+
+NOW = 1_700_000_000.0  # a fixed wall clock for HTTP-dates
+
+
+def response(
+    status: int, headers: dict[str, str] | None = None, reason: str | None = None
+) -> requests.Response:
+    r = requests.Response()
+    r.status_code = status
+    r.reason = reason  # type: ignore[assignment]
+    r.headers.update(headers or {})
+    r._content = b""
+    return r
+
+
+# --------------------------------------------------------------------------------------
+# requests responses
+
+
+@pytest.mark.parametrize("status", [200, 201, 204, 301, 302, 304, 399])
+def test_status_below_400_is_success(status: int) -> None:
+    r = response(status)
+    outcome = classify_result(r)
+    assert outcome == Outcome(SUCCESS, status=status, value=r)
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 405, 409, 410, 413, 422, 451, 501, 505])
+def test_other_4xx_and_501_are_permanent(status: int) -> None:
+    outcome = classify_result(response(status))
+    assert (outcome.kind, outcome.throttled, outcome.status) == (PERMANENT, False, status)
+
+
+@pytest.mark.parametrize("status", [408, 425, 500, 502, 503, 504])
+def test_transient_statuses(status: int) -> None:
+    outcome = classify_result(response(status))
+    assert (outcome.kind, outcome.throttled, outcome.retry_after) == (RETRY, False, None)
+
+
+def test_429_is_throttled_with_retry_after() -> None:
+    outcome = classify_result(response(429, {"Retry-After": "3"}, "Too Many Requests"))
+    assert outcome == Outcome(
+        RETRY, throttled=True, retry_after=3.0, status=429, error="HTTP 429 Too Many Requests"
+    )
+
+
+def test_429_without_retry_after_is_still_throttled() -> None:
+    outcome = classify_result(response(429))
+    assert (outcome.kind, outcome.throttled, outcome.retry_after) == (RETRY, True, None)
+
+
+def test_503_with_retry_after_is_throttled() -> None:
+    outcome = classify_result(response(503, {"Retry-After": "120"}))
+    assert (outcome.kind, outcome.throttled, outcome.retry_after) == (RETRY, True, 120.0)
+    assert outcome.error == "HTTP 503 Service Unavailable"  # phrase when the reason is missing
+
+
+def test_retry_after_as_http_date_uses_now() -> None:
+    date = email.utils.formatdate(NOW + 30, usegmt=True)
+    outcome = classify_result(response(429, {"Retry-After": date}), now=NOW)
+    assert outcome.retry_after == 30.0
+
+
+def test_a_transient_status_keeps_a_retry_after_floor() -> None:
+    assert classify_result(response(500, {"Retry-After": "4"})).retry_after == 4.0
+
+
+def test_anything_else_returned_is_success() -> None:
+    for value in (None, {"ResponseMetadata": {}}, 0, "text", [1]):
+        assert classify_result(value) == Outcome(SUCCESS, value=value)
+
+
+def test_reason_from_the_server_is_one_line_and_redacted() -> None:
+    outcome = classify_result(response(400, reason="Bad\r\nRequest token=abc"))
+    assert outcome.error == "HTTP 400 Bad Request token=***"
+
+
+# --------------------------------------------------------------------------------------
+# exceptions without botocore
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        requests.ConnectionError("refused"),
+        requests.exceptions.ConnectTimeout("connect timed out"),
+        requests.exceptions.ReadTimeout("read timed out"),
+        requests.Timeout("timed out"),
+        requests.exceptions.ChunkedEncodingError("broken chunk"),
+        requests.exceptions.SSLError("handshake"),
+        requests.exceptions.ProxyError("proxy"),
+        urllib3.exceptions.ProtocolError("Connection aborted."),
+        urllib3.exceptions.ReadTimeoutError(None, "/x", "read timed out"),  # type: ignore[arg-type]
+        ConnectionError("builtin"),
+        ConnectionResetError(104, "reset by peer"),
+        BrokenPipeError(32, "broken pipe"),
+        TimeoutError("builtin timeout"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_transient_exceptions(exc: BaseException) -> None:
+    outcome = classify_exception(exc)
+    assert (outcome.kind, outcome.throttled, outcome.status) == (RETRY, False, None)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        requests.exceptions.InvalidURL("bad url"),
+        requests.exceptions.MissingSchema("no scheme"),
+        requests.exceptions.InvalidSchema("ftp"),
+        requests.exceptions.InvalidHeader("bad header"),
+        requests.exceptions.TooManyRedirects("loop"),
+        requests.exceptions.ContentDecodingError("gzip"),
+        ValueError("bug"),
+        KeyError("missing"),
+        OSError("disk"),
+        RuntimeError("boom"),
+        Exception("generic"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_permanent_exceptions(exc: BaseException) -> None:
+    assert classify_exception(exc).kind == PERMANENT
+
+
+def test_offload_retry_is_throttled_with_its_delay() -> None:
+    assert classify_exception(Retry(after=3)) == Outcome(
+        RETRY, throttled=True, retry_after=3, error="Retry requested after 3s"
+    )
+    outcome = classify_exception(Retry())
+    assert (outcome.kind, outcome.throttled, outcome.retry_after) == (RETRY, True, None)
+
+
+def test_give_up_is_permanent_with_its_reason() -> None:
+    assert classify_exception(GiveUp("card declined")) == Outcome(PERMANENT, error="card declined")
+
+
+def test_error_summary_is_one_line_redacted_and_bounded() -> None:
+    exc = requests.ConnectionError(
+        "Max retries exceeded with url: /x?token=SECRET123\n(Caused by X)" + "y" * 1000
+    )
+    error = classify_exception(exc).error
+    assert error is not None
+    assert error.startswith("ConnectionError: Max retries exceeded with url: /x?token=*** (Caused")
+    assert "\n" not in error and "SECRET123" not in error
+    assert len(error) == 300 and error.endswith("…")
+
+
+def test_an_exception_whose_str_raises_is_named_by_type() -> None:
+    class Weird(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    assert classify_exception(Weird()) == Outcome(PERMANENT, error="Weird")
+
+
+def test_an_exception_with_an_empty_message_is_named_by_type() -> None:
+    assert classify_exception(TimeoutError()).error == "TimeoutError"
+
+
+def test_outcome_is_frozen_and_checked() -> None:
+    with pytest.raises(ValueError, match="kind"):
+        Outcome("maybe")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Outcome(SUCCESS).kind = RETRY  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------
+# Retry-After
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("3", 3.0),
+        ("0", 0.0),
+        ("1.5", 1.5),
+        (".5", 0.5),
+        ("  2 ", 2.0),
+        ("+4", 4.0),
+        ("-5", 0.0),  # never earlier than now, never negative
+        (email.utils.formatdate(NOW + 90, usegmt=True), 90.0),
+        (email.utils.formatdate(NOW - 90, usegmt=True), 0.0),
+        (email.utils.formatdate(NOW + 60, localtime=False), 60.0),  # "-0000" zone: UTC
+        ("Tue, 14 Nov 2023 22:13:20 +0100", 0.0),  # an hour before NOW
+        ("Tue, 14 Nov 2023 23:13:50 +0100", 30.0),
+    ],
+)
+def test_parse_retry_after(value: str, expected: float) -> None:
+    assert parse_retry_after(value, now=NOW) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "soon",
+        "",
+        "   ",
+        "nan",
+        "NaN",
+        "inf",
+        "-inf",
+        "1e3",
+        "3 seconds",
+        "0x10",
+        "9" * 400,
+        "Tue, 99 Foo",
+    ],
+)
+def test_malformed_retry_after_is_ignored_and_logged_once(
+    value: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="offload")
+    assert parse_retry_after(value, now=NOW) is None
+    records = [r for r in caplog.records if r.name == "offload"]
+    assert len(records) == 1
+    assert "Retry-After" in records[0].getMessage()
+
+
+def test_no_retry_after_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="offload")
+    assert parse_retry_after(None, now=NOW) is None
+    assert not caplog.records
+
+
+def test_malformed_retry_after_on_429_still_throttles(caplog: pytest.LogCaptureFixture) -> None:
+    outcome = classify_result(response(429, {"Retry-After": "later"}))
+    assert (outcome.kind, outcome.throttled, outcome.retry_after) == (RETRY, True, None)
+    assert "later" in caplog.text
+
+
+# --------------------------------------------------------------------------------------
+# botocore
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+
+
+@pytest.fixture
+def glue(aws_env: None) -> Iterator[tuple[Any, Stubber]]:
+    client = boto3.client("glue", region_name="eu-west-1")
+    with Stubber(client) as stubber:
+        yield client, stubber
+    client.close()
+
+
+def client_error(
+    glue: tuple[Any, Stubber], code: str, status: int, headers: dict[str, str] | None = None
+) -> botocore.exceptions.ClientError:
+    """A real ClientError, as botocore raises it for `code` and `status`."""
+    client, stubber = glue
+    stubber.add_client_error(
+        "start_job_run",
+        service_error_code=code,
+        service_message=f"{code} happened",
+        http_status_code=status,
+        response_meta={"HTTPHeaders": headers or {}},
+    )
+    with pytest.raises(botocore.exceptions.ClientError) as info:
+        client.start_job_run(JobName="etl")
+    return info.value
+
+
+THROTTLING_CODES = [
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "ProvisionedThroughputExceededException",
+    "TransactionInProgressException",
+    "RequestLimitExceeded",
+    "BandwidthLimitExceeded",
+    "LimitExceededException",
+    "RequestThrottled",
+    "SlowDown",
+    "PriorRequestNotComplete",
+    "EC2ThrottledException",
+    "ConcurrentRunsExceededException",  # Glue, while the previous run of the job lasts
+]
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "kind", "throttled"),
+    [
+        *[(code, 400, RETRY, True) for code in THROTTLING_CODES],
+        ("SomethingNew", 429, RETRY, True),
+        ("RequestTimeout", 400, RETRY, False),
+        ("RequestTimeoutException", 408, RETRY, False),
+        ("InternalServiceException", 500, RETRY, False),
+        ("BadGateway", 502, RETRY, False),
+        ("ServiceUnavailable", 503, RETRY, False),
+        ("GatewayTimeout", 504, RETRY, False),
+        ("NotImplemented", 501, PERMANENT, False),
+        ("EntityNotFoundException", 400, PERMANENT, False),
+        ("ValidationException", 400, PERMANENT, False),
+        ("AccessDeniedException", 403, PERMANENT, False),
+        ("InvalidInputException", 400, PERMANENT, False),
+        ("ResourceNumberLimitExceededException", 400, PERMANENT, False),
+    ],
+)
+def test_client_error_codes(
+    glue: tuple[Any, Stubber], code: str, status: int, kind: str, throttled: bool
+) -> None:
+    outcome = classify_exception(client_error(glue, code, status))
+    assert (outcome.kind, outcome.throttled, outcome.status) == (kind, throttled, status)
+    assert outcome.error == f"{code}: {code} happened (HTTP {status})"
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"x-amz-retry-after": "1500"}, 1.5),
+        ({"retry-after": "7"}, 7.0),
+        ({"x-amz-retry-after": "250", "retry-after": "7"}, 0.25),  # x-amz wins
+        ({"x-amz-retry-after": "soon", "retry-after": "7"}, 7.0),  # junk: fall back
+        ({"Retry-After": email.utils.formatdate(NOW + 20, usegmt=True)}, 20.0),
+        ({}, None),
+    ],
+)
+def test_client_error_retry_after(
+    glue: tuple[Any, Stubber], headers: dict[str, str], expected: float | None
+) -> None:
+    error = client_error(glue, "ThrottlingException", 400, headers)
+    assert classify_exception(error, now=NOW).retry_after == expected
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        botocore.exceptions.EndpointConnectionError(endpoint_url="https://glue"),
+        botocore.exceptions.ConnectionClosedError(endpoint_url="https://glue"),
+        botocore.exceptions.ConnectTimeoutError(endpoint_url="https://glue"),
+        botocore.exceptions.ReadTimeoutError(endpoint_url="https://glue"),
+        botocore.exceptions.ProxyConnectionError(proxy_url="http://p", error="x"),
+        botocore.exceptions.SSLError(endpoint_url="https://glue", error="x"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_botocore_network_errors_are_transient(exc: BaseException) -> None:
+    outcome = classify_exception(exc)
+    assert (outcome.kind, outcome.throttled) == (RETRY, False)
+    assert outcome.error is not None and outcome.error.startswith(type(exc).__name__)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        botocore.exceptions.NoCredentialsError(),
+        botocore.exceptions.NoRegionError(),
+        botocore.exceptions.ParamValidationError(report="Missing required parameter JobName"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_botocore_configuration_errors_are_permanent(exc: BaseException) -> None:
+    assert classify_exception(exc).kind == PERMANENT
+
+
+def test_client_error_message_is_redacted(glue: tuple[Any, Stubber]) -> None:
+    client, stubber = glue
+    stubber.add_client_error(
+        "start_job_run",
+        service_error_code="AccessDenied",
+        service_message="denied for AKIAABCDEFGHIJKLMNOP\nwith secret=xyz",
+        http_status_code=403,
+    )
+    with pytest.raises(botocore.exceptions.ClientError) as info:
+        client.start_job_run(JobName="etl")
+    assert classify_exception(info.value).error == (
+        "AccessDenied: denied for *** with secret=*** (HTTP 403)"
+    )
+
+
+def test_a_hand_made_client_error_without_metadata() -> None:
+    exc = botocore.exceptions.ClientError({}, "StartJobRun")
+    outcome = classify_exception(exc)
+    assert (outcome.kind, outcome.status) == (PERMANENT, None)
+    assert outcome.error
