@@ -520,3 +520,23 @@ def test_workers_run_calls_concurrently(make_offloader: MakeOffloader) -> None:
     assert off.flush(10)
     assert off.stats().succeeded == 4
     assert off.dead_letters() == []
+
+
+def test_cannot_start_thread_at_interpreter_shutdown_raises_shutdown(
+    make_offloader: MakeOffloader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Python 3.12+ refuses new threads while the interpreter finalises; offload must say
+    # so to the caller rather than queue a task that no thread will ever perform.
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    off = make_offloader()
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with pytest.raises(offload.ShutDown, match="interpreter shutdown"):
+        off.enqueue_task(print)
+    s = off.stats()
+    assert (s.enqueued, s.queued, s.worker_running) == (0, 0, False)
+    monkeypatch.undo()
+    done = threading.Event()
+    off.enqueue_task(done.set)
+    assert done.wait(5)
