@@ -173,7 +173,7 @@ def test_per_task_policy_and_key(make_offloader: MakeOffloader) -> None:
 
 def test_a_task_cannot_be_enqueued_twice(make_offloader: MakeOffloader) -> None:
     off = make_offloader()
-    task = Task(print, ("x",))
+    task = Task(len, ("x",))
     off.enqueue_task(task)
     with pytest.raises(ValueError, match="enqueued already"):
         off.enqueue_task(task)
@@ -292,7 +292,7 @@ def test_queue_full_is_immediate_and_counted(make_offloader: MakeOffloader) -> N
     off.enqueue_task(block)
     assert started.wait(5)
     for _ in range(3):
-        off.enqueue_task(print, end="")
+        off.enqueue_task(len, "")
     with pytest.raises(offload.QueueFull) as info:
         off.enqueue_task(print)
     import queue
@@ -361,7 +361,7 @@ def test_shutdown_dead_letters_what_is_left_and_refuses_more(
     off.enqueue_task(block)
     assert started.wait(5)
     for _ in range(4):
-        off.enqueue_task(print, end="")
+        off.enqueue_task(len, "")
     caplog.set_level(logging.WARNING, logger="offload")
     threading.Timer(0.2, release.set).start()  # the blocked call ends after the deadline
     assert off.shutdown(timeout=0.05) is False
