@@ -127,3 +127,22 @@ def reset() -> None:
         _options.clear()
     if previous is not None:
         previous.shutdown(0)
+
+
+def current() -> Offloader | None:
+    """The default offloader if one was made, without making one (offload.testing)."""
+    return _default
+
+
+def configured() -> dict[str, Any]:
+    """A copy of the options given to configure() so far (offload.testing.eager)."""
+    with _lock:
+        return dict(_options)
+
+
+def swap(offloader: Offloader | None) -> Offloader | None:
+    """Make `offloader` the default and return the one it replaces (offload.testing.eager)."""
+    global _default
+    with _lock:
+        previous, _default = _default, offloader
+    return previous
