@@ -237,6 +237,14 @@ class Offloader:
                 worker_running=bool(self._threads),
             )
 
+    def gates(self) -> dict[str, float]:
+        """Throttled keys whose gates are closed, with the seconds until each reopens
+        (0.0 once it is open and a probe call is deciding); a snapshot, for displays."""
+        with self._lock:
+            now = self._clock.monotonic()
+            snapshot = self._sched.snapshot()
+        return {key: max(0.0, open_at - now) for key, open_at in snapshot.items()}
+
     def dead_letters(self) -> list[DeadLetter]:
         """The dead letters the store holds, oldest first."""
         return self._store.dead_letters()
