@@ -50,3 +50,46 @@ def wait_workers_exit(offloader: Offloader, timeout: float = 5.0) -> bool:
     for thread in list(offloader._threads):
         thread.join(timeout)
     return not offloader.running
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """A real AWS endpoint for the SQS store: moto's ThreadedMotoServer on 127.0.0.1.
+
+    Shared by the session; each test uses queues of its own (`sqs_store_url`).
+    """
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    moto_server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto_server.start()
+    host, port = moto_server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        moto_server.stop()
+
+
+@pytest.fixture
+def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Fake AWS credentials and region in the environment (and for subprocesses)."""
+    fake = {
+        "AWS_ACCESS_KEY_ID": "AKIAOFFLOADTESTFAKE1",
+        "AWS_SECRET_ACCESS_KEY": "offload-test-fake-secret",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }
+    for name, value in fake.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_SQS"):
+        monkeypatch.delenv(name, raising=False)
+    return fake
+
+
+@pytest.fixture
+def sqs_store_url(moto_endpoint: str, aws_credentials: dict[str, str]) -> str:
+    """An `sqs://` store URL naming a queue no other test uses, on the moto endpoint."""
+    import uuid
+
+    return f"sqs://q{uuid.uuid4().hex[:12]}?region=eu-west-1&endpoint_url={moto_endpoint}"

@@ -20,6 +20,10 @@ def open_store(spec: str | Store, *, max_dead_letters: int = 1_000) -> Store:
         if spec not in ("memory", "memory://"):
             raise ValueError(f"store: the memory store takes no path, got {spec!r}")
         return MemoryStore(max_dead_letters)
+    if scheme == "sqs":
+        from .sqs import SqsStore  # noqa: PLC0415 - boto3 is an optional extra
+
+        return SqsStore.from_url(spec)
     raise ValueError(
         f"store: unknown or unsupported store URL {spec!r} "
         "(expected 'memory', 'sqlite:///path.db' or 'sqs://queue-name?region=...')"
