@@ -1,0 +1,193 @@
+"""What every benchmark shares: the result row, medians and percentiles, per-call timing
+with the timer's own cost taken out, and the local API server in a child process."""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+TIMES = "\N{MULTIPLICATION SIGN}"
+
+
+def at_most(limit: float) -> str:
+    """A target such as "at most 2.5 times the baseline", written with ≤."""
+    return f"≤ {limit:g}{TIMES}"
+
+
+def at_least(limit: float) -> str:
+    return f"≥ {limit:g}{TIMES}"
+
+
+@dataclass
+class Row:
+    """One line of the results table: a figure, and its ratio to a same-run baseline."""
+
+    bench: str
+    figure: str
+    value: float | None
+    unit: str
+    baseline: str = ""  # what the ratio is against, measured in the same run
+    ratio: float | None = None
+    target: str = ""  # e.g. "<= 2.5x"
+    met: bool | None = None  # None: no target for this row
+    note: str = ""
+    runs: int = 0  # how many runs the median is over
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big a run is: `factor` scales sizes (1.0 = the documented run), `repeats` runs."""
+
+    factor: float = 1.0
+    repeats: int = 5
+
+    def n(self, full: int, minimum: int = 1) -> int:
+        return max(minimum, int(full * self.factor))
+
+    def seconds(self, full: float, minimum: float = 0.0) -> float:
+        return max(minimum, full * self.factor)
+
+
+@dataclass
+class Samples:
+    """Per-run figures of several contenders, for medians and paired ratios."""
+
+    runs: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, value: float) -> None:
+        self.runs.setdefault(name, []).append(value)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.runs[name])
+
+    def ratio(self, name: str, base: str) -> float:
+        """Median of the per-run ratios: each run's pair shares that moment's machine load."""
+        pairs = zip(self.runs[name], self.runs[base], strict=True)
+        return statistics.median(a / b for a, b in pairs if b)
+
+    def count(self, name: str) -> int:
+        return len(self.runs.get(name, ()))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100), nearest rank."""
+    ordered = sorted(values)
+    rank = max(0, math.ceil(q / 100 * len(ordered)) - 1)
+    return ordered[rank]
+
+
+# -- per-call timing ------------------------------------------------------------------------
+#
+# A Python function call costs about as much as a queue.Queue.put, so the statement under test
+# is compiled into the timing loop itself (as timeit does) instead of being called through a
+# lambda; and the same loop with `pass` in it is timed too, and taken off.
+
+_TIMERS = """
+def batches(count, size, _ns=_perf_counter_ns, _repeat=_repeat):
+    out = []
+    for _ in range(count):
+        t0 = _ns()
+        for _ in _repeat(None, size):
+            {stmt}
+        out.append((_ns() - t0) / size)
+    return out
+
+def singles(count, _ns=_perf_counter_ns, _repeat=_repeat):
+    out = [0] * count
+    for i in range(count):
+        t0 = _ns()
+        {stmt}
+        out[i] = _ns() - t0
+    return out
+"""
+
+
+def timers(stmt: str, namespace: dict[str, Any]) -> tuple[Callable[..., list[float]], ...]:
+    """`(batches(count, size), singles(count))` timing `stmt` in `namespace`, in ns per call."""
+    import itertools
+
+    ns = dict(namespace, _perf_counter_ns=time.perf_counter_ns, _repeat=itertools.repeat)
+    exec(_TIMERS.format(stmt=stmt), ns)
+    return ns["batches"], ns["singles"]
+
+
+@contextmanager
+def gc_collected() -> Iterator[None]:
+    """Every contender starts from a collected heap; GC stays on, as in a real web handler."""
+    gc.collect()
+    yield
+
+
+# -- the local API --------------------------------------------------------------------------
+
+
+class LocalAPI:
+    """benchmarks/_server.py in a child process, on 127.0.0.1; a context manager."""
+
+    def __init__(self, delay: float = 0.0, throttle: int = 0, retry_after: str = "1") -> None:
+        self._proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "_server.py"),
+                "--delay",
+                str(delay),
+                "--throttle",
+                str(throttle),
+                "--retry-after",
+                retry_after,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.close()
+            raise RuntimeError(f"the benchmark server did not start: {line!r}")
+        self.port = int(line)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def reset(self) -> None:
+        """Start the throttled count again (the next `throttle` requests get 429)."""
+        import requests
+
+        with requests.Session() as session:
+            session.post(self.url + "/_reset", timeout=5).raise_for_status()
+
+    def close(self) -> None:
+        if self._proc.stdin is not None and not self._proc.stdin.closed:
+            self._proc.stdin.close()  # the server exits when its stdin closes
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+    def __enter__(self) -> LocalAPI:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def redis_available() -> bool:
+    """The Redis peers (Celery, RQ, Dramatiq) are measured only where redis-server exists."""
+    import shutil
+
+    return shutil.which("redis-server") is not None

@@ -1,0 +1,161 @@
+"""What a web handler pays for one enqueue, with the worker busy so the queue only grows.
+
+Every contender gets the same payload (a module-level function and a dict of three
+keyword arguments, built per call as a handler would) and the same treatment: a fresh
+queue per run, the heap collected before it starts, GC left on (as in a real handler).
+p50 is the median of the means of batches of 1,000 calls (a perf_counter_ns pair costs
+about as much as a queue.Queue.put, so single calls cannot give a fair median); p99 is
+the 99th percentile of single calls. The same loops with an empty statement are timed
+too and taken off both. The worker (or consumer) is kept busy on a blocking call, so only
+the enqueue path is measured.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+from _harness import Row, Samples, Scale, at_most, gc_collected, percentile, redis_available, timers
+
+import offload
+
+BATCH = 1_000
+
+
+def send_welcome(user_id: int, email: str, plan: str) -> None:
+    """The task every contender enqueues (never run while measured)."""
+
+
+@contextmanager
+def _busy(submit: Callable[[Callable[[], None]], Any]) -> Iterator[threading.Event]:
+    """Occupy the single worker with a call that blocks until the yielded event is set."""
+    started, release = threading.Event(), threading.Event()
+
+    def block() -> None:
+        started.set()
+        release.wait()
+
+    submit(block)
+    if not started.wait(30):
+        raise RuntimeError("the worker did not start the blocking call")
+    try:
+        yield release
+    finally:
+        release.set()
+
+
+@contextmanager
+def _queue() -> Iterator[dict[str, Any]]:
+    q: queue.Queue[Any] = queue.Queue()
+    yield {"put": q.put}
+
+
+@contextmanager
+def _offload() -> Iterator[dict[str, Any]]:
+    off = offload.Offloader(max_queue=10**8, idle_timeout=60)
+    try:
+        with _busy(off.enqueue_task):
+            yield {"enqueue": off.enqueue_task}
+        off.flush(timeout=300)
+    finally:
+        off.shutdown(timeout=5)
+
+
+@contextmanager
+def _executor() -> Iterator[dict[str, Any]]:
+    with ThreadPoolExecutor(1) as pool, _busy(pool.submit):
+        yield {"submit": pool.submit}
+
+
+@contextmanager
+def _huey() -> Iterator[dict[str, Any]]:
+    from huey import MemoryHuey
+
+    huey = MemoryHuey("bench")  # no consumer: the queue only grows, as for the others
+    yield {"task": huey.task()(send_welcome)}
+
+
+# name -> (statement timed, context giving the statement's namespace)
+# The payload is written out in each statement, as a handler would: every contender builds
+# the same dict of keyword arguments per call (a reused dict would spare the floor its
+# allocation, and its share of garbage collections, but not offload's `**kwargs`).
+_KW = 'user_id=42, email="user42@example.com", plan="pro"'
+CONTENDERS: dict[str, tuple[str, Callable[[], Any]]] = {
+    "queue.Queue.put": (
+        'put((fn, {"user_id": 42, "email": "user42@example.com", "plan": "pro"}))',
+        _queue,
+    ),
+    "offload enqueue_task": (f"enqueue(fn, {_KW})", _offload),
+    "ThreadPoolExecutor(1).submit": (f"submit(fn, {_KW})", _executor),
+    "huey MemoryHuey enqueue": (f"task({_KW})", _huey),
+}
+
+
+def _huey_installed() -> bool:
+    try:
+        import huey  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run(scale: Scale) -> list[Row]:
+    names = [n for n in CONTENDERS if _huey_installed() or not n.startswith("huey")]
+    batches, singles = scale.n(20, 2), scale.n(20_000, 200)
+    p50, p99 = Samples(), Samples()
+    empty_batches, empty_singles = timers("pass", {})
+    for run_index in range(scale.repeats):
+        with gc_collected():
+            overhead50 = min(empty_batches(batches, BATCH))
+            overhead99 = sorted(empty_singles(singles))[singles // 2]
+        # Rotate the order, so that no contender always runs first (or last) in a run.
+        shift = run_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            stmt, context = CONTENDERS[name]
+            with context() as namespace:
+                timed_batches, timed_singles = timers(stmt, dict(namespace, fn=send_welcome))
+                with gc_collected():
+                    means = timed_batches(batches, BATCH)
+                with gc_collected():
+                    single = timed_singles(singles)
+            p50.add(name, max(0.0, sorted(means)[len(means) // 2] - overhead50) / 1000)
+            p99.add(name, max(0.0, percentile(single, 99) - overhead99) / 1000)
+
+    base = "queue.Queue.put"
+    rows: list[Row] = []
+    for name in names:
+        for label, samples in (("p50", p50), ("p99", p99)):
+            ours = name == "offload enqueue_task"
+            ratio = samples.ratio(name, base)
+            rows.append(
+                Row(
+                    bench="enqueue",
+                    figure=f"{name} {label}",
+                    value=samples.median(name),
+                    unit="µs",
+                    baseline=f"{base} {label}" if name != base else "",
+                    ratio=ratio,
+                    target=at_most(2.5) if ours else "",
+                    met=(ratio <= 2.5) if ours else None,
+                    runs=samples.count(name),
+                )
+            )
+    if not _huey_installed():
+        rows.append(
+            Row("enqueue", "huey MemoryHuey enqueue", None, "µs", note="huey not installed")
+        )
+    if not redis_available():
+        rows.append(
+            Row(
+                "enqueue",
+                "Celery / RQ / Dramatiq enqueue (Redis)",
+                None,
+                "µs",
+                note="skipped: redis-server is not installed",
+            )
+        )
+    return rows

@@ -1,0 +1,168 @@
+"""Memory held per queued task: 100,000 tasks queued behind a busy worker, by tracemalloc.
+
+Every contender queues the same payload (a module-level function and a dict of three
+keyword arguments whose values differ per task, built per task as a handler would) and is
+measured from just before its first enqueue to just after its last, with everything kept
+alive. The floor is a `queue.Queue` of `(fn, kwargs)` tuples: what the hand-written
+twenty lines hold.
+"""
+
+from __future__ import annotations
+
+import gc
+import queue
+import threading
+import tracemalloc
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+from _harness import Row, Samples, Scale, at_most
+
+import offload
+
+
+def send_welcome(user_id: int, email: str, plan: str) -> None:
+    """The task every contender queues (never run while measured)."""
+
+
+@contextmanager
+def _busy(submit: Callable[[Callable[[], None]], Any]) -> Iterator[None]:
+    started, release = threading.Event(), threading.Event()
+
+    def block() -> None:
+        started.set()
+        release.wait()
+
+    submit(block)
+    if not started.wait(30):
+        raise RuntimeError("the worker did not start the blocking call")
+    try:
+        yield
+    finally:
+        release.set()
+
+
+def _queue(n: int) -> Iterator[Callable[[], None]]:
+    q: queue.Queue[Any] = queue.Queue()
+    put = q.put
+
+    def fill() -> None:
+        for i in range(n):
+            put((send_welcome, {"user_id": i, "email": f"user{i}@example.com", "plan": "pro"}))
+
+    yield fill
+
+
+def _offload(n: int) -> Iterator[Callable[[], None]]:
+    off = offload.Offloader(max_queue=n + 1, idle_timeout=60)
+    enqueue = off.enqueue_task
+
+    def fill() -> None:
+        for i in range(n):
+            enqueue(send_welcome, user_id=i, email=f"user{i}@example.com", plan="pro")
+
+    try:
+        with _busy(off.enqueue_task):
+            yield fill
+    finally:  # the generator is closed: release the worker and let it drain the queue
+        off.flush(timeout=300)
+        off.shutdown(timeout=5)
+
+
+def _executor(n: int) -> Iterator[Callable[[], None]]:
+    with ThreadPoolExecutor(1) as pool, _busy(pool.submit):
+        submit = pool.submit
+
+        def fill() -> None:
+            for i in range(n):
+                submit(send_welcome, user_id=i, email=f"user{i}@example.com", plan="pro")
+
+        yield fill
+
+
+def _huey(n: int) -> Iterator[Callable[[], None]]:
+    from huey import MemoryHuey
+
+    task = MemoryHuey("bench").task()(send_welcome)
+
+    def fill() -> None:
+        for i in range(n):
+            task(user_id=i, email=f"user{i}@example.com", plan="pro")
+
+    yield fill
+
+
+CONTENDERS: dict[str, Callable[[int], Iterator[Callable[[], None]]]] = {
+    "queue.Queue of (fn, kwargs)": _queue,
+    "offload (memory store)": _offload,
+    "ThreadPoolExecutor(1) futures": _executor,
+    "huey MemoryHuey": _huey,
+}
+FLOOR = "queue.Queue of (fn, kwargs)"
+OURS = "offload (memory store)"
+
+
+def _huey_installed() -> bool:
+    try:
+        import huey  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def measure(name: str, n: int) -> float:
+    """Bytes held per task once `n` tasks are queued."""
+    gen = CONTENDERS[name](n)
+    fill = next(gen)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        fill()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    gen.close()  # release the worker and tear down, outside the measurement
+    return (after - before) / n
+
+
+def run(scale: Scale) -> list[Row]:
+    n = scale.n(100_000, 1_000)
+    # The peers are slow to fill (huey pickles each task) and bytes per task barely move
+    # with the count: they get one run at a fifth of the size.
+    peer_n = max(1_000, n // 5)
+    names = [c for c in CONTENDERS if _huey_installed() or not c.startswith("huey")]
+    samples = Samples()
+    counts: dict[str, int] = {}
+    for run_index in range(min(scale.repeats, 3)):  # tracemalloc counts bytes: runs agree
+        for name in names:
+            if name in (FLOOR, OURS):
+                counts[name] = n
+                samples.add(name, measure(name, n))
+            elif run_index == 0:
+                counts[name] = peer_n
+                samples.add(name, measure(name, peer_n))
+    rows = []
+    for name in names:
+        ours = name == OURS
+        ratio = samples.median(name) / samples.median(FLOOR)
+        if name in (FLOOR, OURS):
+            ratio = samples.ratio(name, FLOOR)
+        rows.append(
+            Row(
+                bench="memory",
+                figure=f"{name}, {counts[name]:,} queued",
+                value=samples.median(name),
+                unit="bytes/task",
+                baseline=FLOOR if name != FLOOR else "",
+                ratio=ratio,
+                target=at_most(1.0) if ours else "",
+                met=(ratio <= 1.0) if ours else None,
+                runs=samples.count(name),
+            )
+        )
+    if not _huey_installed():
+        rows.append(Row("memory", "huey MemoryHuey", None, "bytes/task", note="huey not installed"))
+    return rows
