@@ -19,20 +19,27 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 import requests
 import tenacity
 from _harness import TIMES, LocalAPI, Row, Samples, Scale, at_most, percentile
-from tenacity import retry_if_result, stop_after_attempt, wait_exponential
+from tenacity import retry_if_result, stop_after_attempt, wait_exponential, wait_fixed
 
 import offload
 from offload.calls import DEFAULT_TIMEOUT
 
-HEALTHY_CALLS = 100
 THROTTLED_ANSWERS = 3
 
 
-def run_offload(healthy: str, throttled: str, n_throttled: int, workers: int) -> list[float]:
+def run_offload(
+    healthy: str,
+    throttled: str,
+    n_throttled: int,
+    workers: int,
+    n_healthy: int = 100,
+    retry: offload.RetryPolicy | None = None,
+) -> list[float]:
     """Latencies (s) of the healthy calls, delivered by an Offloader."""
     done: dict[offload.Task, float] = {}
     enqueued: dict[offload.Task, float] = {}
@@ -40,9 +47,9 @@ def run_offload(healthy: str, throttled: str, n_throttled: int, workers: int) ->
     def on_success(task: offload.Task, result: object) -> None:
         done[task] = time.perf_counter()
 
-    calls = [offload.http("POST", healthy, json={"n": i}) for i in range(HEALTHY_CALLS)]
+    calls = [offload.http("POST", healthy, json={"n": i}) for i in range(n_healthy)]
     slow = [offload.http("POST", f"{throttled}/{i}", json={}) for i in range(n_throttled)]
-    off = offload.Offloader(workers=workers, on_success=on_success, idle_timeout=30)
+    off = offload.Offloader(workers=workers, retry=retry, on_success=on_success, idle_timeout=30)
     try:
         for call in slow:
             off.enqueue_task(call)
@@ -60,7 +67,12 @@ def run_offload(healthy: str, throttled: str, n_throttled: int, workers: int) ->
 
 
 def run_naive(
-    healthy: str, throttled: str, n_throttled: int, workers: int, multiplier: float
+    healthy: str,
+    throttled: str,
+    n_throttled: int,
+    workers: int,
+    multiplier: float,
+    n_healthy: int = 100,
 ) -> list[float]:
     """Latencies (s) of the healthy calls, delivered by the naive queue + tenacity worker."""
     q: queue.Queue[tuple[str, float] | None] = queue.Queue()
@@ -90,7 +102,7 @@ def run_naive(
         thread.start()
     for i in range(n_throttled):
         q.put((f"{throttled}/{i}", time.perf_counter()))
-    for _ in range(HEALTHY_CALLS):
+    for _ in range(n_healthy):
         q.put((healthy, time.perf_counter()))
     for _ in threads:
         q.put(None)
@@ -103,23 +115,25 @@ def run(scale: Scale) -> list[Row]:
     full = scale.factor >= 1
     retry_after = "1" if full else "0"
     multiplier = 0.5 if full else 0.001
+    n = scale.n(100, 10)
+    # The documented run uses the default policy; the smoke run waits milliseconds.
+    retry = None if full else offload.RetryPolicy(wait=wait_fixed(0.001))
     p50, p95 = Samples(), Samples()
     with LocalAPI() as good, LocalAPI(throttle=THROTTLED_ANSWERS, retry_after=retry_after) as bad:
         healthy, throttled = good.url + "/ok", bad.url + "/busy"
-        run_offload(healthy, throttled, 0, 1)  # warm up both servers and the imports
+        ours = partial(run_offload, healthy, throttled, n_healthy=n, retry=retry)
+        naive = partial(run_naive, healthy, throttled, multiplier=multiplier, n_healthy=n)
+        ours(0, 1)  # warm up both servers and the imports
         scenarios: list[tuple[str, Callable[[], list[float]]]] = [
-            ("offload, no throttled API", lambda: run_offload(healthy, throttled, 0, 1)),
-            ("offload, 1 call throttled", lambda: run_offload(healthy, throttled, 1, 1)),
-            ("naive, no throttled API", lambda: run_naive(healthy, throttled, 0, 1, multiplier)),
-            ("naive, 1 call throttled", lambda: run_naive(healthy, throttled, 1, 1, multiplier)),
+            ("offload, no throttled API", partial(ours, 0, 1)),
+            ("offload, 1 call throttled", partial(ours, 1, 1)),
+            ("naive, no throttled API", partial(naive, 0, 1)),
+            ("naive, 1 call throttled", partial(naive, 1, 1)),
         ]
         four: list[tuple[str, Callable[[], list[float]]]] = [
-            ("offload 4 workers, no throttled API", lambda: run_offload(healthy, throttled, 0, 4)),
-            ("offload 4 workers, 4 calls throttled", lambda: run_offload(healthy, throttled, 4, 4)),
-            (
-                "naive 4 workers, 4 calls throttled",
-                lambda: run_naive(healthy, throttled, 4, 4, multiplier),
-            ),
+            ("offload 4 workers, no throttled API", partial(ours, 0, 4)),
+            ("offload 4 workers, 4 calls throttled", partial(ours, 4, 4)),
+            ("naive 4 workers, 4 calls throttled", partial(naive, 4, 4)),
         ]
         for run_index in range(min(scale.repeats, 3)):
             for name, fn in scenarios + (four if run_index == 0 else []):

@@ -165,9 +165,14 @@ def table(rows: list[Row]) -> str:
 
 
 def write_results(
-    rows: list[Row], texts: dict[str, str], command: str, seconds: float, load: tuple[float, ...]
+    rows: list[Row],
+    texts: dict[str, str],
+    command: str,
+    seconds: float,
+    load: tuple[float, ...],
+    out: Path = HERE / "RESULTS.md",
 ) -> Path:
-    out = HERE / "RESULTS.md"
+    """Write the results page: how it was made, the table, external output, the history."""
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     missed = [r for r in rows if r.met is False]
     parts = [
@@ -184,7 +189,7 @@ def write_results(
         "",
         "Targets: " + ("all met." if not missed else f"{len(missed)} missed."),
         "",
-        table(rows).replace("| runs", "| runs"),
+        table(rows),
         "",
         "How each figure is made: the docstring of `benchmarks/bench_<bench>.py`.",
     ]
