@@ -1,0 +1,156 @@
+"""A web handler's latency with an enqueue in it, against the same handler without.
+
+The Flask app of tests/gunicorn_app.py runs under a real gunicorn (sync workers,
+preforked); `/enqueue/<id>` hands a POST to a local API (a separate process) to offload,
+`/plain/<id>` does the same work but for the hand-over. One client sends requests one at
+a time, alternating blocks of each kind, so both see the same machine. The figures are
+the round trip seen by the client (what a user of the site waits; it includes the cost of
+the offload worker thread delivering in the background, in the same process) and the
+handler's own time; every ratio is enqueue / plain in the same run.
+
+    python benchmarks/bench_handler_latency.py [--scale 0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+from _harness import LocalAPI, Row, Samples, Scale, at_most, percentile
+
+APP_DIR = Path(__file__).resolve().parent.parent / "tests"
+WORKERS = 2
+
+
+@contextmanager
+def gunicorn(api_url: str) -> Iterator[str]:
+    """gunicorn serving tests/gunicorn_app.py; yields its base URL, stops it with SIGTERM."""
+    with tempfile.TemporaryDirectory() as runtime:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}
+        env.update(OFFLOAD_TEST_API=api_url, XDG_RUNTIME_DIR=runtime, HOME=runtime)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--workers",
+                str(WORKERS),
+                "--bind",
+                "127.0.0.1:0",
+                "--chdir",
+                str(APP_DIR),
+                "--log-level",
+                "info",
+                "gunicorn_app:app",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert proc.stderr is not None
+        lines: list[str] = []
+        booted = threading.Event()
+        port: list[str] = []
+
+        def read() -> None:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                lines.append(line)
+                found = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", line)
+                if found:
+                    port.append(found.group(1))
+                if sum("Booting worker" in x for x in lines) >= WORKERS and port:
+                    booted.set()
+            booted.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            if not booted.wait(60) or not port:
+                raise RuntimeError("gunicorn did not start:\n" + "".join(lines))
+            yield f"http://127.0.0.1:{port[0]}"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            reader.join(5)
+            proc.stderr.close()
+
+
+def block(session: requests.Session, base: str, kind: str, count: int) -> list[tuple[float, float]]:
+    """`count` requests one after another; (round trip ms, handler us) for each."""
+    out = []
+    for i in range(count):
+        started = time.perf_counter()
+        response = session.post(f"{base}/{kind}/b{i}", timeout=30)
+        elapsed = (time.perf_counter() - started) * 1e3
+        response.raise_for_status()
+        out.append((elapsed, int(response.headers["X-Handler-Ns"]) / 1e3))
+    return out
+
+
+def run(scale: Scale) -> list[Row]:
+    count = scale.n(1000, minimum=50)
+    samples = Samples()
+    with LocalAPI() as api, gunicorn(api.url) as base, requests.Session() as session:
+        block(session, base, "plain", 50)  # warm up both handlers and the workers
+        block(session, base, "enqueue", 50)
+        for repeat in range(scale.repeats):
+            kinds = ("plain", "enqueue") if repeat % 2 == 0 else ("enqueue", "plain")
+            for kind in kinds:
+                results = block(session, base, kind, count)
+                rtt = [r[0] for r in results]
+                handler = [r[1] for r in results]
+                samples.add(f"{kind} p50", percentile(rtt, 50))
+                samples.add(f"{kind} p99", percentile(rtt, 99))
+                samples.add(f"{kind} handler", percentile(handler, 50))
+    base_note = f"gunicorn -w {WORKERS} sync, one client, {count} requests a block"
+    rows = []
+    for figure, key, unit, target in (
+        ("round trip p50", "p50", "ms", at_most(1.25)),
+        ("round trip p99", "p99", "ms", at_most(2.0)),
+        ("handler time p50", "handler", "µs", ""),
+    ):
+        ratio = samples.ratio(f"enqueue {key}", f"plain {key}")
+        limit = float(target[2:-1]) if target else None
+        rows.append(
+            Row(
+                "handler_latency",
+                f"{figure}, a handler that enqueues",
+                samples.median(f"enqueue {key}"),
+                unit,
+                baseline=f"the same handler without enqueue: {samples.median(f'plain {key}'):.3g} "
+                f"{unit}",
+                ratio=ratio,
+                target=target,
+                met=None if limit is None else ratio <= limit,
+                note=base_note,
+                runs=samples.count(f"enqueue {key}"),
+            )
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    options = parser.parse_args()
+    for row in run(Scale(options.scale, options.repeats)):
+        ratio = "" if row.ratio is None else f"  {row.ratio:.2f}x {row.target}"
+        print(f"{row.figure}: {row.value:.3f} {row.unit} ({row.baseline}){ratio}")

@@ -1,0 +1,50 @@
+"""A Flask app served by a real gunicorn in tests/test_gunicorn.py (and in
+benchmarks/bench_handler_latency.py).
+
+`OFFLOAD_TEST_API` is the base URL of the local API the handlers' calls go to.
+
+- POST /enqueue/<rid>: hands `POST {API}/deliver/<rid>` to offload and answers at once.
+- POST /plain/<rid>: the same handler without the enqueue, for comparing latency.
+
+Both answer with the process id (`X-Pid`) and the handler's own time in nanoseconds
+(`X-Handler-Ns`). At import the app also enqueues `POST {API}/boot/<pid>`: with
+`--preload` that runs in the gunicorn master before it forks, so a worker that inherited
+the master's queue would deliver the boot call a second time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from flask import Flask, Response
+
+import offload
+
+API = os.environ["OFFLOAD_TEST_API"]
+
+app = Flask(__name__)
+
+offload.enqueue_task(offload.http("POST", f"{API}/boot/{os.getpid()}"))
+
+
+def _answer(started: int) -> Response:
+    elapsed = time.perf_counter_ns() - started
+    return Response("ok\n", headers={"X-Handler-Ns": str(elapsed), "X-Pid": str(os.getpid())})
+
+
+@app.post("/enqueue/<rid>")
+def enqueue(rid: str) -> Response:
+    started = time.perf_counter_ns()
+    call = offload.http("POST", f"{API}/deliver/{rid}", json={"rid": rid, "pid": os.getpid()})
+    offload.enqueue_task(call)
+    return _answer(started)
+
+
+@app.post("/plain/<rid>")
+def plain(rid: str) -> Response:
+    started = time.perf_counter_ns()
+    # The same work as /enqueue but for handing the call over: build it, then drop it.
+    call = offload.http("POST", f"{API}/deliver/{rid}", json={"rid": rid, "pid": os.getpid()})
+    del call
+    return _answer(started)
