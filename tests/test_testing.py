@@ -441,3 +441,15 @@ def test_fake_clock_still_moves_only_when_told() -> None:
     assert (clock.monotonic(), clock.time()) == (12.5, 102.5)
     with pytest.raises(ValueError, match="advance"):
         clock.advance(-1)
+
+
+def test_eager_works_with_responses_mocking_requests() -> None:
+    import responses
+
+    with responses.RequestsMock() as mocked, eager():
+        mocked.post("http://127.0.0.1:9/hook", status=503)
+        mocked.post("http://127.0.0.1:9/hook", status=201)
+        task = offload.enqueue_task(offload.http("POST", "http://127.0.0.1:9/hook", json={}))
+        assert task.attempts == 2
+        assert len(mocked.calls) == 2
+        assert_no_dead_letters()
