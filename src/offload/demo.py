@@ -207,6 +207,9 @@ class _Progress:
         s = off.stats()
         gates = off.gates()
         settled = s.succeeded + s.dead_lettered
+        # A durable store holds waiting tasks itself; count them with the scheduler's.
+        retrying = s.delayed + (getattr(s, "stored_delayed", None) or 0)
+        queued = s.queued + (getattr(s, "stored_ready", None) or 0)
         gated = ", ".join(
             f"{self.names.get(key, key)} reopens in {wait:.1f}s"
             for key, wait in sorted(gates.items())
@@ -214,7 +217,7 @@ class _Progress:
         if not self.tty:
             self.out.write(
                 f"[{elapsed:5.1f}s] delivered {s.succeeded}/{self.total}  "
-                f"retrying {s.delayed}  queued {s.queued}  in flight {s.in_flight}  "
+                f"retrying {retrying}  queued {queued}  in flight {s.in_flight}  "
                 f"gated {len(gates)}{f' ({gated})' if gates else ''}  "
                 f"dead letters {s.dead_lettered}\n"
             )
@@ -225,7 +228,7 @@ class _Progress:
         lines = [
             f"  [{'#' * done}{'.' * (width - done)}] {settled}/{self.total} settled  "
             f"{elapsed:4.1f}s",
-            f"  delivered {s.succeeded:<5} retrying {s.delayed:<5} queued {s.queued:<5} "
+            f"  delivered {s.succeeded:<5} retrying {retrying:<5} queued {queued:<5} "
             f"in flight {s.in_flight:<3} dead letters {s.dead_lettered}",
             f"  gated keys: {gated or 'none'}",
         ]
