@@ -36,6 +36,7 @@ _OPTIONS = frozenset(
         "on_dead_letter",
         "clock",
         "shutdown_timeout",
+        "lease_timeout",
     }
 )
 
@@ -64,10 +65,13 @@ def options_from_env() -> dict[str, Any]:
         ("OFFLOAD_IDLE_TIMEOUT", "idle_timeout", float, 0),
         ("OFFLOAD_WORKERS", "workers", int, 1),
         ("OFFLOAD_SHUTDOWN_TIMEOUT", "shutdown_timeout", float, 0),
+        ("OFFLOAD_LEASE_TIMEOUT", "lease_timeout", float, 0),
     ):
         value = _env_number(var, convert, minimum)
         if value is not None:
             options[option] = value
+    if options.get("lease_timeout") == 0:
+        raise ValueError("OFFLOAD_LEASE_TIMEOUT=0 must be > 0 (seconds a durable lease lasts)")
     attempts = _env_number("OFFLOAD_MAX_ATTEMPTS", int, 1)
     if attempts is not None:
         options["retry"] = RetryPolicy(stop=default_stop(attempts), wait=default_wait())

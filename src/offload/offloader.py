@@ -12,29 +12,39 @@ Lifecycle, in one place:
   into dead letters (reason "shutdown"), logged once. Every live offloader is shut down
   at interpreter exit.
 - After fork() the child gets a fresh, empty offloader state (new lock, no threads).
+
+Over a durable store (SQLite, SQS) the store holds every task and this process holds a
+working set of leased tasks: an enqueue writes the task through before it returns (leased
+to this process when it will perform it), workers claim due tasks from the store when the
+scheduler has none, a retry is handed back to the store (any process may continue it), a
+success or dead letter removes it. A lease keeper thread renews the leases of the tasks
+held here every `lease_timeout / 3` seconds. An idle worker looks for tasks other
+processes put every POLL_INTERVAL seconds.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import math
 import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 from .calls import AwsCall, HttpCall, Resources, describe_target
 from .clock import Clock, SystemClock
-from .errors import OffloadError, QueueFull, ShutDown
+from .errors import OffloadError, QueueFull, ShutDown, StoreError
 from .outcome import Outcome, classify_exception, classify_result
 from .policy import Decision, RetryPolicy
 from .records import DeadLetter, Stats, Task, new_id
 from .scheduler import Scheduler
-from .stores import Store, open_store
+from .stores import DurableStore, Store, open_store
 
 __all__ = ["Offloader"]
 
@@ -61,6 +71,12 @@ class _Guarded:
 
 
 _PERFORMED = (HttpCall, AwsCall)
+
+POLL_INTERVAL = 0.5
+"""Seconds between an idle worker's looks at a durable store for tasks that other
+processes put (a worker that has tasks, or knows when the next one is due, does not wait
+for it). flush() looks every _FLUSH_POLL seconds."""
+_FLUSH_POLL = 0.05
 
 
 def _check_number(name: str, value: Any, *, minimum: float, integer: bool = False) -> None:
@@ -99,6 +115,7 @@ class Offloader:
         *,
         clock: Clock | None = None,
         shutdown_timeout: float = 5.0,
+        lease_timeout: float | None = None,
     ) -> None:
         if retry is None:
             retry = RetryPolicy()
@@ -109,12 +126,22 @@ class Offloader:
         _check_number("workers", workers, minimum=1, integer=True)
         _check_number("max_dead_letters", max_dead_letters, minimum=0, integer=True)
         _check_number("shutdown_timeout", shutdown_timeout, minimum=0)
+        if lease_timeout is not None:
+            _check_number("lease_timeout", lease_timeout, minimum=0)
+            if lease_timeout == 0:
+                raise ValueError("lease_timeout must be a number > 0, got 0")
         if not isinstance(consume, bool):
             raise TypeError(f"consume must be True or False, got {consume!r}")
         _check_callback("on_success", on_success)
         _check_callback("on_retry", on_retry)
         _check_callback("on_dead_letter", on_dead_letter)
-        self._store = open_store(store, max_dead_letters=max_dead_letters)
+        self._store = open_store(
+            store, max_dead_letters=max_dead_letters, lease_timeout=lease_timeout, clock=clock
+        )
+        self._owns_store = isinstance(store, str)  # closed at shutdown; a given one is not
+        self._durable: DurableStore | None = (
+            cast("DurableStore", self._store) if self._store.durable else None
+        )
         if not consume and not self._store.durable:
             raise ValueError(
                 "consume=False needs a durable store (sqlite:// or sqs://): "
@@ -131,8 +158,13 @@ class Offloader:
         self.on_retry = on_retry
         self.on_dead_letter = on_dead_letter
         self._clock: Clock = clock if clock is not None else SystemClock()
+        # Over a durable store, a consuming enqueue leases its task as it writes it (when
+        # the store can, and this process has room), so that no other process takes it.
+        self._lease_on_put = consume and bool(getattr(self._store, "leases_on_put", True))
         self._init_state()
         _live.add(self)
+        if self._durable is not None and consume:
+            self._resume()
 
     def _init_state(self) -> None:
         """Fresh runtime state: used at construction and in a forked child."""
@@ -147,6 +179,12 @@ class Offloader:
         self._stopping = False  # workers exit after their current task
         self._enqueued = self._succeeded = self._retried = 0
         self._dead_lettered = self._rejected = 0
+        # Durable stores: the tasks leased to this process (ready, held or in flight), by id.
+        self._leased: dict[str, Task] = {}
+        self._claimed = self._released = 0
+        self._claiming = False  # one worker at a time reads the store
+        self._keeper: threading.Thread | None = None  # renews the leases of _leased
+        self._keeper_wake = threading.Condition(self._lock)
 
     # -- the public API -------------------------------------------------------------------
 
@@ -188,8 +226,49 @@ class Offloader:
             )
         if self._pid != os.getpid():
             self._after_fork()  # a server that forks without running fork hooks (uWSGI)
-        self._submit(task)
+        if self._durable is not None:
+            self._put(self._durable, task)
+        else:
+            self._submit(task)
         return task
+
+    def _put(self, durable: DurableStore, task: Task) -> None:
+        """Write `task` to the durable store; if this process performs it, also queue it here.
+
+        NotSerializable (or StoreError) leaves nothing stored and nothing counted. The
+        store is the buffer, so this never raises QueueFull: beyond `max_queue` tasks held
+        here, a task is stored without a lease, for whichever process has room.
+        """
+        sched = self._sched
+        with self._lock:
+            if self._closed:
+                raise ShutDown("this offloader was shut down; it takes no new tasks")
+            lease: bool | None = self._lease_on_put and sched.size() < self.max_queue
+        task._enqueued_at = self._clock.monotonic() or 1e-9
+        try:
+            durable.put(task, lease=bool(lease))  # on disk (or in the queue) before we return
+        except BaseException:
+            task._enqueued_at = 0.0
+            raise
+        with self._lock:
+            self._enqueued += 1
+            if not self.consume:
+                return
+            if lease:
+                self._claimed += 1
+                if self._stopping:  # shutdown() ran meanwhile: hand it back, below
+                    lease = None
+                else:
+                    self._leased[task.id] = task
+                    sched.ready.append(task)
+            if self._idle:
+                self._work.notify()
+            elif len(self._threads) < self.workers and not self._stopping:
+                # On failure (interpreter exit) the task is stored: a later process does it.
+                with contextlib.suppress(ShutDown):
+                    self._start_worker()
+        if lease is None:
+            self._hand_back(durable, [task])
 
     def _submit(self, task: Task) -> None:
         sched = self._sched
@@ -213,14 +292,49 @@ class Offloader:
             _check_number("timeout", timeout, minimum=0)
         if self._pid != os.getpid():
             return True  # a forked child's copy of a parent's offloader holds nothing
+        if self._durable is not None:
+            return self._flush_durable(self._durable, timeout)
         with self._lock:
             return self._drained.wait_for(self._sched.idle, timeout)
+
+    def _flush_durable(self, durable: DurableStore, timeout: float | None) -> bool:
+        """Wait until this process holds nothing and the store has nothing ready or delayed
+        (tasks leased to other processes are theirs to finish)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        with self._lock:
+            while True:
+                if not self._drained.wait_for(self._sched.idle, remaining()):
+                    return False
+                self._lock.release()
+                try:
+                    counts = durable.counts()
+                except StoreError as exc:
+                    log.warning("offload: flush could not read the store: %s", exc)
+                    counts = None
+                finally:
+                    self._lock.acquire()
+                if counts is not None and not (counts.ready or counts.delayed):
+                    if self._sched.idle():
+                        return True
+                    continue
+                if self.consume:
+                    self._ensure_worker()  # a backlog that no worker here is performing yet
+                left = remaining()
+                if left is not None and left <= 0:
+                    return False
+                # Other processes change the store without telling us: look again soon.
+                self._drained.wait(_FLUSH_POLL if left is None else min(_FLUSH_POLL, left))
 
     def stats(self) -> Stats:
         """Counters and a snapshot; `enqueued == succeeded + dead_lettered + queued +
         delayed + in_flight` holds for the memory store."""
         store = self._store
-        held = len(store)
+        counts = self._durable.counts() if self._durable is not None else None
+        held = counts.dead_letters if counts is not None else len(store)
         with self._lock:
             sched = self._sched
             return Stats(
@@ -235,6 +349,11 @@ class Offloader:
                 dead_letters=held,
                 dead_letters_dropped=getattr(store, "dropped", 0),
                 worker_running=bool(self._threads),
+                claimed=self._claimed,
+                released=self._released,
+                stored_ready=None if counts is None else counts.ready,
+                stored_delayed=None if counts is None else counts.delayed,
+                stored_leased=None if counts is None else counts.leased,
             )
 
     def gates(self) -> dict[str, float]:
@@ -253,8 +372,22 @@ class Offloader:
         """Remove a dead letter and enqueue its task again with a fresh attempt budget.
 
         The task keeps its id and idempotency key. Raises UnknownDeadLetter for an id the
-        store does not hold; if the queue is full, the dead letter is put back.
+        store does not hold; if the queue is full, the dead letter is put back. A durable
+        store moves the task back into its queue itself, so that any process may perform it.
         """
+        if self._durable is not None:
+            with self._lock:
+                if self._closed:
+                    raise ShutDown("this offloader was shut down; it takes no new tasks")
+            task = self._durable.replay(dead_letter_id)
+            with self._lock:
+                self._enqueued += 1
+                if self.consume:
+                    if self._idle:
+                        self._work.notify()
+                    else:
+                        self._ensure_worker()
+            return task
         task = self._store.revive(dead_letter_id)
         letter = task._letter
         task._reset()
@@ -276,7 +409,9 @@ class Offloader:
 
         Returns True when everything was delivered or dead-lettered for its own reasons.
         What a memory store still holds at the deadline becomes dead letters with reason
-        "shutdown" (one WARNING line with the count). Safe to call more than once.
+        "shutdown" (one WARNING line with the count). A durable store keeps what is
+        undelivered: the tasks held here are handed back to it, for any process to perform.
+        Safe to call more than once.
         """
         if timeout is not None:
             _check_number("timeout", timeout, minimum=0)
@@ -299,7 +434,11 @@ class Offloader:
             self._stopping = True
             left = self._sched.drain()
             self._work.notify_all()
+            self._keeper_wake.notify_all()
             threads = list(self._threads)
+            keeper = self._keeper
+        if self._durable is not None:
+            return self._shutdown_durable(self._durable, ok, left, threads, keeper, deadline)
         for task in left:
             self._dead_letter(task, None, "shutdown", error="undelivered at shutdown")
         lost = len(left)
@@ -320,6 +459,92 @@ class Offloader:
                 remaining = None if deadline is None else max(0.0, deadline - clock.monotonic())
                 thread.join(remaining)
         return ok and not lost
+
+    def _shutdown_durable(
+        self,
+        durable: DurableStore,
+        ok: bool,
+        left: list[Task],
+        threads: list[threading.Thread],
+        keeper: threading.Thread | None,
+        deadline: float | None,
+    ) -> bool:
+        """The end of shutdown() over a durable store: hand back, join, close."""
+        clock = self._clock
+        if left:
+            self._hand_back(durable, left)
+            with _Guarded():
+                log.info(
+                    "offload shut down: %d undelivered task(s) handed back to %s",
+                    len(left),
+                    durable.url,
+                )
+        with self._lock:
+            running = self._sched.in_flight
+        if running:
+            with _Guarded():
+                log.warning(
+                    "offload shut down with %d call(s) still running; their tasks stay in %s "
+                    "and run again if this process ends first",
+                    running,
+                    durable.url,
+                )
+        current = threading.current_thread()
+        for thread in [*threads, *([keeper] if keeper is not None else [])]:
+            if thread is not current:
+                remaining = None if deadline is None else max(0.0, deadline - clock.monotonic())
+                thread.join(remaining)
+        if self._owns_store and not any(t.is_alive() for t in threads):
+            self._store.close()
+        return ok and not left and not running
+
+    def _hand_back(self, durable: DurableStore, tasks: list[Task]) -> None:
+        """Release tasks this process will not perform (lock not held): due now, for any
+        process. A task that cannot be released comes back when its lease expires."""
+        wall = self._clock.time()
+        for task in tasks:
+            self._store_call("hand back", durable.release, task, wall)
+        with self._lock:
+            for task in tasks:
+                self._leased.pop(task.id, None)
+            self._released += len(tasks)
+            self._notify_if_drained()
+
+    def _store_call(self, what: str, fn: Callable[..., object], task: Task, *args: Any) -> bool:
+        """Run a store operation for `task` from a worker; a failure is logged, not raised:
+        the task's lease then expires and it runs again (at least once, never lost)."""
+        try:
+            fn(task, *args)
+        except Exception as exc:
+            with _Guarded():
+                log.error(
+                    "offload: could not %s task %s in the store (%s); it stays there and "
+                    "runs again once its lease expires",
+                    what,
+                    task.id,
+                    exc,
+                )
+            return False
+        return True
+
+    def _resume(self) -> None:
+        """Start a worker if the durable store holds a backlog (a new process over a file
+        that a crashed or stopped one left)."""
+        assert self._durable is not None
+        try:
+            due = self._durable.next_due()
+        except StoreError as exc:
+            log.warning("offload: could not look for a backlog in %s: %s", self._store.url, exc)
+            return
+        if due is not None:
+            with self._lock:
+                self._ensure_worker()
+
+    def _ensure_worker(self) -> None:
+        """Called with the lock held: start a worker if none runs (durable stores)."""
+        if not self._threads and not self._closed and self._pid == os.getpid():
+            with contextlib.suppress(ShutDown):  # interpreter exit: the store keeps the tasks
+                self._start_worker()
 
     def _retire(self) -> None:
         """Take no new tasks, but let the workers finish what is held (configure())."""
@@ -349,6 +574,36 @@ class Offloader:
         ) as exc:  # Python 3.12+: "can't create new thread at interpreter shutdown"
             raise ShutDown(f"cannot start offload's worker thread: {exc}") from exc
         self._threads.add(thread)
+        if self._durable is not None and (self._keeper is None or not self._keeper.is_alive()):
+            keeper = threading.Thread(target=self._keep_leases, name="offload-leases", daemon=True)
+            try:
+                keeper.start()
+            except RuntimeError:
+                return  # interpreter exit; leases then expire, and the tasks run elsewhere
+            self._keeper = keeper
+
+    def _keep_leases(self) -> None:
+        """The lease keeper: renew every lease held here, in one store call, every
+        `lease_timeout / 3` seconds, so that a long call keeps its task; exit once no
+        worker runs and nothing is held."""
+        durable = self._durable
+        assert durable is not None
+        interval = float(getattr(durable, "lease_timeout", 60.0)) / 3
+        me = threading.current_thread()
+        while True:
+            with self._lock:
+                if self._pid == os.getpid() and (self._threads or self._leased):
+                    self._keeper_wake.wait(interval)
+                if self._pid != os.getpid() or not (self._threads or self._leased):
+                    if self._keeper is me:
+                        self._keeper = None
+                    return
+                held = list(self._leased.values())
+            try:
+                durable.renew(held)
+            except Exception as exc:
+                with _Guarded():
+                    log.error("offload: could not renew %d lease(s): %s", len(held), exc)
 
     def _run(self) -> None:
         resources = Resources()
@@ -367,6 +622,7 @@ class Offloader:
         sched = self._sched
         with self._lock:
             idle_since: float | None = None
+            timeout: float | None
             while True:
                 if self._stopping or self._pid != os.getpid():
                     self._exit_worker()
@@ -375,10 +631,33 @@ class Offloader:
                 task = sched.take(now)
                 if task is not None:
                     return task
-                if sched.size() == 0:
+                if self._durable is not None:
+                    claimed, store_wait = self._poll_store(self._durable, now)
+                    if claimed:
+                        idle_since = None
+                        continue
+                    if self._stopping or self._pid != os.getpid():
+                        continue
+                    now = clock.monotonic()
+                    task = sched.take(now)  # enqueued while the store was being read
+                    if task is not None:
+                        return task
+                    if store_wait is None and sched.size() == 0:
+                        if idle_since is None:
+                            idle_since = now
+                        timeout = self.idle_timeout - (now - idle_since)
+                        if timeout <= 0:
+                            self._exit_worker()
+                            return None
+                        timeout = min(timeout, POLL_INTERVAL)
+                    else:
+                        idle_since = None
+                        waits = [w for w in (store_wait, sched.next_wake(now)) if w is not None]
+                        timeout = min([POLL_INTERVAL, *waits])
+                elif sched.size() == 0:
                     if idle_since is None:
                         idle_since = now
-                    timeout: float | None = self.idle_timeout - (now - idle_since)
+                    timeout = self.idle_timeout - (now - idle_since)
                     if timeout is not None and timeout <= 0:  # (None only for mypy's sake)
                         self._exit_worker()
                         return None
@@ -395,6 +674,85 @@ class Offloader:
         """Called with the lock held: this thread leaves the worker set."""
         self._threads.discard(threading.current_thread())
         self._drained.notify_all()
+        self._keeper_wake.notify_all()
+
+    def _poll_store(self, durable: DurableStore, now: float) -> tuple[bool, float | None]:
+        """Called with the lock held, which it lets go while it reads the store: claim due
+        tasks into the scheduler. Returns (claimed some, seconds until the store has a task
+        due, or None when it holds none this worker could take)."""
+        sched = self._sched
+        if self._claiming:
+            return False, POLL_INTERVAL  # another worker is reading; it notifies on success
+        if self._closed:
+            return False, None  # shutting down: take nothing new
+        room = self.max_queue - sched.size()
+        if room <= 0:
+            return False, POLL_INTERVAL  # a settling task notifies
+        clock = self._clock
+        wall = clock.time()
+        # Keys whose gates are closed here, with their reopening (epoch) times: their
+        # tasks stay in the store for other processes, or for later.
+        exclude = {
+            key: wall + max(0.0, gate.open_at - now)
+            for key, gate in sched.gates.items()
+            if gate.probe is not None or now < gate.open_at
+        }
+        self._claiming = True
+        self._lock.release()
+        tasks: list[Task] = []
+        due: float | None = None
+        try:
+            tasks = durable.claim(min(room, 2 * self.workers), exclude_keys=exclude)
+            if not tasks:
+                due = durable.next_due()
+        except Exception as exc:
+            with _Guarded():
+                log.error("offload: could not read %s: %s", durable.url, exc)
+            due = wall + POLL_INTERVAL
+        finally:
+            self._lock.acquire()
+            self._claiming = False
+        if tasks:
+            if self._stopping or self._closed or self._pid != os.getpid():
+                self._lock.release()
+                try:
+                    self._hand_back(durable, tasks)
+                finally:
+                    self._lock.acquire()
+                return False, None
+            self._adopt(tasks)
+            return True, 0.0
+        if due is None:
+            return False, None
+        wait = due - clock.time()
+        if wait <= 0:
+            # Due, but not for us: its key is gated here, or another process took it.
+            now = clock.monotonic()
+            opening = [g.open_at - now for g in sched.gates.values() if g.open_at > now]
+            wait = min(opening) if opening else POLL_INTERVAL
+        return False, wait
+
+    def _adopt(self, tasks: list[Task]) -> None:
+        """Called with the lock held: queue claimed tasks here, leased to this process."""
+        sched = self._sched
+        now, wall = self._clock.monotonic(), self._clock.time()
+        for task in tasks:
+            first = task._first_attempt_at
+            if first is not None:
+                # The policy's time bounds run on the monotonic clock from the first
+                # attempt, which may have been made by another process, or before a crash.
+                task._started = now - max(0.0, wall - first)
+            task._enqueued_at = now or 1e-9
+            self._leased[task.id] = task
+            sched.ready.append(task)
+        self._claimed += len(tasks)
+        self._work.notify(len(tasks))
+        want = min(self.workers, len(sched.ready) + sched.in_flight)
+        while len(self._threads) < want:
+            try:
+                self._start_worker()
+            except ShutDown:
+                break
 
     def _perform(self, task: Task, resources: Resources) -> None:
         clock = self._clock
@@ -438,11 +796,16 @@ class Offloader:
         """Record an attempt's outcome. Callbacks run before the task stops counting as in
         flight, so that flush() returning means the callbacks have run too."""
         task._last = outcome
+        durable = self._durable
         if outcome.kind == "success":
             if self.on_success is not None:
                 self._callback("on_success", self.on_success, task, result)
+            if durable is not None:
+                self._store_call("complete", durable.complete, task)
             with self._lock:
                 self._sched.settle(task, None)
+                if durable is not None:
+                    self._leased.pop(task.id, None)
                 self._succeeded += 1
                 self._work.notify()  # held tasks may have been released
                 self._notify_if_drained()
@@ -459,7 +822,7 @@ class Offloader:
         if not decision.retry:
             self._dead_letter(task, outcome, decision.reason, error=decision.error, in_flight=True)
             return
-        if not self._stopping:
+        if not self._stopping or durable is not None:
             with _Guarded():
                 log.info(
                     "retrying %s in %.2fs (attempt %d%s): %s",
@@ -472,6 +835,19 @@ class Offloader:
             if self.on_retry is not None:
                 self._callback("on_retry", self.on_retry, task, decision.delay, outcome.error)
             due = now + decision.delay
+            if durable is not None:
+                # Back to the store with its attempt state: any process continues it when due.
+                self._store_call(
+                    "hand back", durable.release, task, self._clock.time() + decision.delay
+                )
+                with self._lock:
+                    self._sched.settle(task, due if outcome.throttled else None)
+                    self._leased.pop(task.id, None)
+                    self._retried += 1
+                    self._released += 1
+                    self._work.notify()
+                    self._notify_if_drained()
+                return
             with self._lock:
                 if not self._stopping:
                     self._sched.settle(task, due if outcome.throttled else None)
@@ -515,7 +891,18 @@ class Offloader:
         if outcome is None:
             outcome = task._last
         letter = task._letter = self._dead_letter_for(task, error, outcome, reason)
-        self._store.bury(task, letter)
+        if self._durable is None:
+            self._store.bury(task, letter)
+        elif not self._store_call("dead-letter", self._store.bury, task, letter):
+            task._letter = None
+            with self._lock:  # not buried: the store keeps the task, as a hand-back would
+                if in_flight:
+                    self._sched.settle(task, None)
+                    self._work.notify()
+                self._leased.pop(task.id, None)
+                self._released += 1
+                self._notify_if_drained()
+            return
         if reason != "shutdown":  # shutdown() logs one line for all of them
             with _Guarded():
                 log.warning(
@@ -532,6 +919,7 @@ class Offloader:
             if in_flight:
                 self._sched.settle(task, None)
                 self._work.notify()
+            self._leased.pop(task.id, None)
             self._dead_lettered += 1
             self._notify_if_drained()
 

@@ -98,6 +98,26 @@ class RetryPolicy:
                 f"RetryPolicy(retry_on=...) takes exception types or a predicate, got {retry_on!r}"
             )
 
+    def to_json(self) -> str:
+        """This policy as JSON text, as a durable store keeps a per-task policy.
+
+        Raises NotSerializable when it holds code another process cannot load: a custom
+        stop or wait strategy, or a `retry_on` type or predicate that is not importable.
+        """
+        from ._serial import dump_policy  # noqa: PLC0415 - _serial imports this module
+
+        return str(dump_policy(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> RetryPolicy:
+        """The policy `to_json` wrote; ValueError for text it did not write."""
+        from ._serial import load_policy  # noqa: PLC0415
+
+        policy = load_policy(text)
+        if policy is None:
+            raise ValueError("malformed retry policy: null")
+        return policy
+
     def _retries_anyway(self, exc: BaseException | None) -> bool:
         if exc is None:
             return False

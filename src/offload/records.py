@@ -194,6 +194,13 @@ class Stats:
 
     The memory store keeps the ledger exact:
     `enqueued == succeeded + dead_lettered + queued + delayed + in_flight`.
+
+    Over a durable store the counters are this process's and tasks pass through it:
+    `claimed` (taken from the store to perform, including those leased as they were
+    enqueued) `== succeeded + dead_lettered + released + queued + in_flight`, where
+    `released` counts tasks handed back (retries, shutdown). `stored_ready`,
+    `stored_delayed` and `stored_leased` are what the store holds now for every process
+    (None for the memory store).
     """
 
     enqueued: int
@@ -207,6 +214,11 @@ class Stats:
     dead_letters: int
     dead_letters_dropped: int
     worker_running: bool
+    claimed: int = 0
+    released: int = 0
+    stored_ready: int | None = None
+    stored_delayed: int | None = None
+    stored_leased: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}

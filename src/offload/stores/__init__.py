@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from ..clock import Clock
 from .base import DurableStore, Store, StoreCounts
 from .memory import MemoryStore
 
 __all__ = ["DurableStore", "MemoryStore", "Store", "StoreCounts", "open_store"]
 
 
-def open_store(spec: str | Store, *, max_dead_letters: int = 1_000) -> Store:
+def open_store(
+    spec: str | Store,
+    *,
+    max_dead_letters: int = 1_000,
+    lease_timeout: float | None = None,
+    clock: Clock | None = None,
+) -> Store:
     """The store a URL names ("memory", "sqlite:///path.db", "sqs://name?region=..."),
-    or `spec` itself when it already is a Store."""
+    or `spec` itself when it already is a Store.
+
+    `lease_timeout` (seconds) is for durable stores (a URL option wins over it; otherwise
+    OFFLOAD_LEASE_TIMEOUT, else 60). `clock` gives a SQLite store its wall-clock time
+    (tests); stores shared by several machines use the real time."""
     if not isinstance(spec, str):
         if isinstance(spec, Store):
             return spec
@@ -20,10 +31,14 @@ def open_store(spec: str | Store, *, max_dead_letters: int = 1_000) -> Store:
         if spec not in ("memory", "memory://"):
             raise ValueError(f"store: the memory store takes no path, got {spec!r}")
         return MemoryStore(max_dead_letters)
+    if scheme == "sqlite":
+        from .sqlite import SQLiteStore  # noqa: PLC0415 - imported when used
+
+        return SQLiteStore.from_url(spec, lease_timeout=lease_timeout, clock=clock)
     if scheme == "sqs":
         from .sqs import SqsStore  # noqa: PLC0415 - boto3 is an optional extra
 
-        return SqsStore.from_url(spec)
+        return SqsStore.from_url(spec, lease_timeout=lease_timeout)
     raise ValueError(
         f"store: unknown or unsupported store URL {spec!r} "
         "(expected 'memory', 'sqlite:///path.db' or 'sqs://queue-name?region=...')"

@@ -19,6 +19,12 @@ Delivery is at least once: a process killed mid-call leaves a lease that expires
 task runs again.
 
 Times are wall-clock epoch seconds (`time.time()`), since they are shared across processes.
+
+`replay` moves a dead letter's task back into the queue (fresh attempt budget, same ids)
+before the dead letter goes, so a crash in between duplicates and never loses; `revive`
+(the memory store's way) only removes and returns. A store that cannot lease a task as
+it writes it (SQS) sets `leases_on_put = False`: the offloader then puts with
+`lease=False` and claims its tasks back like any worker.
 """
 
 from __future__ import annotations
@@ -83,13 +89,20 @@ class Store(Protocol):
 class DurableStore(Store, Protocol):
     """A Store that also holds tasks until they are delivered or dead-lettered."""
 
+    #: Seconds a lease lasts unless renewed; the offloader renews every third of it.
+    lease_timeout: float
+    # Optional attribute `leases_on_put: bool` (True when absent): see the module docstring.
+
     def put(self, task: Task, *, lease: bool) -> None:
         """Write a new task durably before returning (NotSerializable if it cannot be
         stored). `lease=True`: leased to this process, which will perform it."""
 
     def claim(self, limit: int, *, exclude_keys: Collection[str] = ()) -> list[Task]:
         """Lease up to `limit` tasks that are due now, skipping the keys given (gates this
-        process holds closed), oldest first. Tasks come back with their attempt state."""
+        process holds closed), oldest first. Tasks come back with their attempt state.
+
+        The offloader passes `exclude_keys` as a mapping of key -> the epoch time its gate
+        reopens, for stores that must put a skipped task back with a delay."""
         ...
 
     def renew(self, tasks: Sequence[Task]) -> None:
@@ -103,7 +116,15 @@ class DurableStore(Store, Protocol):
         """Forget a delivered task."""
 
     def next_due(self) -> float | None:
-        """When the earliest task not leased is due (epoch seconds); None if none is held."""
+        """When the earliest task not leased is due (epoch seconds); None if none is held.
+        Tasks of processes that are gone or whose lease has expired count as not leased."""
+        ...
+
+    def replay(self, dead_letter_id: str) -> Task:
+        """Put a dead letter's task back in the queue, due now, with a fresh attempt budget
+        (same id and idempotency key), then remove the dead letter; return the task.
+
+        Raises UnknownDeadLetter when no dead letter has that id."""
         ...
 
     def counts(self) -> StoreCounts:

@@ -1,0 +1,753 @@
+"""The SQLite store: tasks and dead letters in one file, shared by the processes of a machine.
+
+    Offloader(store="sqlite:///var/lib/app/offload.db")           # relative: sqlite:///offload.db
+    Offloader(store="sqlite:////var/lib/app/offload.db?synchronous=full")
+
+Durability. The file is in WAL mode with `synchronous=NORMAL`: a task is written to the WAL
+file (one INSERT, one commit, no fsync) before `enqueue_task` returns, so a process that is
+killed, crashes or is OOM-killed loses nothing. A power cut or kernel crash can lose the
+last commits (never corrupt the file); `?synchronous=full` fsyncs every commit and closes
+that gap too, at about a hundred times the cost per enqueue.
+
+Sharing. Every process (gunicorn workers, `offload worker`) opens its own connection; a
+connection is never used across fork() (a child opens its own, by a process-id check).
+Writers wait for each other up to `busy_timeout` seconds (default 5). A task being
+performed is leased to one owner (host, pid, a random token per store object) until
+`lease_until`; leases are renewed while held. A lease whose owner is a process of this
+host that no longer exists is taken back by the next claim, at once; any other lease when
+it expires.
+
+Only JSON is stored (see offload._serial), and the file is created with mode 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import secrets
+import socket
+import sqlite3
+import threading
+from collections.abc import Collection, Iterator, Sequence
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from .._serial import Unreadable, load_task, stored_call
+from ..clock import Clock, SystemClock
+from ..errors import StoreError, UnknownDeadLetter
+from ..records import DeadLetter, Task
+from .base import StoreCounts
+
+__all__ = ["SQLiteStore", "parse_sqlite_url"]
+
+log = logging.getLogger("offload")
+
+_SCHEMA_VERSION = 1
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS tasks (
+        seq INTEGER PRIMARY KEY,      -- insertion order, and the handle of a leased row
+        id TEXT NOT NULL,
+        idempotency_key TEXT,         -- NULL when it is the id (the usual case)
+        key TEXT,                     -- throttle key
+        call TEXT NOT NULL,           -- JSON (offload._serial.dump_call)
+        retry TEXT,                   -- JSON RetryPolicy, or NULL for the consumer's
+        due REAL NOT NULL,            -- epoch seconds
+        owner TEXT,                   -- host:pid:token while leased
+        lease_until REAL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        failures INTEGER NOT NULL DEFAULT 0,
+        first_attempt_at REAL,
+        last_attempt_at REAL
+    )""",
+    # Only waiting rows are indexed: an enqueue that leases its task at once (the usual
+    # case) writes the table and nothing else.
+    "CREATE INDEX IF NOT EXISTS tasks_waiting ON tasks (due) WHERE owner IS NULL",
+    """CREATE TABLE IF NOT EXISTS dead_letters (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        task_id TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        description TEXT NOT NULL,
+        key TEXT,
+        attempts INTEGER NOT NULL,
+        error TEXT NOT NULL,
+        status INTEGER,
+        reason TEXT NOT NULL,
+        first_attempt_at REAL,
+        last_attempt_at REAL,
+        buried_at REAL NOT NULL,
+        call TEXT NOT NULL,           -- as the task stored it, for replay
+        retry TEXT
+    )""",
+)
+
+_PUT = (
+    "INSERT INTO tasks (id, idempotency_key, key, call, retry, due, owner, lease_until) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_TASK_COLUMNS = (
+    "seq, id, idempotency_key, key, call, retry, attempts, failures, "
+    "first_attempt_at, last_attempt_at"
+)
+_LETTER_COLUMNS = (
+    "id, task_id, description, key, attempts, error, status, reason, "
+    "first_attempt_at, last_attempt_at"
+)
+_SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL", "extra": "EXTRA"}
+
+# Sweeping leases (expired ones, and those of dead processes) reads every leased row, so
+# it runs at most this often per store object; the first claim or next_due runs it at once.
+_SWEEP_EVERY = 2.0
+
+# Connections inherited over fork(): never used again and never closed, since closing a
+# connection in the child can disturb the parent's locks (as the SQLite docs warn).
+_orphans: list[sqlite3.Connection] = []
+
+
+def parse_sqlite_url(url: str) -> tuple[str, dict[str, str]]:
+    """(path, options) of `sqlite:///relative.db` or `sqlite:////absolute.db?opt=value`;
+    ValueError for anything else (no host part, no in-memory database)."""
+    if not url.lower().startswith("sqlite://"):
+        raise ValueError(f"store: not a sqlite:// URL: {url!r}")
+    rest = url[len("sqlite://") :]
+    rest, _, query = rest.partition("?")
+    if not rest.startswith("/"):
+        raise ValueError(
+            f"store: {url!r} has a host part; use sqlite:///relative.db or sqlite:////absolute.db"
+        )
+    path = unquote(rest[1:])
+    if not path or path == ":memory:" or path.endswith("/"):
+        raise ValueError(
+            f"store: {url!r} names no database file (an in-memory database would not be durable)"
+        )
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+        if name in options:
+            raise ValueError(f"store: {url!r} gives {name} twice")
+        options[name] = value
+    return path, options
+
+
+def _number(url: str, name: str, value: str, minimum: float, *, positive: bool) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"store: {name}={value!r} in {url!r} is not a number") from None
+    if not (minimum <= number < math.inf) or (positive and number <= 0):
+        raise ValueError(f"store: {name}={value!r} in {url!r} is out of range")
+    return number
+
+
+def _env_lease() -> float:
+    """OFFLOAD_LEASE_TIMEOUT, or 60 seconds; ValueError naming the variable if bad."""
+    raw = os.environ.get("OFFLOAD_LEASE_TIMEOUT", "").strip()
+    if not raw:
+        return 60.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"OFFLOAD_LEASE_TIMEOUT={raw!r} is not a valid number") from None
+    if not (0 < value < math.inf):
+        raise ValueError(f"OFFLOAD_LEASE_TIMEOUT={raw!r} must be > 0 and finite")
+    return value
+
+
+def _pid_alive(pid: int) -> bool:
+    """True unless process `pid` of this host surely no longer exists (or is a zombie)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, as another user
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != b"Z"  # killed, not yet reaped by its parent
+
+
+def _utc(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    return datetime.fromtimestamp(float(value), tz=timezone.utc)
+
+
+class SQLiteStore:
+    """A durable store in one SQLite file (see the module docstring)."""
+
+    durable = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "normal",
+        lease_timeout: float = 60.0,
+        busy_timeout: float = 5.0,
+        clock: Clock | None = None,
+        url: str | None = None,
+    ) -> None:
+        path = os.fspath(path)
+        if not path or path == ":memory:":
+            raise ValueError("SQLiteStore needs a file path (an in-memory database is not durable)")
+        mode = synchronous.lower() if isinstance(synchronous, str) else synchronous
+        if mode not in _SYNCHRONOUS:
+            raise ValueError(
+                f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, got {synchronous!r}"
+            )
+        for name, value in (("lease_timeout", lease_timeout), ("busy_timeout", busy_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            if not (0 <= value < math.inf) or (name == "lease_timeout" and value <= 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        self.path = path
+        self.synchronous = mode
+        self.lease_timeout = float(lease_timeout)
+        self.busy_timeout = float(busy_timeout)
+        self.url = url if url is not None else f"sqlite:///{path}"
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._connection: sqlite3.Connection | None = None
+        self._init_process_state()
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, lease_timeout: float | None = None, clock: Clock | None = None
+    ) -> SQLiteStore:
+        """The store a `sqlite://` URL names; options `synchronous` (normal, full),
+        `lease_timeout` and `busy_timeout` (seconds). The file is opened on first use."""
+        path, options = parse_sqlite_url(url)
+        kwargs: dict[str, Any] = {}
+        for name, value in options.items():
+            if name == "synchronous":
+                if value.lower() not in _SYNCHRONOUS:
+                    raise ValueError(
+                        f"store: synchronous={value!r} in {url!r}; expected normal or full"
+                    )
+                kwargs["synchronous"] = value.lower()
+            elif name in ("lease_timeout", "busy_timeout"):
+                kwargs[name] = _number(url, name, value, 0, positive=name == "lease_timeout")
+            else:
+                raise ValueError(
+                    f"store: unknown option {name!r} in {url!r} "
+                    "(expected synchronous, lease_timeout or busy_timeout)"
+                )
+        if "lease_timeout" not in kwargs:
+            kwargs["lease_timeout"] = lease_timeout if lease_timeout is not None else _env_lease()
+        return cls(path, clock=clock, url=url, **kwargs)
+
+    def _init_process_state(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._owner = f"{socket.gethostname()}:{self._pid}:{secrets.token_hex(6)}"
+        self._cursor: sqlite3.Cursor | None = None
+        self._rows: dict[str, int] = {}  # task id -> seq, for the tasks leased here
+        self._next_sweep = -math.inf
+
+    @property
+    def owner(self) -> str:
+        """The lease owner this store object writes: 'host:pid:token'."""
+        self._check_pid()
+        return self._owner
+
+    # -- connection -----------------------------------------------------------------------
+
+    def _check_pid(self) -> None:
+        if self._pid != os.getpid():
+            self._after_fork()
+
+    def _after_fork(self) -> None:
+        """In a forked child: a new lock, owner and (on first use) connection."""
+        if self._connection is not None:
+            _orphans.append(self._connection)  # never touched again, never closed
+        self._connection = None
+        self._init_process_state()
+
+    def _conn(self) -> sqlite3.Connection:
+        """The connection of this process (the lock is held)."""
+        conn = self._connection
+        if conn is None:
+            conn = self._connection = self._connect()
+            self._cursor = conn.cursor()
+        return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        path = self.path
+        if not os.path.exists(path):
+            # Made here, not by SQLite, so that it is private from the start: SQLite gives
+            # the -wal and -shm files the database file's permissions.
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass  # another process made it meanwhile
+            except OSError as exc:
+                raise StoreError(f"{self.url}: cannot create the store file: {exc}") from None
+            else:
+                os.close(fd)
+        try:
+            conn = sqlite3.connect(
+                path,
+                timeout=self.busy_timeout,
+                isolation_level=None,  # transactions are explicit: BEGIN IMMEDIATE ... COMMIT
+                check_same_thread=False,  # shared by this process's threads, under _lock
+                cached_statements=64,
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.url}: cannot open: {exc}") from None
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self.url}: cannot switch to WAL mode (got {mode!r})")
+            conn.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.synchronous]}")
+            self._ensure_schema(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreError(f"{self.url}: not a usable offload store: {exc}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _ensure_schema(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == _SCHEMA_VERSION:
+            return
+        if version > _SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.url}: written by a newer offload (store format {version}); upgrade offload"
+            )
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                others = {
+                    row[0]
+                    for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                } - {"tasks", "dead_letters"}
+                if others:
+                    raise StoreError(
+                        f"{self.url}: not an offload store (it has tables {sorted(others)})"
+                    )
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @contextlib.contextmanager
+    def _use(self, what: str) -> Iterator[sqlite3.Connection]:
+        """The connection, under the lock; SQLite errors become StoreError naming `what`."""
+        self._check_pid()
+        with self._lock:
+            try:
+                yield self._conn()
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.url}: {what} failed: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
+        # IMMEDIATE takes the write lock first, so that two processes never both read,
+        # then both fail to upgrade to writing.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close this process's connection; a later use opens a new one."""
+        if self._pid != os.getpid():
+            self._after_fork()
+            return
+        with self._lock:
+            conn, self._connection, self._cursor = self._connection, None, None
+            if conn is not None:
+                conn.close()
+
+    # -- tasks ----------------------------------------------------------------------------
+
+    def put(self, task: Task, *, lease: bool) -> None:
+        """Write a new task (one INSERT, committed before returning)."""
+        call, retry = stored_call(task)  # NotSerializable before touching the file
+        now = self._clock.time()
+        idempotency_key = None if task.idempotency_key == task.id else task.idempotency_key
+        self._check_pid()
+        with self._lock:
+            try:
+                cursor = self._cursor if self._connection is not None else None
+                if cursor is None:
+                    self._conn()
+                    cursor = self._cursor
+                assert cursor is not None
+                if lease:
+                    cursor.execute(
+                        _PUT,
+                        (
+                            task.id,
+                            idempotency_key,
+                            task.key,
+                            call,
+                            retry,
+                            now,
+                            self._owner,
+                            now + self.lease_timeout,
+                        ),
+                    )
+                    self._rows[task.id] = cursor.lastrowid  # type: ignore[assignment]
+                else:
+                    cursor.execute(
+                        _PUT, (task.id, idempotency_key, task.key, call, retry, now, None, None)
+                    )
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.url}: enqueue failed: {exc}") from exc
+
+    def claim(self, limit: int, *, exclude_keys: Collection[str] = ()) -> list[Task]:
+        """Lease up to `limit` due tasks, oldest due first, skipping `exclude_keys`."""
+        if limit <= 0:
+            return []
+        now = self._clock.time()
+        with self._use("claim") as conn:
+            if now >= self._next_sweep:
+                self._sweep(conn, now)
+            # A read first: polling an empty store must not take the write lock.
+            if (
+                conn.execute(
+                    "SELECT 1 FROM tasks WHERE owner IS NULL AND due <= ? LIMIT 1", (now,)
+                ).fetchone()
+                is None
+            ):
+                return []
+            select = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE owner IS NULL AND due <= ?"
+            params: list[Any] = [now]
+            if exclude_keys:
+                select += " AND (key IS NULL OR key NOT IN (SELECT value FROM json_each(?)))"
+                params.append(_json_list(exclude_keys))
+            select += " ORDER BY due, seq LIMIT ?"
+            params.append(limit)
+            with self._transaction(conn):
+                rows = conn.execute(select, params).fetchall()
+                if rows:
+                    conn.execute(
+                        "UPDATE tasks SET owner = ?, lease_until = ? "
+                        "WHERE seq IN (SELECT value FROM json_each(?))",
+                        (self._owner, now + self.lease_timeout, _json_list(r[0] for r in rows)),
+                    )
+            tasks = []
+            for row in rows:
+                task = _task_from_row(row)
+                self._rows[task.id] = row[0]
+                tasks.append(task)
+            return tasks
+
+    def _sweep(self, conn: sqlite3.Connection, now: float) -> None:
+        """Take back expired leases, and at once those of dead processes of this host."""
+        self._next_sweep = now + min(_SWEEP_EVERY, self.lease_timeout / 4)
+        host = socket.gethostname()
+        expired: list[str] = []
+        dead: list[str] = []
+        for owner, until in conn.execute(
+            "SELECT owner, MIN(lease_until) FROM tasks WHERE owner IS NOT NULL GROUP BY owner"
+        ).fetchall():
+            if owner != self._owner and _owner_dead(owner, host):
+                dead.append(owner)
+            elif until is None or until <= now:
+                expired.append(owner)
+        if not (dead or expired):
+            return
+        taken = 0
+        with self._transaction(conn):
+            for owner in dead:
+                taken += conn.execute(
+                    "UPDATE tasks SET owner = NULL, lease_until = NULL WHERE owner = ?", (owner,)
+                ).rowcount
+            for owner in expired:
+                taken += conn.execute(
+                    "UPDATE tasks SET owner = NULL, lease_until = NULL "
+                    "WHERE owner = ? AND (lease_until IS NULL OR lease_until <= ?)",
+                    (owner, now),
+                ).rowcount
+        if taken:
+            log.info(
+                "offload: took back %d task(s) from %s",
+                taken,
+                ", ".join(
+                    [f"{o} (process gone)" for o in dead]
+                    + [f"{o} (lease expired)" for o in expired]
+                ),
+            )
+
+    def renew(self, tasks: Sequence[Task]) -> None:
+        """Extend the leases of `tasks` (one UPDATE)."""
+        with self._use("renewing leases") as conn:
+            seqs = [self._rows[t.id] for t in tasks if t.id in self._rows]
+            if not seqs:
+                return
+            renewed = conn.execute(
+                "UPDATE tasks SET lease_until = ? "
+                "WHERE owner = ? AND seq IN (SELECT value FROM json_each(?))",
+                (self._clock.time() + self.lease_timeout, self._owner, _json_list(seqs)),
+            ).rowcount
+        if renewed < len(seqs):
+            log.warning(
+                "offload: %d lease(s) were lost before renewal (taken back after expiry); "
+                "those tasks may run twice",
+                len(seqs) - renewed,
+            )
+
+    def _handle(self, task: Task) -> tuple[str, tuple[Any, ...]]:
+        """A WHERE clause and its parameters for a task's row (forgetting its seq): by seq
+        when leased here, which needs no index; by id otherwise (a scan, rare)."""
+        seq = self._rows.pop(task.id, None)
+        if seq is not None:
+            return "seq = ? AND id = ?", (seq, task.id)
+        return "id = ?", (task.id,)
+
+    def release(self, task: Task, due: float) -> None:
+        """Hand `task` back, due at `due`, with its attempt state."""
+        with self._use("releasing a task") as conn:
+            where, handle = self._handle(task)
+            conn.execute(
+                "UPDATE tasks SET owner = NULL, lease_until = NULL, due = ?, attempts = ?, "
+                "failures = ?, first_attempt_at = ?, last_attempt_at = ? "
+                f"WHERE {where} AND owner = ?",
+                (
+                    due,
+                    task._attempts,
+                    task._failures,
+                    task._first_attempt_at,
+                    task._last_attempt_at,
+                    *handle,
+                    self._owner,
+                ),
+            )
+
+    def complete(self, task: Task) -> None:
+        """Delete a delivered task (whoever holds it now: it was delivered)."""
+        with self._use("completing a task") as conn:
+            where, handle = self._handle(task)
+            conn.execute(f"DELETE FROM tasks WHERE {where}", handle)
+
+    def next_due(self) -> float | None:
+        """When the earliest claimable task is due (after sweeping dead leases); None if none."""
+        now = self._clock.time()
+        with self._use("reading the next due time") as conn:
+            if now >= self._next_sweep:
+                self._sweep(conn, now)
+            due = conn.execute("SELECT MIN(due) FROM tasks WHERE owner IS NULL").fetchone()[0]
+        return None if due is None else float(due)
+
+    def counts(self) -> StoreCounts:
+        """Tasks ready, delayed and leased (by anyone), and dead letters, now."""
+        now = self._clock.time()
+        with self._use("counting") as conn:
+            ready, delayed, leased = conn.execute(
+                "SELECT COALESCE(SUM(owner IS NULL AND due <= :now), 0), "
+                "COALESCE(SUM(owner IS NULL AND due > :now), 0), "
+                "COALESCE(SUM(owner IS NOT NULL), 0) FROM tasks",
+                {"now": now},
+            ).fetchone()
+            letters = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+        return StoreCounts(ready=ready, delayed=delayed, leased=leased, dead_letters=letters)
+
+    # -- dead letters ---------------------------------------------------------------------
+
+    def bury(self, task: Task, letter: DeadLetter) -> None:
+        """Keep `letter` with the task's stored call, and delete the task, in one transaction."""
+        first = _epoch(letter.first_attempt_at)
+        last = _epoch(letter.last_attempt_at)
+        values = (
+            letter.id,
+            letter.task_id,
+            task.idempotency_key,
+            letter.description,
+            letter.key,
+            letter.attempts,
+            letter.error,
+            letter.status,
+            letter.reason,
+            first,
+            last,
+            self._clock.time(),
+        )
+        insert = (
+            "INSERT INTO dead_letters (id, task_id, idempotency_key, description, key, "
+            "attempts, error, status, reason, first_attempt_at, last_attempt_at, buried_at, "
+            "call, retry) "
+        )
+        with self._use("storing a dead letter") as conn:
+            where, handle = self._handle(task)
+            with self._transaction(conn):
+                copied = conn.execute(
+                    insert + f"SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, call, retry "
+                    f"FROM tasks WHERE {where} LIMIT 1",
+                    (*values, *handle),
+                ).rowcount
+                if not copied:  # the row is gone (a lease lost): store the call from memory
+                    call, retry = stored_call(task)
+                    conn.execute(
+                        insert + "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (*values, call, retry),
+                    )
+                conn.execute(f"DELETE FROM tasks WHERE {where}", handle)
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Every dead letter, oldest first."""
+        with self._use("listing dead letters") as conn:
+            rows = conn.execute(
+                f"SELECT {_LETTER_COLUMNS} FROM dead_letters ORDER BY seq"
+            ).fetchall()
+        return [self._letter(row) for row in rows]
+
+    def dead_letter(self, dead_letter_id: str) -> DeadLetter:
+        """One dead letter by id; UnknownDeadLetter if none has it."""
+        with self._use("reading a dead letter") as conn:
+            row = conn.execute(
+                f"SELECT {_LETTER_COLUMNS} FROM dead_letters WHERE id = ?", (dead_letter_id,)
+            ).fetchone()
+        if row is None:
+            raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
+        return self._letter(row)
+
+    def _letter(self, row: tuple[Any, ...]) -> DeadLetter:
+        try:
+            letter = DeadLetter(
+                id=str(row[0]),
+                task_id=str(row[1]),
+                description=str(row[2]),
+                key=None if row[3] is None else str(row[3]),
+                attempts=int(row[4]),
+                error=str(row[5]),
+                status=None if row[6] is None else int(row[6]),
+                reason=str(row[7]),
+                first_attempt_at=_utc(row[8]),
+                last_attempt_at=_utc(row[9]),
+            )
+        except (TypeError, ValueError, OverflowError, OSError) as exc:
+            raise StoreError(f"{self.url}: dead letter {row[0]!r} is unreadable: {exc}") from None
+        return letter
+
+    def __len__(self) -> int:
+        with self._use("counting dead letters") as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0])
+
+    def revive(self, dead_letter_id: str) -> Task:
+        """Remove a dead letter and return its task (fresh attempt budget, same ids).
+
+        StoreError, and the dead letter kept, when its task cannot be loaded in this
+        process (a function it cannot import). Prefer `replay`, which moves the task back
+        into the queue in the same transaction.
+        """
+        with self._use("reviving a dead letter") as conn, self._transaction(conn):
+            row = conn.execute(
+                "SELECT task_id, idempotency_key, key, call, retry FROM dead_letters WHERE id = ?",
+                (dead_letter_id,),
+            ).fetchone()
+            if row is None:
+                raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
+            task = load_task(*row)
+            if isinstance(task.call, Unreadable):
+                raise StoreError(
+                    f"dead letter {dead_letter_id} cannot be revived here: {task.call.error}"
+                )
+            conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
+        return task
+
+    def replay(self, dead_letter_id: str) -> Task:
+        """Move a dead letter's task back to the queue, due now, with a fresh attempt budget
+        (same id and idempotency key), in one transaction; return the task.
+
+        The task is not loaded to do so: a process that cannot import its function (the
+        `offload` command, say) can replay it for the workers that can."""
+        with self._use("replaying a dead letter") as conn, self._transaction(conn):
+            row = conn.execute(
+                "SELECT task_id, idempotency_key, key, call, retry FROM dead_letters WHERE id = ?",
+                (dead_letter_id,),
+            ).fetchone()
+            if row is None:
+                raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
+            task_id, idempotency_key, key, call, retry = row
+            conn.execute(
+                _PUT,
+                (
+                    task_id,
+                    None if idempotency_key == task_id else idempotency_key,
+                    key,
+                    call,
+                    retry,
+                    self._clock.time(),
+                    None,
+                    None,
+                ),
+            )
+            conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
+        # The task is only a handle here; this process may not even be able to import it.
+        return load_task(task_id, idempotency_key, key, call, retry)
+
+    def discard(self, dead_letter_id: str) -> None:
+        """Delete one dead letter; UnknownDeadLetter if none has that id."""
+        with self._use("discarding a dead letter") as conn:
+            deleted = conn.execute(
+                "DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,)
+            ).rowcount
+        if not deleted:
+            raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
+
+    def purge(self) -> int:
+        """Delete every dead letter; returns how many there were."""
+        with self._use("purging dead letters") as conn:
+            return int(conn.execute("DELETE FROM dead_letters").rowcount)
+
+    def __repr__(self) -> str:
+        return (
+            f"SQLiteStore({self.path!r}, synchronous={self.synchronous!r}, "
+            f"lease_timeout={self.lease_timeout:g})"
+        )
+
+
+def _owner_dead(owner: str, host: str) -> bool:
+    """True when `owner` ('host:pid:token') is a process of this host that is gone."""
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != host:
+        return False  # another machine's process: only its lease expiry tells
+    try:
+        pid = int(parts[1])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False  # another store object of this very process
+    return not _pid_alive(pid)
+
+
+def _json_list(values: Any) -> str:
+    return json.dumps(list(values))
+
+
+def _epoch(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+def _task_from_row(row: tuple[Any, ...]) -> Task:
+    _, task_id, idempotency_key, key, call, retry, attempts, failures, first, last = row
+    return load_task(
+        task_id,
+        task_id if idempotency_key is None else idempotency_key,
+        key,
+        call,
+        retry,
+        attempts,
+        failures,
+        first,
+        last,
+    )

@@ -1,0 +1,571 @@
+"""The SQLite store and the Offloader's durable path, on real files in tmp_path.
+
+Crash, kill -9 and multi-process tests are in test_sqlite_crash.py; the store contract
+shared with the other backends is in test_store_contract.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tenacity
+
+import offload
+from offload import NotSerializable, Offloader, RetryPolicy, StoreError, Task, UnknownDeadLetter
+from offload.stores import open_store
+from offload.stores.sqlite import SQLiteStore, parse_sqlite_url
+from offload.testing import FakeClock
+from server import Answer, ScriptedServer
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(os.path.dirname(TESTS), "src")
+
+delivered: list[Any] = []
+delivered_lock = threading.Lock()
+
+
+def record(value: Any) -> None:
+    """A module-level function the worker can import: records what it was called with."""
+    with delivered_lock:
+        delivered.append(value)
+
+
+def always_fails(value: Any) -> None:
+    raise ValueError(f"cannot handle {value!r}")
+
+
+def url_of(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def ledger_holds(off: Offloader) -> bool:
+    s = off.stats()
+    return s.claimed == s.succeeded + s.dead_lettered + s.released + s.queued + s.in_flight
+
+
+@pytest.fixture(autouse=True)
+def _clear_delivered() -> None:
+    with delivered_lock:
+        delivered.clear()
+
+
+# -- URLs and files ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "path", "options"),
+    [
+        ("sqlite:///offload.db", "offload.db", {}),
+        ("sqlite:///data/offload.db", "data/offload.db", {}),
+        ("sqlite:////var/lib/app/offload.db", "/var/lib/app/offload.db", {}),
+        ("sqlite:////tmp/x.db?synchronous=full", "/tmp/x.db", {"synchronous": "full"}),
+        ("sqlite:///a%20b.db", "a b.db", {}),
+    ],
+)
+def test_sqlite_urls_as_sqlalchemy_writes_them(
+    url: str, path: str, options: dict[str, str]
+) -> None:
+    assert parse_sqlite_url(url) == (path, options)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite://", "has a host part"),
+        ("sqlite:///", "names no database file"),
+        ("sqlite:///:memory:", "names no database file"),
+        ("sqlite://host/x.db", "has a host part"),
+        ("sqlite:///x.db?synchronous=sometimes", "synchronous"),
+        ("sqlite:///x.db?lease_timeout=0", "out of range"),
+        ("sqlite:///x.db?lease_timeout=soon", "not a number"),
+        ("sqlite:///x.db?busy_timeout=-1", "out of range"),
+        ("sqlite:///x.db?journal=off", "unknown option 'journal'"),
+        ("sqlite:///x.db?synchronous=full&synchronous=normal", "twice"),
+    ],
+)
+def test_bad_sqlite_urls_name_the_problem(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        open_store(url)
+
+
+def test_the_file_is_private_and_in_wal_mode(tmp_path: Path, make_offloader: Any) -> None:
+    off = make_offloader(store=url_of(tmp_path / "q.db"), consume=False)
+    off.enqueue_task(record, 1)
+    for name in ("q.db", "q.db-wal", "q.db-shm"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600, name
+    with sqlite3.connect(tmp_path / "q.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert off.store.synchronous == "normal"
+
+
+def test_synchronous_full_is_an_option(tmp_path: Path) -> None:
+    store = open_store(url_of(tmp_path / "q.db") + "?synchronous=full&lease_timeout=7")
+    assert isinstance(store, SQLiteStore)
+    try:
+        assert store.lease_timeout == 7
+        store.put(Task(record, (1,)), lease=False)
+        assert store._connection is not None
+        assert store._connection.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    finally:
+        store.close()
+
+
+def test_lease_timeout_comes_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OFFLOAD_LEASE_TIMEOUT", "12.5")
+    monkeypatch.setenv("OFFLOAD_STORE", url_of(tmp_path / "env.db"))
+    store = offload._default.get().store
+    assert isinstance(store, SQLiteStore) and store.lease_timeout == 12.5
+    monkeypatch.setenv("OFFLOAD_LEASE_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="OFFLOAD_LEASE_TIMEOUT"):
+        offload._default.options_from_env()
+
+
+def test_a_file_that_is_not_a_store_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "junk.db").write_bytes(b"this is not a database, not at all" * 100)
+    with sqlite3.connect(tmp_path / "other.db") as conn:
+        conn.execute("CREATE TABLE users (id INTEGER)")
+    conn.close()
+    for name, message in (("junk.db", "not a usable offload store"), ("other.db", "users")):
+        store = SQLiteStore(tmp_path / name)
+        with pytest.raises(StoreError, match=message):
+            store.counts()
+        store.close()
+
+
+def test_a_store_written_by_a_newer_offload_is_refused(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "new.db") as conn:
+        conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    store = SQLiteStore(tmp_path / "new.db")
+    with pytest.raises(StoreError, match="newer offload"):
+        store.next_due()
+    store.close()
+
+
+def test_a_missing_directory_is_a_store_error(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "missing" / "q.db")
+    with pytest.raises(StoreError, match="cannot create the store file"):
+        store.put(Task(record, (1,)), lease=False)
+
+
+def test_no_pickle_anywhere_in_the_file(tmp_path: Path, make_offloader: Any) -> None:
+    off = make_offloader(store=url_of(tmp_path / "q.db"), consume=False)
+    off.enqueue_task(record, {"nested": [1, 2.5, None, True, "ü"]})
+    off.enqueue_task(offload.http("POST", "http://127.0.0.1:9/x", json={"a": 1}, data=None))
+    off.enqueue_task(
+        Task(
+            record,
+            ("with policy",),
+            retry=RetryPolicy(
+                stop=tenacity.stop_after_attempt(2) | tenacity.stop_before_delay(60),
+                wait=tenacity.wait_fixed(0) + tenacity.wait_random(0, 1),
+                retry_on=(KeyError,),
+            ),
+        )
+    )
+    store = off.store
+    (task,) = store.claim(1)
+    store.bury(task, off._dead_letter_for(task, "boom", None, "permanent"))
+    raw = b"".join(
+        (tmp_path / n).read_bytes() for n in ("q.db", "q.db-wal") if (tmp_path / n).exists()
+    )
+    for marker in (b"\x80\x02", b"\x80\x03", b"\x80\x04\x95", b"\x80\x05\x95", b"cbuiltins"):
+        assert marker not in raw
+    with sqlite3.connect(tmp_path / "q.db") as conn:
+        texts = conn.execute(
+            "SELECT call, retry FROM tasks UNION ALL SELECT call, retry FROM dead_letters"
+        ).fetchall()
+    conn.close()
+    assert len(texts) == 3
+    for call, retry in texts:
+        json.loads(call)
+        if retry is not None:
+            json.loads(retry)
+
+
+# -- the durable offloader --------------------------------------------------------------
+
+
+def test_calls_are_delivered_through_the_file(
+    tmp_path: Path, make_offloader: Any, server: ScriptedServer
+) -> None:
+    off = make_offloader(store=url_of(tmp_path / "q.db"), workers=2)
+    for i in range(60):
+        off.enqueue_task(offload.http("POST", server.url("/hook"), json={"i": i}))
+    assert off.flush(10)
+    assert sorted(json.loads(r.body)["i"] for r in server.requests_to("/hook")) == list(range(60))
+    s = off.stats()
+    assert (s.enqueued, s.succeeded, s.claimed, s.dead_lettered) == (60, 60, 60, 0)
+    assert (s.stored_ready, s.stored_delayed, s.stored_leased) == (0, 0, 0)
+    assert ledger_holds(off)
+
+
+def test_a_retry_goes_back_to_the_store_with_its_attempts(
+    tmp_path: Path, make_offloader: Any, server: ScriptedServer
+) -> None:
+    server.script("/flaky", Answer(503), Answer(503), Answer(200))
+    policy = RetryPolicy(wait=tenacity.wait_fixed(0))
+    off = make_offloader(store=url_of(tmp_path / "q.db"), retry=policy)
+    task = off.enqueue_task(offload.http("POST", server.url("/flaky"), idempotency_key=True))
+    assert off.flush(10)
+    requests = server.requests_to("/flaky")
+    assert len(requests) == 3
+    assert {r.headers["Idempotency-Key"] for r in requests} == {task.idempotency_key}
+    s = off.stats()
+    assert (s.retried, s.released, s.claimed, s.succeeded) == (2, 2, 3, 1)
+    assert ledger_holds(off)
+
+
+def test_attempt_state_from_another_process_bounds_the_retries(
+    tmp_path: Path, make_offloader: Any, server: ScriptedServer
+) -> None:
+    # A task first tried 1000 s ago by a process that is gone: stop_before_delay(600)
+    # counts from then, so the next failure dead-letters it with the old first attempt.
+    server.script("/down", Answer(500))
+    store = SQLiteStore(tmp_path / "q.db")
+    task = Task(offload.http("POST", server.url("/down")))
+    store.put(task, lease=True)
+    task._attempts = task._failures = 1
+    task._first_attempt_at = task._last_attempt_at = time.time() - 1000
+    store.release(task, time.time())
+    store.close()
+    off = make_offloader(store=url_of(tmp_path / "q.db"))
+    assert off.running, "a backlog resumes when the offloader is made"
+    assert off.flush(10)
+    (letter,) = off.dead_letters()
+    assert (letter.task_id, letter.attempts, letter.reason, letter.status) == (
+        task.id,
+        2,
+        "exhausted",
+        500,
+    )
+    assert letter.first_attempt_at is not None
+    assert abs(letter.first_attempt_at.timestamp() - task._first_attempt_at) < 1e-3
+    assert len(server.requests_to("/down")) == 1
+
+
+def test_a_throttled_key_waits_while_others_flow(tmp_path: Path, server: ScriptedServer) -> None:
+    clock = FakeClock()
+    server.script("/a", Answer(429, headers={"Retry-After": "30"}), Answer(200))
+    off = Offloader(store=url_of(tmp_path / "q.db"), clock=clock, idle_timeout=3600)
+    try:
+        a_call, b_call = (offload.http("POST", server.url(p)) for p in ("/a", "/b"))
+        for _ in range(2):
+            off.enqueue_task(Task(a_call, key="a"))
+        for _ in range(3):
+            off.enqueue_task(Task(b_call, key="b"))
+        assert server.wait_for(3, "/b") and server.wait_for(1, "/a")
+        assert off.gates().keys() == {"a"}
+        assert len(server.requests_to("/a")) == 1, "a closed gate let a call through"
+        assert off.stats().stored_delayed == 1  # the throttled task waits in the store
+        clock.advance(32)
+        assert server.wait_for(3, "/a")
+        assert off.flush(10)
+        assert off.gates() == {}
+        s = off.stats()
+        assert (s.succeeded, s.retried, s.dead_lettered) == (5, 1, 0)
+        assert ledger_holds(off)
+    finally:
+        off.shutdown(5)
+
+
+def test_dead_letters_keep_every_field_and_replay_works(
+    tmp_path: Path, make_offloader: Any, server: ScriptedServer
+) -> None:
+    server.script("/bad", Answer(404), Answer(200))
+    off = make_offloader(store=url_of(tmp_path / "q.db"))
+    task = off.enqueue_task(offload.http("GET", server.url("/bad"), params={"api_key": "s3cret"}))
+    assert off.flush(10)
+    (letter,) = off.dead_letters()
+    assert (letter.task_id, letter.status, letter.reason, letter.attempts) == (
+        task.id,
+        404,
+        "permanent",
+        1,
+    )
+    assert "s3cret" not in letter.description and "***" in letter.description
+    assert letter.first_attempt_at is not None and letter.first_attempt_at.tzinfo is not None
+    replayed = off.replay(letter.id)
+    assert replayed.id == task.id
+    assert off.flush(10)
+    assert off.dead_letters() == []
+    assert len(server.requests_to("/bad")) == 2
+    with pytest.raises(UnknownDeadLetter):
+        off.replay(letter.id)
+
+
+def test_not_serializable_is_raised_at_once_and_nothing_is_stored(
+    tmp_path: Path, make_offloader: Any
+) -> None:
+    off = make_offloader(store=url_of(tmp_path / "q.db"))
+
+    class Wait(tenacity.wait.wait_base):
+        def __call__(self, retry_state: Any) -> float:
+            return 1.0
+
+    refused: list[Callable[[], Any]] = [
+        lambda: off.enqueue_task(lambda: None),
+        lambda: off.enqueue_task(record, (1, 2)),
+        lambda: off.enqueue_task(record, object()),
+        lambda: off.enqueue_task(Task(record, (1,), retry=RetryPolicy(wait=Wait()))),
+        lambda: off.enqueue_task(Task(record, (1,), retry=RetryPolicy(retry_on=lambda e: True))),
+        lambda: off.enqueue_task(
+            Task(
+                record,
+                (1,),
+                retry=RetryPolicy(stop=tenacity.stop_when_event_set(threading.Event())),
+            )
+        ),
+    ]
+    for enqueue in refused:
+        with pytest.raises(NotSerializable):
+            enqueue()
+    s = off.stats()
+    assert (s.enqueued, s.stored_ready, s.stored_leased) == (0, 0, 0)
+    assert not off.running
+
+
+def test_a_per_task_policy_is_stored_and_applies(
+    tmp_path: Path, make_offloader: Any, server: ScriptedServer
+) -> None:
+    server.script("/down", Answer(500))
+    policy = RetryPolicy(
+        stop=tenacity.stop_after_attempt(2), wait=tenacity.wait_fixed(0), retry_on=(KeyError,)
+    )
+    assert RetryPolicy.from_json(policy.to_json()).to_json() == policy.to_json()
+    web = make_offloader(store=url_of(tmp_path / "q.db"), consume=False)
+    web.enqueue_task(Task(offload.http("POST", server.url("/down")), retry=policy))
+    worker = make_offloader(store=url_of(tmp_path / "q.db"))  # its own policy: 5 attempts
+    assert worker.running
+    assert worker.flush(10)
+    assert len(server.requests_to("/down")) == 2
+    assert [x.attempts for x in worker.dead_letters()] == [2]
+
+
+def test_consume_false_only_puts_and_a_worker_elsewhere_delivers(
+    tmp_path: Path, make_offloader: Any
+) -> None:
+    web = make_offloader(store=url_of(tmp_path / "q.db"), consume=False)
+    for i in range(10):
+        web.enqueue_task(record, i)
+    assert not web.running
+    s = web.stats()
+    assert (s.enqueued, s.claimed, s.stored_ready) == (10, 0, 10)
+    worker = make_offloader(store=url_of(tmp_path / "q.db"))
+    assert worker.running
+    assert web.flush(10), "flush waits for the store to be drained, by anyone"
+    assert sorted(delivered) == list(range(10))
+    assert worker.stats().claimed == 10
+
+
+def test_an_idle_worker_finds_tasks_other_processes_put(
+    tmp_path: Path, make_offloader: Any
+) -> None:
+    worker = make_offloader(store=url_of(tmp_path / "q.db"), idle_timeout=30)
+    worker.enqueue_task(record, "first")
+    assert worker.flush(10)
+    web = make_offloader(store=url_of(tmp_path / "q.db"), consume=False)
+    web.enqueue_task(record, "second")
+    assert web.flush(10)
+    assert delivered == ["first", "second"]
+    assert worker.stats().claimed == 2
+
+
+def test_shutdown_hands_back_what_it_holds(
+    tmp_path: Path, make_offloader: Any, server: ScriptedServer
+) -> None:
+    release = threading.Event()
+    server.script("/slow", Answer.hang(release), Answer(200))
+    off = make_offloader(store=url_of(tmp_path / "q.db"))
+    off.enqueue_task(offload.http("POST", server.url("/slow"), timeout=30))
+    for i in range(5):
+        off.enqueue_task(record, i)
+    assert server.wait_for(1, "/slow")
+    assert off.shutdown(timeout=0.2) is False
+    assert off.dead_letters() == []
+    counts = off.store.counts()
+    assert (counts.ready, counts.leased) == (5, 1)  # handed back; the running call holds on
+    release.set()  # the hung call fails (reset) and goes back to the store too
+    for thread in list(off._threads):
+        thread.join(10)
+    assert off.store.counts().leased == 0
+    assert ledger_holds(off)
+    after = make_offloader(store=url_of(tmp_path / "q.db"))
+    assert after.flush(10)
+    assert sorted(delivered) == list(range(5))
+    assert len(server.requests_to("/slow")) == 2
+
+
+def test_stats_of_the_memory_store_have_no_store_figures(make_offloader: Any) -> None:
+    s = make_offloader().stats()
+    assert (s.stored_ready, s.stored_delayed, s.stored_leased, s.claimed) == (None, None, None, 0)
+
+
+# -- leases -----------------------------------------------------------------------------
+
+
+def test_an_expired_lease_is_taken_back(tmp_path: Path) -> None:
+    clock = FakeClock()
+    first = SQLiteStore(tmp_path / "q.db", lease_timeout=10, clock=clock)
+    second = SQLiteStore(tmp_path / "q.db", lease_timeout=10, clock=clock)
+    try:
+        task = Task(record, (1,))
+        first.put(task, lease=True)
+        clock.advance(8)
+        first.renew([task])  # now good until 18
+        clock.advance(8)
+        assert second.claim(5) == []
+        clock.advance(3)
+        (taken,) = second.claim(5)
+        assert taken.id == task.id
+        assert second.counts().leased == 1
+    finally:
+        first.close()
+        second.close()
+
+
+def test_leases_of_a_dead_process_are_taken_back_at_once(tmp_path: Path) -> None:
+    code = f"""
+        import os, sys
+        sys.path[:0] = [{TESTS!r}]
+        from offload import Task
+        from offload.stores.sqlite import SQLiteStore
+        import test_sqlite
+        store = SQLiteStore({str(tmp_path / "q.db")!r}, lease_timeout=3600)
+        for i in range(3):
+            store.put(Task(test_sqlite.record, (i,)), lease=True)
+        os._exit(0)  # gone without releasing anything
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, "PYTHONPATH": SRC},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    store = SQLiteStore(tmp_path / "q.db", lease_timeout=3600)
+    try:
+        assert store.counts().leased == 3
+        taken = store.claim(10)
+        assert sorted(t.args[0] for t in taken) == [0, 1, 2]
+    finally:
+        store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
+    code = f"""
+        import os, sys
+        sys.path[:0] = [{TESTS!r}]
+        from offload import Task
+        from offload.stores.sqlite import SQLiteStore
+        import test_sqlite
+        store = SQLiteStore({str(tmp_path / "q.db")!r})
+        store.put(Task(test_sqlite.record, ("parent",)), lease=False)
+        parent_conn, parent_owner = store._connection, store.owner
+        pid = os.fork()
+        if pid == 0:
+            ok = True
+            try:
+                store.put(Task(test_sqlite.record, ("child",)), lease=False)
+                ok = store._connection is not parent_conn and store.owner != parent_owner
+            except BaseException:
+                ok = False
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child could not use the store"
+        assert store._connection is parent_conn
+        print(sorted(t.args[0] for t in store.claim(10)))
+        store.close()
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, "PYTHONPATH": SRC},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['child', 'parent']"
+
+
+# -- records that cannot be read --------------------------------------------------------
+
+UNIMPORTABLE = json.dumps(
+    {
+        "offload": 1,
+        "target": {"type": "function", "path": "nosuch.mod:fn"},
+        "args": [],
+        "kwargs": {},
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "error"),
+    [
+        ("call", "{not json", "malformed task record"),
+        ("call", UNIMPORTABLE, "cannot resolve 'nosuch.mod:fn'"),
+        ("retry", '{"stop": 1}', "malformed retry policy"),
+        ("attempts", "many", "bad attempt count"),  # the call itself is fine: revivable
+    ],
+)
+def test_an_unreadable_row_is_dead_lettered_and_the_worker_goes_on(
+    tmp_path: Path, make_offloader: Any, column: str, value: str, error: str
+) -> None:
+    web = make_offloader(store=url_of(tmp_path / "q.db"), consume=False)
+    bad = web.enqueue_task(record, "tampered")
+    web.enqueue_task(record, "fine")
+    with sqlite3.connect(tmp_path / "q.db") as conn:
+        conn.execute(f"UPDATE tasks SET {column} = ? WHERE id = ?", (value, bad.id))
+    conn.close()
+    worker = make_offloader(store=url_of(tmp_path / "q.db"))
+    assert worker.flush(10)
+    assert delivered == ["fine"]
+    (letter,) = worker.dead_letters()
+    assert (letter.task_id, letter.reason) == (bad.id, "permanent")
+    assert "unreadable task record" in letter.error and error in letter.error
+    if column == "attempts":
+        assert worker.store.revive(letter.id).args == ("tampered",)
+        return
+    with pytest.raises(StoreError, match="cannot be revived here"):
+        worker.store.revive(letter.id)
+    assert [x.id for x in worker.dead_letters()] == [letter.id], "a failed revive keeps it"
+    worker.replay(letter.id)  # moved back as stored, for a worker that can read it
+    assert worker.flush(10)
+    assert [x.task_id for x in worker.dead_letters()] == [bad.id]
+
+
+def test_an_unreadable_dead_letter_is_a_store_error(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "q.db")
+    task = Task(record, (1,))
+    store.put(task, lease=True)
+    off = Offloader.__new__(Offloader)  # only for its dead-letter builder
+    store.bury(task, Offloader._dead_letter_for(off, task, "boom", None, "permanent"))
+    store.close()
+    with sqlite3.connect(tmp_path / "q.db") as conn:
+        conn.execute("UPDATE dead_letters SET attempts = 'lots'")
+    conn.close()
+    store = SQLiteStore(tmp_path / "q.db")
+    try:
+        with pytest.raises(StoreError, match="unreadable"):
+            store.dead_letters()
+    finally:
+        store.close()
