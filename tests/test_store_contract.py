@@ -22,11 +22,12 @@ from offload import DeadLetter, NotSerializable, Task, UnknownDeadLetter
 from offload.records import new_id
 from offload.stores import DurableStore, MemoryStore, Store
 from offload.stores.sqlite import SQLiteStore
+from offload.stores.sqs import SqsStore
 
 MakeStore = Callable[[], Any]
 
-STORES = ["memory", "sqlite"]
-DURABLE = ["sqlite"]
+STORES = ["memory", "sqlite", "sqs"]
+DURABLE = ["sqlite", "sqs"]
 
 
 def greet(name: str, *, punctuation: str = "!") -> str:
@@ -51,6 +52,22 @@ def sqlite_stores(tmp_path: Any) -> Iterator[MakeStore]:
 
     def make() -> SQLiteStore:
         store = SQLiteStore(tmp_path / "contract.db")
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def sqs_stores(sqs_store_url: str) -> Iterator[MakeStore]:
+    """Handles on one pair of SQS queues (moto's server on 127.0.0.1, see conftest.py);
+    each holds its own receipt handles, as a worker process does."""
+    opened: list[SqsStore] = []
+
+    def make() -> SqsStore:
+        store = SqsStore.from_url(sqs_store_url)
         opened.append(store)
         return store
 

@@ -3,7 +3,7 @@ on other machines perform the calls. SQS is the distributed engine; offload adds
 policy, the throttle gates and a dead-letter record SQS does not keep.
 
     sqs://NAME?region=eu-west-1&endpoint_url=http://127.0.0.1:5000&dlq=NAME-dlq
-              &max_receives=10&wait=1&create=true
+              &max_receives=10&wait=1&create=true&lease_timeout=60
 
 `region` and `endpoint_url` default to boto3's own (AWS_DEFAULT_REGION, AWS_ENDPOINT_URL);
 credentials come from boto3's chain, never from the URL. Standard queues only: a FIFO
@@ -18,11 +18,13 @@ itself. Existing queues are used as they are, never modified: when NAME has a re
 policy its target is the DLQ, otherwise `dlq` (created if missing).
 
 Messages. One SQS message per task, ASCII JSON (SQS would silently replace characters
-outside XML's set): the call as `calls.task_to_json` writes it, the task's id,
-idempotency key and throttle key, and its attempt state (calls made, failures, first and
-last attempt times), so any worker continues where another stopped. A task per-task
-RetryPolicy cannot be stored and is refused with NotSerializable. A task larger than the
-queue's MaximumMessageSize (256 KiB by default; up to 1 MiB) less 4 KiB, kept for the
+outside XML's set): `_serial.task_to_record` (the call, a per-task RetryPolicy, the
+task's id, idempotency key and throttle key, and its attempt state: calls made,
+failures, first and last attempt times), so any worker continues where another stopped.
+A message that is not offload's, or names a function this worker cannot import, is
+handed out as a task that dead-letters itself (`_serial.Unreadable`: reason "permanent",
+the record kept for a replay once the cause is fixed). A task larger than the queue's
+MaximumMessageSize (256 KiB by default; up to 1 MiB) less 4 KiB, kept for the
 dead-letter record that wraps it, is refused at enqueue with NotSerializable, which the
 caller already handles for "this task cannot be stored": keep large payloads elsewhere
 (S3) and pass a reference.
@@ -79,9 +81,10 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from .._redact import redact_text, redact_url
-from ..calls import AwsCall, HttpCall, task_from_json, task_to_json
+from .._serial import Unreadable, load_task, task_from_record, task_to_record
+from ..calls import AwsCall, HttpCall
 from ..errors import NotSerializable, StoreError, UnknownDeadLetter
-from ..records import DeadLetter, Task, new_id
+from ..records import DeadLetter, Task
 from .base import StoreCounts
 
 __all__ = ["SqsStore"]
@@ -200,23 +203,9 @@ def _number(value: Any, what: str, *, optional: bool = False) -> Any:
 
 
 def task_record(task: Task, due: float | None = None) -> dict[str, Any]:
-    """The JSON-ready record of a task and its attempt state; NotSerializable if it cannot be."""
-    if task.retry is not None:
-        raise NotSerializable(
-            f"{task!r} has its own RetryPolicy, which the SQS store cannot hold; "
-            "configure the policy on the worker's Offloader instead"
-        )
-    record: dict[str, Any] = {
-        "offload": _TASK_FORMAT,
-        "id": task.id,
-        "idempotency_key": task.idempotency_key,
-        "key": task.key,
-        "call": json.loads(task_to_json(task.call, task.args, task.kwargs)),
-        "attempts": task._attempts,
-        "failures": task._failures,
-        "first_attempt_at": task._first_attempt_at,
-        "last_attempt_at": task._last_attempt_at,
-    }
+    """The JSON-ready message record of a task and its attempt state (`_serial`'s one-document
+    form, marked as offload's); NotSerializable if it cannot be stored."""
+    record: dict[str, Any] = {"offload": _TASK_FORMAT, **task_to_record(task)}
     if due is not None:
         record["due"] = due
     return record
@@ -233,49 +222,38 @@ def _load(body: str) -> dict[str, Any]:
 
 
 def _check_task_record(record: Any) -> dict[str, Any]:
+    """`record` if it is offload's task record with the fields a store reads itself (the
+    call is checked when the task is loaded: an unreadable one becomes a task that
+    dead-letters itself, see `_serial.Unreadable`)."""
     if not isinstance(record, dict) or record.get("offload") != _TASK_FORMAT:
         raise ValueError("not an offload task record")
-    for name in ("id", "idempotency_key"):
-        if not isinstance(record.get(name), str) or not record[name]:
-            raise ValueError(f"malformed offload task record: {name} must be a string")
+    if not isinstance(record.get("id"), str) or not record["id"]:
+        raise ValueError("malformed offload task record: id must be a string")
     if record.get("key") is not None and not isinstance(record["key"], str):
         raise ValueError("malformed offload task record: key must be a string or null")
-    if not isinstance(record.get("call"), dict):
-        raise ValueError("malformed offload task record: call must be an object")
-    for name in ("attempts", "failures"):
-        value = record.get(name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"malformed offload task record: {name} must be an integer >= 0")
+    attempts = record.get("attempts", 0)
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
+        raise ValueError("malformed offload task record: attempts must be an integer >= 0")
     for name in ("first_attempt_at", "last_attempt_at", "due"):
         _number(record.get(name), name, optional=True)
     return record
 
 
-def task_from_record(record: dict[str, Any]) -> Task:
-    """The Task a record describes, with its ids and attempt state; ValueError if malformed
-    or if its function cannot be imported here."""
-    _check_task_record(record)
-    call, args, kwargs = task_from_json(json.dumps(record["call"]))
-    task = Task(call, args, kwargs, key=record["key"])
-    task.id = record["id"]
-    task.idempotency_key = record["idempotency_key"]
-    task._attempts = record["attempts"]
-    task._failures = record["failures"]
-    first = record["first_attempt_at"]
-    task._first_attempt_at = first
-    task._last_attempt_at = record["last_attempt_at"]
-    if first is not None:
-        # The policy measures time bounds on the monotonic clock from the first attempt,
-        # which may have been made by another process: translate the wall-clock time.
-        task._started = time.monotonic() - max(0.0, time.time() - first)
+def _unreadable_task(message: Mapping[str, Any], error: str) -> Task:
+    """A task for a message that is not offload's: performing it dead-letters it (reason
+    "permanent", the body kept), so that a stray message neither blocks nor vanishes."""
+    message_id = str(message.get("MessageId", "?"))
+    task = load_task(message_id, message_id, None, str(message.get("Body", "")), None)
+    if isinstance(task.call, Unreadable):
+        task.call.error = error
     return task
 
 
 def _describe_call(call: Any) -> str:
-    """What a stored call (calls.task_to_json's record) performs, without importing the
+    """What a stored call (calls.task_to_json's text) performs, without importing the
     function it names."""
     try:
-        target = call["target"]
+        target = json.loads(call)["target"]
         kind = target["type"]
         if kind == "http":
             return HttpCall.from_json(target).describe()
@@ -357,13 +335,13 @@ def _entry(message: dict[str, Any]) -> _Entry:
                 id=message_id,
                 task_id=task["id"],
                 description=_describe_call(task["call"]),
-                key=task["key"],
-                attempts=task["attempts"],
+                key=task.get("key"),
+                attempts=task.get("attempts", 0),
                 error=_REDRIVEN_ERROR,
                 status=None,
                 reason="exhausted",
-                first_attempt_at=_utc(task["first_attempt_at"]),
-                last_attempt_at=_utc(task["last_attempt_at"]),
+                first_attempt_at=_utc(task.get("first_attempt_at")),
+                last_attempt_at=_utc(task.get("last_attempt_at")),
             ),
             task,
             sent,
@@ -461,7 +439,10 @@ class SqsStore:
 
     @classmethod
     def from_url(cls, url: str, *, lease_timeout: float | None = None) -> SqsStore:
-        """The store an `sqs://NAME?region=...&endpoint_url=...` URL names."""
+        """The store an `sqs://NAME?region=...&endpoint_url=...` URL names.
+
+        `lease_timeout` applies unless the URL gives one; without either,
+        OFFLOAD_LEASE_TIMEOUT, else 60 s."""
         split = urlsplit(url)
         if split.scheme.lower() != "sqs" or not split.netloc or split.path not in ("", "/"):
             raise ValueError(
@@ -484,14 +465,17 @@ class SqsStore:
                 options[key] = int(_number_option(key, value, 1, 1000, integer=True))
             elif key == "wait":
                 options[key] = _number_option(key, value, 0, 20, integer=False)
+            elif key == "lease_timeout":
+                options[key] = _number_option(key, value, 0.001, _MAX_VISIBILITY, integer=False)
             elif key == "create":
                 options[key] = _bool_option(key, value)
             else:
                 raise ValueError(
                     f"store: unknown sqs URL option {key!r} (expected region, endpoint_url, "
-                    "dlq, max_receives, wait, create)"
+                    "dlq, max_receives, wait, create, lease_timeout)"
                 )
-        return cls(split.netloc, lease_timeout=lease_timeout, **options)
+        options.setdefault("lease_timeout", lease_timeout)  # the URL's wins
+        return cls(split.netloc, **options)
 
     # -- connections ---------------------------------------------------------------------
 
@@ -752,12 +736,12 @@ class SqsStore:
             later: list[tuple[dict[str, Any], dict[str, Any], float]] = []
             for message in messages:
                 sent = int(message.get("Attributes", {}).get("SentTimestamp", "0") or 0)
+                record: dict[str, Any] = {}
                 try:
                     record = _check_task_record(_load(message["Body"]))
                     task = task_from_record(record)
-                except (ValueError, TypeError) as exc:
-                    self._bury_unreadable(message, str(exc))
-                    continue
+                except ValueError as exc:
+                    task = _unreadable_task(message, str(exc))
                 due = record.get("due")
                 if due is not None and due > now:
                     later.append((message, record, due))  # a delay longer than SQS's 900 s
@@ -799,40 +783,6 @@ class SqsStore:
         done = [item[0]["ReceiptHandle"] for item, ok in zip(items, sent, strict=True) if ok]
         if done:
             self._delete_many(self._queue_url, done)
-
-    def _bury_unreadable(self, message: dict[str, Any], error: str) -> None:
-        letter = DeadLetter(
-            id=new_id(),
-            task_id=message["MessageId"],
-            description="(unreadable message)",
-            key=None,
-            attempts=0,
-            error=_clip(error),
-            status=None,
-            reason="permanent",
-            first_attempt_at=None,
-            last_attempt_at=None,
-        )
-        log.warning(
-            "dead letter %s: SQS message %s on %s is not a task this worker can perform: %s",
-            letter.id,
-            message["MessageId"],
-            self.name,
-            letter.error,
-        )
-        record = {"offload": _LETTER_FORMAT, "letter": _letter_json(letter), "task": None}
-        record["body"] = message.get("Body", "")  # kept for people to look at
-        try:
-            with self._sqs("SendMessage"):
-                self._client.send_message(QueueUrl=self._dlq_url, MessageBody=_dumps(record))
-            with self._sqs("DeleteMessage"):
-                self._client.delete_message(
-                    QueueUrl=self._queue_url, ReceiptHandle=message["ReceiptHandle"]
-                )
-        except StoreError as exc:
-            # Left in the queue: it comes back after the lease, and the redrive policy
-            # moves it to the DLQ after max_receives tries. A claim must not fail for it.
-            log.warning("offload: could not bury SQS message %s: %s", message["MessageId"], exc)
 
     def renew(self, tasks: Sequence[Task]) -> None:
         """Extend the visibility timeout of the given tasks' messages to a full lease."""
@@ -1026,12 +976,7 @@ class SqsStore:
                 f"dead letter {entry.letter.id} holds no task offload can replay "
                 f"({entry.letter.error}); discard it"
             )
-        try:
-            task = task_from_record(entry.task)
-        except ValueError as exc:
-            raise StoreError(
-                f"dead letter {entry.letter.id} cannot be replayed here: {exc}"
-            ) from exc
+        task = task_from_record(entry.task)  # an unreadable one dead-letters itself again
         task._letter = entry.letter
         return task
 
