@@ -4,12 +4,14 @@ DeadLetter (a call that failed for good) and Stats (counters and a snapshot of t
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import secrets
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 if TYPE_CHECKING:
     from tenacity import RetryCallState
@@ -26,9 +28,10 @@ _counter = itertools.count(1)
 
 
 def _renew_ids() -> None:
-    global _prefix, _counter
+    global _prefix, _counter, _extra_lock
     _prefix = secrets.token_hex(8)
     _counter = itertools.count(1)
+    _extra_lock = threading.Lock()  # another thread may have held it at fork()
 
 
 os.register_at_fork(after_in_child=_renew_ids)
@@ -39,15 +42,8 @@ def new_id() -> str:
     return f"{_prefix}{next(_counter):08x}"
 
 
-class Task:
-    """A call to perform in the background, with its per-task options.
-
-    `Task(call, args, kwargs, retry=..., key=...)` is what `enqueue_task` takes when a task
-    needs its own RetryPolicy or throttle key; `enqueue_task` returns the Task it queued, a
-    handle whose `id` names it in logs and dead letters. `idempotency_key` stays the same
-    across retries and replays (sent as `Idempotency-Key` when the HttpCall asks for it).
-    Treat a Task as read-only: the offloader keeps its attempt state in private slots.
-    """
+class _Extra:
+    """A Task's options, ids and attempt state, made when first needed (see Task)."""
 
     __slots__ = (
         "_attempts",
@@ -60,14 +56,126 @@ class Task:
         "_letter",
         "_started",
         "_state",
-        "args",
         "call",
         "id",
         "idempotency_key",
         "key",
-        "kwargs",
         "retry",
     )
+
+    def __init__(self, call: Any, enqueued_at: float) -> None:
+        self.call = call
+        self.retry: RetryPolicy | None = None
+        self.key: str | None = None
+        self.id = self.idempotency_key = new_id()
+        self._attempts = 0  # calls made
+        self._failures = 0  # attempts that ended in a non-throttled retry
+        self._state: RetryCallState | None = None  # tenacity's view, made on first failure
+        self._first_attempt_at: float | None = None  # wall clock (epoch seconds)
+        self._last_attempt_at: float | None = None
+        self._started: float | None = None  # monotonic, at the first attempt
+        self._last: Any = None  # the last Outcome
+        self._letter: DeadLetter | None = None  # the dead letter this task became, if any
+        self._due = 0.0  # monotonic time the task may run again
+        self._enqueued_at = enqueued_at  # monotonic; 0.0 until enqueued
+
+
+_T = TypeVar("_T")
+
+
+class _Field(Generic[_T]):
+    """A Task attribute kept in its _Extra: reads as `default` while the task has none."""
+
+    __slots__ = ("default", "name")
+
+    def __init__(self, default: _T) -> None:
+        self.default = default
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, task: None, owner: type | None = None) -> _Field[_T]: ...
+    @overload
+    def __get__(self, task: Task, owner: type | None = None) -> _T: ...
+    def __get__(self, task: Task | None, owner: type | None = None) -> _T | _Field[_T]:
+        if task is None:
+            return self
+        extra = task._x
+        if type(extra) is _Extra:
+            return cast("_T", getattr(extra, self.name))
+        return self.default
+
+    def __set__(self, task: Task, value: _T) -> None:
+        setattr(task._extra(), self.name, value)
+
+
+class _IdField:
+    """`id` and `idempotency_key`: a task that has no id yet gets one on first read."""
+
+    __slots__ = ("name",)
+
+    def __init__(self) -> None:
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, task: None, owner: type | None = None) -> _IdField: ...
+    @overload
+    def __get__(self, task: Task, owner: type | None = None) -> str: ...
+    def __get__(self, task: Task | None, owner: type | None = None) -> str | _IdField:
+        if task is None:
+            return self
+        return cast("str", getattr(task._extra(), self.name))
+
+    def __set__(self, task: Task, value: str) -> None:
+        setattr(task._extra(), self.name, value)
+
+
+_extra_lock = threading.Lock()
+_UNSET: Any = object()
+
+
+class Task:
+    """A call to perform in the background, with its per-task options.
+
+    `Task(call, args, kwargs, retry=..., key=...)` is what `enqueue_task` takes when a task
+    needs its own RetryPolicy or throttle key; `enqueue_task` returns the Task it queued, a
+    handle whose `id` names it in logs and dead letters. `idempotency_key` stays the same
+    across retries and replays (sent as `Idempotency-Key` when the HttpCall asks for it).
+    Treat a Task as read-only: the offloader keeps its attempt state in private attributes.
+    """
+
+    # A queued task is held in memory until a worker takes it, so its size is the cost of
+    # a backlog: three slots, as small as the `(fn, kwargs)` tuple of a hand-written
+    # queue. Everything else (options, ids, attempt state) lives in an _Extra, made when
+    # first needed: at construction for a Task(...) or an HTTP/AWS call; for a plain
+    # callable's task (which enqueue_task makes with `_fast`) at its first attempt, or when
+    # its id is first read. Until then `_x` holds the call itself.
+    __slots__ = ("_x", "args", "kwargs")
+
+    _x: Any  # the call (a task made by _fast, never touched since), or its _Extra
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any]
+
+    retry: _Field[RetryPolicy | None] = _Field(None)
+    key: _Field[str | None] = _Field(None)
+    id: _IdField = _IdField()
+    idempotency_key: _IdField = _IdField()
+    _attempts: _Field[int] = _Field(0)
+    _failures: _Field[int] = _Field(0)
+    _state: _Field[RetryCallState | None] = _Field(None)
+    _first_attempt_at: _Field[float | None] = _Field(None)
+    _last_attempt_at: _Field[float | None] = _Field(None)
+    _started: _Field[float | None] = _Field(None)
+    _last: _Field[Any] = _Field(None)
+    _letter: _Field[DeadLetter | None] = _Field(None)
+    _due: _Field[float] = _Field(0.0)
+    # Enqueued as it was made (by _fast): the time is not kept; it reads as infinity.
+    _enqueued_at: _Field[float] = _Field(math.inf)
 
     def __init__(
         self,
@@ -98,44 +206,56 @@ class Task:
             raise TypeError(f"Task(retry=...) must be an offload.RetryPolicy, got {retry!r}")
         if key is not None and (not isinstance(key, str) or not key):
             raise ValueError(f"Task(key=...) must be a non-empty string or None, got {key!r}")
-        self.call = call
+        extra = self._x = _Extra(call, 0.0)
         self.args = args
-        self.kwargs: Mapping[str, Any] = dict(kwargs) if kwargs else {}
-        self.retry = retry
-        self.key = key if key is not None else default_key(call)
-        self.id = new_id()
-        self.idempotency_key = self.id
-        self._reset()
+        self.kwargs = dict(kwargs) if kwargs else {}
+        extra.retry = retry
+        extra.key = key if key is not None else default_key(call)
 
     @classmethod
     def _fast(cls, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Task:
-        """The enqueue hot path for a plain callable: checks done by the caller."""
+        """The enqueue hot path for a plain callable: checks done by the caller, and the
+        task counts as enqueued from the start (see `_enqueued_at`)."""
         self = cls.__new__(cls)
-        self.call = call
+        self._x = call
         self.args = args
         self.kwargs = kwargs
-        self.retry = None
-        self.key = None
-        self.id = self.idempotency_key = f"{_prefix}{next(_counter):08x}"
-        self._attempts = self._failures = 0
-        self._state = self._first_attempt_at = self._last_attempt_at = None
-        self._started = self._last = self._letter = None
-        self._due = 0.0
-        self._enqueued_at = 0.0
         return self
+
+    def _extra(self) -> _Extra:
+        """The task's _Extra, made (with the task's id) if it has none yet."""
+        extra = getattr(self, "_x", None)
+        if type(extra) is _Extra:
+            return extra
+        # A worker's first attempt and a handler reading task.id may get here at once:
+        # exactly one _Extra (and one id) must win.
+        with _extra_lock:
+            extra = getattr(self, "_x", _UNSET)
+            if type(extra) is not _Extra:
+                # No _x at all: Task.__new__ without _fast or __init__ (a store's loader).
+                fresh = extra is _UNSET
+                extra = _Extra(None, 0.0) if fresh else _Extra(extra, math.inf)
+                self._x = extra
+            return extra
+
+    @property
+    def call(self) -> Any:
+        """What the task performs: a callable, an HttpCall or an AwsCall."""
+        extra = self._x
+        return extra.call if type(extra) is _Extra else extra
+
+    @call.setter
+    def call(self, value: Any) -> None:
+        self._extra().call = value
 
     def _reset(self) -> None:
         """A fresh attempt budget (new tasks and replays); the ids stay."""
-        self._attempts = 0  # calls made
-        self._failures = 0  # attempts that ended in a non-throttled retry
-        self._state: RetryCallState | None = None  # tenacity's view, made on first failure
-        self._first_attempt_at: float | None = None  # wall clock (epoch seconds)
-        self._last_attempt_at: float | None = None
-        self._started: float | None = None  # monotonic, at the first attempt
-        self._last: Any = None  # the last Outcome
-        self._letter: DeadLetter | None = None  # the dead letter this task became, if any
-        self._due = 0.0  # monotonic time the task may run again
-        self._enqueued_at = 0.0  # monotonic
+        extra = self._extra()
+        extra._attempts = extra._failures = 0
+        extra._state = extra._first_attempt_at = extra._last_attempt_at = None
+        extra._started = extra._last = extra._letter = None
+        extra._due = 0.0
+        extra._enqueued_at = 0.0
 
     @property
     def attempts(self) -> int:
