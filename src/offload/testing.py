@@ -199,7 +199,8 @@ class EagerOffloader(Offloader):
         with self._lock:
             if self._closed:
                 raise ShutDown("this offloader was shut down; it takes no new tasks")
-            task._enqueued_at = self._clock.monotonic()
+            if not task._enqueued_at:  # a plain callable's task is made enqueued
+                task._enqueued_at = self._clock.monotonic() or 1e-9
             self._enqueued += 1
             self._sched.in_flight += 1  # as Scheduler.take() counts a task it hands out
         resources = self._thread_resources()
