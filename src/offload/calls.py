@@ -216,21 +216,32 @@ def _check_method(method: Any) -> str:
 def _check_url(url: Any) -> str:
     if not isinstance(url, str):
         raise TypeError(f"url must be a str, got {_type_name(url)}")
-    shown = redact_url(url)
+    return _check_url_text(url)
+
+
+_BAD_URL_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+# Web handlers build calls to the same few endpoints over and over: remember the URLs that
+# passed (failures raise and are not cached), so a repeated URL costs a dict lookup.
+@functools.lru_cache(maxsize=4096)
+def _check_url_text(url: str) -> str:
     if not url:
         raise ValueError("url is empty")
-    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
-        raise ValueError(f"url contains whitespace or control characters: {shown!r}")
+    if _BAD_URL_CHARS.search(url):
+        raise ValueError(f"url contains whitespace or control characters: {redact_url(url)!r}")
     try:
         split = urlsplit(url)
         _ = split.port  # parsing the port validates it
     except ValueError as exc:
-        raise ValueError(f"url is not a valid URL ({exc}): {shown!r}") from None
+        raise ValueError(f"url is not a valid URL ({exc}): {redact_url(url)!r}") from None
     if split.scheme.lower() not in ("http", "https"):
         scheme = split.scheme or "none"
-        raise ValueError(f"url must be http:// or https://, got scheme {scheme!r}: {shown!r}")
+        raise ValueError(
+            f"url must be http:// or https://, got scheme {scheme!r}: {redact_url(url)!r}"
+        )
     if not split.hostname:
-        raise ValueError(f"url has no host: {shown!r}")
+        raise ValueError(f"url has no host: {redact_url(url)!r}")
     try:  # requests' own checks (IDNA host labels, ...), now rather than on the worker
         requests.PreparedRequest().prepare_url(url, None)
     except (requests.exceptions.RequestException, ValueError, UnicodeError) as exc:
