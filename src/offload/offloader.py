@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -142,6 +143,12 @@ class Offloader:
         _check_callback("on_success", on_success)
         _check_callback("on_retry", on_retry)
         _check_callback("on_dead_letter", on_dead_letter)
+        if clock is not None and not all(
+            callable(getattr(clock, name, None)) for name in ("monotonic", "time", "wait")
+        ):
+            raise TypeError(
+                f"clock must be an offload.Clock (monotonic, time, wait), got {clock!r}"
+            )
         self._store = open_store(
             store, max_dead_letters=max_dead_letters, lease_timeout=lease_timeout, clock=clock
         )
@@ -790,6 +797,12 @@ class Offloader:
                             task.id,
                         )
                 result = call(*task.args, **task.kwargs)
+                if inspect.iscoroutine(result):  # an `async def`: none of it ran
+                    result.close()
+                    raise TypeError(
+                        f"{describe_target(call)} returned a coroutine: offload runs plain "
+                        "functions (wrap an async one in a function that calls asyncio.run)"
+                    )
             outcome = classify_result(result, now=wall)
         except BaseException as error:
             exc = error
@@ -965,15 +978,19 @@ os.register_at_fork(after_in_child=_reset_all_after_fork)
 
 
 def shutdown_all(timeout: float | None = None) -> None:
-    """Shut every live offloader down within one shared deadline (run at exit)."""
+    """Shut every live offloader down within one shared deadline (run at exit), and each
+    within its own `shutdown_timeout`; without `timeout`, the deadline is the longest."""
     clock = SystemClock()
-    deadline = None if timeout is None else clock.monotonic() + timeout
-    for offloader in list(_live):
+    offloaders = list(_live)
+    if timeout is None:
+        timeout = max((o.shutdown_timeout for o in offloaders), default=0.0)
+    deadline = clock.monotonic() + timeout
+    for offloader in offloaders:
         if offloader._closed and offloader._sched.idle():
             continue
-        remaining = None if deadline is None else max(0.0, deadline - clock.monotonic())
+        remaining = max(0.0, deadline - clock.monotonic())
         try:
-            offloader.shutdown(remaining)
+            offloader.shutdown(min(remaining, offloader.shutdown_timeout))
         except Exception:
             log.exception("offload: error while shutting down %r at exit", offloader)
 
@@ -981,7 +998,10 @@ def shutdown_all(timeout: float | None = None) -> None:
 def _at_exit() -> None:
     from ._default import shutdown_timeout_from_env  # noqa: PLC0415 - read at exit, not import
 
-    shutdown_all(shutdown_timeout_from_env())
+    # OFFLOAD_SHUTDOWN_TIMEOUT, when set, bounds every offloader; otherwise each has its
+    # own shutdown_timeout (configure(), Offloader(...); 5 s by default).
+    set_in_env = os.environ.get("OFFLOAD_SHUTDOWN_TIMEOUT", "").strip()
+    shutdown_all(shutdown_timeout_from_env() if set_in_env else None)
 
 
 atexit.register(_at_exit)
