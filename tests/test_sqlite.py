@@ -569,3 +569,80 @@ def test_an_unreadable_dead_letter_is_a_store_error(tmp_path: Path) -> None:
             store.dead_letters()
     finally:
         store.close()
+
+
+# -- idling and stress ------------------------------------------------------------------
+
+attempts_seen: dict[int, int] = {}
+
+
+def later_then_fine(i: int) -> None:
+    """Asks to be retried in a second the first time, then succeeds."""
+    with delivered_lock:
+        attempts_seen[i] = attempts_seen.get(i, 0) + 1
+        first = attempts_seen[i] == 1
+    if first:
+        raise offload.Retry(after=1.0)
+    record(i)
+
+
+def mixed(i: int) -> None:
+    """Fails in a transient way once for some, for good for others, succeeds for the rest."""
+    with delivered_lock:
+        attempts_seen[i] = attempts_seen.get(i, 0) + 1
+        first = attempts_seen[i] == 1
+    if i % 7 == 0:
+        raise offload.GiveUp("no")
+    if i % 3 == 0 and first:
+        raise ConnectionError("flaky")
+    record(i)
+
+
+def test_a_worker_waits_for_a_delayed_task_then_exits_when_idle(
+    tmp_path: Path, make_offloader: Any
+) -> None:
+    from conftest import wait_workers_exit
+
+    attempts_seen.clear()
+    off = make_offloader(store=url_of(tmp_path / "q.db"), idle_timeout=0.1)
+    off.enqueue_task(later_then_fine, 1)
+    assert off.flush(15)
+    assert delivered == [1] and attempts_seen == {1: 2}
+    assert wait_workers_exit(off)
+    keeper = off._keeper
+    if keeper is not None:
+        keeper.join(5)
+        assert not keeper.is_alive()
+
+
+def test_many_threads_enqueue_while_workers_drain(tmp_path: Path, make_offloader: Any) -> None:
+    attempts_seen.clear()
+    off = make_offloader(
+        store=url_of(tmp_path / "q.db"),
+        workers=4,
+        max_queue=50,  # beyond it, tasks wait in the store unleased
+        retry=RetryPolicy(wait=tenacity.wait_fixed(0)),
+    )
+    per_thread, threads = 100, 8
+    ledgers: list[bool] = []
+
+    def produce(start: int) -> None:
+        for i in range(start, start + per_thread):
+            off.enqueue_task(mixed, i)
+            if i % 25 == 0:
+                ledgers.append(ledger_holds(off))
+
+    producers = [threading.Thread(target=produce, args=(n * per_thread,)) for n in range(threads)]
+    for thread in producers:
+        thread.start()
+    for thread in producers:
+        thread.join(60)
+    assert off.flush(60)
+    total = per_thread * threads
+    gave_up = {i for i in range(total) if i % 7 == 0}
+    assert sorted(delivered) == sorted(set(range(total)) - gave_up)
+    s = off.stats()
+    assert (s.enqueued, s.succeeded, s.dead_lettered) == (total, total - len(gave_up), len(gave_up))
+    assert s.retried == len({i for i in range(total) if i % 3 == 0} - gave_up)
+    assert (s.stored_ready, s.stored_delayed, s.stored_leased) == (0, 0, 0)
+    assert ledger_holds(off) and all(ledgers)

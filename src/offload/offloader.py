@@ -271,6 +271,7 @@ class Offloader:
             if lease:
                 self._claimed += 1
                 if self._stopping:  # shutdown() ran meanwhile: hand it back, below
+                    self._released += 1
                     lease = None
                 else:
                     self._leased[task.id] = task
@@ -448,6 +449,8 @@ class Offloader:
                 ok = ok and self._sched.idle()
             self._stopping = True
             left = self._sched.drain()
+            if self._durable is not None:
+                self._released += len(left)  # handed back below, after the lock
             self._work.notify_all()
             self._keeper_wake.notify_all()
             threads = list(self._threads)
@@ -514,15 +517,15 @@ class Offloader:
         return ok and not left and not running
 
     def _hand_back(self, durable: DurableStore, tasks: list[Task]) -> None:
-        """Release tasks this process will not perform (lock not held): due now, for any
-        process. A task that cannot be released comes back when its lease expires."""
+        """Release tasks this process will not perform (lock not held; the caller counts
+        them): due now, for any process. A task that cannot be released comes back when
+        its lease expires."""
         wall = self._clock.time()
         for task in tasks:
             self._store_call("hand back", durable.release, task, wall)
         with self._lock:
             for task in tasks:
                 self._leased.pop(task.id, None)
-            self._released += len(tasks)
             self._notify_if_drained()
 
     def _store_call(self, what: str, fn: Callable[..., object], task: Task, *args: Any) -> bool:
