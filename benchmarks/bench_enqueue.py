@@ -12,6 +12,7 @@ the enqueue path is measured.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from _harness import Row, Samples, Scale, at_most, gc_collected, percentile, red
 import offload
 
 BATCH = 1_000
+HOOK = "http://127.0.0.1:9/hooks/signup"  # never called: the worker is busy, then stopped
 
 
 def send_welcome(user_id: int, email: str, plan: str) -> None:
@@ -66,6 +68,26 @@ def _offload() -> Iterator[dict[str, Any]]:
 
 
 @contextmanager
+def _offload_http() -> Iterator[dict[str, Any]]:
+    """As _offload, for HTTP calls; they are never sent (dead-lettered at shutdown)."""
+    logger = logging.getLogger("offload")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # shutdown's one WARNING about what it dead-letters
+    off = offload.Offloader(max_queue=10**8, idle_timeout=60, max_dead_letters=0)
+    try:
+        with _busy(off.enqueue_task):
+            yield {
+                "enqueue": off.enqueue_task,
+                "http": offload.http,
+                "call": offload.http("POST", HOOK, json={"user_id": 42, "plan": "pro"}),
+            }
+            off.shutdown(timeout=0)
+    finally:
+        off.shutdown(timeout=5)
+        logger.setLevel(level)
+
+
+@contextmanager
 def _executor() -> Iterator[dict[str, Any]]:
     with ThreadPoolExecutor(1) as pool, _busy(pool.submit):
         yield {"submit": pool.submit}
@@ -91,6 +113,13 @@ CONTENDERS: dict[str, tuple[str, Callable[[], Any]]] = {
     ),
     "offload enqueue_task": (f"enqueue(fn, {_KW})", _offload),
     "ThreadPoolExecutor(1).submit": (f"submit(fn, {_KW})", _executor),
+    # Informational: the HTTP forms, a call built beforehand, and one built per enqueue
+    # (offload.http validates its arguments then, so that a bad call fails in the handler).
+    "offload enqueue_task(HttpCall)": ("enqueue(call)", _offload_http),
+    "offload enqueue_task(offload.http(...))": (
+        'enqueue(http("POST", url, json={"user_id": 42, "plan": "pro"}))',
+        _offload_http,
+    ),
     "huey MemoryHuey enqueue": (f"task({_KW})", _huey),
 }
 
@@ -117,7 +146,9 @@ def run(scale: Scale) -> list[Row]:
         for name in names[shift:] + names[:shift]:
             stmt, context = CONTENDERS[name]
             with context() as namespace:
-                timed_batches, timed_singles = timers(stmt, dict(namespace, fn=send_welcome))
+                timed_batches, timed_singles = timers(
+                    stmt, dict(namespace, fn=send_welcome, url=HOOK)
+                )
                 with gc_collected():
                     means = timed_batches(batches, BATCH)
                 with gc_collected():

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
+# Imported here, not in Task.__init__: an import statement costs a microsecond per call.
+from .calls import AwsCall, HttpCall, default_key, describe_target
+from .policy import RetryPolicy
+
 if TYPE_CHECKING:
     from tenacity import RetryCallState
-
-    from .policy import RetryPolicy
 
 __all__ = ["DeadLetter", "Stats", "Task"]
 
@@ -186,9 +188,6 @@ class Task:
         retry: RetryPolicy | None = None,
         key: str | None = None,
     ) -> None:
-        from .calls import AwsCall, HttpCall, default_key  # noqa: PLC0415 - import cycle
-        from .policy import RetryPolicy  # noqa: PLC0415
-
         if isinstance(call, Task):
             raise TypeError("Task(call=...) takes the call itself, not another Task")
         if not callable(call) and not isinstance(call, (HttpCall, AwsCall)):
@@ -263,8 +262,6 @@ class Task:
         return self._attempts
 
     def __repr__(self) -> str:
-        from .calls import describe_target  # noqa: PLC0415
-
         return f"<offload.Task {self.id} {describe_target(self.call)}>"
 
 
