@@ -5,8 +5,9 @@ Two levels:
 
 - `SchedulerMachine` drives `offload.scheduler.Scheduler` directly against a model, with
   time as a number: random enqueues over several keys, takes, outcomes (success,
-  transient, throttled until a time, permanent) settled as the Offloader settles them,
-  and clock advances.
+  transient, throttled until a time, permanent) settled as the Offloader settles them
+  (a retry delayed here, or handed back to a durable store), and clock advances; and,
+  now and then, runs everything to the end to show that nothing strands.
 - `test_offloader_on_a_fake_clock` runs random scripts of outcomes through a real
   Offloader (two workers) on `offload.testing.FakeClock`, advancing time only when every
   worker is parked, and checks each task's fate against what its script and the policy
@@ -67,6 +68,7 @@ class Model:
     enqueued: int = 0
     done: int = 0
     dead: int = 0
+    handed_back: int = 0  # a durable store's retries leave this process
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -113,18 +115,24 @@ class SchedulerMachine(RuleBasedStateMachine):
         data=st.data(),
         outcome=st.sampled_from(["success", "transient", "throttled", "permanent"]),
         delay=st.sampled_from([0.0, 0.1, 0.5, 1.0, 2.5, 30.0]),
+        hand_back=st.booleans(),
     )
-    def settle(self, data: st.DataObject, outcome: str, delay: float) -> None:
+    def settle(self, data: st.DataObject, outcome: str, delay: float, hand_back: bool) -> None:
         task = self.model.in_flight.pop(
             data.draw(st.sampled_from(sorted(self.model.in_flight)), label="task")
         )
         sched, model, due = self.sched, self.model, self.now + delay
         gate = model.gates.get(task.key) if task.key is not None else None
         # As Offloader._settle does it: a throttle closes the key until the retry's due.
+        # Over a durable store a retry is handed back to the store instead of delayed here
+        # (`hand_back`), so the gate alone must bring its held tasks back in time.
         if outcome == "throttled":
             sched.settle(task, due)  # type: ignore[arg-type]
-            sched.delay(task, due)  # type: ignore[arg-type]
-            model.waiting[task.id] = due
+            if hand_back:
+                model.handed_back += 1
+            else:
+                sched.delay(task, due)  # type: ignore[arg-type]
+                model.waiting[task.id] = due
             if task.key is not None:
                 if gate is None:
                     model.gates[task.key] = ModelGate(due)
@@ -136,7 +144,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         sched.settle(task, None)  # type: ignore[arg-type]
         if gate is not None and gate.probe == task.id:
             del model.gates[task.key]  # type: ignore[arg-type]  # the probe got an answer
-        if outcome == "transient":
+        if outcome == "transient" and hand_back:
+            model.handed_back += 1
+        elif outcome == "transient":
             sched.delay(task, due)  # type: ignore[arg-type]
             model.waiting[task.id] = due
         elif outcome == "success":
@@ -169,7 +179,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert wake is not None, f"tasks {sorted(self.model.waiting)} can never run"
                 self.now += wake
         assert self.sched.idle()
-        assert self.model.done + self.model.dead == self.model.enqueued
+        m = self.model
+        assert m.done + m.dead + m.handed_back == m.enqueued
 
     # -- checks after every step ----------------------------------------------------------
 
@@ -183,7 +194,9 @@ class SchedulerMachine(RuleBasedStateMachine):
     @invariant()
     def ledger_holds(self) -> None:
         s, m = self.sched, self.model
-        assert m.enqueued == m.done + m.dead + s.queued + len(s.delayed) + s.in_flight
+        assert m.enqueued == (
+            m.done + m.dead + m.handed_back + s.queued + len(s.delayed) + s.in_flight
+        )
         assert s.in_flight == len(m.in_flight)
 
     @invariant()
@@ -286,9 +299,10 @@ def expected_fate(script: list[tuple[str, float]]) -> tuple[str, int]:
 @given(
     tasks=st.lists(st.tuples(st.sampled_from(KEYS), script_st), min_size=1, max_size=10),
     step=st.sampled_from([0.25, 0.5, 1.0]),
+    workers=st.sampled_from([1, 2]),
 )
 def test_offloader_on_a_fake_clock(
-    tasks: list[tuple[str | None, list[tuple[str, float]]]], step: float
+    tasks: list[tuple[str | None, list[tuple[str, float]]]], step: float, workers: int
 ) -> None:
     clock = SteppedClock()
     lock = threading.Lock()
@@ -314,7 +328,7 @@ def test_offloader_on_a_fake_clock(
 
     off = Offloader(
         clock=clock,
-        workers=2,
+        workers=workers,
         idle_timeout=1e6,
         retry=RetryPolicy(
             stop=tenacity.stop_after_attempt(MAX_FAILURES),
@@ -351,17 +365,20 @@ def test_offloader_on_a_fake_clock(
             [letter] = dead[i]
             assert (letter.reason, letter.attempts) == (fate, calls)
 
-    # No call of a throttled key starts before the Retry-After it was given has passed.
-    # (A call starting at the very instant of the throttle may have been taken before the
-    # gate closed; any later one must wait.)
+    # No call starts before the Retry-After its own task was given has passed, nor, for
+    # a throttled key, any call of that key. (With two workers, a call starting at the
+    # very instant of the throttle may have been taken before the gate closed.)
+    own: dict[int, float] = {}  # task -> not before
     closed: dict[str, tuple[float, float]] = {}  # key -> (throttled at, opens at)
     for event, i, at, kind, after in log:
         key = tasks[i][0]
-        if key is None:
-            continue
-        if event == "start" and key in closed:
-            since, opens = closed[key]
-            assert at == since or at >= opens, f"task {i} of {key!r} at {at}, gate opens {opens}"
-        if event == "end" and kind == "throttled":
-            opens = max(closed.get(key, (0.0, 0.0))[1], at + after)
-            closed[key] = (at, opens)
+        if event == "start":
+            assert at >= own.get(i, 0.0), f"task {i} retried at {at}, not before {own[i]}"
+            if key in closed:
+                since, opens = closed[key]
+                early_ok = workers > 1 and at == since
+                assert early_ok or at >= opens, f"task {i} of {key!r} at {at}, opens {opens}"
+        elif kind == "throttled":
+            own[i] = at + after
+            if key is not None:
+                closed[key] = (at, max(closed.get(key, (0.0, 0.0))[1], at + after))
