@@ -32,9 +32,11 @@ caller already handles for "this task cannot be stored": keep large payloads els
 Leases are visibility timeouts. `claim` is ReceiveMessage (up to 10 per request, long
 polling for `wait` seconds when the queue is empty) with VisibilityTimeout = the lease
 (OFFLOAD_LEASE_TIMEOUT, default 60 s); the receipt handles stay in this store, keyed by
-task id. `renew` is ChangeMessageVisibilityBatch. A worker killed mid-call leaves its
-message invisible until the lease runs out; then any worker receives it and performs it
-again (at-least-once). SQS cannot lease a message as it is sent, so `put(lease=True)` is
+task id. `renew` is ChangeMessageVisibilityBatch (SQS caps a message's visibility at 12
+hours from its receipt, so a single call cannot hold a task longer). A worker killed
+mid-call leaves its message invisible until the lease runs out; then any worker receives
+it and performs it again (at-least-once; a standard queue may also deliver a message
+twice on its own). SQS cannot lease a message as it is sent, so `put(lease=True)` is
 refused (`leases_on_put` is False): a consuming web process sends with `lease=False` and
 claims its tasks back like any worker.
 
@@ -54,9 +56,12 @@ message. Messages the redrive policy moved there (no record) are listed too, wit
 "exhausted" and error "moved by the SQS redrive policy"; their id is the SQS message id.
 Listing receives every DLQ message with a short visibility timeout and makes each
 visible again at once (so it neither consumes nor hides them beyond the listing; a
-lister killed mid-way hides them for 30 s). Replay sends the task to NAME and then
-deletes the dead letter (moto lacks StartMessageMoveTask); revive/discard/purge delete.
-Each of these scans the DLQ, so they suit the hundreds, not millions.
+lister killed mid-way hides them for 30 s). While one scan runs, another sees the
+messages it holds as missing: two operators listing at the same moment may each see
+part, and a replay of a letter being listed elsewhere may answer UnknownDeadLetter; try
+again. Replay sends the task to NAME and then deletes the dead letter (moto lacks
+StartMessageMoveTask); revive/discard/purge delete. Each of these scans the DLQ, so they
+suit the hundreds, not millions.
 
 Failures. Every SQS request is tried once (offload's one retry layer: botocore's own
 retries are off, as for AwsCall); a failed one raises StoreError. Every step that moves
