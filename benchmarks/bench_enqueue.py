@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import logging
 import queue
+import statistics
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from _harness import Row, Samples, Scale, at_most, gc_collected, percentile, redis_available, timers
@@ -134,27 +135,38 @@ def _huey_installed() -> bool:
 
 def run(scale: Scale) -> list[Row]:
     names = [n for n in CONTENDERS if _huey_installed() or not n.startswith("huey")]
-    batches, singles = scale.n(20, 2), scale.n(20_000, 200)
+    rounds, chunk = scale.n(20, 2), scale.n(1_000, 10)  # per run: batches, singles per round
     p50, p99 = Samples(), Samples()
     empty_batches, empty_singles = timers("pass", {})
     for run_index in range(scale.repeats):
-        with gc_collected():
-            overhead50 = min(empty_batches(batches, BATCH))
-            overhead99 = sorted(empty_singles(singles))[singles // 2]
-        # Rotate the order, so that no contender always runs first (or last) in a run.
-        shift = run_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            stmt, context = CONTENDERS[name]
-            with context() as namespace:
-                timed_batches, timed_singles = timers(
-                    stmt, dict(namespace, fn=send_welcome, url=HOOK)
+        with ExitStack() as stack:
+            timed = {}
+            for name in names:
+                stmt, context = CONTENDERS[name]
+                namespace = stack.enter_context(context())
+                timed[name] = timers(stmt, dict(namespace, fn=send_welcome, url=HOOK))
+            means: dict[str, list[float]] = {name: [] for name in ["", *names]}
+            single: dict[str, list[float]] = {name: [] for name in ["", *names]}
+            # Round by round, one batch (then one chunk of single calls) of each contender
+            # in turn, the order rotating: whatever else the machine does meanwhile falls
+            # on every contender alike, not on whichever ran in a busy second.
+            for r in range(rounds):
+                order = ["", *names]
+                order = (
+                    order[(r + run_index) % len(order) :] + order[: (r + run_index) % len(order)]
                 )
                 with gc_collected():
-                    means = timed_batches(batches, BATCH)
-                with gc_collected():
-                    single = timed_singles(singles)
-            p50.add(name, max(0.0, sorted(means)[len(means) // 2] - overhead50) / 1000)
-            p99.add(name, max(0.0, percentile(single, 99) - overhead99) / 1000)
+                    for name in order:
+                        batch_fn = timed[name][0] if name else empty_batches
+                        means[name] += batch_fn(1, BATCH)
+                    for name in order:
+                        singles_fn = timed[name][1] if name else empty_singles
+                        single[name] += singles_fn(chunk)
+        overhead50 = statistics.median(means[""])  # the timing loop's own cost
+        overhead99 = statistics.median(single[""])
+        for name in names:
+            p50.add(name, max(0.0, statistics.median(means[name]) - overhead50) / 1000)
+            p99.add(name, max(0.0, percentile(single[name], 99) - overhead99) / 1000)
 
     base = "queue.Queue.put"
     rows: list[Row] = []
