@@ -687,7 +687,11 @@ class AwsCall:
         if api_name is not None:
             operation_model = client.meta.service_model.operation_model(api_name)
             for member in operation_model.idempotent_members:
-                params.setdefault(member, idempotency_key)
+                # Some tokens must be longer than the key (Athena's and Secrets Manager's
+                # ClientRequestToken: 32 characters at least): pad it, alike on every try.
+                shape = operation_model.input_shape.members.get(member)
+                minimum = shape.metadata.get("min", 0) if shape is not None else 0
+                params.setdefault(member, idempotency_key.ljust(minimum, "0"))
         return cast("dict[str, Any]", getattr(client, self.operation)(**params))
 
     def to_json(self) -> dict[str, Any]:
