@@ -193,8 +193,10 @@ _REFUSED = {
     "url": "give it as the second argument",
     "max_retries": "offload does the retrying; see RetryPolicy",
 }
-_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_HEADER_VALUE = re.compile(r"^\S[^\r\n]*$|^$")  # as requests checks it, but at build time
+# As requests checks them, but at build time. \Z, not $: "$" also matches before a final
+# newline, and a header that ends in one is refused by requests on the worker.
+_HEADER_NAME = re.compile(r"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_HEADER_VALUE = re.compile(r"\A(\S[^\r\n]*)?\Z")
 _FORM_SCALARS = (str, bytes, int, float)
 
 
