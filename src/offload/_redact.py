@@ -136,10 +136,13 @@ def _pair(match: re.Match[str]) -> str:
 
 
 def _quoted_pair(match: re.Match[str]) -> str:
-    q1, name, colon, q2, _value = match.groups()
-    if not is_secret_name(name):
-        return match.group(0)
-    return f"{q1}{name}{q1}{colon}{q2}{REDACTED}{q2}"
+    q1, name, colon, q2, value = match.groups()
+    if is_secret_name(name):
+        return f"{q1}{name}{q1}{colon}{q2}{REDACTED}{q2}"
+    # A match consumes its value, and the value may hold pairs of its own: botocore logs
+    # a request body as 'body': b'{"SecretString": "..."}'. Look inside.
+    inner = _QUOTED_PAIR.sub(_quoted_pair, value)
+    return match.group(0) if inner == value else f"{q1}{name}{q1}{colon}{q2}{inner}{q2}"
 
 
 def _header_line(match: re.Match[str]) -> str:
@@ -173,6 +176,17 @@ class RedactingFilter(logging.Filter):
     """A logging filter that redacts each record's message (it never drops a record)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if (
+            record.name == "botocore.endpoint"
+            and isinstance(args, tuple)
+            and len(args) == 2
+            and isinstance(args[1], dict)
+            and "body" in args[1]
+        ):
+            # "Making request ... with params: {..., 'body': ...}": request bodies are
+            # never logged; they carry the call's data (passwords, tokens, messages).
+            record.args = (args[0], {**args[1], "body": REDACTED})
         try:
             message = record.getMessage()
         except Exception:  # a broken record is the handler's problem, not ours
