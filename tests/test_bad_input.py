@@ -151,6 +151,18 @@ CASES = [
         "headers",
     ),
     Case(
+        "header value ending in a line break",
+        lambda _: offload.http("GET", URL, headers={"Authorization": "Bearer x\n"}),
+        ValueError,
+        "line break",
+    ),
+    Case(
+        "header name ending in a line break",
+        lambda _: offload.http("GET", URL, headers={"X-Trace\n": "1"}),
+        ValueError,
+        "not a valid header name",
+    ),
+    Case(
         "a file as the body",
         lambda _: offload.http("POST", URL, data=io.BytesIO(b"x")),
         TypeError,
