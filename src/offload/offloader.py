@@ -44,7 +44,7 @@ from .errors import OffloadError, QueueFull, ShutDown, StoreError
 from .outcome import Outcome, classify_exception, classify_result
 from .policy import Decision, RetryPolicy
 from .records import DeadLetter, Stats, Task, new_id
-from .scheduler import Scheduler
+from .scheduler import Gate, Scheduler
 from .stores import DurableStore, Store, open_store
 
 __all__ = ["Offloader"]
@@ -846,6 +846,11 @@ class Offloader:
         if not decision.retry:
             self._dead_letter(task, outcome, decision.reason, error=decision.error, in_flight=True)
             return
+        if durable is not None and outcome.throttled and task.key is not None:
+            # Close the key's gate now, not after the store has the task back (a network
+            # round trip for SQS): meanwhile other workers must not call the throttled API.
+            with self._lock:
+                self._hold_key(task.key, now + decision.delay)
         if not self._stopping or durable is not None:
             with _Guarded():
                 log.info(
@@ -881,6 +886,15 @@ class Offloader:
                     return
         # shutdown() has begun: a memory store cannot keep the retry for later.
         self._dead_letter(task, outcome, "shutdown", error=outcome.error, in_flight=True)
+
+    def _hold_key(self, key: str, until: float) -> None:
+        """Called with the lock held: close `key`'s gate until `until` (monotonic) ahead of
+        the settle() that records the throttle, which keeps whichever is later."""
+        gate = self._sched.gates.get(key)
+        if gate is None:
+            self._sched.gates[key] = Gate(until)
+        else:
+            gate.open_at = max(gate.open_at, until)
 
     def _dead_letter_for(
         self, task: Task, error: str | None, outcome: Outcome | None, reason: str
