@@ -259,10 +259,11 @@ def test_a_row_naming_a_function_the_application_never_enqueued_is_refused(
     record = json.dumps(
         {**_good_record(tmp_path), "target": {"type": "function", "path": "os:getcwd"}}
     )
-    worker = Offloader(store=url_of(db), consume=False)
-    worker.shutdown(0)  # makes the schema
+    web = Offloader(store=url_of(db), consume=False)
+    web.enqueue_task(deliver, "x")  # the schema, and a row to replace
+    web.shutdown(0)
     with sqlite3.connect(db) as conn:
-        conn.execute("INSERT INTO tasks (id, call, due) VALUES ('planted', ?, 0)", (record,))
+        conn.execute("UPDATE tasks SET call = ?", (record,))
     conn.close()
     results: list[Any] = []
     worker = Offloader(store=url_of(db), on_success=lambda task, result: results.append(result))
