@@ -257,7 +257,11 @@ def test_a_row_naming_a_function_the_application_never_enqueued_is_refused(
 ) -> None:
     db = tmp_path / "q.db"
     record = json.dumps(
-        {**_good_record(tmp_path), "target": {"type": "function", "path": "os:getcwd"}}
+        {
+            **_good_record(tmp_path),
+            "target": {"type": "function", "path": "os:getcwd"},
+            "args": [],
+        }
     )
     web = Offloader(store=url_of(db), consume=False)
     web.enqueue_task(deliver, "x")  # the schema, and a row to replace
