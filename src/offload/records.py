@@ -110,7 +110,10 @@ class _Field(Generic[_T]):
         return self.default
 
     def __set__(self, task: Task, value: _T) -> None:
-        setattr(task._extra(), self.name, value)
+        extra = getattr(task, "_x", None)
+        if type(extra) is not _Extra:  # (the worker sets several per attempt: stay inline)
+            extra = task._extra()
+        setattr(extra, self.name, value)
 
 
 class _IdField:
