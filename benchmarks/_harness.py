@@ -78,6 +78,11 @@ class Samples:
         pairs = zip(self.runs[name], self.runs[base], strict=True)
         return statistics.median(a / b for a, b in pairs if b)
 
+    def spread(self, name: str, base: str) -> str:
+        """The per-run ratios' range, for the table's note ("runs 0.93-1.04" and the sign)."""
+        ratios = [a / b for a, b in zip(self.runs[name], self.runs[base], strict=True) if b]
+        return f"runs {min(ratios):.2f}-{max(ratios):.2f}{TIMES}"
+
     def count(self, name: str) -> int:
         return len(self.runs.get(name, ()))
 

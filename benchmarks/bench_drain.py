@@ -81,6 +81,7 @@ def run(scale: Scale) -> list[Row]:
             ratio=ratio,
             target=at_least(0.95),
             met=ratio >= 0.95,
+            note=samples.spread("offload", "loop"),
             runs=samples.count("offload"),
         ),
     ]

@@ -184,6 +184,7 @@ def run(scale: Scale) -> list[Row]:
                     ratio=ratio,
                     target=at_most(2.5) if ours else "",
                     met=(ratio <= 2.5) if ours else None,
+                    note=samples.spread(name, base) if ours else "",
                     runs=samples.count(name),
                 )
             )
