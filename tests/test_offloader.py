@@ -540,3 +540,18 @@ def test_cannot_start_thread_at_interpreter_shutdown_raises_shutdown(
     done = threading.Event()
     off.enqueue_task(done.set)
     assert done.wait(5)
+
+
+def test_flush_from_a_task_on_its_own_offloader_raises(make_offloader: MakeOffloader) -> None:
+    errors: list[BaseException] = []
+    off = make_offloader()
+
+    def task() -> None:
+        try:
+            off.flush()
+        except offload.OffloadError as exc:
+            errors.append(exc)
+
+    off.enqueue_task(task)
+    assert off.flush(5)
+    assert len(errors) == 1 and "own tasks" in str(errors[0])

@@ -308,6 +308,10 @@ class Offloader:
             _check_number("timeout", timeout, minimum=0)
         if self._pid != os.getpid():
             return True  # a forked child's copy of a parent's offloader holds nothing
+        if threading.current_thread() in self._threads:
+            # The calling task is itself in flight: waiting for "nothing running" would
+            # wait for itself, forever (or until the timeout, always in vain).
+            raise OffloadError("flush() called from one of this offloader's own tasks")
         if self._durable is not None:
             return self._flush_durable(self._durable, timeout)
         with self._lock:
