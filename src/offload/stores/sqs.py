@@ -63,6 +63,10 @@ again. Replay sends the task to NAME and then deletes the dead letter (moto lack
 StartMessageMoveTask); revive/discard/purge delete. Each of these scans the DLQ, so they
 suit the hundreds, not millions.
 
+Trust. A worker performs what a message names, any importable function included, with
+the message's arguments: whoever may send to the queue may run code on the workers. The
+queue's IAM policy is the boundary (see the README's "Scaling out").
+
 Failures. Every SQS request is tried once (offload's one retry layer: botocore's own
 retries are off, as for AwsCall); a failed one raises StoreError. Every step that moves
 a task sends before it deletes, so a crash between the two duplicates a task, never
