@@ -899,3 +899,34 @@ def test_describe_target_never_raises() -> None:
             raise RuntimeError("no")
 
     assert "Hostile" in describe_target(Hostile())
+
+
+def test_session_reads_the_environment_only_when_it_holds_request_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from offload.calls import Resources
+
+    for name in list(os.environ):
+        if name.lower() in {
+            "http_proxy",
+            "https_proxy",
+            "all_proxy",
+            "no_proxy",
+            "netrc",
+            "requests_ca_bundle",
+            "curl_ca_bundle",
+        }:
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    plain = Resources()
+    assert plain.session().trust_env is False
+    plain.close()
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    proxied = Resources()
+    assert proxied.session().trust_env is True, "a proxy setting must be honoured"
+    proxied.close()
+    monkeypatch.delenv("HTTPS_PROXY")
+    (tmp_path / ".netrc").write_text("machine 127.0.0.1 login u password p\n")
+    netrc = Resources()
+    assert netrc.session().trust_env is True
+    netrc.close()
