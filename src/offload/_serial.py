@@ -14,6 +14,7 @@ the dead letter for a replay once the cause is fixed.
 from __future__ import annotations
 
 import json
+import json.encoder
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -50,12 +51,31 @@ __all__ = [
 # -- calls ------------------------------------------------------------------------------
 
 # callable_path() imports a function back to check it, and json.dumps with options builds
-# an encoder per call; a web process enqueues the same few functions over and over, so
-# the checked path is remembered per function and one encoder is reused. The text is the
-# same as calls.task_to_json makes (calls.task_from_json reads both).
-_paths: dict[Any, str] = {}
-_MAX_PATHS = 4_096
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+# an encoder per call: a web process enqueues the same few functions over and over, so the
+# checked path (as the record's fixed opening text) is remembered per function, and one C
+# encoder is kept. The text is what calls.task_to_json writes (task_from_json reads both).
+_openings: dict[Any, str] = {}
+_MAX_OPENINGS = 4_096
+_SCALARS = frozenset({str, int, bool, type(None)})
+
+_c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)  # the C accelerator
+if _c_make_encoder is not None:
+    # Arguments: markers (no cycle check: the values are checked first), default, string
+    # encoder, indent, key and item separators, sort_keys, skipkeys, allow_nan.
+    _c_encode = _c_make_encoder(
+        None, None, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+
+    def _encode(value: Any) -> str:
+        return "".join(_c_encode(value, 0))
+
+else:  # pragma: no cover - a Python without it (PyPy)
+    _encode_slowly = json.JSONEncoder(
+        separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode
+
+    def _encode(value: Any) -> str:
+        return _encode_slowly(value)
 
 
 def dump_call(task: Task) -> str:
@@ -64,21 +84,29 @@ def dump_call(task: Task) -> str:
     if isinstance(call, (HttpCall, AwsCall)):
         return task_to_json(call, task.args, task.kwargs)
     try:
-        path = _paths.get(call)
+        opening = _openings.get(call)
     except TypeError:  # an unhashable callable object: task_to_json refuses it
         return task_to_json(call, task.args, task.kwargs)
-    if path is None:
-        path = callable_path(call)
-        if len(_paths) >= _MAX_PATHS:
-            _paths.clear()
-        _paths[call] = path
-    args = list(task.args)
-    kwargs = dict(task.kwargs)
-    problem = _json_problem(args, "args") or _json_problem(kwargs, "kwargs")
-    if problem:
-        raise NotSerializable(f"cannot store a task for {_name_of(call)}: {problem}")
-    target = {"type": "function", "path": path}
-    return _encode({"offload": _TASK_FORMAT, "target": target, "args": args, "kwargs": kwargs})
+    if opening is None:
+        target = {"type": "function", "path": callable_path(call)}
+        opening = f'{{"offload":{_TASK_FORMAT},"target":{_encode(target)},"args":'
+        if len(_openings) >= _MAX_OPENINGS:
+            _openings.clear()
+        _openings[call] = opening
+    args: Any = task.args
+    kwargs: Any = task.kwargs
+    # Text, whole numbers, flags and None (what most calls pass) need no deeper look;
+    # anything else is checked: a tuple, a set or a datetime would not come back as it was.
+    scalars = _SCALARS
+    if not (
+        all(type(v) in scalars for v in args)
+        and all(type(k) is str and type(v) in scalars for k, v in kwargs.items())
+    ):
+        problem = _json_problem(list(args), "args") or _json_problem(dict(kwargs), "kwargs")
+        if problem:
+            raise NotSerializable(f"cannot store a task for {_name_of(call)}: {problem}")
+        args, kwargs = list(args), dict(kwargs)
+    return f'{opening}{_encode(args)},"kwargs":{_encode(kwargs)}}}'
 
 
 # -- retry policies ---------------------------------------------------------------------

@@ -254,10 +254,11 @@ class Offloader:
         here, a task is stored without a lease, for whichever process has room.
         """
         sched = self._sched
-        with self._lock:
-            if self._closed:
-                raise ShutDown("this offloader was shut down; it takes no new tasks")
-            lease: bool | None = self._lease_on_put and sched.size() < self.max_queue
+        # Read without the lock (one less on the enqueue path): a shutdown that begins
+        # meanwhile is seen below, and the room is a soft bound.
+        if self._closed:
+            raise ShutDown("this offloader was shut down; it takes no new tasks")
+        lease: bool | None = self._lease_on_put and sched.size() < self.max_queue
         task._enqueued_at = self._clock.monotonic() or 1e-9
         try:
             durable.put(task, lease=bool(lease))  # on disk (or in the queue) before we return
@@ -325,9 +326,13 @@ class Offloader:
         def remaining() -> float | None:
             return None if deadline is None else max(0.0, deadline - time.monotonic())
 
+        def idle() -> bool:
+            # A claim in progress has leased tasks not yet in the scheduler.
+            return self._sched.idle() and not self._claiming
+
         with self._lock:
             while True:
-                if not self._drained.wait_for(self._sched.idle, remaining()):
+                if not self._drained.wait_for(idle, remaining()):
                     return False
                 self._lock.release()
                 try:
@@ -338,7 +343,7 @@ class Offloader:
                 finally:
                     self._lock.acquire()
                 if counts is not None and not (counts.ready or counts.delayed):
-                    if self._sched.idle():
+                    if idle():
                         return True
                     continue
                 if self.consume:
@@ -734,6 +739,7 @@ class Offloader:
         finally:
             self._lock.acquire()
             self._claiming = False
+            self._drained.notify_all()  # flush() waits for claims in progress
         if tasks:
             if self._stopping or self._closed or self._pid != os.getpid():
                 self._lock.release()
