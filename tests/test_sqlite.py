@@ -6,6 +6,7 @@ shared with the other backends is in test_store_contract.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -15,7 +16,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,17 @@ def record(value: Any) -> None:
 
 def always_fails(value: Any) -> None:
     raise ValueError(f"cannot handle {value!r}")
+
+
+@contextlib.contextmanager
+def raw(path: Path) -> Iterator[sqlite3.Connection]:
+    """A plain connection to look behind the store's back: committed and closed after."""
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            yield conn
+    finally:
+        conn.close()
 
 
 def url_of(path: Path) -> str:
@@ -105,7 +117,7 @@ def test_the_file_is_private_and_in_wal_mode(tmp_path: Path, make_offloader: Any
     off.enqueue_task(record, 1)
     for name in ("q.db", "q.db-wal", "q.db-shm"):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600, name
-    with sqlite3.connect(tmp_path / "q.db") as conn:
+    with raw(tmp_path / "q.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert off.store.synchronous == "normal"
 
@@ -136,9 +148,8 @@ def test_lease_timeout_comes_from_the_environment(
 
 def test_a_file_that_is_not_a_store_is_refused(tmp_path: Path) -> None:
     (tmp_path / "junk.db").write_bytes(b"this is not a database, not at all" * 100)
-    with sqlite3.connect(tmp_path / "other.db") as conn:
+    with raw(tmp_path / "other.db") as conn:
         conn.execute("CREATE TABLE users (id INTEGER)")
-    conn.close()
     for name, message in (("junk.db", "not a usable offload store"), ("other.db", "users")):
         store = SQLiteStore(tmp_path / name)
         with pytest.raises(StoreError, match=message):
@@ -147,9 +158,8 @@ def test_a_file_that_is_not_a_store_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_store_written_by_a_newer_offload_is_refused(tmp_path: Path) -> None:
-    with sqlite3.connect(tmp_path / "new.db") as conn:
+    with raw(tmp_path / "new.db") as conn:
         conn.execute("PRAGMA user_version = 99")
-    conn.close()
     store = SQLiteStore(tmp_path / "new.db")
     with pytest.raises(StoreError, match="newer offload"):
         store.next_due()
@@ -180,16 +190,16 @@ def test_no_pickle_anywhere_in_the_file(tmp_path: Path, make_offloader: Any) -> 
     store = off.store
     (task,) = store.claim(1)
     store.bury(task, off._dead_letter_for(task, "boom", None, "permanent"))
-    raw = b"".join(
+    contents = b"".join(
         (tmp_path / n).read_bytes() for n in ("q.db", "q.db-wal") if (tmp_path / n).exists()
     )
-    for marker in (b"\x80\x02", b"\x80\x03", b"\x80\x04\x95", b"\x80\x05\x95", b"cbuiltins"):
-        assert marker not in raw
-    with sqlite3.connect(tmp_path / "q.db") as conn:
+    # Pickle's protocol 4 and 5 openings (PROTO, then FRAME), and its ways to name a global.
+    for marker in (b"\x80\x04\x95", b"\x80\x05\x95", b"cbuiltins\n", b"\x8c\x08builtins"):
+        assert marker not in contents
+    with raw(tmp_path / "q.db") as conn:
         texts = conn.execute(
             "SELECT call, retry FROM tasks UNION ALL SELECT call, retry FROM dead_letters"
         ).fetchall()
-    conn.close()
     assert len(texts) == 3
     for call, retry in texts:
         json.loads(call)
@@ -535,9 +545,8 @@ def test_an_unreadable_row_is_dead_lettered_and_the_worker_goes_on(
     web = make_offloader(store=url_of(tmp_path / "q.db"), consume=False)
     bad = web.enqueue_task(record, "tampered")
     web.enqueue_task(record, "fine")
-    with sqlite3.connect(tmp_path / "q.db") as conn:
+    with raw(tmp_path / "q.db") as conn:
         conn.execute(f"UPDATE tasks SET {column} = ? WHERE id = ?", (value, bad.id))
-    conn.close()
     worker = make_offloader(store=url_of(tmp_path / "q.db"))
     assert worker.flush(10)
     assert delivered == ["fine"]
@@ -562,9 +571,8 @@ def test_an_unreadable_dead_letter_is_a_store_error(tmp_path: Path) -> None:
     off = Offloader.__new__(Offloader)  # only for its dead-letter builder
     store.bury(task, Offloader._dead_letter_for(off, task, "boom", None, "permanent"))
     store.close()
-    with sqlite3.connect(tmp_path / "q.db") as conn:
+    with raw(tmp_path / "q.db") as conn:
         conn.execute("UPDATE dead_letters SET attempts = 'lots'")
-    conn.close()
     store = SQLiteStore(tmp_path / "q.db")
     try:
         with pytest.raises(StoreError, match="unreadable"):
