@@ -170,3 +170,14 @@ def test_public_names_are_exported() -> None:
     assert issubclass(offload.QueueFull, offload.OffloadError)
     assert issubclass(offload.NotSerializable, TypeError)
     assert issubclass(offload.UnknownDeadLetter, KeyError)
+
+
+def test_retry_policy_repr_reads_as_the_code_that_made_it() -> None:
+    assert repr(RetryPolicy()) == (
+        "RetryPolicy(stop=stop_after_attempt(5) | stop_before_delay(600), "
+        "wait=wait_random_exponential(multiplier=0.5, min=0, max=30, exp_base=2), "
+        "max_retry_after=600, max_throttled=900, retry_on=())"
+    )
+    custom = RetryPolicy(stop=tenacity.stop_after_attempt(3), retry_on=(KeyError,))
+    assert "stop=stop_after_attempt(3)" in repr(custom)
+    assert "retry_on=(KeyError,)" in repr(custom)

@@ -396,3 +396,30 @@ def task_from_record(record: Any) -> Task:
         record.get("first_attempt_at"),
         record.get("last_attempt_at"),
     )
+
+
+def describe_strategy(value: Any) -> str:
+    """A tenacity stop or wait strategy as the code that makes it, for reprs:
+    `stop_after_attempt(5) | stop_before_delay(600)`; a custom one by its class name."""
+    for simple, groups in ((_STOPS, _STOP_GROUPS), (_WAITS, _WAIT_GROUPS)):
+        try:
+            record = _dump_strategy(value, simple, groups, "strategy")
+        except NotSerializable:
+            continue
+        return _render_strategy(record)
+    return f"{type(value).__qualname__}(...)"
+
+
+_JOINERS = {"stop_any": " | ", "stop_all": " & ", "wait_combine": " + "}
+
+
+def _render_strategy(record: Mapping[str, Any]) -> str:
+    name = record["type"]
+    if "of" in record:
+        parts = [_render_strategy(member) for member in record["of"]]
+        joiner = _JOINERS.get(name)
+        return joiner.join(parts) if joiner else f"{name}({', '.join(parts)})"
+    args = [f"{key}={value:g}" for key, value in record.items() if key != "type"]
+    if len(args) == 1:
+        args = [args[0].split("=", 1)[1]]
+    return f"{name}({', '.join(args)})"

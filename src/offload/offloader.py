@@ -685,7 +685,7 @@ class Offloader:
                     if idle_since is None:
                         idle_since = now
                     timeout = self.idle_timeout - (now - idle_since)
-                    if timeout is not None and timeout <= 0:  # (None only for mypy's sake)
+                    if timeout is not None and timeout <= 0:
                         self._exit_worker()
                         return None
                 else:

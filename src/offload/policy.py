@@ -98,6 +98,25 @@ class RetryPolicy:
                 f"RetryPolicy(retry_on=...) takes exception types or a predicate, got {retry_on!r}"
             )
 
+    def __repr__(self) -> str:
+        from ._serial import describe_strategy  # noqa: PLC0415 - _serial imports this module
+
+        retry_on = self.retry_on
+        on = (
+            "("
+            + ", ".join(t.__qualname__ for t in retry_on)
+            + ("," if len(retry_on) == 1 else "")
+            + ")"
+            if isinstance(retry_on, tuple)
+            else getattr(retry_on, "__qualname__", repr(retry_on))
+        )
+        stop, wait = describe_strategy(self.stop), describe_strategy(self.wait)
+        return (
+            f"RetryPolicy(stop={stop}, wait={wait}, "
+            f"max_retry_after={self.max_retry_after:g}, max_throttled={self.max_throttled:g}, "
+            f"retry_on={on})"
+        )
+
     def to_json(self) -> str:
         """This policy as JSON text, as a durable store keeps a per-task policy.
 
