@@ -30,6 +30,7 @@ import os
 import secrets
 import socket
 import sqlite3
+import stat
 import threading
 from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime, timezone
@@ -285,6 +286,28 @@ class SQLiteStore:
             self._cursor = conn.cursor()
         return conn
 
+    def _make_private(self, path: str) -> None:
+        """Tighten an existing store file of ours that others can read (one made by `touch`
+        under the usual umask): it holds request headers, tokens among them."""
+        try:
+            info = os.stat(path)
+        except OSError:
+            return  # sqlite3.connect reports what is wrong
+        loose = stat.S_IMODE(info.st_mode) & 0o077
+        getuid = getattr(os, "getuid", None)  # POSIX only; Windows has no such bits
+        if not loose or getuid is None or info.st_uid != getuid():
+            return  # private already, or another user's file: theirs to set
+        try:
+            os.chmod(path, stat.S_IMODE(info.st_mode) & 0o700)
+        except OSError as exc:
+            log.warning(
+                "offload: %s is readable by other users and could not be made private: %s",
+                self.url,
+                exc,
+            )
+        else:
+            log.warning("offload: %s was readable by other users; made it private (0600)", self.url)
+
     def _connect(self) -> sqlite3.Connection:
         path = self.path
         if not os.path.exists(path):
@@ -298,6 +321,8 @@ class SQLiteStore:
                 raise StoreError(f"{self.url}: cannot create the store file: {exc}") from None
             else:
                 os.close(fd)
+        else:
+            self._make_private(path)
         try:
             conn = sqlite3.connect(
                 path,
