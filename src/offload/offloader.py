@@ -352,7 +352,9 @@ class Offloader:
                 if left is not None and left <= 0:
                     return False
                 # Other processes change the store without telling us: look again soon.
-                self._drained.wait(_FLUSH_POLL if left is None else min(_FLUSH_POLL, left))
+                # A remote store (SQS) says how often it may be asked: each look is a request.
+                poll = float(getattr(durable, "flush_poll", _FLUSH_POLL))
+                self._drained.wait(poll if left is None else min(poll, left))
 
     def stats(self) -> Stats:
         """Counters and a snapshot; `enqueued == succeeded + dead_lettered + queued +

@@ -389,6 +389,8 @@ class SqsStore:
     #: SQS cannot lease a message as it is sent: put(lease=True) is refused, and a
     #: consuming process claims its own tasks back like any worker.
     leases_on_put = False
+    #: flush() looks at the queue's counts this often: each look is a GetQueueAttributes.
+    flush_poll = 0.5
 
     def __init__(
         self,
