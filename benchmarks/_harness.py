@@ -8,6 +8,7 @@ import math
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -196,3 +197,22 @@ def redis_available() -> bool:
     import shutil
 
     return shutil.which("redis-server") is not None
+
+
+@contextmanager
+def busy_worker(submit: Callable[[Callable[[], None]], Any]) -> Iterator[threading.Event]:
+    """Occupy a single worker with a call that blocks until the yielded event is set, so
+    that what is enqueued meanwhile only queues up (enqueue cost, memory per queued task)."""
+    started, release = threading.Event(), threading.Event()
+
+    def block() -> None:
+        started.set()
+        release.wait()
+
+    submit(block)
+    if not started.wait(30):
+        raise RuntimeError("the worker did not start the blocking call")
+    try:
+        yield release
+    finally:
+        release.set()

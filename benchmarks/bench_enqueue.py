@@ -15,13 +15,22 @@ from __future__ import annotations
 import logging
 import queue
 import statistics
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from _harness import Row, Samples, Scale, at_most, gc_collected, percentile, redis_available, timers
+from _harness import (
+    Row,
+    Samples,
+    Scale,
+    at_most,
+    busy_worker,
+    gc_collected,
+    percentile,
+    redis_available,
+    timers,
+)
 
 import offload
 
@@ -34,24 +43,6 @@ def send_welcome(user_id: int, email: str, plan: str) -> None:
 
 
 @contextmanager
-def _busy(submit: Callable[[Callable[[], None]], Any]) -> Iterator[threading.Event]:
-    """Occupy the single worker with a call that blocks until the yielded event is set."""
-    started, release = threading.Event(), threading.Event()
-
-    def block() -> None:
-        started.set()
-        release.wait()
-
-    submit(block)
-    if not started.wait(30):
-        raise RuntimeError("the worker did not start the blocking call")
-    try:
-        yield release
-    finally:
-        release.set()
-
-
-@contextmanager
 def _queue() -> Iterator[dict[str, Any]]:
     q: queue.Queue[Any] = queue.Queue()
     yield {"put": q.put}
@@ -61,7 +52,7 @@ def _queue() -> Iterator[dict[str, Any]]:
 def _offload() -> Iterator[dict[str, Any]]:
     off = offload.Offloader(max_queue=10**8, idle_timeout=60)
     try:
-        with _busy(off.enqueue_task):
+        with busy_worker(off.enqueue_task):
             yield {"enqueue": off.enqueue_task}
         off.flush(timeout=300)
     finally:
@@ -76,7 +67,7 @@ def _offload_http() -> Iterator[dict[str, Any]]:
     logger.setLevel(logging.ERROR)  # shutdown's one WARNING about what it dead-letters
     off = offload.Offloader(max_queue=10**8, idle_timeout=60, max_dead_letters=0)
     try:
-        with _busy(off.enqueue_task):
+        with busy_worker(off.enqueue_task):
             yield {
                 "enqueue": off.enqueue_task,
                 "http": offload.http,
@@ -90,7 +81,7 @@ def _offload_http() -> Iterator[dict[str, Any]]:
 
 @contextmanager
 def _executor() -> Iterator[dict[str, Any]]:
-    with ThreadPoolExecutor(1) as pool, _busy(pool.submit):
+    with ThreadPoolExecutor(1) as pool, busy_worker(pool.submit):
         yield {"submit": pool.submit}
 
 

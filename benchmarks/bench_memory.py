@@ -12,37 +12,18 @@ from __future__ import annotations
 
 import gc
 import queue
-import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any
 
-from _harness import Row, Samples, Scale, at_most
+from _harness import Row, Samples, Scale, at_most, busy_worker
 
 import offload
 
 
 def send_welcome(user_id: int, email: str, plan: str) -> None:
     """The task every contender queues (never run while measured)."""
-
-
-@contextmanager
-def _busy(submit: Callable[[Callable[[], None]], Any]) -> Iterator[None]:
-    started, release = threading.Event(), threading.Event()
-
-    def block() -> None:
-        started.set()
-        release.wait()
-
-    submit(block)
-    if not started.wait(30):
-        raise RuntimeError("the worker did not start the blocking call")
-    try:
-        yield
-    finally:
-        release.set()
 
 
 def _queue(n: int) -> Iterator[Callable[[int, int], None]]:
@@ -65,7 +46,7 @@ def _offload(n: int) -> Iterator[Callable[[int, int], None]]:
             enqueue(send_welcome, user_id=i, email=f"user{i}@example.com", plan="pro")
 
     try:
-        with _busy(off.enqueue_task):
+        with busy_worker(off.enqueue_task):
             yield fill
     finally:  # the generator is closed: release the worker and let it drain the queue
         off.flush(timeout=300)
@@ -73,7 +54,7 @@ def _offload(n: int) -> Iterator[Callable[[int, int], None]]:
 
 
 def _executor(n: int) -> Iterator[Callable[[int, int], None]]:
-    with ThreadPoolExecutor(1) as pool, _busy(pool.submit):
+    with ThreadPoolExecutor(1) as pool, busy_worker(pool.submit):
         submit = pool.submit
 
         def fill(lo: int, hi: int) -> None:
