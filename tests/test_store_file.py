@@ -92,6 +92,11 @@ def test_an_existing_world_readable_file_is_made_private(
         off.shutdown(1)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert "made it private" in caplog.text
+    assert all(
+        stat.S_IMODE(p.stat().st_mode) == 0o600
+        for p in tmp_path.iterdir()
+        if p.name.startswith("q.db")
+    )
 
 
 def later() -> None:
@@ -276,3 +281,15 @@ def test_a_row_naming_a_function_the_application_never_enqueued_is_refused(
     finally:
         worker.shutdown(1)
     assert results == [], f"os.getcwd() ran and returned {results}"
+
+
+def test_a_file_that_is_not_a_store_keeps_its_mode(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    path.write_text("my notes, not a database\n")
+    path.chmod(0o644)
+    with pytest.raises(offload.StoreError, match="not a usable offload store"):
+        Offloader(store=url_of(path), consume=False).enqueue_task(
+            offload.http("POST", "http://127.0.0.1:9/x")
+        )
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert path.read_text() == "my notes, not a database\n"

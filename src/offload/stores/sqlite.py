@@ -286,27 +286,23 @@ class SQLiteStore:
             self._cursor = conn.cursor()
         return conn
 
-    def _make_private(self, path: str) -> None:
+    def _make_private(self, path: str) -> bool:
         """Tighten an existing store file of ours that others can read (one made by `touch`
-        under the usual umask): it holds request headers, tokens among them."""
+        under the usual umask): it holds request headers, tokens among them. True if it
+        was loose."""
         try:
             info = os.stat(path)
         except OSError:
-            return  # sqlite3.connect reports what is wrong
+            return False  # no -wal or -shm file (yet)
         loose = stat.S_IMODE(info.st_mode) & 0o077
         getuid = getattr(os, "getuid", None)  # POSIX only; Windows has no such bits
         if not loose or getuid is None or info.st_uid != getuid():
-            return  # private already, or another user's file: theirs to set
+            return False  # private already, or another user's file: theirs to set
         try:
             os.chmod(path, stat.S_IMODE(info.st_mode) & 0o700)
         except OSError as exc:
-            log.warning(
-                "offload: %s is readable by other users and could not be made private: %s",
-                self.url,
-                exc,
-            )
-        else:
-            log.warning("offload: %s was readable by other users; made it private (0600)", self.url)
+            log.warning("offload: %s is readable by other users: %s", self.url, exc)
+        return True
 
     def _connect(self) -> sqlite3.Connection:
         path = self.path
@@ -321,8 +317,6 @@ class SQLiteStore:
                 raise StoreError(f"{self.url}: cannot create the store file: {exc}") from None
             else:
                 os.close(fd)
-        else:
-            self._make_private(path)
         try:
             conn = sqlite3.connect(
                 path,
@@ -340,6 +334,10 @@ class SQLiteStore:
             conn.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.synchronous]}")
             conn.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
             self._ensure_schema(conn)
+            # Only now, known to be a store: never touch the mode of a file that is not.
+            loose = [self._make_private(name) for name in (path, f"{path}-wal", f"{path}-shm")]
+            if any(loose):
+                log.warning("offload: %s was readable by other users; made it private", self.url)
         except sqlite3.Error as exc:
             conn.close()
             raise StoreError(f"{self.url}: not a usable offload store: {exc}") from None
