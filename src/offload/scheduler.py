@@ -187,5 +187,6 @@ class Scheduler:
         return tasks
 
     def snapshot(self) -> dict[str, float]:
-        """Gated keys and the seconds-from-now their gates open (for progress displays)."""
+        """Gated keys and the monotonic times their gates open (Offloader.gates() turns them
+        into seconds from now)."""
         return {key: gate.open_at for key, gate in self.gates.items()}
