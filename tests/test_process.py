@@ -6,29 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 
 import pytest
 
+from procs import python_env, run_python
 from server import Answer, ScriptedServer
-
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-
-
-def run_python(
-    code: str, *, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-        check=False,
-    )
 
 
 def test_atexit_delivers_what_was_enqueued(server: ScriptedServer) -> None:
@@ -77,7 +60,7 @@ def test_fork_while_worker_busy_gives_child_a_fresh_offloader(server: ScriptedSe
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", script],
-        env={**os.environ, "PYTHONPATH": SRC, "OFFLOAD_SHUTDOWN_TIMEOUT": "10"},
+        env=python_env({"OFFLOAD_SHUTDOWN_TIMEOUT": "10"}),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -11,9 +11,6 @@ import json
 import os
 import sqlite3
 import stat
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,10 +25,8 @@ from offload import NotSerializable, Offloader, RetryPolicy, StoreError, Task, U
 from offload.stores import open_store
 from offload.stores.sqlite import SQLiteStore, parse_sqlite_url
 from offload.testing import FakeClock
+from procs import TESTS, run_python
 from server import Answer, ScriptedServer
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.join(os.path.dirname(TESTS), "src")
 
 delivered: list[Any] = []
 delivered_lock = threading.Lock()
@@ -462,14 +457,7 @@ def test_leases_of_a_dead_process_are_taken_back_at_once(tmp_path: Path) -> None
             store.put(Task(test_sqlite.record, (i,)), lease=True)
         os._exit(0)  # gone without releasing anything
     """
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env={**os.environ, "PYTHONPATH": SRC},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_python(code)
     assert result.returncode == 0, result.stderr
     store = SQLiteStore(tmp_path / "q.db", lease_timeout=3600)
     try:
@@ -506,14 +494,7 @@ def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
         print(sorted(t.args[0] for t in store.claim(10)))
         store.close()
     """
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env={**os.environ, "PYTHONPATH": SRC},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['child', 'parent']"
 

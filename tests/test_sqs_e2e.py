@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -27,32 +26,13 @@ import offload
 from offload import DeadLetter, Task
 from offload.records import new_id
 from offload.stores.sqs import SqsStore
+from procs import python_env, run_python
 from server import Answer, ScriptedServer
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.join(os.path.dirname(TESTS), "src")
 
 
 def post_from(url: str, n: int) -> requests.Response:
     """A task: POST {"n": n, "pid": <the worker's pid>} (the worker classifies the answer)."""
     return requests.post(url, json={"n": n, "pid": os.getpid()}, timeout=10)
-
-
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, TESTS])}
-    env.update(extra or {})
-    return env
-
-
-def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=_env(env),
-        check=False,
-    )
 
 
 def offload_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -62,7 +42,7 @@ def offload_cli(*args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=120,
-        env=_env(),
+        env=python_env(),
         check=False,
     )
 
@@ -79,7 +59,7 @@ class Workers:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=_env(env),
+            env=python_env(env),
         )
         self.procs.append(proc)
         return proc
@@ -116,6 +96,7 @@ def enqueue(store_url: str, calls: Sequence[str]) -> None:
         assert stats.enqueued == {len(calls)}, stats
         """,
         env={"OFFLOAD_SHUTDOWN_TIMEOUT": "0"},
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
 

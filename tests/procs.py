@@ -1,0 +1,33 @@
+"""Running real Python subprocesses in tests: the source tree and tests/ on their path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+__all__ = ["SRC", "TESTS", "python_env", "run_python"]
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(os.path.dirname(TESTS), "src")
+
+
+def python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment, with src/ and tests/ importable, plus `extra`."""
+    path = [SRC, TESTS, *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), **(extra or {})}
+
+
+def run_python(
+    code: str, *, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run `code` (dedented) in a fresh interpreter and wait for it; never raises on exit."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=python_env(env),
+        check=False,
+    )
