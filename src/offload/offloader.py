@@ -218,8 +218,9 @@ class Offloader:
         Never blocks: raises QueueFull when `max_queue` tasks are held, ShutDown after
         shutdown(), TypeError for something that cannot be performed.
         """
+        durable = self._durable
         if callable(call):  # the common case first (a Task or an HttpCall is not callable)
-            task = Task._fast(call, args, kwargs)
+            task = Task._fast(call, args, kwargs, with_id=durable is not None)
         elif type(call) is Task:
             if args or kwargs:
                 raise TypeError("enqueue_task(Task(...)) takes no further arguments")
@@ -240,8 +241,8 @@ class Offloader:
             )
         if self._pid != os.getpid():
             self._after_fork()  # a server that forks without running fork hooks (uWSGI)
-        if self._durable is not None:
-            self._put(self._durable, task)
+        if durable is not None:
+            self._put(durable, task)
         else:
             self._submit(task)
         return task

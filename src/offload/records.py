@@ -159,7 +159,8 @@ class Task:
     # queue. Everything else (options, ids, attempt state) lives in an _Extra, made when
     # first needed: at construction for a Task(...) or an HTTP/AWS call; for a plain
     # callable's task (which enqueue_task makes with `_fast`) at its first attempt, or when
-    # its id is first read. Until then `_x` holds the call itself.
+    # its id is first read (at once over a durable store, which writes the id). Until then
+    # `_x` holds the call itself.
     __slots__ = ("_x", "args", "kwargs")
 
     _x: Any  # the call (a task made by _fast, never touched since), or its _Extra
@@ -215,11 +216,17 @@ class Task:
         extra.key = key if key is not None else default_key(call)
 
     @classmethod
-    def _fast(cls, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Task:
+    def _fast(
+        cls, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, with_id: bool = False
+    ) -> Task:
         """The enqueue hot path for a plain callable: checks done by the caller, and the
-        task counts as enqueued from the start (see `_enqueued_at`)."""
+        task counts as enqueued from the start (see `_enqueued_at`).
+
+        `with_id` makes its _Extra (and so its id) now, for a durable store, which writes
+        the id: no other thread can see the task yet, so this needs none of `_extra()`'s
+        locking (1.3 us there, 0.7 us here)."""
         self = cls.__new__(cls)
-        self._x = call
+        self._x = _Extra(call, math.inf) if with_id else call
         self.args = args
         self.kwargs = kwargs
         return self
