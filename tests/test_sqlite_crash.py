@@ -122,6 +122,8 @@ def test_a_killed_process_loses_nothing(tmp_path: Path, server: ScriptedServer) 
         assert store.counts() == type(store.counts())(0, 0, 0, 0)
     finally:
         store.close()
+    # The killed process's journal was copied, then deleted by the survivor.
+    assert list((tmp_path / "q.db-journals").iterdir()) == []
 
 
 WORKER = """

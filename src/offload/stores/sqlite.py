@@ -3,11 +3,14 @@
     Offloader(store="sqlite:///var/lib/app/offload.db")           # relative: sqlite:///offload.db
     Offloader(store="sqlite:////var/lib/app/offload.db?synchronous=full")
 
-Durability. The file is in WAL mode with `synchronous=NORMAL`: a task is written to the WAL
-file (one INSERT, one commit, no fsync) before `enqueue_task` returns, so a process that is
-killed, crashes or is OOM-killed loses nothing. A power cut or kernel crash can lose the
-last commits (never corrupt the file); `?synchronous=full` fsyncs every commit and closes
-that gap too, at about a hundred times the cost per enqueue.
+Durability. An enqueue appends one line (the task as JSON) to its process's journal file,
+in `<database>-journals/`, with one write() and no fsync, before `enqueue_task` returns:
+a process that is killed, crashes or is OOM-killed loses nothing. The lines are copied into
+the database (WAL mode, `synchronous=NORMAL`) in batches by whichever process next reads
+tasks, its own worker or any other; the journal of a process that is gone is copied by the
+next one and deleted. A power cut or kernel crash can lose the last writes (never corrupt
+the file); `?synchronous=full` writes every enqueue straight into the database with an
+fsync'd commit and closes that gap too, at about twenty times the cost per enqueue.
 
 Sharing. Every process (gunicorn workers, `offload worker`) opens its own connection; a
 connection is never used across fork() (a child opens its own, by a process-id check).
@@ -17,7 +20,8 @@ performed is leased to one owner (host, pid, a random token per store object) un
 host that no longer exists is taken back by the next claim, at once; any other lease when
 it expires.
 
-Only JSON is stored (see offload._serial), and the file is created with mode 0600.
+Only JSON is stored (see offload._serial); the files are made mode 0600, the journal
+directory 0700.
 """
 
 from __future__ import annotations
@@ -32,10 +36,16 @@ import socket
 import sqlite3
 import stat
 import threading
+import weakref
 from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import parse_qsl, unquote
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock(), so no journal; every enqueue writes the database
+    fcntl = None  # type: ignore[assignment]
 
 from .._serial import Unreadable, load_task, stored_call
 from ..clock import Clock, SystemClock
@@ -47,7 +57,7 @@ __all__ = ["SQLiteStore", "parse_sqlite_url"]
 
 log = logging.getLogger("offload")
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: the journals table and the index on tasks.id
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS tasks (
         seq INTEGER PRIMARY KEY,      -- insertion order, and the handle of a leased row
@@ -67,6 +77,8 @@ _SCHEMA = (
     # Only waiting rows are indexed: an enqueue that leases its task at once (the usual
     # case) writes the table and nothing else.
     "CREATE INDEX IF NOT EXISTS tasks_waiting ON tasks (due) WHERE owner IS NULL",
+    # Settling a task finds it by id; copying a journal line twice (never expected) is a no-op.
+    "CREATE UNIQUE INDEX IF NOT EXISTS tasks_id ON tasks (id)",
     """CREATE TABLE IF NOT EXISTS dead_letters (
         seq INTEGER PRIMARY KEY,
         id TEXT NOT NULL UNIQUE,
@@ -83,6 +95,10 @@ _SCHEMA = (
         buried_at REAL NOT NULL,
         call TEXT NOT NULL,           -- as the task stored it, for replay
         retry TEXT
+    )""",
+    """CREATE TABLE IF NOT EXISTS journals (
+        name TEXT PRIMARY KEY,        -- a file in the journal directory
+        copied INTEGER NOT NULL       -- bytes of it copied into tasks
     )""",
 )
 
@@ -114,6 +130,142 @@ _AUTOCHECKPOINT_PAGES = 10_000
 # Connections inherited over fork(): never used again and never closed, since closing a
 # connection in the child can disturb the parent's locks (as the SQLite docs warn).
 _orphans: list[sqlite3.Connection] = []
+
+# Every store object, so that a forked child lets go of its parent's journal files at once
+# (it holds their locks otherwise, which would keep them from being taken over if the parent
+# died). A child that forks without running the hooks (uWSGI) does it on first use.
+_stores: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+
+
+def _forget_inherited_journals() -> None:
+    for store in list(_stores):
+        journal = store._journal
+        if journal is not None:
+            journal.forget_inherited()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_inherited_journals)
+
+
+# -- the intake journal --------------------------------------------------------------------
+#
+# An enqueue appends one line to this process's journal file (in `<database>-journal.d/`)
+# instead of writing the database: one write() into the page cache, the same durability
+# as a WAL commit with synchronous=NORMAL (a killed process loses nothing; a power cut
+# may lose the last writes), at a fraction of the cost. The lines are copied into the
+# tasks table in batches by whichever process next reads tasks (a claim, a completion,
+# counts): any process may copy any journal, since the bytes copied so far are recorded,
+# per file, in the same transaction as the rows (table `journals`), so each line is copied
+# exactly once. A journal's process holds an exclusive flock() on it while it writes it;
+# a file whose lock can be taken (its process is gone, or moved on to a new file) and that
+# is copied to the end is deleted, in a transaction of its own after the copy.
+#
+# A line: the JSON list [id, idempotency key or null, key, due, owner, lease_until, retry],
+# a tab, and the call's JSON text (which, being JSON from json.dumps, holds no raw tab or
+# newline).
+
+_JOURNAL_SUFFIX = ".journal"
+# A journal file is left for a new one once it holds this many bytes (a few thousand tasks).
+_JOURNAL_ROTATE = 1 << 20
+_JOURNAL_INSERT = (
+    "INSERT OR IGNORE INTO tasks (id, idempotency_key, key, call, retry, due, owner, "
+    "lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+class _Journal:
+    """The journal file this process appends to (see above), under its own lock so that an
+    enqueue never waits for a transaction."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.lock = threading.Lock()
+        self.fd = -1
+        self.name = ""  # the file appended to now
+        self.size = 0  # bytes appended to it
+        self.copied = 0  # bytes of it known to be in the tasks table
+        self.retired: list[str] = []  # earlier files of ours, perhaps not all copied
+        self._prefix = f"{os.getpid()}-{secrets.token_hex(4)}-"
+        self._serial = 0
+
+    def behind(self) -> bool:
+        """True when some line of ours may not be in the tasks table yet."""
+        return self.size > self.copied or bool(self.retired)
+
+    def append(self, data: bytes) -> None:
+        with self.lock:
+            if self.fd < 0 or self.size >= _JOURNAL_ROTATE:
+                self._open()
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[os.write(self.fd, view) :]
+            except OSError:
+                # Leave no torn line behind: cut the file back to its last whole line (and
+                # if even that fails, the partial line is dropped when the file is copied).
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, self.size)
+                self._retire()
+                raise
+            self.size += len(data)
+
+    def _open(self) -> None:
+        self._retire()
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        self._serial += 1
+        name = f"{self._prefix}{self._serial}{_JOURNAL_SUFFIX}"
+        # Made and locked under another name, then renamed, so that no other process ever
+        # sees it unlocked (and empty, which would let it delete the file).
+        temporary = os.path.join(self.directory, f".{name}.new")
+        fd = os.open(
+            temporary, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(temporary, os.path.join(self.directory, name))
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        self.fd, self.name, self.size, self.copied = fd, name, 0, 0
+
+    def _retire(self) -> None:
+        """Stop appending to the current file; unlocked, it is deleted once copied."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.retired.append(self.name)
+            self.fd, self.name, self.size, self.copied = -1, "", 0, 0
+
+    def close(self) -> None:
+        with self.lock:
+            self._retire()
+
+    def forget_inherited(self) -> None:
+        """In a forked child: drop the parent's file descriptor (the parent keeps its lock)."""
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
+def _journal_lines(data: bytes, source: str) -> list[tuple[Any, ...]]:
+    """The task rows of whole journal lines; a line that cannot be read is logged and left."""
+    rows = []
+    for line in data.splitlines():
+        head, tab, call = line.partition(b"\t")
+        try:
+            fields = json.loads(head)
+            if not tab or not isinstance(fields, list) or len(fields) != 7:
+                raise ValueError("not a journal line")
+            task_id, idempotency_key, key, due, owner, lease_until, retry = fields
+            rows.append(
+                (task_id, idempotency_key, key, call.decode(), retry, due, owner, lease_until)
+            )
+        except (ValueError, UnicodeDecodeError) as exc:
+            log.error("offload: left an unreadable line in journal %s: %s", source, exc)
+    return rows
 
 
 def parse_sqlite_url(url: str) -> tuple[str, dict[str, str]]:
@@ -223,7 +375,12 @@ class SQLiteStore:
         self.url = url if url is not None else f"sqlite:///{path}"
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._connection: sqlite3.Connection | None = None
+        #: Where enqueues append (see _Journal); none with synchronous=full, where every
+        #: enqueue is its own fsync'd commit, nor where there is no flock() (Windows).
+        self.journal_dir = f"{path}-journals"
+        self._journaled = mode == "normal" and fcntl is not None
         self._init_process_state()
+        _stores.add(self)
 
     @classmethod
     def from_url(
@@ -256,7 +413,8 @@ class SQLiteStore:
         self._lock = threading.Lock()
         self._owner = f"{socket.gethostname()}:{self._pid}:{secrets.token_hex(6)}"
         self._cursor: sqlite3.Cursor | None = None
-        self._rows: dict[str, int] = {}  # task id -> seq, for the tasks leased here
+        self._opened = False  # the file was opened and checked in this process
+        self._journal = _Journal(self.journal_dir) if self._journaled else None
         self._next_sweep = -math.inf
 
     @property
@@ -276,6 +434,8 @@ class SQLiteStore:
         if self._connection is not None:
             _orphans.append(self._connection)  # never touched again, never closed
         self._connection = None
+        if self._journal is not None:
+            self._journal.forget_inherited()
         self._init_process_state()
 
     def _conn(self) -> sqlite3.Connection:
@@ -335,7 +495,10 @@ class SQLiteStore:
             conn.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
             self._ensure_schema(conn)
             # Only now, known to be a store: never touch the mode of a file that is not.
-            loose = [self._make_private(name) for name in (path, f"{path}-wal", f"{path}-shm")]
+            loose = [
+                self._make_private(name)
+                for name in (path, f"{path}-wal", f"{path}-shm", self.journal_dir)
+            ]
             if any(loose):
                 log.warning("offload: %s was readable by other users; made it private", self.url)
         except sqlite3.Error as exc:
@@ -361,11 +524,12 @@ class SQLiteStore:
                 others = {
                     row[0]
                     for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-                } - {"tasks", "dead_letters"}
+                } - {"tasks", "dead_letters", "journals"}
                 if others:
                     raise StoreError(
                         f"{self.url}: not an offload store (it has tables {sorted(others)})"
                     )
+            if version < _SCHEMA_VERSION:  # new, or format 1: every statement is IF NOT EXISTS
                 for statement in _SCHEMA:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
@@ -403,21 +567,152 @@ class SQLiteStore:
             self._after_fork()
             return
         with self._lock:
+            journal = self._journal
+            if journal is not None and (journal.fd >= 0 or journal.retired):
+                # Copy this process's lines while it can, so that its files can go; those
+                # left are copied and deleted by the next process that reads tasks.
+                journal.close()
+                mine = list(journal.retired)
+                try:
+                    db = self._conn()
+                    self._copy_journals(db, everyone=False)
+                    self._delete_journals(db, mine)
+                except (sqlite3.Error, StoreError, OSError) as exc:
+                    log.warning("offload: %s: journal left for the next process: %s", self.url, exc)
             conn, self._connection, self._cursor = self._connection, None, None
             if conn is not None:
                 conn.close()
 
+    # -- the journal ----------------------------------------------------------------------
+
+    def _journal_names(self) -> list[str]:
+        try:
+            names = os.listdir(self.journal_dir)
+        except FileNotFoundError:
+            return []
+        return [name for name in names if name.endswith(_JOURNAL_SUFFIX)]
+
+    def _copy_journals(self, conn: sqlite3.Connection, *, everyone: bool) -> None:
+        """Copy journal lines not yet in the tasks table into it: every process's
+        (`everyone`), or only this store's own, so that its tasks have rows. With the lock
+        held, outside a transaction; writes only when there is something to copy."""
+        journal = self._journal
+        if journal is None or not (everyone or journal.behind()):
+            return
+        with journal.lock:
+            current, retired = journal.name, list(journal.retired)
+        names = self._journal_names() if everyone else [n for n in (current, *retired) if n]
+        sizes: dict[str, int] = {}
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                sizes[name] = os.stat(os.path.join(self.journal_dir, name)).st_size
+        copied = dict(conn.execute("SELECT name, copied FROM journals").fetchall())
+        behind = [name for name, size in sizes.items() if size > copied.get(name, 0)]
+        stale = [name for name in copied if name not in sizes] if everyone else []
+        if behind or stale:
+            with self._transaction(conn):
+                # Read again under the write lock: another process may have copied meanwhile.
+                copied = dict(conn.execute("SELECT name, copied FROM journals").fetchall())
+                for name in behind:
+                    copied[name] = self._copy_journal(conn, name, copied.get(name, 0))
+                gone = [n for n in stale if not os.path.exists(os.path.join(self.journal_dir, n))]
+                if gone:
+                    conn.execute(
+                        "DELETE FROM journals WHERE name IN (SELECT value FROM json_each(?))",
+                        (_json_list(gone),),
+                    )
+        with journal.lock:
+            if journal.name == current and current in copied:
+                journal.copied = max(journal.copied, copied[current])
+            # A retired file is never written again: copied up to its size, it is done.
+            done = [n for n in retired if n not in sizes or copied.get(n, 0) >= sizes[n]]
+            journal.retired = [n for n in journal.retired if n not in done]
+        if done:
+            self._delete_journals(conn, done)
+
+    def _copy_journal(self, conn: sqlite3.Connection, name: str, start: int) -> int:
+        """Copy the whole lines of journal `name` from byte `start` (in the caller's
+        transaction); returns how far it is copied."""
+        try:
+            with open(os.path.join(self.journal_dir, name), "rb") as file:
+                file.seek(start)
+                data = file.read()
+        except FileNotFoundError:
+            return start
+        end = data.rfind(b"\n") + 1
+        if not end:
+            return start
+        conn.executemany(_JOURNAL_INSERT, _journal_lines(data[:end], name))
+        conn.execute(
+            "INSERT OR REPLACE INTO journals (name, copied) VALUES (?, ?)", (name, start + end)
+        )
+        return start + end
+
+    def _delete_journals(self, conn: sqlite3.Connection, names: list[str]) -> None:
+        """Delete the journal files among `names` that are copied to the end and that no
+        process writes (their lock can be taken: the writer is gone or moved on)."""
+        held: list[tuple[str, int]] = []
+        try:
+            for name in names:
+                try:
+                    fd = os.open(os.path.join(self.journal_dir, name), os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    os.close(fd)  # its process is writing it
+                    continue
+                held.append((name, fd))
+            if not held:
+                return
+            with self._transaction(conn):
+                # Under the write lock, so that no copy reads a file between its deletion
+                # and its row's: a copy that found no row would take the file from the start.
+                copied = dict(conn.execute("SELECT name, copied FROM journals").fetchall())
+                for name, fd in held:
+                    done = copied.get(name, 0)
+                    rest = os.pread(fd, max(0, os.fstat(fd).st_size - done), done)
+                    if b"\n" in rest:
+                        continue  # whole lines not copied yet: the next copy takes them
+                    if rest:
+                        log.warning(
+                            "offload: journal %s ends in an incomplete line (%d bytes; its "
+                            "process died while writing it, before the enqueue returned); dropped",
+                            name,
+                            len(rest),
+                        )
+                    os.unlink(os.path.join(self.journal_dir, name))
+                    conn.execute("DELETE FROM journals WHERE name = ?", (name,))
+        finally:
+            for _, fd in held:
+                os.close(fd)
+
     # -- tasks ----------------------------------------------------------------------------
 
     def put(self, task: Task, *, lease: bool) -> None:
-        """Write a new task: one prepared INSERT, committed before returning (no fsync
-        with synchronous=NORMAL). The enqueue path: kept short on purpose."""
+        """Write a new task before returning: one line appended to this process's journal
+        (one write(), no fsync), or with synchronous=full one fsync'd INSERT. The enqueue
+        path: kept short on purpose."""
         call, retry = stored_call(task)  # NotSerializable before touching the file
         now = self._clock.time()
-        task_id = task.id
-        idempotency_key = task.idempotency_key if task.idempotency_key != task_id else None
         if self._pid != os.getpid():
             self._after_fork()
+        if not self._opened:
+            with self._use("opening the store"):
+                self._opened = True  # errors in the file surface at the first enqueue
+        task_id = task.id
+        idempotency_key = task.idempotency_key if task.idempotency_key != task_id else None
+        owner, until = (self._owner, now + self.lease_timeout) if lease else (None, None)
+        journal = self._journal
+        if journal is not None and "\n" not in call:
+            head = json.dumps([task_id, idempotency_key, task.key, now, owner, until, retry])
+            try:
+                journal.append(f"{head}\t{call}\n".encode())
+            except OSError as exc:
+                raise StoreError(f"{self.url}: enqueue failed: {exc}") from exc
+            return
+        row = (task_id, idempotency_key, task.key, call, retry, now, owner, until)
         with self._lock:
             try:
                 cursor = self._cursor
@@ -425,25 +720,7 @@ class SQLiteStore:
                     self._conn()
                     cursor = self._cursor
                     assert cursor is not None
-                if lease:
-                    cursor.execute(
-                        _PUT,
-                        (
-                            task_id,
-                            idempotency_key,
-                            task.key,
-                            call,
-                            retry,
-                            now,
-                            self._owner,
-                            now + self.lease_timeout,
-                        ),
-                    )
-                    self._rows[task_id] = cursor.lastrowid  # type: ignore[assignment]
-                else:
-                    cursor.execute(
-                        _PUT, (task_id, idempotency_key, task.key, call, retry, now, None, None)
-                    )
+                cursor.execute(_PUT, row)
             except sqlite3.Error as exc:
                 raise StoreError(f"{self.url}: enqueue failed: {exc}") from exc
 
@@ -453,6 +730,7 @@ class SQLiteStore:
             return []
         now = self._clock.time()
         with self._use("claim") as conn:
+            self._copy_journals(conn, everyone=True)
             if now >= self._next_sweep:
                 self._sweep(conn, now)
             # A read first: polling an empty store must not take the write lock.
@@ -478,16 +756,14 @@ class SQLiteStore:
                         "WHERE seq IN (SELECT value FROM json_each(?))",
                         (self._owner, now + self.lease_timeout, _json_list(r[0] for r in rows)),
                     )
-            tasks = []
-            for row in rows:
-                task = _task_from_row(row)
-                self._rows[task.id] = row[0]
-                tasks.append(task)
-            return tasks
+            return [_task_from_row(row) for row in rows]
 
     def _sweep(self, conn: sqlite3.Connection, now: float) -> None:
-        """Take back expired leases, and at once those of dead processes of this host."""
+        """Take back expired leases, and at once those of dead processes of this host;
+        delete the journal files that are done with."""
         self._next_sweep = now + min(_SWEEP_EVERY, self.lease_timeout / 4)
+        if self._journal is not None:
+            self._delete_journals(conn, self._journal_names())
         host = socket.gethostname()
         expired: list[str] = []
         dead: list[str] = []
@@ -524,45 +800,41 @@ class SQLiteStore:
 
     def renew(self, tasks: Sequence[Task]) -> None:
         """Extend the leases of `tasks` (one UPDATE)."""
+        if not tasks:
+            return
         with self._use("renewing leases") as conn:
-            seqs = [self._rows[t.id] for t in tasks if t.id in self._rows]
-            if not seqs:
-                return
+            self._copy_journals(conn, everyone=False)
             renewed = conn.execute(
                 "UPDATE tasks SET lease_until = ? "
-                "WHERE owner = ? AND seq IN (SELECT value FROM json_each(?))",
-                (self._clock.time() + self.lease_timeout, self._owner, _json_list(seqs)),
+                "WHERE owner = ? AND id IN (SELECT value FROM json_each(?))",
+                (
+                    self._clock.time() + self.lease_timeout,
+                    self._owner,
+                    _json_list(t.id for t in tasks),
+                ),
             ).rowcount
-        if renewed < len(seqs):
+        if renewed < len(tasks):
             log.warning(
                 "offload: %d lease(s) were lost before renewal (taken back after expiry); "
                 "those tasks may run twice",
-                len(seqs) - renewed,
+                len(tasks) - renewed,
             )
-
-    def _handle(self, task: Task) -> tuple[str, tuple[Any, ...]]:
-        """A WHERE clause and its parameters for a task's row (forgetting its seq): by seq
-        when leased here, which needs no index; by id otherwise (a scan, rare)."""
-        seq = self._rows.pop(task.id, None)
-        if seq is not None:
-            return "seq = ? AND id = ?", (seq, task.id)
-        return "id = ?", (task.id,)
 
     def release(self, task: Task, due: float) -> None:
         """Hand `task` back, due at `due`, with its attempt state."""
         with self._use("releasing a task") as conn:
-            where, handle = self._handle(task)
+            self._copy_journals(conn, everyone=False)
             conn.execute(
                 "UPDATE tasks SET owner = NULL, lease_until = NULL, due = ?, attempts = ?, "
                 "failures = ?, first_attempt_at = ?, last_attempt_at = ? "
-                f"WHERE {where} AND owner = ?",
+                "WHERE id = ? AND owner = ?",
                 (
                     due,
                     task._attempts,
                     task._failures,
                     task._first_attempt_at,
                     task._last_attempt_at,
-                    *handle,
+                    task.id,
                     self._owner,
                 ),
             )
@@ -570,13 +842,14 @@ class SQLiteStore:
     def complete(self, task: Task) -> None:
         """Delete a delivered task (whoever holds it now: it was delivered)."""
         with self._use("completing a task") as conn:
-            where, handle = self._handle(task)
-            conn.execute(f"DELETE FROM tasks WHERE {where}", handle)
+            self._copy_journals(conn, everyone=False)
+            conn.execute("DELETE FROM tasks WHERE id = ?", (task.id,))
 
     def next_due(self) -> float | None:
         """When the earliest claimable task is due (after sweeping dead leases); None if none."""
         now = self._clock.time()
         with self._use("reading the next due time") as conn:
+            self._copy_journals(conn, everyone=True)
             if now >= self._next_sweep:
                 self._sweep(conn, now)
             due = conn.execute("SELECT MIN(due) FROM tasks WHERE owner IS NULL").fetchone()[0]
@@ -586,6 +859,7 @@ class SQLiteStore:
         """Tasks ready, delayed and leased (by anyone), and dead letters, now."""
         now = self._clock.time()
         with self._use("counting") as conn:
+            self._copy_journals(conn, everyone=True)
             ready, delayed, leased = conn.execute(
                 "SELECT COALESCE(SUM(owner IS NULL AND due <= :now), 0), "
                 "COALESCE(SUM(owner IS NULL AND due > :now), 0), "
@@ -621,12 +895,12 @@ class SQLiteStore:
             "call, retry) "
         )
         with self._use("storing a dead letter") as conn:
-            where, handle = self._handle(task)
+            self._copy_journals(conn, everyone=False)
             with self._transaction(conn):
                 copied = conn.execute(
-                    insert + f"SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, call, retry "
-                    f"FROM tasks WHERE {where} LIMIT 1",
-                    (*values, *handle),
+                    insert + "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, call, retry "
+                    "FROM tasks WHERE id = ? LIMIT 1",
+                    (*values, task.id),
                 ).rowcount
                 if not copied:  # the row is gone (a lease lost): store the call from memory
                     call, retry = stored_call(task)
@@ -634,7 +908,7 @@ class SQLiteStore:
                         insert + "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (*values, call, retry),
                     )
-                conn.execute(f"DELETE FROM tasks WHERE {where}", handle)
+                conn.execute("DELETE FROM tasks WHERE id = ?", (task.id,))
 
     def dead_letters(self) -> list[DeadLetter]:
         """Every dead letter, oldest first."""

@@ -1,0 +1,391 @@
+"""The SQLite store's journal: an enqueue appends one line to its process's journal file,
+and whichever process next reads tasks copies the lines into the database, each once.
+
+Real files, real processes (killed with SIGKILL where a test needs a journal whose process
+is gone), real threads with a connection each for the concurrent copies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sqlite3
+import textwrap
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import offload
+from offload import Offloader, StoreError, Task
+from offload.stores import sqlite as sqlite_store
+from offload.stores.sqlite import SQLiteStore
+from procs import run_python
+
+
+def record(*args: Any) -> None:
+    """A task target; never performed by the stores under test."""
+
+
+DELIVERED: list[int] = []
+_delivered_lock = threading.Lock()
+
+
+def deliver(i: int) -> None:
+    """A task target that notes what it was given."""
+    with _delivered_lock:
+        DELIVERED.append(i)
+
+
+def journals(db: Path) -> list[Path]:
+    directory = Path(f"{db}-journals")
+    return sorted(directory.glob("*.journal")) if directory.exists() else []
+
+
+def rows(db: Path) -> list[tuple[Any, ...]]:
+    """The tasks table as it is, read behind the store's back (no copy first)."""
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT id, owner FROM tasks ORDER BY seq").fetchall()
+    finally:
+        conn.close()
+
+
+def killed_producer(db: Path, code: str) -> list[str]:
+    """Run `code` (with `store`, a SQLiteStore over `db`, and `put(n)` that enqueues n tasks
+    without a lease) in a process that then kills itself with SIGKILL; the task ids put."""
+    script = textwrap.dedent(
+        f"""\
+        import os, signal, sys
+        from offload import Task
+        from offload.stores.sqlite import SQLiteStore
+        from test_journal import record
+        store = SQLiteStore({str(db)!r})
+        def put(n, lease=False):
+            for i in range(n):
+                task = Task(record, (i,))
+                store.put(task, lease=lease)
+                print(task.id, flush=True)
+        """
+    )
+    result = run_python(f"{script}{code}\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    return result.stdout.split()
+
+
+def test_an_enqueue_is_one_line_of_this_process_journal(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    web = SQLiteStore(db)
+    reader = SQLiteStore(db)
+    try:
+        tasks = [Task(record, (i,), key="k") for i in range(3)]
+        for task in tasks:
+            web.put(task, lease=False)
+        (journal,) = journals(db)
+        assert journal.name.startswith(f"{os.getpid()}-")
+        lines = journal.read_bytes().split(b"\n")
+        assert lines[-1] == b"" and len(lines) == 4
+        for task, line in zip(tasks, lines, strict=False):
+            head, tab, call = line.partition(b"\t")
+            assert tab and json.loads(head)[:3] == [task.id, None, "k"]
+            assert json.loads(call)["args"] == [tasks.index(task)]
+        assert rows(db) == []  # not copied yet: nothing has read tasks
+
+        assert reader.counts().ready == 3  # any reader copies every journal first
+        assert rows(db) == [(t.id, None) for t in tasks]
+        assert journals(db) == [journal]  # its process is alive: the file stays
+        assert reader.counts().ready == 3  # copied once
+    finally:
+        web.close()
+        reader.close()
+
+
+def test_a_task_leased_on_put_is_copied_leased_and_completed_by_its_owner(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    store = SQLiteStore(db)
+    try:
+        task = Task(record, ("mine",))
+        store.put(task, lease=True)
+        assert rows(db) == []
+        store.renew([task])  # settling a task copies this process's lines first
+        assert rows(db) == [(task.id, store.owner)]
+        store.complete(task)
+        assert rows(db) == []
+        assert store.counts() == type(store.counts())(0, 0, 0, 0)
+    finally:
+        store.close()
+
+
+def test_a_dead_process_journal_is_copied_then_deleted(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    ids = killed_producer(db, "put(5)")
+    (journal,) = journals(db)
+    store = SQLiteStore(db)
+    try:
+        claimed = store.claim(10)
+        assert [t.id for t in claimed] == ids
+        assert journals(db) == []  # copied to the end, its process gone: deleted
+        assert not journal.exists()
+        for task in claimed:
+            store.complete(task)
+        assert store.claim(10) == []
+        conn = sqlite3.connect(db)
+        assert conn.execute("SELECT count(*) FROM journals").fetchone() == (0,)
+        conn.close()
+    finally:
+        store.close()
+
+
+def test_leases_written_by_a_killed_process_are_taken_back(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    ids = killed_producer(db, "put(3, lease=True)")
+    store = SQLiteStore(db)
+    try:
+        assert sorted(t.id for t in store.claim(10)) == sorted(ids)
+    finally:
+        store.close()
+
+
+def test_a_torn_last_line_of_a_dead_journal_is_dropped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "q.db"
+    # Killed in the middle of writing its third line (as if the write was cut short).
+    ids = killed_producer(
+        db,
+        """
+put(2)
+journal = store._journal
+os.write(journal.fd, b'["half a line')
+""",
+    )
+    store = SQLiteStore(db)
+    try:
+        with caplog.at_level(logging.WARNING, logger="offload"):
+            assert [t.id for t in store.claim(10)] == ids
+        assert "incomplete line (13 bytes" in caplog.text
+        assert journals(db) == []
+    finally:
+        store.close()
+
+
+def test_an_unreadable_line_is_logged_and_the_others_are_copied(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "q.db"
+    ids = killed_producer(
+        db, "put(1)\nos.write(store._journal.fd, b'not json\\tnor this\\n')\nput(1)"
+    )
+    store = SQLiteStore(db)
+    try:
+        with caplog.at_level(logging.ERROR, logger="offload"):
+            assert [t.id for t in store.claim(10)] == ids
+        assert "unreadable line in journal" in caplog.text
+    finally:
+        store.close()
+
+
+def test_journals_rotate_and_every_line_is_delivered_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "_JOURNAL_ROTATE", 2_000)  # a few lines a file
+    db = tmp_path / "q.db"
+    DELIVERED.clear()
+    off = Offloader(store=f"sqlite:///{db}", workers=2)
+    try:
+        for i in range(300):
+            off.enqueue_task(deliver, i)
+        assert off.flush(30)
+    finally:
+        off.shutdown(5)
+    assert sorted(DELIVERED) == list(range(300))
+    assert journals(db) == []  # its own files, copied, are deleted when it closes
+    assert rows(db) == []
+
+
+def test_concurrent_copies_take_each_line_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Producers append (rotating often) while consumers, each with its own connection,
+    # copy, claim, complete and delete finished files all at once. A line copied twice
+    # would come back after its task completed, and be claimed a second time.
+    monkeypatch.setattr(sqlite_store, "_JOURNAL_ROTATE", 4_000)
+    monkeypatch.setattr(sqlite_store, "_SWEEP_EVERY", 0.0)
+    db = tmp_path / "q.db"
+    producers, per_producer, consumers = 4, 400, 3
+    total = producers * per_producer
+    claimed: Counter[str] = Counter()
+    put: list[str] = []
+    lock = threading.Lock()
+    done_putting = threading.Event()
+    errors: list[BaseException] = []
+
+    def produce() -> None:
+        store = SQLiteStore(db)
+        try:
+            for i in range(per_producer):
+                task = Task(record, (i,))
+                store.put(task, lease=False)
+                with lock:
+                    put.append(task.id)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            store.close()
+
+    def consume() -> None:
+        store = SQLiteStore(db, busy_timeout=30)
+        try:
+            while True:
+                finished = done_putting.is_set()
+                tasks = store.claim(50)
+                for task in tasks:
+                    store.complete(task)
+                with lock:
+                    claimed.update(t.id for t in tasks)
+                if finished and not tasks and store.counts().ready == 0:
+                    return
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=consume) for _ in range(consumers)]
+    makers = [threading.Thread(target=produce) for _ in range(producers)]
+    for thread in threads + makers:
+        thread.start()
+    for thread in makers:
+        thread.join(60)
+    done_putting.set()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads + makers)
+    assert len(put) == total
+    assert set(claimed) == set(put)
+    assert max(claimed.values()) == 1, "a line was copied twice"
+    final = SQLiteStore(db)
+    try:
+        assert final.claim(10) == []  # sweeps what is left
+        assert journals(db) == []
+    finally:
+        final.close()
+
+
+def test_a_forked_child_writes_a_journal_of_its_own(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    result = run_python(
+        f"""
+        import os
+        from offload import Task
+        from offload.stores.sqlite import SQLiteStore
+        from test_journal import record
+        store = SQLiteStore({str(db)!r})
+        store.put(Task(record, ("parent",)), lease=False)
+        pid = os.fork()
+        if pid == 0:
+            store.put(Task(record, ("child",)), lease=False)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert status == 0, status
+        print(pid, flush=True)
+        store.put(Task(record, ("parent again",)), lease=False)
+        os.kill(os.getpid(), 9)
+        """
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    child = int(result.stdout)
+    names = [p.name for p in journals(db)]
+    assert len(names) == 2 and sum(n.startswith(f"{child}-") for n in names) == 1
+    store = SQLiteStore(db)
+    try:
+        args = sorted(t.args[0] for t in store.claim(10))
+        assert args == ["child", "parent", "parent again"]
+        assert journals(db) == []
+    finally:
+        store.close()
+
+
+def test_a_failed_write_leaves_no_torn_line_and_the_next_enqueue_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "q.db"
+    store = SQLiteStore(db)
+    try:
+        first = Task(record, (1,))
+        store.put(first, lease=False)
+        journal = store._journal
+        assert journal is not None
+        real_write = os.write
+
+        def disk_full(fd: int, data: Any) -> int:
+            if fd == journal.fd:
+                real_write(fd, bytes(data[:10]))  # part of the line reaches the file
+                raise OSError(28, "No space left on device")
+            return real_write(fd, data)
+
+        monkeypatch.setattr(sqlite_store.os, "write", disk_full)
+        with pytest.raises(StoreError, match="No space left on device"):
+            store.put(Task(record, (2,)), lease=False)
+        monkeypatch.undo()
+        third = Task(record, (3,))
+        store.put(third, lease=False)
+        assert len(journals(db)) == 2  # the third went to a new file
+        assert [t.id for t in store.claim(10)] == [first.id, third.id]
+    finally:
+        store.close()
+
+
+def test_a_format_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    old = SQLiteStore(db, synchronous="full")  # writes the database directly
+    task = Task(record, ("old",))
+    old.put(task, lease=False)
+    old.close()
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TABLE journals")
+    conn.execute("DROP INDEX tasks_id")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(db)
+    try:
+        assert [t.id for t in store.claim(1)] == [task.id]
+        conn = sqlite3.connect(db)
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        assert {"journals", "tasks_id"} <= names
+        conn.close()
+    finally:
+        store.close()
+
+
+def test_synchronous_full_writes_the_database_at_once(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    store = SQLiteStore(db, synchronous="full")
+    try:
+        task = Task(record, (1,))
+        store.put(task, lease=False)
+        assert rows(db) == [(task.id, None)]
+        assert not Path(f"{db}-journals").exists()
+    finally:
+        store.close()
+
+
+def test_the_journal_holds_no_secret_readable_by_others(tmp_path: Path) -> None:
+    # It holds request headers, as the database does: 0700 directory, 0600 files.
+    db = tmp_path / "q.db"
+    off = Offloader(store=f"sqlite:///{db}", consume=False)
+    try:
+        off.enqueue_task(
+            offload.http("POST", "http://127.0.0.1:9/x", headers={"Authorization": "Bearer t"})
+        )
+        (journal,) = journals(db)
+        assert journal.stat().st_mode & 0o777 == 0o600
+        assert journal.parent.stat().st_mode & 0o777 == 0o700
+    finally:
+        off.shutdown(1)
