@@ -87,7 +87,8 @@ def test_an_enqueue_is_one_line_of_this_process_journal(tmp_path: Path) -> None:
             web.put(task, lease=False)
         (journal,) = journals(db)
         assert journal.name.startswith(f"{os.getpid()}-")
-        lines = journal.read_bytes().split(b"\n")
+        header, *lines = journal.read_bytes().split(b"\n")
+        assert json.loads(header)["offload_journal"] == 1
         assert lines[-1] == b"" and len(lines) == 4
         for task, line in zip(tasks, lines, strict=False):
             head, tab, call = line.partition(b"\t")
@@ -340,6 +341,31 @@ def test_a_failed_write_leaves_no_torn_line_and_the_next_enqueue_goes_on(
         store.close()
 
 
+def test_a_journal_of_a_database_made_anew_is_left_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The database deleted (its queue thrown away) but not its journals: their lines are
+    # not the new database's tasks, and may have been delivered long ago.
+    db = tmp_path / "q.db"
+    killed_producer(db, "put(2)")
+    for path in tmp_path.glob("q.db*"):
+        if path.is_file():
+            path.unlink()
+    (stray,) = journals(db)
+    store = SQLiteStore(db)
+    try:
+        with caplog.at_level(logging.WARNING, logger="offload"):
+            assert store.claim(10) == []
+            assert store.claim(10) == []
+        assert caplog.text.count("was not written for this database") == 1
+        assert journals(db) == [stray]
+        task = Task(record, ("new",))
+        store.put(task, lease=False)
+        assert [t.id for t in store.claim(10)] == [task.id]
+    finally:
+        store.close()
+
+
 def test_a_format_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     db = tmp_path / "q.db"
     old = SQLiteStore(db, synchronous="full")  # writes the database directly
@@ -348,6 +374,7 @@ def test_a_format_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     old.close()
     conn = sqlite3.connect(db)
     conn.execute("DROP TABLE journals")
+    conn.execute("DROP TABLE meta")
     conn.execute("DROP INDEX tasks_id")
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
@@ -358,7 +385,7 @@ def test_a_format_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
         conn = sqlite3.connect(db)
         assert conn.execute("PRAGMA user_version").fetchone() == (2,)
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-        assert {"journals", "tasks_id"} <= names
+        assert {"journals", "meta", "tasks_id"} <= names
         conn.close()
     finally:
         store.close()

@@ -57,7 +57,7 @@ __all__ = ["SQLiteStore", "parse_sqlite_url"]
 
 log = logging.getLogger("offload")
 
-_SCHEMA_VERSION = 2  # 2: the journals table and the index on tasks.id
+_SCHEMA_VERSION = 2  # 2: the journals and meta tables, the index on tasks.id
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS tasks (
         seq INTEGER PRIMARY KEY,      -- insertion order, and the handle of a leased row
@@ -100,6 +100,8 @@ _SCHEMA = (
         name TEXT PRIMARY KEY,        -- a file in the journal directory
         copied INTEGER NOT NULL       -- bytes of it copied into tasks
     )""",
+    # store_id: random, made with the file; a journal names the store it was written for.
+    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
 
 _PUT = (
@@ -186,6 +188,7 @@ class _Journal:
         self.size = 0  # bytes appended to it
         self.copied = 0  # bytes of it known to be in the tasks table
         self.retired: list[str] = []  # earlier files of ours, perhaps not all copied
+        self.header = b""  # the first line of each file: which store it is for
         self._prefix = f"{os.getpid()}-{secrets.token_hex(4)}-"
         self._serial = 0
 
@@ -230,6 +233,8 @@ class _Journal:
                 os.unlink(temporary)
             raise
         self.fd, self.name, self.size, self.copied = fd, name, 0, 0
+        os.write(fd, self.header)  # on failure, a file with no whole line: deleted as torn
+        self.size = len(self.header)
 
     def _retire(self) -> None:
         """Stop appending to the current file; unlocked, it is deleted once copied."""
@@ -248,6 +253,22 @@ class _Journal:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = -1
+
+
+def _journal_header(store_id: str) -> bytes:
+    return json.dumps({"offload_journal": 1, "store": store_id}).encode() + b"\n"
+
+
+def _journal_store(line: bytes) -> str | None:
+    """The store id a journal's first line names; None if it is no journal header."""
+    try:
+        header = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(header, dict) and header.get("offload_journal") == 1:
+        store = header.get("store")
+        return store if isinstance(store, str) else None
+    return None
 
 
 def _journal_lines(data: bytes, source: str) -> list[tuple[Any, ...]]:
@@ -379,6 +400,8 @@ class SQLiteStore:
         #: enqueue is its own fsync'd commit, nor where there is no flock() (Windows).
         self.journal_dir = f"{path}-journals"
         self._journaled = mode == "normal" and fcntl is not None
+        self._store_id = ""  # read from the file when it is opened
+        self._strays: set[str] = set()  # journal files of another database, left alone
         self._init_process_state()
         _stores.add(self)
 
@@ -494,6 +517,10 @@ class SQLiteStore:
             conn.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.synchronous]}")
             conn.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
             self._ensure_schema(conn)
+            row = conn.execute("SELECT value FROM meta WHERE name = 'store_id'").fetchone()
+            if row is None:
+                raise StoreError(f"{self.url}: not a usable offload store: it has no store id")
+            self._store_id = str(row[0])
             # Only now, known to be a store: never touch the mode of a file that is not.
             loose = [
                 self._make_private(name)
@@ -524,7 +551,7 @@ class SQLiteStore:
                 others = {
                     row[0]
                     for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-                } - {"tasks", "dead_letters", "journals"}
+                } - {"tasks", "dead_letters", "journals", "meta"}
                 if others:
                     raise StoreError(
                         f"{self.url}: not an offload store (it has tables {sorted(others)})"
@@ -532,6 +559,10 @@ class SQLiteStore:
             if version < _SCHEMA_VERSION:  # new, or format 1: every statement is IF NOT EXISTS
                 for statement in _SCHEMA:
                     conn.execute(statement)
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta (name, value) VALUES ('store_id', ?)",
+                    (secrets.token_hex(8),),
+                )
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -601,7 +632,10 @@ class SQLiteStore:
             return
         with journal.lock:
             current, retired = journal.name, list(journal.retired)
-        names = self._journal_names() if everyone else [n for n in (current, *retired) if n]
+        if everyone:
+            names = [n for n in self._journal_names() if n not in self._strays]
+        else:
+            names = [n for n in (current, *retired) if n]
         sizes: dict[str, int] = {}
         for name in names:
             with contextlib.suppress(FileNotFoundError):
@@ -642,7 +676,20 @@ class SQLiteStore:
         end = data.rfind(b"\n") + 1
         if not end:
             return start
-        conn.executemany(_JOURNAL_INSERT, _journal_lines(data[:end], name))
+        lines = data[:end]
+        if start == 0:
+            first, _, lines = lines.partition(b"\n")
+            if _journal_store(first) != self._store_id:
+                # Left behind by a database that was deleted and made anew, say: its lines
+                # are not this store's tasks (some may have been delivered long ago).
+                self._strays.add(name)
+                log.warning(
+                    "offload: %s: journal %s was not written for this database; left alone",
+                    self.url,
+                    name,
+                )
+                return start
+        conn.executemany(_JOURNAL_INSERT, _journal_lines(lines, name))
         conn.execute(
             "INSERT OR REPLACE INTO journals (name, copied) VALUES (?, ?)", (name, start + end)
         )
@@ -701,6 +748,8 @@ class SQLiteStore:
         if not self._opened:
             with self._use("opening the store"):
                 self._opened = True  # errors in the file surface at the first enqueue
+                if self._journal is not None:
+                    self._journal.header = _journal_header(self._store_id)
         task_id = task.id
         idempotency_key = task.idempotency_key if task.idempotency_key != task_id else None
         owner, until = (self._owner, now + self.lease_timeout) if lease else (None, None)
@@ -763,7 +812,7 @@ class SQLiteStore:
         delete the journal files that are done with."""
         self._next_sweep = now + min(_SWEEP_EVERY, self.lease_timeout / 4)
         if self._journal is not None:
-            self._delete_journals(conn, self._journal_names())
+            self._delete_journals(conn, [n for n in self._journal_names() if n not in self._strays])
         host = socket.gethostname()
         expired: list[str] = []
         dead: list[str] = []
