@@ -642,3 +642,34 @@ def test_many_threads_enqueue_while_workers_drain(tmp_path: Path, make_offloader
     assert s.retried == len({i for i in range(total) if i % 3 == 0} - gave_up)
     assert (s.stored_ready, s.stored_delayed, s.stored_leased) == (0, 0, 0)
     assert ledger_holds(off) and all(ledgers)
+
+
+def test_many_openers_of_a_new_file_all_get_a_store(tmp_path: Path) -> None:
+    # gunicorn workers starting at once on a store file nobody made yet: the switch to WAL
+    # mode takes an exclusive lock that SQLite's busy handler does not wait for.
+    errors: list[BaseException] = []
+    for attempt in range(20):
+        db = tmp_path / f"q{attempt}.db"
+        start = threading.Barrier(8)
+
+        def open_and_put(db: Path = db, start: threading.Barrier = start) -> None:
+            store = SQLiteStore(db)
+            try:
+                start.wait(10)
+                store.put(Task(record, ()), lease=False)
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                store.close()
+
+        threads = [threading.Thread(target=open_and_put) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not errors, errors
+        reader = SQLiteStore(db)
+        try:
+            assert reader.counts().ready == 8
+        finally:
+            reader.close()

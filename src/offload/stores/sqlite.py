@@ -36,6 +36,7 @@ import socket
 import sqlite3
 import stat
 import threading
+import time
 import weakref
 from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime, timezone
@@ -511,7 +512,7 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"{self.url}: cannot open: {exc}") from None
         try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = self._switch_to_wal(conn)
             if str(mode).lower() != "wal":
                 raise StoreError(f"{self.url}: cannot switch to WAL mode (got {mode!r})")
             conn.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.synchronous]}")
@@ -535,6 +536,21 @@ class SQLiteStore:
             conn.close()
             raise
         return conn
+
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> Any:
+        """Put the file in WAL mode (which it keeps); returns the mode it is in. Switching a
+        new file takes an exclusive lock without SQLite's busy handler, so processes that
+        open a new store at once (gunicorn workers starting) retry, up to busy_timeout."""
+        deadline = time.monotonic() + self.busy_timeout
+        pause = 0.001
+        while True:
+            try:
+                return conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)  # the busy handler's way too: nothing to wait on across processes
+            pause = min(pause * 2, 0.05)
 
     def _ensure_schema(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
