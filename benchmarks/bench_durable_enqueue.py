@@ -7,12 +7,16 @@ Every contender stores the same task (a module-level function and a dict of thre
 arguments, built per call as a handler would) and nothing consumes it while it is measured:
 
 - `offload sqlite` is `Offloader(store="sqlite:///…")` in a web process that also performs
-  the calls (the default, `consume=True`): the task is written (one INSERT, one commit, WAL
-  mode, `synchronous=NORMAL`: durable against a killed process, no fsync per call) and
-  leased to this process; its worker is kept busy on a blocking call, so only the enqueue
-  path is measured.
+  the calls (the default, `consume=True`): the task is appended to the process's journal
+  (one write(), no fsync: durable against a killed process, as a WAL commit with
+  `synchronous=NORMAL` is) and leased to this process; the lines reach the database later,
+  in batches (see docs/DESIGN.md). Its worker is kept busy on a blocking call, so only the
+  enqueue path is measured.
 - `offload sqlite, consume=False` is a web process that only enqueues.
-- `offload sqlite, synchronous=full` fsyncs every commit (durable against power loss).
+- `offload sqlite, synchronous=full` INSERTs and fsyncs every task (durable against power
+  loss).
+- `sqlite3 INSERT + commit` is what an enqueue cost before the journal: one prepared
+  INSERT of a ready-made row into offload's tasks table, committed (WAL, NORMAL).
 - Huey's `SqliteHuey(fsync=False)` (journal in WAL mode, `synchronous=OFF`) and
   `SqliteHuey(fsync=True)` (`synchronous=FULL`), no consumer; Huey pickles the task.
 
@@ -106,8 +110,8 @@ def _offload(directory: Path, *, consume: bool = True, options: str = "") -> Ite
 
 @contextmanager
 def _sqlite_insert(directory: Path) -> Iterator[dict[str, Any]]:
-    """The floor of any SQLite-backed enqueue: one prepared INSERT of a ready-made row,
-    committed (WAL, synchronous=NORMAL), as offload's store writes it."""
+    """What an enqueue that writes the database costs at the least: one prepared INSERT of
+    a ready-made row into offload's tasks table, committed (WAL, synchronous=NORMAL)."""
     import itertools
     import sqlite3
 
@@ -154,7 +158,7 @@ CONTENDERS: dict[str, tuple[str, Callable[[Path], Any], int]] = {
         _queue,
         1_000,
     ),
-    "sqlite3 INSERT + commit (the floor)": ("insert(sql, row())", _sqlite_insert, 200),
+    "sqlite3 INSERT + commit": ("insert(sql, row())", _sqlite_insert, 200),
     OURS: (f"enqueue(fn, {_KW})", _offload, 200),
     "offload sqlite, consume=False": (
         f"enqueue(fn, {_KW})",

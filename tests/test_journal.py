@@ -416,3 +416,40 @@ def test_the_journal_holds_no_secret_readable_by_others(tmp_path: Path) -> None:
         assert journal.parent.stat().st_mode & 0o777 == 0o700
     finally:
         off.shutdown(1)
+
+
+def test_every_field_survives_the_journal(tmp_path: Path) -> None:
+    # The line's head is written by hand: keys with quotes, tabs, newlines, backslashes and
+    # non-ASCII text, a lease, a retry policy, and the call's own text come back as they
+    # went in.
+    db = tmp_path / "q.db"
+    store = SQLiteStore(db, lease_timeout=42.5)
+    try:
+        odd = 'a"b\tc\nd\\e ü \u2028 😀'
+        one_line = odd.replace("\n", "")  # as an idempotency key (a header) must be
+        call = offload.http("POST", "http://127.0.0.1:9/x", idempotency_key=one_line)
+        tasks = [
+            Task(record, ("plain",)),
+            Task(record, (odd,), key=odd, retry=offload.RetryPolicy(max_retry_after=5)),
+            Task(call, key="k"),
+        ]
+        for task in tasks:
+            store.put(task, lease=task is tasks[0])
+        assert rows(db) == []
+        store.renew([tasks[0]])
+        conn = sqlite3.connect(db)
+        got = conn.execute(
+            "SELECT id, idempotency_key, key, retry IS NOT NULL, owner, lease_until - due "
+            "FROM tasks ORDER BY seq"
+        ).fetchall()
+        conn.close()
+        assert got[0][:5] == (tasks[0].id, None, None, 0, store.owner)
+        assert got[0][5] == pytest.approx(42.5, abs=1.0)  # renewed just now
+        assert got[1] == (tasks[1].id, None, odd, 1, None, None)
+        assert got[2] == (tasks[2].id, None, "k", 0, None, None)
+        claimed = {t.id: t for t in store.claim(10)}
+        assert claimed[tasks[1].id].args == (odd,)
+        assert repr(claimed[tasks[1].id].retry) == repr(tasks[1].retry)
+        assert claimed[tasks[2].id].call.idempotency_key == one_line  # type: ignore[union-attr]
+    finally:
+        store.close()
