@@ -2,8 +2,9 @@
 
 The Flask app of tests/gunicorn_app.py runs under a real gunicorn (sync workers,
 preforked); `/enqueue/<id>` hands a POST to a local API (a separate process) to offload,
-`/plain/<id>` does the same work but for the hand-over. One client sends requests one at
-a time, alternating blocks of each kind, so both see the same machine. The figures are
+`/plain/<id>` does the same work but for the hand-over, and `/inline/<id>` makes the call
+itself, in the request, as a handler without offload would. One client sends requests one
+at a time, in blocks of each kind taking turns, so all see the same machine. The figures are
 the round trip seen by the client (what a user of the site waits; it includes the cost of
 the offload worker thread delivering in the background, in the same process) and the
 handler's own time; every ratio is enqueue / plain in the same run.
@@ -104,14 +105,18 @@ def block(session: requests.Session, base: str, kind: str, count: int) -> list[t
     return out
 
 
+KINDS = ("plain", "enqueue", "inline")
+
+
 def run(scale: Scale) -> list[Row]:
     count = scale.n(1000, minimum=50)
     samples = Samples()
     with LocalAPI() as api, gunicorn(api.url) as base, requests.Session() as session:
-        block(session, base, "plain", 50)  # warm up both handlers and the workers
-        block(session, base, "enqueue", 50)
+        for kind in KINDS:  # warm up the handlers and the workers
+            block(session, base, kind, 50)
         for repeat in range(scale.repeats):
-            kinds = ("plain", "enqueue") if repeat % 2 == 0 else ("enqueue", "plain")
+            shift = repeat % len(KINDS)
+            kinds = KINDS[shift:] + KINDS[:shift]
             for kind in kinds:
                 results = block(session, base, kind, count)
                 rtt = [r[0] for r in results]
@@ -141,6 +146,24 @@ def run(scale: Scale) -> list[Row]:
                 met=None if limit is None else ratio <= limit,
                 note=base_note,
                 runs=samples.count(f"enqueue {key}"),
+            )
+        )
+    # What offload is for: the same handler making the call itself.
+    for figure, key, unit in (
+        ("round trip p50", "p50", "ms"),
+        ("handler time p50", "handler", "µs"),
+    ):
+        rows.append(
+            Row(
+                "handler_latency",
+                f"{figure}, a handler that makes the call inline",
+                samples.median(f"inline {key}"),
+                unit,
+                baseline=f"the handler that enqueues: {samples.median(f'enqueue {key}'):.3g} "
+                f"{unit}",
+                ratio=samples.ratio(f"inline {key}", f"enqueue {key}"),
+                note=base_note,
+                runs=samples.count(f"inline {key}"),
             )
         )
     return rows

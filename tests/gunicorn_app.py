@@ -5,6 +5,8 @@ benchmarks/bench_handler_latency.py).
 
 - POST /enqueue/<rid>: hands `POST {API}/deliver/<rid>` to offload and answers at once.
 - POST /plain/<rid>: the same handler without the enqueue, for comparing latency.
+- POST /inline/<rid>: the same handler making the call itself, as it would without offload
+  (to `{API}/inline/<rid>`, which the tests do not count as a delivery).
 
 Both answer with the process id (`X-Pid`) and the handler's own time in nanoseconds
 (`X-Handler-Ns`). At import the app also enqueues `POST {API}/boot/<pid>`: with
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 
+import requests
 from flask import Flask, Response
 
 import offload
@@ -47,4 +50,16 @@ def plain(rid: str) -> Response:
     # The same work as /enqueue but for handing the call over: build it, then drop it.
     call = offload.http("POST", f"{API}/deliver/{rid}", json={"rid": rid, "pid": os.getpid()})
     del call
+    return _answer(started)
+
+
+_session = requests.Session()
+
+
+@app.post("/inline/<rid>")
+def inline(rid: str) -> Response:
+    started = time.perf_counter_ns()
+    # What the handler would do without offload: the call, in the request.
+    answer = _session.post(f"{API}/inline/{rid}", json={"rid": rid, "pid": os.getpid()}, timeout=5)
+    answer.raise_for_status()
     return _answer(started)
