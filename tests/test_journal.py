@@ -453,3 +453,174 @@ def test_every_field_survives_the_journal(tmp_path: Path) -> None:
         assert claimed[tasks[2].id].call.idempotency_key == one_line  # type: ignore[union-attr]
     finally:
         store.close()
+
+
+def test_a_concurrent_first_enqueue_waits_for_the_journal_to_be_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second thread's first put while the first is still opening the store must not go
+    # ahead and write a journal with no header (its lines would never be copied).
+    db = tmp_path / "q.db"
+    store = SQLiteStore(db)
+    in_window = threading.Event()
+    release = threading.Event()
+    real_header = sqlite_store._journal_header
+
+    def slow_header(store_id: str) -> bytes:
+        in_window.set()
+        assert release.wait(10)
+        return real_header(store_id)
+
+    monkeypatch.setattr(sqlite_store, "_journal_header", slow_header)
+    first, second = Task(record, (1,)), Task(record, (2,))
+    threads = [
+        threading.Thread(target=store.put, args=(task,), kwargs={"lease": False})
+        for task in (first, second)
+    ]
+    threads[0].start()
+    try:
+        assert in_window.wait(10)
+        threads[1].start()
+        # It must not finish while the journal is being made (a bounded look, not a wait
+        # for something to happen: before the fix it finished at once).
+        threads[1].join(0.5)
+        assert threads[1].is_alive()
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(10)
+    try:
+        reader = SQLiteStore(db)
+        try:
+            assert {t.id for t in reader.claim(10)} == {first.id, second.id}
+        finally:
+            reader.close()
+    finally:
+        store.close()
+
+
+def test_a_failed_header_write_does_not_leave_a_headerless_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk when a new file's header is written: the enqueue fails, and the next one
+    # (disk freed) goes into a whole new file.
+    db = tmp_path / "q.db"
+    store = SQLiteStore(db)
+    try:
+        real_write = os.write
+        failed: list[int] = []
+
+        def full_once(fd: int, data: Any) -> int:
+            if not failed and bytes(data).startswith(b'{"offload_journal"'):
+                failed.append(fd)
+                raise OSError(28, "No space left on device")
+            return real_write(fd, data)
+
+        monkeypatch.setattr(sqlite_store.os, "write", full_once)
+        with pytest.raises(StoreError, match="No space left"):
+            store.put(Task(record, (1,)), lease=False)
+        monkeypatch.undo()
+        after = Task(record, (2,))
+        store.put(after, lease=False)  # returns: durable
+        reader = SQLiteStore(db)
+        try:
+            ids = [t.id for t in reader.claim(10)]
+        finally:
+            reader.close()
+        assert ids == [after.id], "a task enqueued after the disk was freed is lost"
+    finally:
+        store.close()
+
+
+def test_a_synchronous_full_process_copies_other_processes_journals(tmp_path: Path) -> None:
+    # "Any process may copy any journal": a worker opened with ?synchronous=full has no
+    # journal of its own, yet copies the others'.
+    db = tmp_path / "q.db"
+    web = SQLiteStore(db)
+    worker = SQLiteStore(db, synchronous="full")
+    try:
+        task = Task(record, ("from the web",))
+        web.put(task, lease=False)
+        assert [t.id for t in worker.claim(10)] == [task.id]
+    finally:
+        web.close()
+        worker.close()
+
+
+def test_a_badly_typed_journal_line_is_left_and_the_rest_copied(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # JSON of the right length but the wrong types (due a string, lease a number) must not
+    # fail every copy from then on.
+    db = tmp_path / "q.db"
+    writer = SQLiteStore(db)
+    reader = SQLiteStore(db)
+    try:
+        good = Task(record, (1,))
+        writer.put(good, lease=False)
+        journal = writer._journal
+        assert journal is not None
+        os.write(journal.fd, b'["bad",null,null,"x",null,5,null]\t{}\n')
+        os.write(journal.fd, b"[7,null,null,1.5,null,null,null]\t{}\n")
+        later = Task(record, (2,))
+        writer.put(later, lease=False)
+        with caplog.at_level(logging.ERROR, logger="offload"):
+            assert [t.id for t in reader.claim(10)] == [good.id, later.id]
+        assert caplog.text.count("a field of the wrong type") == 2
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_a_backlog_is_copied_in_transactions_of_bounded_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker that was down for a while must not hold the write lock for the whole backlog.
+    db = tmp_path / "q.db"
+    killed_producer(db, "put(60)")
+    monkeypatch.setattr(sqlite_store, "_COPY_BUDGET", 1_000)  # a few lines a transaction
+    store = SQLiteStore(db)
+    try:
+        counts = [store.counts().ready for _ in range(3)]
+        assert counts[0] < counts[1] < counts[2] < 60  # a part each time, none lost
+        total: list[str] = []
+        while batch := store.claim(100):
+            total.extend(t.id for t in batch)
+        assert len(total) == len(set(total)) == 60
+    finally:
+        store.close()
+
+
+def test_a_journal_that_cannot_be_read_is_left_out_and_the_others_copied(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "q.db"
+    ids = killed_producer(db, "put(2)")
+    (Path(f"{db}-journals") / "0-unreadable-1.journal").mkdir()  # open() fails on it
+    store = SQLiteStore(db)
+    try:
+        with caplog.at_level(logging.ERROR, logger="offload"):
+            assert [t.id for t in store.claim(10)] == ids
+            assert store.claim(10) == []
+        assert caplog.text.count("cannot be read; left out") == 1
+    finally:
+        store.close()
+
+
+def test_a_journal_left_half_made_by_a_killed_process_is_removed(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    killed_producer(db, "put(1)")
+    directory = Path(f"{db}-journals")
+    (journal,) = journals(db)
+    dead_pid = journal.name.partition("-")[0]
+    half = directory / f".{dead_pid}-abcd-2.journal.new"
+    half.write_bytes(b"")
+    mine = directory / f".{os.getpid()}-abcd-1.journal.new"  # a live process's: kept
+    mine.write_bytes(b"")
+    store = SQLiteStore(db)
+    try:
+        store.claim(10)
+        assert not half.exists()
+        assert mine.exists()
+    finally:
+        store.close()

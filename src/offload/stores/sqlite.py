@@ -79,7 +79,8 @@ _SCHEMA = (
     # Only waiting rows are indexed: an enqueue that leases its task at once (the usual
     # case) writes the table and nothing else.
     "CREATE INDEX IF NOT EXISTS tasks_waiting ON tasks (due) WHERE owner IS NULL",
-    # Settling a task finds it by id; copying a journal line twice (never expected) is a no-op.
+    # Settling a task finds it by id. (It would also make a journal line copied twice a
+    # no-op while its task is there; the recorded offsets keep that from happening at all.)
     "CREATE UNIQUE INDEX IF NOT EXISTS tasks_id ON tasks (id)",
     """CREATE TABLE IF NOT EXISTS dead_letters (
         seq INTEGER PRIMARY KEY,
@@ -142,10 +143,19 @@ _stores: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
 
 
 def _forget_inherited_journals() -> None:
+    for fd in list(_transient_fds):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _transient_fds.clear()
     for store in list(_stores):
         journal = store._journal
         if journal is not None:
             journal.forget_inherited()
+
+
+# One lock per process for noticing a fork lazily, so that two threads of a child (forked
+# without the hooks) never both start over, each with its own connection and journal.
+_fork_locks: dict[int, threading.Lock] = {}
 
 
 if hasattr(os, "register_at_fork"):
@@ -154,16 +164,18 @@ if hasattr(os, "register_at_fork"):
 
 # -- the intake journal --------------------------------------------------------------------
 #
-# An enqueue appends one line to this process's journal file (in `<database>-journal.d/`)
+# An enqueue appends one line to this process's journal file (in `<database>-journals/`)
 # instead of writing the database: one write() into the page cache, the same durability
 # as a WAL commit with synchronous=NORMAL (a killed process loses nothing; a power cut
 # may lose the last writes), at a fraction of the cost. The lines are copied into the
 # tasks table in batches by whichever process next reads tasks (a claim, a completion,
-# counts): any process may copy any journal, since the bytes copied so far are recorded,
-# per file, in the same transaction as the rows (table `journals`), so each line is copied
-# exactly once. A journal's process holds an exclusive flock() on it while it writes it;
-# a file whose lock can be taken (its process is gone, or moved on to a new file) and that
-# is copied to the end is deleted, in a transaction of its own after the copy.
+# counts), journaling or not: any process may copy any journal, since the bytes copied so
+# far are recorded, per file, in the same transaction as the rows (table `journals`), so
+# each line is copied exactly once. A journal's process holds an exclusive flock() on it
+# while it writes it; a file whose lock can be taken (its process is gone, or moved on to a
+# new file) and that is copied to the end is deleted, in a transaction of its own after
+# the copy, committed with an fsync so that the copied rows outlive a power cut as the file
+# would have.
 #
 # A file begins with a line naming the database it is for (its store id). A task's line: the
 # JSON list [id, idempotency key or null, key or null, due, owner or null, lease seconds or
@@ -173,25 +185,32 @@ if hasattr(os, "register_at_fork"):
 _JOURNAL_SUFFIX = ".journal"
 # A journal file is left for a new one once it holds this many bytes (a few thousand tasks).
 _JOURNAL_ROTATE = 1 << 20
+# At most this many bytes of journal are copied in one transaction, so that a backlog (a
+# worker that was down) never holds the write lock for long; the next reader goes on.
+_COPY_BUDGET = 4 << 20
 _JOURNAL_INSERT = (
     "INSERT OR IGNORE INTO tasks (id, idempotency_key, key, call, retry, due, owner, "
     "lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+
+# Descriptors that a forked child must not keep (it would hold their flock() for its whole
+# life): journals being made, and files locked to be deleted. Closed in the child.
+_transient_fds: set[int] = set()
 
 
 class _Journal:
     """The journal file this process appends to (see above), under its own lock so that an
     enqueue never waits for a transaction."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, header: bytes) -> None:
         self.directory = directory
+        self.header = header  # the first line of each file: which store it is for
         self.lock = threading.Lock()
         self.fd = -1
         self.name = ""  # the file appended to now
         self.size = 0  # bytes appended to it
         self.copied = 0  # bytes of it known to be in the tasks table
         self.retired: list[str] = []  # earlier files of ours, perhaps not all copied
-        self.header = b""  # the first line of each file: which store it is for
         self._prefix = f"{os.getpid()}-{secrets.token_hex(4)}-"
         self._serial = 0
 
@@ -207,44 +226,50 @@ class _Journal:
                 written = os.write(self.fd, data)
                 while written < len(data):  # rare for a regular file: a signal, a full disk
                     written += os.write(self.fd, data[written:])
-            except OSError:
-                # Leave no torn line behind: cut the file back to its last whole line (and
-                # if even that fails, the partial line is dropped when the file is copied).
+                self.size += len(data)
+            except BaseException:
+                # The enqueue fails: leave no part of its line behind (a torn line would
+                # swallow the next one), and go on in a new file.
                 with contextlib.suppress(OSError):
                     os.ftruncate(self.fd, self.size)
                 self._retire()
                 raise
-            self.size += len(data)
 
     def _open(self) -> None:
         self._retire()
+        # Others' files that are gone were copied and deleted: no need to remember them.
+        self.retired = [n for n in self.retired if os.path.exists(os.path.join(self.directory, n))]
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         self._serial += 1
         name = f"{self._prefix}{self._serial}{_JOURNAL_SUFFIX}"
-        # Made and locked under another name, then renamed, so that no other process ever
-        # sees it unlocked (and empty, which would let it delete the file).
+        # Made, headed and locked under another name, then renamed: no other process ever
+        # sees it unlocked (which would let it delete the file) or without its header.
         temporary = os.path.join(self.directory, f".{name}.new")
         fd = os.open(
             temporary, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
         )
+        _transient_fds.add(fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.write(fd, self.header) != len(self.header):
+                raise OSError(f"cannot write the header of journal {name}")
             os.rename(temporary, os.path.join(self.directory, name))
         except BaseException:
+            _transient_fds.discard(fd)
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
-        self.fd, self.name, self.size, self.copied = fd, name, 0, 0
-        os.write(fd, self.header)  # on failure, a file with no whole line: deleted as torn
-        self.size = len(self.header)
+        self.fd, self.name, self.size, self.copied = fd, name, len(self.header), 0
+        _transient_fds.discard(fd)
 
     def _retire(self) -> None:
         """Stop appending to the current file; unlocked, it is deleted once copied."""
-        if self.fd >= 0:
-            os.close(self.fd)
+        fd = self.fd
+        if fd >= 0:
             self.retired.append(self.name)
             self.fd, self.name, self.size, self.copied = -1, "", 0, 0
+            os.close(fd)
 
     def close(self) -> None:
         with self.lock:
@@ -252,10 +277,10 @@ class _Journal:
 
     def forget_inherited(self) -> None:
         """In a forked child: drop the parent's file descriptor (the parent keeps its lock)."""
-        if self.fd >= 0:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
             with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = -1
+                os.close(fd)
 
 
 def _journal_header(store_id: str) -> bytes:
@@ -274,6 +299,14 @@ def _journal_store(line: bytes) -> str | None:
     return None
 
 
+def _text_or_none(value: Any) -> bool:
+    return value is None or type(value) is str
+
+
+def _finite(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
 def _journal_lines(data: bytes, source: str) -> list[tuple[Any, ...]]:
     """The task rows of whole journal lines; a line that cannot be read is logged and left."""
     rows = []
@@ -284,6 +317,13 @@ def _journal_lines(data: bytes, source: str) -> list[tuple[Any, ...]]:
             if not tab or not isinstance(fields, list) or len(fields) != 7:
                 raise ValueError("not a journal line")
             task_id, idempotency_key, key, due, owner, lease, retry = fields
+            if not (
+                type(task_id) is str
+                and all(map(_text_or_none, (idempotency_key, key, owner, retry)))
+                and _finite(due)
+                and (lease is None or _finite(lease))
+            ):
+                raise ValueError("a field of the wrong type")
             until = None if lease is None else due + lease
             rows.append((task_id, idempotency_key, key, call.decode(), retry, due, owner, until))
         except (ValueError, UnicodeDecodeError) as exc:
@@ -402,8 +442,11 @@ class SQLiteStore:
         #: enqueue is its own fsync'd commit, nor where there is no flock() (Windows).
         self.journal_dir = f"{path}-journals"
         self._journaled = mode == "normal" and fcntl is not None
+        # Copying and deleting journals is every process's work, journaling or not.
+        self._copies = fcntl is not None
         self._store_id = ""  # read from the file when it is opened
         self._strays: set[str] = set()  # journal files of another database, left alone
+        self._troubled: set[str] = set()  # journal files that could not be read (logged)
         self._init_process_state()
         _stores.add(self)
 
@@ -440,7 +483,7 @@ class SQLiteStore:
         self._lease_text = f"{_quote(self._owner)},{self.lease_timeout!r}"  # for journal lines
         self._cursor: sqlite3.Cursor | None = None
         self._opened = False  # the file was opened and checked in this process
-        self._journal = _Journal(self.journal_dir) if self._journaled else None
+        self._journal: _Journal | None = None  # made at the first enqueue (journaled)
         self._next_sweep = -math.inf
 
     @property
@@ -453,7 +496,9 @@ class SQLiteStore:
 
     def _check_pid(self) -> None:
         if self._pid != os.getpid():
-            self._after_fork()
+            with _fork_locks.setdefault(os.getpid(), threading.Lock()):
+                if self._pid != os.getpid():
+                    self._after_fork()
 
     def _after_fork(self) -> None:
         """In a forked child: a new lock, owner and (on first use) connection."""
@@ -613,7 +658,7 @@ class SQLiteStore:
     def close(self) -> None:
         """Close this process's connection; a later use opens a new one."""
         if self._pid != os.getpid():
-            self._after_fork()
+            self._check_pid()
             return
         with self._lock:
             journal = self._journal
@@ -635,29 +680,48 @@ class SQLiteStore:
     # -- the journal ----------------------------------------------------------------------
 
     def _journal_names(self) -> list[str]:
+        """The journal files there are, but those of another database."""
         try:
             names = os.listdir(self.journal_dir)
         except FileNotFoundError:
             return []
-        return [name for name in names if name.endswith(_JOURNAL_SUFFIX)]
+        except OSError as exc:
+            self._file_trouble(self.journal_dir, exc)
+            return []
+        return [n for n in names if n.endswith(_JOURNAL_SUFFIX) and n not in self._strays]
+
+    def _file_trouble(self, name: str, exc: OSError) -> None:
+        """A journal file (or the directory) that cannot be read: logged once, left out,
+        so that one bad file never stops the others from being copied."""
+        if name not in self._troubled:
+            self._troubled.add(name)
+            log.error("offload: %s: journal %s cannot be read; left out: %s", self.url, name, exc)
 
     def _copy_journals(self, conn: sqlite3.Connection, *, everyone: bool) -> None:
         """Copy journal lines not yet in the tasks table into it: every process's
         (`everyone`), or only this store's own, so that its tasks have rows. With the lock
-        held, outside a transaction; writes only when there is something to copy."""
-        journal = self._journal
-        if journal is None or not (everyone or journal.behind()):
+        held, outside a transaction; takes the write lock only when a file has grown."""
+        if not self._copies:
             return
-        with journal.lock:
-            current, retired = journal.name, list(journal.retired)
+        journal = self._journal
+        if not everyone and (journal is None or not journal.behind()):
+            return
+        current, retired = "", []
+        if journal is not None:
+            with journal.lock:
+                current, retired = journal.name, list(journal.retired)
         if everyone:
-            names = [n for n in self._journal_names() if n not in self._strays]
+            names = self._journal_names()
         else:
-            names = [n for n in (current, *retired) if n]
+            names = [n for n in (current, *retired) if n and n not in self._strays]
         sizes: dict[str, int] = {}
         for name in names:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 sizes[name] = os.stat(os.path.join(self.journal_dir, name)).st_size
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self._file_trouble(name, exc)
         copied = dict(conn.execute("SELECT name, copied FROM journals").fetchall())
         behind = [name for name, size in sizes.items() if size > copied.get(name, 0)]
         stale = [name for name in copied if name not in sizes] if everyone else []
@@ -665,14 +729,21 @@ class SQLiteStore:
             with self._transaction(conn):
                 # Read again under the write lock: another process may have copied meanwhile.
                 copied = dict(conn.execute("SELECT name, copied FROM journals").fetchall())
+                budget = _COPY_BUDGET
                 for name in behind:
-                    copied[name] = self._copy_journal(conn, name, copied.get(name, 0))
+                    if budget <= 0:
+                        break  # the rest in the next transaction: the write lock is shared
+                    start = copied.get(name, 0)
+                    copied[name] = self._copy_journal(conn, name, start, budget)
+                    budget -= copied[name] - start
                 gone = [n for n in stale if not os.path.exists(os.path.join(self.journal_dir, n))]
                 if gone:
                     conn.execute(
                         "DELETE FROM journals WHERE name IN (SELECT value FROM json_each(?))",
                         (_json_list(gone),),
                     )
+        if journal is None:
+            return
         with journal.lock:
             if journal.name == current and current in copied:
                 journal.copied = max(journal.copied, copied[current])
@@ -682,14 +753,19 @@ class SQLiteStore:
         if done:
             self._delete_journals(conn, done)
 
-    def _copy_journal(self, conn: sqlite3.Connection, name: str, start: int) -> int:
-        """Copy the whole lines of journal `name` from byte `start` (in the caller's
-        transaction); returns how far it is copied."""
+    def _copy_journal(self, conn: sqlite3.Connection, name: str, start: int, most: int) -> int:
+        """Copy the whole lines of journal `name` from byte `start`, about `most` bytes of
+        them (in the caller's transaction); returns how far it is copied."""
         try:
             with open(os.path.join(self.journal_dir, name), "rb") as file:
                 file.seek(start)
-                data = file.read()
+                data = file.read(most)
+                if not data.endswith(b"\n"):
+                    data += file.readline()  # to the end of the line cut in two
         except FileNotFoundError:
+            return start
+        except OSError as exc:
+            self._file_trouble(name, exc)
             return start
         end = data.rfind(b"\n") + 1
         if not end:
@@ -723,35 +799,65 @@ class SQLiteStore:
                     fd = os.open(os.path.join(self.journal_dir, name), os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
                     continue
+                except OSError as exc:
+                    self._file_trouble(name, exc)
+                    continue
+                _transient_fds.add(fd)
+                held.append((name, fd))
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
-                    os.close(fd)  # its process is writing it
-                    continue
-                held.append((name, fd))
+                    held.pop()  # its process is writing it
+                    _transient_fds.discard(fd)
+                    os.close(fd)
             if not held:
                 return
+            # The copied rows must outlive a power cut as the file would have: this commit
+            # fsyncs the log, and with it every commit before it.
+            if self.synchronous == "normal":
+                conn.execute("PRAGMA synchronous=FULL")
             with self._transaction(conn):
                 # Under the write lock, so that no copy reads a file between its deletion
                 # and its row's: a copy that found no row would take the file from the start.
                 copied = dict(conn.execute("SELECT name, copied FROM journals").fetchall())
                 for name, fd in held:
                     done = copied.get(name, 0)
-                    rest = os.pread(fd, max(0, os.fstat(fd).st_size - done), done)
+                    try:
+                        rest = os.pread(fd, max(0, os.fstat(fd).st_size - done), done)
+                    except OSError as exc:
+                        self._file_trouble(name, exc)
+                        continue
                     if b"\n" in rest:
                         continue  # whole lines not copied yet: the next copy takes them
                     if rest:
                         log.warning(
-                            "offload: journal %s ends in an incomplete line (%d bytes; its "
-                            "process died while writing it, before the enqueue returned); dropped",
+                            "offload: journal %s ends in an incomplete line (%d bytes: a write "
+                            "that failed, or a process that died in it, before its enqueue "
+                            "returned); dropped",
                             name,
                             len(rest),
                         )
                     os.unlink(os.path.join(self.journal_dir, name))
                     conn.execute("DELETE FROM journals WHERE name = ?", (name,))
         finally:
+            if held and self.synchronous == "normal":
+                conn.execute("PRAGMA synchronous=NORMAL")
             for _, fd in held:
+                _transient_fds.discard(fd)
                 os.close(fd)
+
+    def _delete_leftovers(self) -> None:
+        """Remove journals that a process killed while making them left half-made."""
+        try:
+            names = os.listdir(self.journal_dir)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(".") and name.endswith(_JOURNAL_SUFFIX + ".new"):
+                pid = name[1:].partition("-")[0]
+                if pid.isdigit() and not _pid_alive(int(pid)):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(self.journal_dir, name))
 
     # -- tasks ----------------------------------------------------------------------------
 
@@ -762,12 +868,12 @@ class SQLiteStore:
         call, retry = stored_call(task)  # NotSerializable before touching the file
         now = self._clock.time()
         if self._pid != os.getpid():
-            self._after_fork()
+            self._check_pid()
         if not self._opened:
-            with self._use("opening the store"):
-                self._opened = True  # errors in the file surface at the first enqueue
-                if self._journal is not None:
-                    self._journal.header = _journal_header(self._store_id)
+            with self._use("opening the store"):  # errors in the file surface here
+                if self._journaled and self._journal is None:
+                    self._journal = _Journal(self.journal_dir, _journal_header(self._store_id))
+                self._opened = True  # last: a thread that sees it sees the journal
         task_id = task.id
         idempotency_key = task.idempotency_key
         key = task.key
@@ -839,8 +945,9 @@ class SQLiteStore:
         """Take back expired leases, and at once those of dead processes of this host;
         delete the journal files that are done with."""
         self._next_sweep = now + min(_SWEEP_EVERY, self.lease_timeout / 4)
-        if self._journal is not None:
-            self._delete_journals(conn, [n for n in self._journal_names() if n not in self._strays])
+        if self._copies:
+            self._delete_journals(conn, self._journal_names())
+            self._delete_leftovers()
         host = socket.gethostname()
         expired: list[str] = []
         dead: list[str] = []
