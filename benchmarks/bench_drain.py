@@ -5,12 +5,16 @@ keep-alive, Nagle off, and answers 200 at once; both contenders talk to the same
 in the same run, so its CPU cost (it shares the machine's cores) weighs on both alike.
 The floor is one thread looping `requests.Session().post` with the same body and
 timeout. offload is timed from the first `enqueue_task` to `flush()` returning, the
-calls built beforehand (building them is the handler's cost, measured elsewhere).
+calls built beforehand (building them is the handler's cost, measured elsewhere), over
+the memory store and over a SQLite file (each task journaled, copied into the database
+and deleted from it once delivered; no target, for what durability costs the worker).
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import requests
 from _harness import LocalAPI, Row, Samples, Scale, at_least
@@ -32,10 +36,10 @@ def loop(url: str, n: int) -> float:
         return n / (time.perf_counter() - t0)
 
 
-def drain(url: str, n: int, workers: int = 1) -> float:
+def drain(url: str, n: int, workers: int = 1, store: str = "memory") -> float:
     """Calls per second delivered by an Offloader with `workers` threads."""
     calls = [offload.http("POST", url, json=BODY) for _ in range(n)]
-    off = offload.Offloader(workers=workers, max_queue=n + 1, idle_timeout=30)
+    off = offload.Offloader(workers=workers, max_queue=n + 1, idle_timeout=30, store=store)
     try:
         t0 = time.perf_counter()
         for call in calls:
@@ -51,6 +55,12 @@ def drain(url: str, n: int, workers: int = 1) -> float:
         off.shutdown(timeout=5)
 
 
+def durable_drain(url: str, n: int) -> float:
+    """Calls per second delivered by an Offloader over a new SQLite file, 1 worker."""
+    with tempfile.TemporaryDirectory(prefix="offload-drain-") as directory:
+        return drain(url, n, store=f"sqlite:///{Path(directory) / 'drain.db'}")
+
+
 def run(scale: Scale) -> list[Row]:
     n = scale.n(2_000, 20)
     samples = Samples()
@@ -58,10 +68,9 @@ def run(scale: Scale) -> list[Row]:
         url = api.url + "/events"
         loop(url, max(10, n // 10))  # warm up the server process and the imports
         for run_index in range(scale.repeats):
-            order = [("loop", loop), ("offload", drain)]
-            if run_index % 2:
-                order.reverse()
-            for name, fn in order:
+            order = [("loop", loop), ("offload", drain), ("sqlite", durable_drain)]
+            shift = run_index % len(order)
+            for name, fn in order[shift:] + order[:shift]:
                 samples.add(name, fn(url, n))
     ratio = samples.ratio("offload", "loop")
     return [
@@ -83,5 +92,15 @@ def run(scale: Scale) -> list[Row]:
             met=ratio >= 0.95,
             note=samples.spread("offload", "loop"),
             runs=samples.count("offload"),
+        ),
+        Row(
+            "drain",
+            f"offload over SQLite, 1 worker, {n:,} calls, instant API",
+            samples.median("sqlite"),
+            "calls/s",
+            baseline="requests.Session().post loop",
+            ratio=samples.ratio("sqlite", "loop"),
+            note=samples.spread("sqlite", "loop"),
+            runs=samples.count("sqlite"),
         ),
     ]

@@ -114,9 +114,9 @@ def test_a_task_leased_on_put_is_copied_leased_and_completed_by_its_owner(tmp_pa
         assert rows(db) == []
         store.renew([task])  # settling a task copies this process's lines first
         assert rows(db) == [(task.id, store.owner)]
-        store.complete(task)
-        assert rows(db) == []
+        store.complete(task)  # marked done in the journal; the next copy deletes the row
         assert store.counts() == type(store.counts())(0, 0, 0, 0)
+        assert rows(db) == []
     finally:
         store.close()
 
@@ -622,5 +622,68 @@ def test_a_journal_left_half_made_by_a_killed_process_is_removed(tmp_path: Path)
         store.claim(10)
         assert not half.exists()
         assert mine.exists()
+    finally:
+        store.close()
+
+
+def test_a_task_performed_before_its_line_is_copied_never_reaches_the_database(
+    tmp_path: Path,
+) -> None:
+    # Enqueued and completed by its own process: a mark in the same journal, no row
+    # inserted and deleted. A copy meeting both inserts nothing.
+    db = tmp_path / "q.db"
+    store = SQLiteStore(db)
+    reader = SQLiteStore(db)
+    try:
+        quick, slow = Task(record, ("quick",)), Task(record, ("slow",))
+        store.put(quick, lease=True)
+        store.put(slow, lease=True)
+        store.complete(quick)
+        (journal,) = journals(db)
+        assert journal.read_bytes().endswith(b'{"done":' + json.dumps(quick.id).encode() + b"}\n")
+        assert rows(db) == []
+        assert reader.counts().leased == 1  # the copy: `slow` only
+        assert rows(db) == [(slow.id, store.owner)]
+        store.complete(slow)  # its line was copied (by another store): the mark deletes it
+        assert rows(db) == [(slow.id, store.owner)]
+        assert reader.counts() == type(reader.counts())(0, 0, 0, 0)
+        assert rows(db) == []
+    finally:
+        store.close()
+        reader.close()
+
+
+def test_marks_of_a_killed_process_are_honoured(tmp_path: Path) -> None:
+    # Killed after completing two of its three tasks: the next process gets only the third.
+    db = tmp_path / "q.db"
+    ids = killed_producer(
+        db,
+        """
+tasks = [Task(record, (i,)) for i in range(3)]
+for task in tasks:
+    store.put(task, lease=True)
+    print(task.id, flush=True)
+store.complete(tasks[0])
+store.complete(tasks[2])
+""",
+    )
+    store = SQLiteStore(db)
+    try:
+        assert [t.id for t in store.claim(10)] == [ids[1]]  # its lease taken back at once
+    finally:
+        store.close()
+
+
+def test_a_task_released_then_completed_is_deleted(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    store = SQLiteStore(db)
+    try:
+        task = Task(record, ("retried",))
+        store.put(task, lease=True)
+        store.release(task, due=0.0)  # a retry: settled in the database from now on
+        (again,) = store.claim(1)
+        store.complete(again)
+        assert rows(db) == []
+        assert store.counts() == type(store.counts())(0, 0, 0, 0)
     finally:
         store.close()

@@ -180,7 +180,11 @@ if hasattr(os, "register_at_fork"):
 # A file begins with a line naming the database it is for (its store id). A task's line: the
 # JSON list [id, idempotency key or null, key or null, due, owner or null, lease seconds or
 # null, retry policy text or null], a tab, and the call's JSON text (which, made by
-# json.dumps, holds no raw newline).
+# json.dumps, holds no raw newline). A task that its own process performs and completes
+# before its line is copied is marked done by a later line of the same file, {"done": id}:
+# one write() instead of a row inserted and deleted. A copy that meets both inserts
+# nothing; one that meets the mark alone deletes the row an earlier copy made. (The mark
+# goes to the file that holds the task's line, after it, so it is never copied first.)
 
 _JOURNAL_SUFFIX = ".journal"
 # A journal file is left for a new one once it holds this many bytes (a few thousand tasks).
@@ -218,8 +222,12 @@ class _Journal:
         """True when some line of ours may not be in the tasks table yet."""
         return self.size > self.copied or bool(self.retired)
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: bytes, *, only_to: str | None = None) -> str:
+        """Append one whole line; returns the name of the file it went to. With `only_to`,
+        only to that file: "" (and nothing written) if it is no longer the current one."""
         with self.lock:
+            if only_to is not None and (only_to != self.name or self.fd < 0):
+                return ""
             if self.fd < 0 or self.size >= _JOURNAL_ROTATE:
                 self._open()
             try:
@@ -234,6 +242,7 @@ class _Journal:
                     os.ftruncate(self.fd, self.size)
                 self._retire()
                 raise
+            return self.name
 
     def _open(self) -> None:
         self._retire()
@@ -287,6 +296,10 @@ def _journal_header(store_id: str) -> bytes:
     return json.dumps({"offload_journal": 1, "store": store_id}).encode() + b"\n"
 
 
+def _done_line(task_id: str) -> bytes:
+    return f'{{"done":{_quote(task_id)}}}\n'.encode()
+
+
 def _journal_store(line: bytes) -> str | None:
     """The store id a journal's first line names; None if it is no journal header."""
     try:
@@ -307,13 +320,18 @@ def _finite(value: Any) -> bool:
     return type(value) in (int, float) and math.isfinite(value)
 
 
-def _journal_lines(data: bytes, source: str) -> list[tuple[Any, ...]]:
-    """The task rows of whole journal lines; a line that cannot be read is logged and left."""
+def _journal_lines(data: bytes, source: str) -> tuple[list[tuple[Any, ...]], set[str]]:
+    """The task rows of whole journal lines, and the ids marked done; a line that cannot be
+    read is logged and left."""
     rows = []
+    done: set[str] = set()
     for line in data.split(b"\n")[:-1]:  # `data` ends with one
         head, tab, call = line.partition(b"\t")
         try:
             fields = json.loads(head)
+            if not tab and isinstance(fields, dict) and type(fields.get("done")) is str:
+                done.add(fields["done"])
+                continue
             if not tab or not isinstance(fields, list) or len(fields) != 7:
                 raise ValueError("not a journal line")
             task_id, idempotency_key, key, due, owner, lease, retry = fields
@@ -328,7 +346,7 @@ def _journal_lines(data: bytes, source: str) -> list[tuple[Any, ...]]:
             rows.append((task_id, idempotency_key, key, call.decode(), retry, due, owner, until))
         except (ValueError, UnicodeDecodeError) as exc:
             log.error("offload: left an unreadable line in journal %s: %s", source, exc)
-    return rows
+    return rows, done
 
 
 def parse_sqlite_url(url: str) -> tuple[str, dict[str, str]]:
@@ -484,6 +502,8 @@ class SQLiteStore:
         self._cursor: sqlite3.Cursor | None = None
         self._opened = False  # the file was opened and checked in this process
         self._journal: _Journal | None = None  # made at the first enqueue (journaled)
+        # Tasks leased on put whose line is in this process's journal: id -> file name.
+        self._journaled_here: dict[str, str] = {}
         self._next_sweep = -math.inf
 
     @property
@@ -783,7 +803,16 @@ class SQLiteStore:
                     name,
                 )
                 return start
-        conn.executemany(_JOURNAL_INSERT, _journal_lines(lines, name))
+        rows, done = _journal_lines(lines, name)
+        if done:
+            new = {row[0] for row in rows}
+            rows = [row for row in rows if row[0] not in done]
+            if done - new:  # copied earlier, or by another process: delete the rows
+                conn.execute(
+                    "DELETE FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
+                    (_json_list(done - new),),
+                )
+        conn.executemany(_JOURNAL_INSERT, rows)
         conn.execute(
             "INSERT OR REPLACE INTO journals (name, copied) VALUES (?, ?)", (name, start + end)
         )
@@ -889,9 +918,11 @@ class SQLiteStore:
                 f"{'null' if retry is None else _quote(retry)}]"
             )
             try:
-                journal.append(f"{head}\t{call}\n".encode())
+                name = journal.append(f"{head}\t{call}\n".encode())
             except OSError as exc:
                 raise StoreError(f"{self.url}: enqueue failed: {exc}") from exc
+            if lease:
+                self._journaled_here[task_id] = name
             return
         owner, until = (self._owner, now + self.lease_timeout) if lease else (None, None)
         stored_key = None if idempotency_key == task_id else idempotency_key
@@ -1006,6 +1037,7 @@ class SQLiteStore:
 
     def release(self, task: Task, due: float) -> None:
         """Hand `task` back, due at `due`, with its attempt state."""
+        self._journaled_here.pop(task.id, None)  # settled in the database from now on
         with self._use("releasing a task") as conn:
             self._copy_journals(conn, everyone=False)
             conn.execute(
@@ -1024,7 +1056,16 @@ class SQLiteStore:
             )
 
     def complete(self, task: Task) -> None:
-        """Delete a delivered task (whoever holds it now: it was delivered)."""
+        """Delete a delivered task (whoever holds it now: it was delivered). One that this
+        process journaled and leased is marked done in the same journal file instead."""
+        name = self._journaled_here.pop(task.id, None)
+        journal = self._journal
+        if name and journal is not None and self._pid == os.getpid():
+            try:
+                if journal.append(_done_line(task.id), only_to=name):
+                    return
+            except OSError as exc:
+                log.warning("offload: %s: marking a task done in its journal: %s", self.url, exc)
         with self._use("completing a task") as conn:
             self._copy_journals(conn, everyone=False)
             conn.execute("DELETE FROM tasks WHERE id = ?", (task.id,))
@@ -1057,6 +1098,7 @@ class SQLiteStore:
 
     def bury(self, task: Task, letter: DeadLetter) -> None:
         """Keep `letter` with the task's stored call, and delete the task, in one transaction."""
+        self._journaled_here.pop(task.id, None)
         first = _epoch(letter.first_attempt_at)
         last = _epoch(letter.last_attempt_at)
         values = (
