@@ -257,15 +257,7 @@ def test_tampered_rows_are_refused_and_the_running_worker_goes_on(tmp_path: Path
     assert alive
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a row naming any importable function is performed: whoever can write the store "
-    "file can run os:system with arguments of their choice (JSON only stops pickle, not this); "
-    "decided for now: the README documents write access to the file as code execution and "
-    "offload keeps the file 0600; an allow-list of callables for workers is future work",
-)
-def test_a_row_naming_a_function_the_application_never_enqueued_is_refused(
+def test_a_row_naming_a_standard_library_function_is_refused(
     tmp_path: Path,
 ) -> None:
     db = tmp_path / "q.db"
@@ -289,6 +281,22 @@ def test_a_row_naming_a_function_the_application_never_enqueued_is_refused(
     finally:
         worker.shutdown(1)
     assert results == [], f"os.getcwd() ran and returned {results}"
+    (letter,) = worker.dead_letters()
+    assert letter.reason == "permanent"
+    assert "'os:getcwd' is in Python's standard library" in letter.error
+
+
+@pytest.mark.parametrize("fn", [os.getcwd, print, json.dumps, subprocess.run])
+def test_a_standard_library_function_cannot_be_stored(tmp_path: Path, fn: Any) -> None:
+    # Only a function of the application or its packages: a stored task naming one of
+    # Python's own is the first thing someone with write access to the file would try.
+    web = Offloader(store=url_of(tmp_path / "q.db"), consume=False)
+    try:
+        with pytest.raises(offload.NotSerializable, match="Python's standard library"):
+            web.enqueue_task(fn)
+        assert web.stats().enqueued == 0
+    finally:
+        web.shutdown(0)
 
 
 def test_a_file_that_is_not_a_store_keeps_its_mode(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from .calls import (
     callable_path,
     resolve_callable,
     task_from_json,
+    task_function_path,
     task_to_json,
 )
 from .errors import GiveUp, NotSerializable
@@ -89,7 +90,7 @@ def dump_call(task: Task) -> str:
     except TypeError:  # an unhashable callable object: task_to_json refuses it
         return task_to_json(call, task.args, task.kwargs)
     if opening is None:
-        target = {"type": "function", "path": callable_path(call)}
+        target = {"type": "function", "path": task_function_path(call)}
         opening = f'{{"offload":{_TASK_FORMAT},"target":{_encode(target)},"args":'
         if len(_openings) >= _MAX_OPENINGS:
             _openings.clear()

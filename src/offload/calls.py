@@ -897,6 +897,34 @@ def callable_path(fn: Callable[..., Any]) -> str:
     return path
 
 
+def task_function_path(fn: Callable[..., Any]) -> str:
+    """`callable_path` of a function a stored task performs: not one of Python's own."""
+    path = callable_path(fn)
+    if _in_standard_library(path.partition(":")[0]):
+        raise NotSerializable(
+            f"{_name_of(fn)} is in Python's standard library, whose functions a stored task "
+            "may not name (a row naming os:system would run it); call it from a function "
+            "of your own"
+        )
+    return path
+
+
+def resolve_task_function(path: str) -> Callable[..., Any]:
+    """`resolve_callable` for a stored task's function; ValueError for one of Python's own:
+    whoever can write a store can name any function, and these (os:system,
+    subprocess:run, builtins:exec, ...) would hand them the machine at once."""
+    if isinstance(path, str) and _in_standard_library(path.partition(":")[0]):
+        raise ValueError(
+            f"{path!r} is in Python's standard library, whose functions a stored task may not name"
+        )
+    return resolve_callable(path)
+
+
+def _in_standard_library(module: str) -> bool:
+    """True for `os`, `subprocess.x`, `builtins`: a module of Python itself."""
+    return module.partition(".")[0] in sys.stdlib_module_names
+
+
 def resolve_callable(path: str) -> Callable[..., Any]:
     """Import the callable a `module:qualname` path names; ValueError if it cannot."""
     if not isinstance(path, str) or not _PATH.match(path):
@@ -927,7 +955,7 @@ def task_to_json(call: Call, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -
         args_json: list[Any] = []
         kwargs_json: dict[str, Any] = {}
     else:
-        target = {"type": "function", "path": callable_path(call)}
+        target = {"type": "function", "path": task_function_path(call)}
         args_json = list(args)
         kwargs_json = dict(kwargs)
         problem = _json_problem(args_json, "args") or _json_problem(kwargs_json, "kwargs")
@@ -960,7 +988,7 @@ def task_from_json(text: str | bytes) -> tuple[Call, tuple[Any, ...], dict[str, 
         call = AwsCall.from_json(target)
     elif kind == "function":
         _expect_record(target, "function", {"path"})
-        call = resolve_callable(target["path"])
+        call = resolve_task_function(target["path"])
     else:
         raise ValueError(f"malformed task record: unknown target type {kind!r}")
     if not callable(call) and (args or kwargs):
