@@ -309,3 +309,14 @@ def test_a_file_that_is_not_a_store_keeps_its_mode(tmp_path: Path) -> None:
         )
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert path.read_text() == "my notes, not a database\n"
+
+
+def test_a_retry_predicate_of_the_standard_library_cannot_be_stored(tmp_path: Path) -> None:
+    # A stored policy's predicate is called, as a task's function is.
+    web = Offloader(store=url_of(tmp_path / "q.db"), consume=False)
+    try:
+        task = Task(deliver, ("x",), retry=offload.RetryPolicy(retry_on=callable))
+        with pytest.raises(offload.NotSerializable, match="Python's standard library"):
+            web.enqueue_task(task)
+    finally:
+        web.shutdown(0)

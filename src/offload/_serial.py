@@ -30,6 +30,7 @@ from .calls import (
     _name_of,
     callable_path,
     resolve_callable,
+    resolve_task_function,
     task_from_json,
     task_function_path,
     task_to_json,
@@ -216,7 +217,7 @@ def dump_policy(policy: RetryPolicy | None) -> str | None:
         on: dict[str, Any] = {"types": [_type_path(t) for t in retry_on]}
     else:
         try:
-            on = {"predicate": callable_path(retry_on)}
+            on = {"predicate": task_function_path(retry_on)}  # called: as a task's function
         except NotSerializable as exc:
             raise NotSerializable(f"RetryPolicy(retry_on=...) cannot be stored: {exc}") from None
     record = {
@@ -258,7 +259,7 @@ def load_policy(text: str | None) -> RetryPolicy | None:
             types.append(exc_type)
         retry_on = tuple(types)
     elif isinstance(on, dict) and set(on) == {"predicate"}:
-        retry_on = resolve_callable(on["predicate"])
+        retry_on = resolve_task_function(on["predicate"])
     else:
         raise ValueError("malformed retry policy: retry_on")
     try:
