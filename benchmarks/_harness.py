@@ -192,11 +192,103 @@ class LocalAPI:
         self.close()
 
 
+# -- a private Redis, for the peers that need one ------------------------------------------
+
+
 def redis_available() -> bool:
     """The Redis peers (Celery, RQ, Dramatiq) are measured only where redis-server exists."""
     import shutil
 
     return shutil.which("redis-server") is not None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _command(port: int, command: bytes, expect: bytes) -> bool:
+    """One inline command (redis-py is not needed); False if the reply is not `expect` or
+    the server does not accept connections (yet)."""
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(command + b"\r\n")
+            return sock.recv(64).startswith(expect)
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """A throwaway redis-server on 127.0.0.1 (a free port, its own temp dir, no persistence,
+    not daemonized), so that no system service is needed or touched; a context manager."""
+
+    def __init__(self, start_timeout: float = 20.0) -> None:
+        import shutil
+        import tempfile
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed")
+        self._dir = tempfile.TemporaryDirectory(prefix="offload-bench-redis-")
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        log = Path(self._dir.name) / "redis.log"
+        options = {
+            "bind": "127.0.0.1",
+            "port": str(self.port),
+            "dir": self._dir.name,
+            "save": "",  # no snapshots, no append-only file: a queue that only fills up
+            "appendonly": "no",
+            "daemonize": "no",  # our child, so that close() can stop it
+        }
+        args = [exe, *(a for key, value in options.items() for a in (f"--{key}", value))]
+        with log.open("wb") as out:
+            self._proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + start_timeout
+        while not _command(self.port, b"PING", b"+PONG"):
+            # Between PINGs, wait on the process itself: a server that exits (a taken
+            # port, a bad option) ends the wait at once instead of running out the deadline.
+            try:
+                code = self._proc.wait(timeout=0.02)
+            except subprocess.TimeoutExpired:
+                code = None
+            if code is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                self.close()
+                why = f"exited {code}" if code is not None else f"no PONG in {start_timeout:g} s"
+                raise RuntimeError(f"redis-server did not start ({why}): {tail[0]}")
+
+    def flush(self) -> None:
+        """Empty every database: each run starts from empty queues."""
+        if not _command(self.port, b"FLUSHALL", b"+OK"):
+            raise RuntimeError("redis-server did not answer FLUSHALL")
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._dir.cleanup()
+
+    def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @contextmanager
