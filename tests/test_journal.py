@@ -22,8 +22,10 @@ import pytest
 
 import offload
 from offload import Offloader, StoreError, Task
+from offload.records import DeadLetter
 from offload.stores import sqlite as sqlite_store
 from offload.stores.sqlite import SQLiteStore
+from offload.testing import FakeClock
 from procs import run_python
 
 
@@ -88,7 +90,7 @@ def test_an_enqueue_is_one_line_of_this_process_journal(tmp_path: Path) -> None:
         (journal,) = journals(db)
         assert journal.name.startswith(f"{os.getpid()}-")
         header, *lines = journal.read_bytes().split(b"\n")
-        assert json.loads(header)["offload_journal"] == 1
+        assert json.loads(header)["offload_journal"] == 2
         assert lines[-1] == b"" and len(lines) == 4
         for task, line in zip(tasks, lines, strict=False):
             head, tab, call = line.partition(b"\t")
@@ -640,7 +642,8 @@ def test_a_task_performed_before_its_line_is_copied_never_reaches_the_database(
         store.put(slow, lease=True)
         store.complete(quick)
         (journal,) = journals(db)
-        assert journal.read_bytes().endswith(b'{"done":' + json.dumps(quick.id).encode() + b"}\n")
+        mark = {"done": quick.id, "owner": store.owner}
+        assert json.loads(journal.read_bytes().splitlines()[-1]) == mark
         assert rows(db) == []
         assert reader.counts().leased == 1  # the copy: `slow` only
         assert rows(db) == [(slow.id, store.owner)]
@@ -687,3 +690,106 @@ def test_a_task_released_then_completed_is_deleted(tmp_path: Path) -> None:
         assert store.counts() == type(store.counts())(0, 0, 0, 0)
     finally:
         store.close()
+
+
+def test_a_mark_goes_to_the_file_of_its_task_even_when_that_file_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The put line takes the file past _JOURNAL_ROTATE and its mark comes next: the mark
+    # must follow the line in the same file (in another, it could be copied first, delete
+    # nothing, and the line after it would bring the completed task back).
+    monkeypatch.setattr(sqlite_store, "_JOURNAL_ROTATE", 100)
+    clock = FakeClock()
+    db = tmp_path / "q.db"
+    store = SQLiteStore(db, lease_timeout=10, clock=clock)
+    try:
+        task = Task(record, ("done once",))
+        store.put(task, lease=True)
+        store.complete(task)  # delivered
+        directory = Path(f"{db}-journals")
+        files = sorted(directory.glob("*.journal"))
+        assert len(files) == 1, [f.read_bytes() for f in files]
+    finally:
+        store.close()
+
+
+def test_a_completed_task_is_not_claimed_again_after_a_rotation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "_JOURNAL_ROTATE", 100)
+    clock = FakeClock()
+    db = tmp_path / "q.db"
+    store = SQLiteStore(db, lease_timeout=10, clock=clock)
+    try:
+        task = Task(record, ("done once",))
+        store.put(task, lease=True)
+        store.complete(task)  # delivered
+        other = Task(record, ("other",))
+        store.complete(other)  # any own copy
+        clock.advance(11)  # its lease (held by nobody now) lapses
+        again = [t.id for t in store.claim(10)]
+        assert task.id not in again, "a completed task was claimed to run a second time"
+    finally:
+        store.close()
+
+
+def test_a_stale_mark_does_not_delete_a_replayed_task(tmp_path: Path) -> None:
+    # A runs T past its lease; B claims T, buries it; A then succeeds (a mark, not yet
+    # copied); the operator replays T. The mark deletes only a row A still holds.
+    clock = FakeClock()
+    db = tmp_path / "q.db"
+    a = SQLiteStore(db, lease_timeout=10, clock=clock)
+    b = SQLiteStore(db, lease_timeout=10, clock=clock)
+    try:
+        task = Task(record, ("slow",))
+        a.put(task, lease=True)
+        assert b.counts().leased == 1  # B copies A's line
+        clock.advance(11)  # A's lease lapses (a renew that failed, a paused VM)
+        (taken,) = b.claim(1)
+        letter = DeadLetter(
+            id="dl-1",
+            task_id=taken.id,
+            description="record",
+            key=None,
+            attempts=1,
+            error="boom",
+            status=None,
+            reason="permanent",
+            first_attempt_at=None,
+            last_attempt_at=None,
+        )
+        b.bury(taken, letter)
+        a.complete(task)  # A's attempt succeeded: a mark in A's journal, not yet copied
+        b.replay("dl-1")  # the operator asks for it again
+        counts = b.counts()  # copies A's mark
+        assert counts.ready == 1, "the replayed task was deleted by an earlier done mark"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_renewing_a_task_settled_meanwhile_is_no_lost_lease(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The lease keeper renews what it held a moment ago; a task that completed meanwhile is
+    # simply gone, not a lease lost (only one taken back by another process is).
+    clock = FakeClock()
+    db = tmp_path / "q.db"
+    a = SQLiteStore(db, lease_timeout=10, clock=clock)
+    b = SQLiteStore(db, lease_timeout=10, clock=clock)
+    try:
+        done, slow = Task(record, ("done",)), Task(record, ("slow",))
+        a.put(done, lease=True)
+        a.put(slow, lease=True)
+        a.complete(done)
+        with caplog.at_level(logging.WARNING, logger="offload"):
+            a.renew([done, slow])
+        assert "were lost" not in caplog.text
+        clock.advance(11)
+        assert [t.id for t in b.claim(10)] == [slow.id]  # taken back after expiry
+        with caplog.at_level(logging.WARNING, logger="offload"):
+            a.renew([slow])
+        assert "1 lease(s) were lost before renewal" in caplog.text
+    finally:
+        a.close()
+        b.close()

@@ -24,6 +24,7 @@ import tenacity
 
 import offload
 from offload import Offloader, RetryPolicy, Task
+from offload.calls import resolve_task_function
 from server import Answer, ScriptedServer
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -320,3 +321,42 @@ def test_a_retry_predicate_of_the_standard_library_cannot_be_stored(tmp_path: Pa
             web.enqueue_task(task)
     finally:
         web.shutdown(0)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        # the qualname walks attributes: any module that imports os hands out os.system
+        "offload.stores.sqlite:os.system",
+        "offload.calls:importlib.import_module",
+        # Python's own `test` package is not in sys.stdlib_module_names (3.10-3.13)
+        "test.support.script_helper:assert_python_ok",
+    ],
+)
+def test_a_standard_library_function_cannot_be_reached_another_way(path: str) -> None:
+    with pytest.raises(ValueError):
+        resolve_task_function(path)
+
+
+def test_a_tampered_row_cannot_run_os_system_through_a_module_that_imports_os(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "q.db"
+    marker = tmp_path / "ran"
+    web = Offloader(store=url_of(db), consume=False)
+    web.enqueue_task(deliver, "x")
+    web.shutdown(0)
+    with sqlite3.connect(db) as conn:
+        (text,) = conn.execute("SELECT call FROM tasks").fetchone()
+        record = json.loads(text)
+        record["target"] = {"type": "function", "path": "offload.stores.sqlite:os.system"}
+        record["args"] = [f"touch {marker}"]
+        record["kwargs"] = {}
+        conn.execute("UPDATE tasks SET call = ?", (json.dumps(record),))
+    conn.close()
+    worker = Offloader(store=url_of(db))
+    try:
+        assert worker.flush(10)
+    finally:
+        worker.shutdown(1)
+    assert not os.path.exists(marker), "os.system ran from a stored row"

@@ -19,12 +19,14 @@ import binascii
 import difflib
 import functools
 import importlib
+import importlib.util
 import inspect
 import json
 import math
 import os
 import re
 import sys
+import sysconfig
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -917,12 +919,48 @@ def resolve_task_function(path: str) -> Callable[..., Any]:
         raise ValueError(
             f"{path!r} is in Python's standard library, whose functions a stored task may not name"
         )
-    return resolve_callable(path)
+    fn = resolve_callable(path)
+    # Where the function is defined, not only the path: `mymodule:os.system`, or a module
+    # that imports `system` from os, must not reach it. (An alias or a re-export of one of
+    # the application's own functions is fine.)
+    module = getattr(fn, "__module__", None)
+    if not isinstance(module, str) or _in_standard_library(module):
+        raise ValueError(
+            f"{path!r} leads to {_name_of(fn)}, a function of Python's standard library (or "
+            "of no module), which a stored task may not name"
+        )
+    return fn
 
 
 def _in_standard_library(module: str) -> bool:
-    """True for `os`, `subprocess.x`, `builtins`: a module of Python itself."""
-    return module.partition(".")[0] in sys.stdlib_module_names
+    """True for `os`, `subprocess.x`, `builtins`, `_testcapi`, and Python's own test suite:
+    a module of Python itself."""
+    top = module.partition(".")[0]
+    return top in sys.stdlib_module_names or top.startswith("_test") or _is_python_test_suite(top)
+
+
+@functools.lru_cache(maxsize=64)
+def _is_python_test_suite(top: str) -> bool:
+    """True for `test` where it is the package installed with Python (not in
+    `sys.stdlib_module_names`), False for an application's own package of that name."""
+    if top != "test":
+        return False
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    origin = getattr(spec, "origin", None)
+    if not isinstance(origin, str) or not origin:
+        return False
+    where = os.path.realpath(origin)
+    paths = sysconfig.get_paths()
+
+    def under(key: str) -> bool:
+        return where.startswith(os.path.realpath(paths[key]) + os.sep)
+
+    # site-packages may lie inside the standard library's directory: an installed `test`
+    # package of someone's is not Python's.
+    return under("stdlib") and not (under("purelib") or under("platlib"))
 
 
 def resolve_callable(path: str) -> Callable[..., Any]:

@@ -226,10 +226,11 @@ class _Journal:
         """Append one whole line; returns the name of the file it went to. With `only_to`,
         only to that file: "" (and nothing written) if it is no longer the current one."""
         with self.lock:
-            if only_to is not None and (only_to != self.name or self.fd < 0):
-                return ""
-            if self.fd < 0 or self.size >= _JOURNAL_ROTATE:
-                self._open()
+            if only_to is not None:
+                if only_to != self.name or self.fd < 0:
+                    return ""
+            elif self.fd < 0 or self.size >= _JOURNAL_ROTATE:
+                self._open()  # never for `only_to`: that line must follow the others
             try:
                 written = os.write(self.fd, data)
                 while written < len(data):  # rare for a regular file: a signal, a full disk
@@ -292,12 +293,17 @@ class _Journal:
                 os.close(fd)
 
 
+# 2: done marks. A version it does not know, a reader leaves alone (as another database's).
+_JOURNAL_VERSION = 2
+
+
 def _journal_header(store_id: str) -> bytes:
-    return json.dumps({"offload_journal": 1, "store": store_id}).encode() + b"\n"
+    header = {"offload_journal": _JOURNAL_VERSION, "store": store_id}
+    return json.dumps(header).encode() + b"\n"
 
 
-def _done_line(task_id: str) -> bytes:
-    return f'{{"done":{_quote(task_id)}}}\n'.encode()
+def _done_line(task_id: str, owner: str) -> bytes:
+    return f'{{"done":{_quote(task_id)},"owner":{_quote(owner)}}}\n'.encode()
 
 
 def _journal_store(line: bytes) -> str | None:
@@ -306,7 +312,7 @@ def _journal_store(line: bytes) -> str | None:
         header = json.loads(line)
     except ValueError:
         return None
-    if isinstance(header, dict) and header.get("offload_journal") == 1:
+    if isinstance(header, dict) and header.get("offload_journal") in (1, _JOURNAL_VERSION):
         store = header.get("store")
         return store if isinstance(store, str) else None
     return None
@@ -320,17 +326,20 @@ def _finite(value: Any) -> bool:
     return type(value) in (int, float) and math.isfinite(value)
 
 
-def _journal_lines(data: bytes, source: str) -> tuple[list[tuple[Any, ...]], set[str]]:
-    """The task rows of whole journal lines, and the ids marked done; a line that cannot be
-    read is logged and left."""
+def _journal_lines(data: bytes, source: str) -> tuple[list[tuple[Any, ...]], dict[str, str]]:
+    """The task rows of whole journal lines, and the ids marked done with the owner that
+    marked them; a line that cannot be read is logged and left."""
     rows = []
-    done: set[str] = set()
+    done: dict[str, str] = {}
     for line in data.split(b"\n")[:-1]:  # `data` ends with one
         head, tab, call = line.partition(b"\t")
         try:
             fields = json.loads(head)
-            if not tab and isinstance(fields, dict) and type(fields.get("done")) is str:
-                done.add(fields["done"])
+            if not tab and isinstance(fields, dict) and "done" in fields:
+                task_id, owner = fields.get("done"), fields.get("owner")
+                if type(task_id) is not str or type(owner) is not str:
+                    raise ValueError("a done mark of the wrong shape")
+                done[task_id] = owner
                 continue
             if not tab or not isinstance(fields, list) or len(fields) != 7:
                 raise ValueError("not a journal line")
@@ -807,11 +816,13 @@ class SQLiteStore:
         if done:
             new = {row[0] for row in rows}
             rows = [row for row in rows if row[0] not in done]
-            if done - new:  # copied earlier, or by another process: delete the rows
-                conn.execute(
-                    "DELETE FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
-                    (_json_list(done - new),),
-                )
+            # Lines copied earlier, by any process: delete their rows, but only while the
+            # marking process still holds them (a task taken back after its lease lapsed,
+            # dead-lettered and replayed is another delivery's now).
+            conn.executemany(
+                "DELETE FROM tasks WHERE id = ? AND owner = ?",
+                [(task_id, owner) for task_id, owner in done.items() if task_id not in new],
+            )
         conn.executemany(_JOURNAL_INSERT, rows)
         conn.execute(
             "INSERT OR REPLACE INTO journals (name, copied) VALUES (?, ?)", (name, start + end)
@@ -1017,22 +1028,27 @@ class SQLiteStore:
         """Extend the leases of `tasks` (one UPDATE)."""
         if not tasks:
             return
+        ids = _json_list(t.id for t in tasks)
         with self._use("renewing leases") as conn:
             self._copy_journals(conn, everyone=False)
             renewed = conn.execute(
                 "UPDATE tasks SET lease_until = ? "
                 "WHERE owner = ? AND id IN (SELECT value FROM json_each(?))",
-                (
-                    self._clock.time() + self.lease_timeout,
-                    self._owner,
-                    _json_list(t.id for t in tasks),
-                ),
+                (self._clock.time() + self.lease_timeout, self._owner, ids),
             ).rowcount
-        if renewed < len(tasks):
+            # Lost: still there, but no longer ours. (One settled meanwhile is simply gone.)
+            lost = 0
+            if renewed < len(tasks):
+                lost = conn.execute(
+                    "SELECT COUNT(*) FROM tasks WHERE id IN (SELECT value FROM json_each(?)) "
+                    "AND (owner IS NULL OR owner != ?)",
+                    (ids, self._owner),
+                ).fetchone()[0]
+        if lost:
             log.warning(
                 "offload: %d lease(s) were lost before renewal (taken back after expiry); "
                 "those tasks may run twice",
-                len(tasks) - renewed,
+                lost,
             )
 
     def release(self, task: Task, due: float) -> None:
@@ -1062,7 +1078,7 @@ class SQLiteStore:
         journal = self._journal
         if name and journal is not None and self._pid == os.getpid():
             try:
-                if journal.append(_done_line(task.id), only_to=name):
+                if journal.append(_done_line(task.id, self._owner), only_to=name):
                     return
             except OSError as exc:
                 log.warning("offload: %s: marking a task done in its journal: %s", self.url, exc)
