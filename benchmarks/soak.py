@@ -2,6 +2,7 @@
 
     python benchmarks/soak.py                    # 50,000 calls, seed 1 (a few minutes)
     python benchmarks/soak.py --calls 5000       # a quicker look
+    python benchmarks/soak.py --store sqlite     # through a SQLite store (a temporary file)
 
 The chaos server (tests/chaos.py) runs in its own process, so that client and server do
 not share one GIL, and injects 503, 502, 429 with Retry-After in every form, resets,
@@ -88,6 +89,11 @@ def main() -> int:
         action="store_true",
         help="also trace allocations (checked for growth; the run takes about 2.5x longer)",
     )
+    parser.add_argument(
+        "--store",
+        default="memory",
+        help="memory (default), sqlite (a new temporary file) or a store URL",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON only")
     parser.add_argument("--log", action="store_true", help="print offload's log to stderr")
     args = parser.parse_args()
@@ -123,7 +129,11 @@ def main() -> int:
         ledger.on_dead_letter(task, letter)
         window.release()
 
+    store = args.store
+    if store == "sqlite":
+        store = f"sqlite:///{os.path.join(tempfile.mkdtemp(prefix='offload-soak-'), 'soak.db')}"
     off = offload.Offloader(
+        store=store,
         retry=offload.RetryPolicy(
             stop=tenacity.stop_after_attempt(MAX_ATTEMPTS), wait=tenacity.wait_random(0, 0.01)
         ),
