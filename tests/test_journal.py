@@ -706,29 +706,11 @@ def test_a_mark_goes_to_the_file_of_its_task_even_when_that_file_is_full(
         task = Task(record, ("done once",))
         store.put(task, lease=True)
         store.complete(task)  # delivered
-        directory = Path(f"{db}-journals")
-        files = sorted(directory.glob("*.journal"))
+        files = journals(db)
         assert len(files) == 1, [f.read_bytes() for f in files]
-    finally:
-        store.close()
-
-
-def test_a_completed_task_is_not_claimed_again_after_a_rotation(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sqlite_store, "_JOURNAL_ROTATE", 100)
-    clock = FakeClock()
-    db = tmp_path / "q.db"
-    store = SQLiteStore(db, lease_timeout=10, clock=clock)
-    try:
-        task = Task(record, ("done once",))
-        store.put(task, lease=True)
-        store.complete(task)  # delivered
-        other = Task(record, ("other",))
-        store.complete(other)  # any own copy
-        clock.advance(11)  # its lease (held by nobody now) lapses
-        again = [t.id for t in store.claim(10)]
-        assert task.id not in again, "a completed task was claimed to run a second time"
+        store.complete(Task(record, ("other",)))  # any copy of this process's own lines
+        clock.advance(11)  # a lease it might have had, held by nobody now, lapses
+        assert task.id not in [t.id for t in store.claim(10)], "a completed task came back"
     finally:
         store.close()
 
