@@ -35,7 +35,7 @@ def example(name: str) -> ModuleType:
     return importlib.import_module(name)
 
 
-SCRIPTS = ("flask_app", "fastapi_app", "django_app", "glue_jobs", "stripe_like")
+SCRIPTS = ("flask_app", "fastapi_app", "django_app", "glue_jobs", "stripe_like", "web_and_worker")
 
 
 class Runs:
@@ -112,6 +112,15 @@ def test_glue_example_runs_through_concurrent_runs_exceeded(runs: Runs) -> None:
     assert "dead letters 0" in out
     throttled = [line for line in out.splitlines() if "ConcurrentRunsExceededException" in line]
     assert throttled and all("throttled" in line for line in throttled)
+
+
+def test_web_and_worker_example_delivers_what_a_killed_web_process_enqueued(runs: Runs) -> None:
+    out = runs.output("web_and_worker")
+    assert "enqueued 20 | web process: SIGKILL" in out
+    assert "delivered before the worker started: 0" in out
+    assert "delivered by the worker: 20 of 20, each once: True" in out
+    assert "worker exit code: 0" in out
+    assert "dead letters 0" in out
 
 
 def test_stripe_like_example_charges_once_per_key(runs: Runs) -> None:
