@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import threading
 
 import pytest
@@ -33,6 +35,10 @@ from offload import Offloader, RetryPolicy, _default
         ({"store": "memory://x"}, ValueError, "store"),
         ({"store": 42}, TypeError, "store"),
         ({"shutdown_timeout": -0.1}, ValueError, "shutdown_timeout"),
+        ({"worker_nice": -1}, ValueError, "worker_nice"),
+        ({"worker_nice": 20}, ValueError, "worker_nice"),
+        ({"worker_nice": 2.5}, TypeError, "worker_nice"),
+        ({"worker_nice": True}, TypeError, "worker_nice"),
     ],
 )
 def test_bad_options_fail_at_construction(
@@ -84,6 +90,8 @@ def test_retry_raised_with_bad_after() -> None:
         ("OFFLOAD_WORKERS", "1.5"),
         ("OFFLOAD_MAX_ATTEMPTS", "0"),
         ("OFFLOAD_SHUTDOWN_TIMEOUT", "soon"),
+        ("OFFLOAD_WORKER_NICE", "20"),
+        ("OFFLOAD_WORKER_NICE", "-1"),
         ("OFFLOAD_STORE", "ftp://x"),
     ],
 )
@@ -101,8 +109,10 @@ def test_environment_configures_the_default(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("OFFLOAD_IDLE_TIMEOUT", "0.25")
     monkeypatch.setenv("OFFLOAD_WORKERS", "3")
     monkeypatch.setenv("OFFLOAD_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("OFFLOAD_WORKER_NICE", "5")
     off = _default.get()
     assert (off.max_queue, off.idle_timeout, off.workers) == (7, 0.25, 3)
+    assert off.worker_nice == 5
     assert off.retry.stop(_state(attempt=2))
     assert not off.retry.stop(_state(attempt=1))
 
@@ -181,3 +191,22 @@ def test_retry_policy_repr_reads_as_the_code_that_made_it() -> None:
     custom = RetryPolicy(stop=tenacity.stop_after_attempt(3), retry_on=(KeyError,))
     assert "stop=stop_after_attempt(3)" in repr(custom)
     assert "retry_on=(KeyError,)" in repr(custom)
+
+
+def _my_priority() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value per thread: Linux")
+def test_worker_nice_lowers_the_worker_threads_priority_only() -> None:
+    main = _my_priority()
+    seen: list[int] = []
+    for nice in (0, 3):
+        off = Offloader(worker_nice=nice)
+        try:
+            off.enqueue_task(lambda: seen.append(_my_priority()))
+            assert off.flush(10)
+        finally:
+            off.shutdown(1)
+    assert seen == [main, min(19, main + 3)]
+    assert _my_priority() == main  # the caller's thread is untouched

@@ -37,6 +37,7 @@ _OPTIONS = frozenset(
         "clock",
         "shutdown_timeout",
         "lease_timeout",
+        "worker_nice",
     }
 )
 
@@ -66,10 +67,13 @@ def options_from_env() -> dict[str, Any]:
         ("OFFLOAD_WORKERS", "workers", int, 1),
         ("OFFLOAD_SHUTDOWN_TIMEOUT", "shutdown_timeout", float, 0),
         ("OFFLOAD_LEASE_TIMEOUT", "lease_timeout", float, 0),
+        ("OFFLOAD_WORKER_NICE", "worker_nice", int, 0),
     ):
         value = _env_number(var, convert, minimum)
         if value is not None:
             options[option] = value
+    if options.get("worker_nice", 0) > 19:
+        raise ValueError(f"OFFLOAD_WORKER_NICE={options['worker_nice']} must be from 0 to 19")
     if options.get("lease_timeout") == 0:
         raise ValueError("OFFLOAD_LEASE_TIMEOUT=0 must be > 0 (seconds a durable lease lasts)")
     attempts = _env_number("OFFLOAD_MAX_ATTEMPTS", int, 1)

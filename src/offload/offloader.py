@@ -95,6 +95,20 @@ def _check_number(name: str, value: Any, *, minimum: float, integer: bool = Fals
         raise ValueError(f"{name} must be {kind} >= {minimum:g} and finite, got {value!r}")
 
 
+def _be_nicer(steps: int) -> None:
+    """Lower this thread's CPU priority by `steps` (Linux, where a thread has its own nice
+    value), so that a busy machine runs the process's request threads first."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        thread = threading.get_native_id()
+        now = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, now + steps))
+    except OSError as exc:  # a sandbox that forbids it: the worker runs as it is
+        with _Guarded():
+            log.debug("offload: could not lower the worker thread's priority: %s", exc)
+
+
 def _check_callback(name: str, value: Any) -> None:
     if value is not None and not callable(value):
         raise TypeError(f"{name} must be callable or None, got {value!r}")
@@ -124,6 +138,7 @@ class Offloader:
         clock: Clock | None = None,
         shutdown_timeout: float = 5.0,
         lease_timeout: float | None = None,
+        worker_nice: int = 0,
     ) -> None:
         if retry is None:
             retry = RetryPolicy()
@@ -134,6 +149,9 @@ class Offloader:
         _check_number("workers", workers, minimum=1, integer=True)
         _check_number("max_dead_letters", max_dead_letters, minimum=0, integer=True)
         _check_number("shutdown_timeout", shutdown_timeout, minimum=0)
+        _check_number("worker_nice", worker_nice, minimum=0, integer=True)
+        if worker_nice > 19:
+            raise ValueError(f"worker_nice must be an integer from 0 to 19, got {worker_nice!r}")
         if lease_timeout is not None:
             _check_number("lease_timeout", lease_timeout, minimum=0)
             if lease_timeout == 0:
@@ -168,6 +186,8 @@ class Offloader:
         self.consume = consume
         self.max_dead_letters = max_dead_letters
         self.shutdown_timeout = float(shutdown_timeout)
+        #: How many steps nicer than the rest of the process its worker threads run (Linux).
+        self.worker_nice = worker_nice
         self.on_success = on_success
         self.on_retry = on_retry
         self.on_dead_letter = on_dead_letter
@@ -636,6 +656,8 @@ class Offloader:
                     log.error("offload: could not renew %d lease(s): %s", len(held), exc)
 
     def _run(self) -> None:
+        if self.worker_nice:
+            _be_nicer(self.worker_nice)
         resources = Resources()
         try:
             while True:
