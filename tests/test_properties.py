@@ -341,10 +341,18 @@ def test_offloader_on_a_fake_clock(
     try:
         for i, (key, _) in enumerate(tasks):
             off.enqueue_task(Task(perform, (i,), key=key))
-        threads = list(off._threads)
         for _ in range(2_000):
-            assert clock.quiesce(threads), "a worker never parked (busy loop or deadlock?)"
-            stats = off.stats()
+            # Every worker parked, those started meanwhile too, and nothing in flight: a
+            # worker woken by another's notify still reads as parked until it runs, so a
+            # quiesce can end just before it takes a task. Then look again.
+            for _look in range(1_000):
+                threads = list(off._threads)
+                assert clock.quiesce(threads), "a worker never parked (busy loop or deadlock?)"
+                stats = off.stats()
+                if set(off._threads) <= set(threads) and not stats.in_flight:
+                    break
+            else:
+                raise AssertionError(f"a task stayed in flight with every worker parked: {stats}")
             if stats.succeeded + stats.dead_lettered == len(tasks):
                 break
             assert stats.queued + stats.delayed > 0, f"nothing left to wait for: {stats}"
