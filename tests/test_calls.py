@@ -930,3 +930,84 @@ def test_session_reads_the_environment_only_when_it_holds_request_settings(
     netrc = Resources()
     assert netrc.session().trust_env is True
     netrc.close()
+    (tmp_path / ".netrc").unlink()
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "ca.pem"))
+    bundled = Resources()  # a CA bundle alone: read once, not on every request
+    assert bundled.session().trust_env is False
+    assert bundled.session().verify == bundled.ca_bundle == str(tmp_path / "ca.pem")
+    bundled.close()
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An HTTPS server on 127.0.0.1 with a self-signed certificate: (base URL, cert path)."""
+    import ssl
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    command = [
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]
+    command += ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+    made = subprocess.run(command, capture_output=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"openssl cannot make a certificate here: {made.stderr!r}")
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{httpd.server_address[1]}", cert
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(10)
+
+
+@pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"])
+def test_a_ca_bundle_from_the_environment_is_honoured_as_requests_would(
+    monkeypatch: pytest.MonkeyPatch, tls_server: tuple[str, Path], variable: str
+) -> None:
+    from offload.calls import Resources
+
+    url, cert = tls_server
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    untrusting = Resources()
+    with pytest.raises(requests.exceptions.SSLError):
+        http("GET", f"{url}/x").perform(untrusting, "k")  # a self-signed certificate
+    untrusting.close()
+    monkeypatch.setenv(variable, str(cert))
+    trusting = Resources()
+    try:
+        for call in (http("GET", f"{url}/x"), http("GET", f"{url}/x", verify=True)):
+            assert call.perform(trusting, "k").status_code == 200
+        with pytest.raises(requests.exceptions.SSLError):  # a bundle of the call's own wins
+            http("GET", f"{url}/x", verify=requests.certs.where()).perform(trusting, "k")
+    finally:
+        trusting.close()
