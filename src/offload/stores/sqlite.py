@@ -1200,13 +1200,7 @@ class SQLiteStore:
         into the queue in the same transaction.
         """
         with self._use("reviving a dead letter") as conn, self._transaction(conn):
-            row = conn.execute(
-                "SELECT task_id, idempotency_key, key, call, retry FROM dead_letters WHERE id = ?",
-                (dead_letter_id,),
-            ).fetchone()
-            if row is None:
-                raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
-            task = load_task(*row)
+            task = load_task(*_stored_letter(conn, dead_letter_id))
             if isinstance(task.call, Unreadable):
                 raise StoreError(
                     f"dead letter {dead_letter_id} cannot be revived here: {task.call.error}"
@@ -1221,13 +1215,7 @@ class SQLiteStore:
         The task is not loaded to do so: a process that cannot import its function (the
         `offload` command, say) can replay it for the workers that can."""
         with self._use("replaying a dead letter") as conn, self._transaction(conn):
-            row = conn.execute(
-                "SELECT task_id, idempotency_key, key, call, retry FROM dead_letters WHERE id = ?",
-                (dead_letter_id,),
-            ).fetchone()
-            if row is None:
-                raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
-            task_id, idempotency_key, key, call, retry = row
+            task_id, idempotency_key, key, call, retry = _stored_letter(conn, dead_letter_id)
             conn.execute(
                 _PUT,
                 (
@@ -1278,6 +1266,18 @@ def _owner_dead(owner: str, host: str) -> bool:
     if pid == os.getpid():
         return False  # another store object of this very process
     return not _pid_alive(pid)
+
+
+def _stored_letter(conn: sqlite3.Connection, dead_letter_id: str) -> tuple[Any, ...]:
+    """(task id, idempotency key, key, call, retry) as a dead letter keeps its task;
+    UnknownDeadLetter if none has that id."""
+    row = conn.execute(
+        "SELECT task_id, idempotency_key, key, call, retry FROM dead_letters WHERE id = ?",
+        (dead_letter_id,),
+    ).fetchone()
+    if row is None:
+        raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
+    return tuple(row)
 
 
 def _json_list(values: Any) -> str:
