@@ -165,8 +165,10 @@ class _Handler(BaseHTTPRequestHandler):
         if fault in ("ok", "slow"):
             if fault == "slow" and chaos._stop.wait(extra):
                 return self._reset()
-            self._send(200, b'{"ok":true}')
+            # Counted before it is sent: a client that has its answer may read the counts
+            # at once, before this thread would run again.
             chaos._answered(rid)
+            self._send(200, b'{"ok":true}')
         elif fault == "permanent":
             self._send(400, b'{"error":"poisoned"}')
         elif fault == "exhaust":
