@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-__all__ = ["SRC", "TESTS", "python_env", "run_python"]
+__all__ = ["SRC", "TESTS", "python_env", "reap", "run_python"]
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(TESTS), "src")
@@ -31,3 +31,13 @@ def run_python(
         env=python_env(env),
         check=False,
     )
+
+
+def reap(proc: subprocess.Popen[str]) -> None:
+    """Kill `proc` if it still runs, wait for it and close its pipes (a test's finally)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from chaos import Tarpit
+from procs import reap
 from server import ScriptedServer
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
@@ -100,12 +101,7 @@ def run_until_exit(
         elapsed = time.monotonic() - started
         out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        reap(proc)
     assert proc.returncode == 0, err
     return elapsed, out, err
 

@@ -20,6 +20,7 @@ from collections import Counter
 
 import pytest
 
+from procs import reap
 from server import Answer, ScriptedServer
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
@@ -139,12 +140,7 @@ def test_100_forks_while_workers_are_busy(server: ScriptedServer) -> None:
         last = json.loads(proc.stdout.readline() or "{}")
         assert proc.wait(60) == 0, proc.stderr.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        reap(proc)
 
     assert forked["churned_while_forking"] >= FORKS, "the parent's worker was not busy"
     assert last["flushed"] is True

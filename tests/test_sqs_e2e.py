@@ -180,12 +180,7 @@ def test_workers_on_two_processes_drain_dead_letter_replay_and_stop_cleanly(
         code, err = Workers.stop(proc)
         assert code == 0, err
         assert "Traceback" not in err
-    store = SqsStore.from_url(sqs_store_url)
-    try:
-        counts = store.counts()
-        assert (counts.ready, counts.delayed, counts.leased, counts.dead_letters) == (0, 0, 0, 0)
-    finally:
-        store.close()
+    assert_empty(sqs_store_url)
 
 
 def test_a_killed_workers_task_is_performed_by_another_after_its_lease(
@@ -212,12 +207,7 @@ def test_a_killed_workers_task_is_performed_by_another_after_its_lease(
     assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"]  # same task
     code, err = Workers.stop(survivor)
     assert code == 0, err
-    store = SqsStore.from_url(sqs_store_url)
-    try:
-        counts = store.counts()
-        assert (counts.ready, counts.delayed, counts.leased, counts.dead_letters) == (0, 0, 0, 0)
-    finally:
-        store.close()
+    assert_empty(sqs_store_url)
 
 
 def test_the_dead_letter_commands_against_sqs(sqs_store_url: str) -> None:
@@ -291,3 +281,13 @@ def test_an_unreachable_sqs_endpoint_is_one_line_without_secrets(
     for secret in ("hunter2", *aws_credentials.values()):
         if secret != "eu-west-1":
             assert secret not in result.stderr
+
+
+def assert_empty(url: str) -> None:
+    """The queue holds nothing ready, delayed or leased, and no dead letter."""
+    store = SqsStore.from_url(url)
+    try:
+        counts = store.counts()
+        assert (counts.ready, counts.delayed, counts.leased, counts.dead_letters) == (0, 0, 0, 0)
+    finally:
+        store.close()
