@@ -1,6 +1,6 @@
 """A web handler's latency with an enqueue in it, against the same handler without.
 
-The Flask app of tests/gunicorn_app.py runs under a real gunicorn (sync workers,
+The Flask app of tests/support/gunicorn_app.py runs under a real gunicorn (sync workers,
 preforked); `/enqueue/<id>` hands a POST to a local API (a separate process) to offload,
 `/plain/<id>` does the same work but for the hand-over, and `/inline/<id>` makes the call
 itself, in the request, as a handler without offload would. A second gunicorn runs the same
@@ -32,13 +32,13 @@ from pathlib import Path
 import requests
 from _harness import LocalAPI, Row, Samples, Scale, at_most, percentile
 
-APP_DIR = Path(__file__).resolve().parent.parent / "tests"
+APP_DIR = Path(__file__).resolve().parent.parent / "tests" / "support"
 WORKERS = 2
 
 
 @contextmanager
 def gunicorn(api_url: str, **offload_env: str) -> Iterator[str]:
-    """gunicorn serving tests/gunicorn_app.py (with `offload_env`, OFFLOAD_* variables);
+    """gunicorn serving tests/support/gunicorn_app.py (with `offload_env`, OFFLOAD_* variables);
     yields its base URL, stops it with SIGTERM."""
     with tempfile.TemporaryDirectory() as runtime:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}

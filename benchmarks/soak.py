@@ -4,13 +4,13 @@
     python benchmarks/soak.py --calls 5000       # a quicker look
     python benchmarks/soak.py --store sqlite     # through a SQLite store (a temporary file)
 
-The chaos server (tests/chaos.py) runs in its own process, so that client and server do
+The chaos server (tests/support/chaos.py) runs in its own process, so that client and server do
 not share one GIL, and injects 503, 502, 429 with Retry-After in every form, resets,
 garbage, truncated bodies, read timeouts and slow answers on a seeded plan; 1% of calls
 always answer 400 and 0.3% always 500. The producer keeps at most `--window` calls held,
 as a web server under steady load would.
 
-Checked at the end (tests/chaos.py `check`), with a non-zero exit on any violation:
+Checked at the end (tests/support/chaos.py `check`), with a non-zero exit on any violation:
 every call delivered or dead-lettered exactly once; the work done twice only after an
 answer was lost (on purpose by the plan, or by accident: a retry after which the client
 saw no status); never a request before its Retry-After; one idempotency key per call;
@@ -41,8 +41,8 @@ import tenacity
 
 import offload
 
-TESTS = Path(__file__).resolve().parent.parent / "tests"
-sys.path.insert(0, str(TESTS))
+SUPPORT = Path(__file__).resolve().parent.parent / "tests" / "support"
+sys.path.insert(0, str(SUPPORT))
 
 from chaos import ChaosServer, ClientLedger, check, fetch_counts  # noqa: E402
 
@@ -64,7 +64,7 @@ def traced_snapshot() -> tracemalloc.Snapshot:
     """What is allocated (and still held) by anything but this script and the ledger."""
     return tracemalloc.take_snapshot().filter_traces(
         (
-            tracemalloc.Filter(False, str(TESTS / "chaos.py")),
+            tracemalloc.Filter(False, str(SUPPORT / "chaos.py")),
             tracemalloc.Filter(False, __file__),
             tracemalloc.Filter(False, tracemalloc.__file__),
         )
@@ -98,7 +98,7 @@ def main() -> int:
     parser.add_argument("--log", action="store_true", help="print offload's log to stderr")
     args = parser.parse_args()
 
-    command = [sys.executable, str(TESTS / "chaos.py"), "--seed", str(args.seed)]
+    command = [sys.executable, str(SUPPORT / "chaos.py"), "--seed", str(args.seed)]
     command += ["--apis", str(args.apis), "--hang", str(args.read_timeout * 2)]
     server = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
+# The tests' own helpers (servers, subprocess runners) in tests/support/, importable by name.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "support"))
 
 from offload import Offloader, _default
 from server import ScriptedServer
@@ -13,7 +18,7 @@ from server import ScriptedServer
 
 @pytest.fixture
 def server() -> Iterator[ScriptedServer]:
-    """A real local HTTP server with scripted answers (see tests/server.py)."""
+    """A real local HTTP server with scripted answers (see tests/support/server.py)."""
     srv = ScriptedServer()
     try:
         yield srv

@@ -18,10 +18,9 @@ from collections.abc import Iterator
 import pytest
 
 from chaos import Tarpit
-from procs import reap
+from procs import SRC, reap
 from server import ScriptedServer
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 CALLS = 50
 
 # The child enqueues, says so, and ends when its stdin closes (the test's "now").

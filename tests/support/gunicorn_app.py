@@ -1,4 +1,4 @@
-"""A Flask app served by a real gunicorn in tests/test_gunicorn.py (and in
+"""A Flask app served by a real gunicorn in tests/system/test_gunicorn.py (and in
 benchmarks/bench_handler_latency.py).
 
 `OFFLOAD_TEST_API` is the base URL of the local API the handlers' calls go to.

@@ -28,10 +28,8 @@ import tenacity
 
 import offload
 from offload import Offloader, RetryPolicy
+from procs import SRC
 from server import Answer, ScriptedServer
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.join(os.path.dirname(TESTS), "src")
 
 BEARER = "sk_live_PLANTEDbearer0001"
 QUERY_TOKEN = "PLANTEDquerytoken0002"

@@ -19,7 +19,7 @@ import offload
 from offload.testing import assert_dead_lettered, assert_no_dead_letters, eager
 from server import Answer, ScriptedServer
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,7 +10,7 @@ answered, so a test can wait for it (`wait_for`) even when the answer hangs.
     assert server.wait_for(3, path="/charge")
 
 Tests use it through the `server` fixture (tests/conftest.py) and import the helpers as
-`from server import Answer` (pytest puts tests/ on sys.path; tests/ is not a package).
+`from server import Answer` (tests/conftest.py puts tests/support/ on sys.path).
 """
 
 from __future__ import annotations

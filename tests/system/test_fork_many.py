@@ -6,7 +6,7 @@ scheduler's lock and the logging locks change hands all the time). Each child ch
 starts empty, enqueues its own calls, flushes them, and exits; an alarm kills a child
 that deadlocks, so a deadlock shows as a failed child rather than a hung test. The server
 counts every request, so a parent task performed by a child would show up twice.
-gunicorn --preload is covered by tests/test_gunicorn.py.
+gunicorn --preload is covered by tests/system/test_gunicorn.py.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from collections import Counter
 
 import pytest
 
-from procs import reap
+from procs import SRC, reap
 from server import Answer, ScriptedServer
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 FORKS = 100
 CHILD_CALLS = 2
 PARENT_CALLS = 20

@@ -19,10 +19,8 @@ from typing import Any
 import pytest
 
 from offload.stores.sqlite import SQLiteStore
+from procs import SRC
 from server import Answer, ScriptedServer
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.join(os.path.dirname(TESTS), "src")
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 

@@ -25,8 +25,10 @@ from offload import NotSerializable, Offloader, RetryPolicy, StoreError, Task, U
 from offload.stores import open_store
 from offload.stores.sqlite import SQLiteStore, parse_sqlite_url
 from offload.testing import FakeClock
-from procs import TESTS, run_python
+from procs import run_python
 from server import Answer, ScriptedServer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 delivered: list[Any] = []
 delivered_lock = threading.Lock()
@@ -453,7 +455,7 @@ def test_an_expired_lease_is_taken_back(tmp_path: Path) -> None:
 def test_leases_of_a_dead_process_are_taken_back_at_once(tmp_path: Path) -> None:
     code = f"""
         import os, sys
-        sys.path[:0] = [{TESTS!r}]
+        sys.path[:0] = [{HERE!r}]
         from offload import Task
         from offload.stores.sqlite import SQLiteStore
         import test_sqlite
@@ -477,7 +479,7 @@ def test_leases_of_a_dead_process_are_taken_back_at_once(tmp_path: Path) -> None
 def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
     code = f"""
         import os, sys
-        sys.path[:0] = [{TESTS!r}]
+        sys.path[:0] = [{HERE!r}]
         from offload import Task
         from offload.stores.sqlite import SQLiteStore
         import test_sqlite

@@ -24,17 +24,16 @@ import offload
 from offload import DeadLetter, Task
 from offload.records import new_id
 from offload.stores.sqlite import SQLiteStore
+from procs import IMPORTABLE
 from server import Answer, ScriptedServer
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.join(os.path.dirname(TESTS), "src")
 SECRET = "sk_live_do_not_print"
 ENV_DROP = ("OFFLOAD_STORE", "OFFLOAD_WORKERS", "OFFLOAD_SHUTDOWN_TIMEOUT", "OFFLOAD_MAX_ATTEMPTS")
 
 
 def env(**extra: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if k not in ENV_DROP}
-    return {**base, "PYTHONPATH": os.pathsep.join([SRC, TESTS]), **extra}
+    return {**base, "PYTHONPATH": os.pathsep.join(IMPORTABLE), **extra}
 
 
 def cli(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:

@@ -34,7 +34,7 @@ a reason), idempotency keys seen, and requests that came earlier than a Retry-Af
 server had given that rid ("early"; must stay 0).
 
 In a test: `ChaosServer(seed=1, apis=4)`; each API is its own port, so its own throttle
-key. As a separate process (the soak): `python tests/chaos.py --seed 1 --apis 4` prints
+key. As a separate process (the soak): `python tests/support/chaos.py --seed 1 --apis 4` prints
 `{"urls": [...]}` and serves `GET /__chaos__/counts` as JSON until stdin closes.
 """
 
@@ -651,7 +651,7 @@ def fetch_counts(url: str) -> tuple[dict[str, RidCounts], dict[str, int]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Serve until stdin closes: `python tests/chaos.py --seed 1 --apis 4`."""
+    """Serve until stdin closes: `python tests/support/chaos.py --seed 1 --apis 4`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--apis", type=int, default=1)

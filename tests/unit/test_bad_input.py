@@ -5,7 +5,7 @@ what was wrong. After it, the offloader it was aimed at holds nothing new (stats
 unchanged) and no worker thread was started. A durable store (SQLite) has its own table:
 tasks it cannot hold as JSON are refused with NotSerializable before anything is written.
 
-The second half: callables that misbehave on the worker (what tests/test_offloader.py
+The second half: callables that misbehave on the worker (what tests/unit/test_offloader.py
 does not already cover): an exception whose str() and repr() both raise, one whose str()
 raises SystemExit, one with a huge multi-line message, an `async def` function, and an
 HTTP call against a server that never answers, bounded by its timeout.

@@ -1,4 +1,5 @@
-"""Running real Python subprocesses in tests: the source tree and tests/ on their path."""
+"""Running real Python subprocesses in tests: the source tree, tests/support and the test
+directories on their path (a subprocess may import a test module's functions by name)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import subprocess
 import sys
 import textwrap
 
-__all__ = ["SRC", "TESTS", "python_env", "reap", "run_python"]
+__all__ = ["IMPORTABLE", "SRC", "SUPPORT", "TESTS", "TEST_DIRS", "python_env", "reap", "run_python"]
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+SUPPORT = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(SUPPORT)
 SRC = os.path.join(os.path.dirname(TESTS), "src")
+TEST_DIRS = [os.path.join(TESTS, name) for name in ("unit", "contract", "system")]
+IMPORTABLE = [SRC, SUPPORT, *TEST_DIRS]
 
 
 def python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This environment, with src/ and tests/ importable, plus `extra`."""
-    path = [SRC, TESTS, *filter(None, [os.environ.get("PYTHONPATH")])]
+    """This environment, with src/, tests/support and the test modules importable, plus
+    `extra`."""
+    path = [*IMPORTABLE, *filter(None, [os.environ.get("PYTHONPATH")])]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(path), **(extra or {})}
 
 

@@ -1,7 +1,7 @@
 """The SQLite store file as an attacker or a careless admin sees it: private, JSON only,
 and a tampered row refused without stopping the worker.
 
-tests/test_sqlite.py checks the file mode under the test's umask, pickle markers and four
+tests/contract/test_sqlite.py checks the file mode under the test's umask, pickle markers and four
 tampered columns; here: the mode under a permissive umask (a real subprocess), the type of
 every value in every column after a workload that writes every kind of row, and a wider
 set of tampered rows met by a worker that is already running.
@@ -25,10 +25,8 @@ import tenacity
 import offload
 from offload import Offloader, RetryPolicy, Task
 from offload.calls import resolve_task_function
+from procs import SRC
 from server import Answer, ScriptedServer
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.join(os.path.dirname(TESTS), "src")
 
 delivered: list[Any] = []
 delivered_lock = threading.Lock()
