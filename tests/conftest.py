@@ -52,7 +52,7 @@ def _fresh_default() -> Iterator[None]:
 
 def wait_workers_exit(offloader: Offloader, timeout: float = 5.0) -> bool:
     """Join the offloader's worker threads (they exit when idle)."""
-    for thread in list(offloader._threads):
+    for thread in list(offloader._pool.threads):
         thread.join(timeout)
     return not offloader.running
 

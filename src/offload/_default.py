@@ -7,16 +7,13 @@ and it keeps the same store, so its dead letters stay visible through the new de
 
 from __future__ import annotations
 
-import math
-import os
 import threading
-from collections.abc import Callable
 from typing import Any
 
+from .config import options_from_env
 from .offloader import Offloader
-from .policy import RetryPolicy, default_stop, default_wait
 
-__all__ = ["configure", "get", "shutdown_timeout_from_env"]
+__all__ = ["configure", "current", "get"]
 
 _lock = threading.Lock()
 _default: Offloader | None = None
@@ -40,52 +37,6 @@ _OPTIONS = frozenset(
         "worker_nice",
     }
 )
-
-
-def _env_number(name: str, convert: Callable[[str], Any], minimum: float) -> Any:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        value = convert(raw.strip())
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a valid number") from None
-    if not (minimum <= value < math.inf):
-        raise ValueError(f"{name}={raw!r} must be >= {minimum:g} and finite")
-    return value
-
-
-def options_from_env() -> dict[str, Any]:
-    """Offloader options set by OFFLOAD_* environment variables; ValueError names a bad one."""
-    options: dict[str, Any] = {}
-    store = os.environ.get("OFFLOAD_STORE")
-    if store:
-        options["store"] = store
-    for var, option, convert, minimum in (
-        ("OFFLOAD_MAX_QUEUE", "max_queue", int, 1),
-        ("OFFLOAD_IDLE_TIMEOUT", "idle_timeout", float, 0),
-        ("OFFLOAD_WORKERS", "workers", int, 1),
-        ("OFFLOAD_SHUTDOWN_TIMEOUT", "shutdown_timeout", float, 0),
-        ("OFFLOAD_LEASE_TIMEOUT", "lease_timeout", float, 0),
-        ("OFFLOAD_WORKER_NICE", "worker_nice", int, 0),
-    ):
-        value = _env_number(var, convert, minimum)
-        if value is not None:
-            options[option] = value
-    if options.get("worker_nice", 0) > 19:
-        raise ValueError(f"OFFLOAD_WORKER_NICE={options['worker_nice']} must be from 0 to 19")
-    if options.get("lease_timeout") == 0:
-        raise ValueError("OFFLOAD_LEASE_TIMEOUT=0 must be > 0 (seconds a durable lease lasts)")
-    attempts = _env_number("OFFLOAD_MAX_ATTEMPTS", int, 1)
-    if attempts is not None:
-        options["retry"] = RetryPolicy(stop=default_stop(attempts), wait=default_wait())
-    return options
-
-
-def shutdown_timeout_from_env() -> float:
-    """OFFLOAD_SHUTDOWN_TIMEOUT, 5 seconds by default (the exit hook's deadline)."""
-    value = _env_number("OFFLOAD_SHUTDOWN_TIMEOUT", float, 0)
-    return 5.0 if value is None else float(value)
 
 
 def get() -> Offloader:

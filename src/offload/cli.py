@@ -388,7 +388,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from ._default import options_from_env  # noqa: PLC0415
+    from .config import options_from_env  # noqa: PLC0415
     from .offloader import Offloader  # noqa: PLC0415
 
     url = _store_url(args)
@@ -413,8 +413,7 @@ def _worker(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         off.shutdown(0)
         stop.restore()
         raise CommandError(f"offload worker needs a durable store, not {off.store.url}")
-    with off._lock:  # start consuming now, backlog or not; the worker never idles out
-        off._ensure_worker()
+    off.start()  # consume now, backlog or not; the worker never idles out
     logging.getLogger("offload").info(
         "offload worker: performing calls from %s with %d thread(s) (pid %d)",
         off.store.url,

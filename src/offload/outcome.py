@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timezone
-from typing import Any, Final
+from typing import Any, Final, Literal, get_args
 
 import requests
 import urllib3.exceptions
@@ -31,10 +31,14 @@ from ._redact import redact_text
 from .errors import GiveUp, Retry
 
 __all__ = [
+    "KINDS",
     "PERMANENT",
+    "REASONS",
     "RETRY",
     "SUCCESS",
+    "Kind",
     "Outcome",
+    "Reason",
     "classify_exception",
     "classify_result",
     "parse_retry_after",
@@ -42,10 +46,17 @@ __all__ = [
 
 log = logging.getLogger("offload")
 
+Kind = Literal["success", "retry", "permanent"]
+"""How an attempt ended."""
+KINDS: Final[frozenset[Kind]] = frozenset(get_args(Kind))
 SUCCESS: Final = "success"
 RETRY: Final = "retry"
 PERMANENT: Final = "permanent"
-_KINDS = frozenset({SUCCESS, RETRY, PERMANENT})
+
+Reason = Literal["exhausted", "permanent", "shutdown"]
+"""Why a task became a dead letter: retries or time used up; an error retrying cannot fix;
+still undelivered when a memory-store offloader shut down."""
+REASONS: Final[frozenset[Reason]] = frozenset(get_args(Reason))
 
 MAX_ERROR_CHARS: Final = 300
 _MAX_MESSAGE_CHARS = 2_000  # read no more of a message than could survive truncation
@@ -93,7 +104,7 @@ _TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
 class Outcome:
     """How one attempt ended. `error` is a one-line, redacted summary (<= 300 chars)."""
 
-    kind: str  # SUCCESS, RETRY or PERMANENT
+    kind: Kind
     throttled: bool = False  # a retry because the target is saturated: close its gate
     retry_after: float | None = None  # the server's floor, in seconds
     status: int | None = None  # HTTP status, when there was a response
@@ -101,8 +112,8 @@ class Outcome:
     value: Any = None  # what the call returned, on success
 
     def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
-            raise ValueError(f"Outcome kind must be one of {sorted(_KINDS)}, got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"Outcome kind must be one of {sorted(KINDS)}, got {self.kind!r}")
 
 
 # --------------------------------------------------------------------------------------

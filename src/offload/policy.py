@@ -7,20 +7,24 @@ the task on the delay heap, and goes on with other work.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import tenacity
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from .outcome import Outcome
+from .codec import strategies
+from .codec.trust import callable_path, resolve_callable, resolve_task_function, task_function_path
+from .errors import NotSerializable
+from .outcome import Outcome, Reason
 
 if TYPE_CHECKING:
-    from .records import Task
+    from .records import Progress
 
 __all__ = ["Decision", "RetryPolicy"]
 
@@ -46,7 +50,7 @@ class Decision(NamedTuple):
 
     retry: bool
     delay: float = 0.0  # seconds from now, when retry
-    reason: str = ""  # "exhausted" or "permanent", when not
+    reason: Reason | None = None  # "exhausted" or "permanent", when not
     error: str | None = None  # replaces the outcome's error in the dead letter, if set
 
 
@@ -99,8 +103,6 @@ class RetryPolicy:
             )
 
     def __repr__(self) -> str:
-        from ._serial import describe_strategy  # noqa: PLC0415 - _serial imports this module
-
         retry_on = self.retry_on
         on = (
             "("
@@ -110,7 +112,7 @@ class RetryPolicy:
             if isinstance(retry_on, tuple)
             else getattr(retry_on, "__qualname__", repr(retry_on))
         )
-        stop, wait = describe_strategy(self.stop), describe_strategy(self.wait)
+        stop, wait = strategies.describe(self.stop), strategies.describe(self.wait)
         return (
             f"RetryPolicy(stop={stop}, wait={wait}, "
             f"max_retry_after={self.max_retry_after:g}, max_throttled={self.max_throttled:g}, "
@@ -123,19 +125,58 @@ class RetryPolicy:
         Raises NotSerializable when it holds code another process cannot load: a custom
         stop or wait strategy, or a `retry_on` type or predicate that is not importable.
         """
-        from ._serial import dump_policy  # noqa: PLC0415 - _serial imports this module
-
-        return str(dump_policy(self))
+        retry_on = self.retry_on
+        on: dict[str, Any]
+        try:
+            if isinstance(retry_on, tuple):
+                on = {"types": [callable_path(t) for t in retry_on]}
+            else:
+                on = {"predicate": task_function_path(retry_on)}  # called: as a task's function
+        except NotSerializable as exc:
+            raise NotSerializable(f"RetryPolicy(retry_on=...) cannot be stored: {exc}") from None
+        record = {
+            "stop": strategies.dump_stop(self.stop),
+            "wait": strategies.dump_wait(self.wait),
+            "max_retry_after": self.max_retry_after,
+            "max_throttled": self.max_throttled,
+            "retry_on": on,
+        }
+        return json.dumps(record, separators=(",", ":"), allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> RetryPolicy:
         """The policy `to_json` wrote; ValueError for text it did not write."""
-        from ._serial import load_policy  # noqa: PLC0415
-
-        policy = load_policy(text)
-        if policy is None:
-            raise ValueError("malformed retry policy: null")
-        return policy
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"malformed retry policy: {exc}") from None
+        fields = {"stop", "wait", "max_retry_after", "max_throttled", "retry_on"}
+        if not isinstance(data, dict) or set(data) != fields:
+            raise ValueError("malformed retry policy")
+        on = data["retry_on"]
+        retry_on: Any
+        if isinstance(on, dict) and set(on) == {"types"} and isinstance(on["types"], list):
+            types = []
+            for path in on["types"]:
+                exc_type = resolve_callable(path)
+                if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
+                    raise ValueError(f"retry_on names {path!r}, which is not an exception type")
+                types.append(exc_type)
+            retry_on = tuple(types)
+        elif isinstance(on, dict) and set(on) == {"predicate"}:
+            retry_on = resolve_task_function(on["predicate"])
+        else:
+            raise ValueError("malformed retry policy: retry_on")
+        try:
+            return cls(
+                stop=strategies.load_stop(data["stop"]),
+                wait=strategies.load_wait(data["wait"]),
+                max_retry_after=data["max_retry_after"],
+                max_throttled=data["max_throttled"],
+                retry_on=retry_on,
+            )
+        except TypeError as exc:
+            raise ValueError(f"malformed retry policy: {exc}") from None
 
     def _retries_anyway(self, exc: BaseException | None) -> bool:
         if exc is None:
@@ -149,11 +190,11 @@ class RetryPolicy:
             return False
 
     def decide(
-        self, task: Task, outcome: Outcome, exc: BaseException | None, now: float
+        self, progress: Progress, outcome: Outcome, exc: BaseException | None, now: float
     ) -> Decision:
         """Retry (and after how long) or give up, for an attempt that did not succeed.
 
-        `now` is the scheduler clock's monotonic reading; `task._started` is the same clock's
+        `now` is the scheduler clock's monotonic reading; `progress.started` is the same clock's
         reading at the first attempt.
         """
         throttled = outcome.throttled
@@ -172,17 +213,17 @@ class RetryPolicy:
                 f"max_retry_after {self.max_retry_after:g}s",
             )
 
-        state = task._state
+        state = progress.tenacity
         if state is None:
-            state = task._state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
-        started = task._started if task._started is not None else now
+            state = progress.tenacity = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+        started = progress.started if progress.started is not None else now
         state.start_time = started
         state.outcome_timestamp = now
         if not throttled:
-            task._failures += 1
+            progress.failures += 1
 
         # The wait strategy sees every call made, so backoff grows under throttling too.
-        state.attempt_number = max(1, task._attempts)
+        state.attempt_number = max(1, progress.attempts)
         delay = float(self.wait(state))
         if retry_after is not None:
             # Never call earlier than the server asked; a little jitter keeps the clients
@@ -194,7 +235,7 @@ class RetryPolicy:
         state.idle_for += delay
 
         # The stop strategy counts only attempts that failed: a throttle is "not now".
-        state.attempt_number = task._failures
+        state.attempt_number = progress.failures
         if self.stop(state):
             return Decision(False, reason="exhausted")
         if throttled and (now - started) + delay > self.max_throttled:

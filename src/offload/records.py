@@ -1,39 +1,47 @@
 """The records users see: Task (what to perform, and the handle enqueue_task returns),
-DeadLetter (a call that failed for good) and Stats (counters and a snapshot of the queue)."""
+DeadLetter (a call that failed for good) and Stats (counters and a snapshot of the queue).
+
+A Task is four slots: `call`, `args`, `kwargs`, and `_meta`, its identity and options
+(`TaskMeta`), which holds its attempt state (`Progress`) once it has made an attempt. A
+plain callable's task, which `enqueue_task` makes on its hot path, has no `_meta` until
+something needs its id: a queued task costs what the `(fn, kwargs)` tuple of a
+hand-written queue costs.
+"""
 
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import secrets
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
 
 # Imported here, not in Task.__init__: an import statement costs a microsecond per call.
-from .calls import AwsCall, HttpCall, default_key, describe_target
+from .calls.base import PERFORMED, default_key, describe_target
+from .outcome import REASONS, Outcome, Reason
 from .policy import RetryPolicy
 
 if TYPE_CHECKING:
     from tenacity import RetryCallState
 
-__all__ = ["DeadLetter", "Stats", "Task"]
+__all__ = ["DeadLetter", "Progress", "Stats", "Task", "TaskMeta", "new_id", "utc"]
 
 # Task ids: a random per-process prefix and a counter. Cheap on the enqueue path (no uuid4,
 # no os.urandom per task), unique across processes sharing a durable store, and renewed
 # after fork() so that parent and child never hand out the same id.
 _prefix = secrets.token_hex(8)
 _counter = itertools.count(1)
+_meta_lock = threading.Lock()  # a worker and a handler may both make a fast task's meta
 
 
 def _renew_ids() -> None:
-    global _prefix, _counter, _extra_lock
+    global _prefix, _counter, _meta_lock
     _prefix = secrets.token_hex(8)
     _counter = itertools.count(1)
-    _extra_lock = threading.Lock()  # another thread may have held it at fork()
+    _meta_lock = threading.Lock()  # another thread may have held it at fork()
 
 
 os.register_at_fork(after_in_child=_renew_ids)
@@ -44,104 +52,66 @@ def new_id() -> str:
     return f"{_prefix}{next(_counter):08x}"
 
 
-class _Extra:
-    """A Task's options, ids and attempt state, made when first needed (see Task)."""
+class Progress:
+    """A task's attempt state: what its retry policy reads and a durable store keeps.
+
+    Times: `first_attempt_at` and `last_attempt_at` are wall-clock epoch seconds (shared
+    with other processes through a store); `started` is the offloader clock's monotonic
+    reading at the first attempt, rebuilt from `first_attempt_at` by a process that
+    continues another's task.
+    """
 
     __slots__ = (
-        "_attempts",
-        "_due",
-        "_enqueued_at",
-        "_failures",
-        "_first_attempt_at",
-        "_last",
-        "_last_attempt_at",
-        "_letter",
-        "_started",
-        "_state",
-        "call",
-        "id",
-        "idempotency_key",
-        "key",
-        "retry",
+        "attempts",
+        "failures",
+        "first_attempt_at",
+        "last",
+        "last_attempt_at",
+        "letter",
+        "started",
+        "tenacity",
     )
 
-    def __init__(self, call: Any, enqueued_at: float) -> None:
-        self.call = call
-        self.retry: RetryPolicy | None = None
-        self.key: str | None = None
-        self.id = self.idempotency_key = new_id()
-        self._attempts = 0  # calls made
-        self._failures = 0  # attempts that ended in a non-throttled retry
-        self._state: RetryCallState | None = None  # tenacity's view, made on first failure
-        self._first_attempt_at: float | None = None  # wall clock (epoch seconds)
-        self._last_attempt_at: float | None = None
-        self._started: float | None = None  # monotonic, at the first attempt
-        self._last: Any = None  # the last Outcome
-        self._letter: DeadLetter | None = None  # the dead letter this task became, if any
-        self._due = 0.0  # monotonic time the task may run again
-        self._enqueued_at = enqueued_at  # monotonic; 0.0 until enqueued
+    def __init__(
+        self,
+        attempts: int = 0,
+        failures: int = 0,
+        first_attempt_at: float | None = None,
+        last_attempt_at: float | None = None,
+    ) -> None:
+        self.attempts = attempts  # calls made
+        self.failures = failures  # attempts that ended in a non-throttled retry
+        self.first_attempt_at = first_attempt_at
+        self.last_attempt_at = last_attempt_at
+        self.started: float | None = None
+        self.last: Outcome | None = None  # the last attempt's outcome
+        self.tenacity: RetryCallState | None = None  # tenacity's view, made on first failure
+        self.letter: DeadLetter | None = None  # the dead letter the task became, if any
+
+    def __repr__(self) -> str:
+        return f"Progress(attempts={self.attempts}, failures={self.failures})"
 
 
-_T = TypeVar("_T")
+class TaskMeta:
+    """A task's identity and options; `progress` once it has made an attempt."""
 
+    __slots__ = ("enqueued", "id", "idempotency_key", "key", "progress", "retry")
 
-class _Field(Generic[_T]):
-    """A Task attribute kept in its _Extra: reads as `default` while the task has none."""
-
-    __slots__ = ("default", "name")
-
-    def __init__(self, default: _T) -> None:
-        self.default = default
-        self.name = ""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    @overload
-    def __get__(self, task: None, owner: type | None = None) -> _Field[_T]: ...
-    @overload
-    def __get__(self, task: Task, owner: type | None = None) -> _T: ...
-    def __get__(self, task: Task | None, owner: type | None = None) -> _T | _Field[_T]:
-        if task is None:
-            return self
-        extra = task._x
-        if type(extra) is _Extra:
-            return cast("_T", getattr(extra, self.name))
-        return self.default
-
-    def __set__(self, task: Task, value: _T) -> None:
-        extra = getattr(task, "_x", None)
-        if type(extra) is not _Extra:  # (the worker sets several per attempt: stay inline)
-            extra = task._extra()
-        setattr(extra, self.name, value)
-
-
-class _IdField:
-    """`id` and `idempotency_key`: a task that has no id yet gets one on first read."""
-
-    __slots__ = ("name",)
-
-    def __init__(self) -> None:
-        self.name = ""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    @overload
-    def __get__(self, task: None, owner: type | None = None) -> _IdField: ...
-    @overload
-    def __get__(self, task: Task, owner: type | None = None) -> str: ...
-    def __get__(self, task: Task | None, owner: type | None = None) -> str | _IdField:
-        if task is None:
-            return self
-        return cast("str", getattr(task._extra(), self.name))
-
-    def __set__(self, task: Task, value: str) -> None:
-        setattr(task._extra(), self.name, value)
-
-
-_extra_lock = threading.Lock()
-_UNSET: Any = object()
+    def __init__(
+        self,
+        key: str | None,
+        retry: RetryPolicy | None,
+        *,
+        enqueued: bool = False,
+        task_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> None:
+        self.id = task_id if task_id is not None else new_id()
+        self.idempotency_key = idempotency_key if idempotency_key is not None else self.id
+        self.key = key
+        self.retry = retry
+        self.enqueued = enqueued  # handed to an offloader (a Task is enqueued once)
+        self.progress: Progress | None = None
 
 
 class Task:
@@ -151,37 +121,15 @@ class Task:
     needs its own RetryPolicy or throttle key; `enqueue_task` returns the Task it queued, a
     handle whose `id` names it in logs and dead letters. `idempotency_key` stays the same
     across retries and replays (sent as `Idempotency-Key` when the HttpCall asks for it).
-    Treat a Task as read-only: the offloader keeps its attempt state in private attributes.
+    Treat a Task as read-only: the offloader keeps its attempt state in `progress`.
     """
 
-    # A queued task is held in memory until a worker takes it, so its size is the cost of
-    # a backlog: three slots, as small as the `(fn, kwargs)` tuple of a hand-written
-    # queue. Everything else (options, ids, attempt state) lives in an _Extra, made when
-    # first needed: at construction for a Task(...) or an HTTP/AWS call; for a plain
-    # callable's task (which enqueue_task makes with `_fast`) at its first attempt, or when
-    # its id is first read (at once over a durable store, which writes the id). Until then
-    # `_x` holds the call itself.
-    __slots__ = ("_x", "args", "kwargs")
+    __slots__ = ("_meta", "args", "call", "kwargs")
 
-    _x: Any  # the call (a task made by _fast, never touched since), or its _Extra
+    call: Any
     args: tuple[Any, ...]
     kwargs: Mapping[str, Any]
-
-    retry: _Field[RetryPolicy | None] = _Field(None)
-    key: _Field[str | None] = _Field(None)
-    id: _IdField = _IdField()
-    idempotency_key: _IdField = _IdField()
-    _attempts: _Field[int] = _Field(0)
-    _failures: _Field[int] = _Field(0)
-    _state: _Field[RetryCallState | None] = _Field(None)
-    _first_attempt_at: _Field[float | None] = _Field(None)
-    _last_attempt_at: _Field[float | None] = _Field(None)
-    _started: _Field[float | None] = _Field(None)
-    _last: _Field[Any] = _Field(None)
-    _letter: _Field[DeadLetter | None] = _Field(None)
-    _due: _Field[float] = _Field(0.0)
-    # Enqueued as it was made (by _fast): the time is not kept; it reads as infinity.
-    _enqueued_at: _Field[float] = _Field(math.inf)
+    _meta: TaskMeta | None  # None: a plain callable's task, enqueued as it was made
 
     def __init__(
         self,
@@ -194,12 +142,12 @@ class Task:
     ) -> None:
         if isinstance(call, Task):
             raise TypeError("Task(call=...) takes the call itself, not another Task")
-        if not callable(call) and not isinstance(call, (HttpCall, AwsCall)):
+        if not callable(call) and not isinstance(call, PERFORMED):
             raise TypeError(
                 f"a task performs a callable, an offload.http(...) or an offload.aws(...) call; "
                 f"got {type(call).__name__}"
             )
-        if isinstance(call, (HttpCall, AwsCall)) and (args or kwargs):
+        if isinstance(call, PERFORMED) and (args or kwargs):
             raise TypeError("an HttpCall or AwsCall takes no extra arguments; put them in the call")
         if not isinstance(args, tuple):
             raise TypeError(f"Task(args=...) must be a tuple, got {type(args).__name__}")
@@ -207,72 +155,118 @@ class Task:
             raise TypeError(f"Task(kwargs=...) must be a mapping, got {type(kwargs).__name__}")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"Task(retry=...) must be an offload.RetryPolicy, got {retry!r}")
-        if key is not None and (not isinstance(key, str) or not key):
-            raise ValueError(f"Task(key=...) must be a non-empty string or None, got {key!r}")
-        extra = self._x = _Extra(call, 0.0)
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"Task(key=...) must be a str or None, got {type(key).__name__}")
+        if key == "":
+            raise ValueError("Task(key=...) must be a non-empty string or None")
+        self.call = call
         self.args = args
         self.kwargs = dict(kwargs) if kwargs else {}
-        extra.retry = retry
-        extra.key = key if key is not None else default_key(call)
+        self._meta = TaskMeta(key if key is not None else default_key(call), retry)
 
     @classmethod
-    def _fast(
-        cls, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, with_id: bool = False
-    ) -> Task:
-        """The enqueue hot path for a plain callable: checks done by the caller, and the
-        task counts as enqueued from the start (see `_enqueued_at`).
-
-        `with_id` makes its _Extra (and so its id) now, for a durable store, which writes
-        the id: no other thread can see the task yet, so this needs none of `_extra()`'s
-        locking (1.3 us there, 0.7 us here)."""
+    def _fast(cls, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Task:
+        """The enqueue hot path for a plain callable: checks done by the caller; no meta
+        (and so no id) until one is needed."""
         self = cls.__new__(cls)
-        self._x = _Extra(call, math.inf) if with_id else call
+        self.call = call
         self.args = args
         self.kwargs = kwargs
+        self._meta = None
         return self
 
-    def _extra(self) -> _Extra:
-        """The task's _Extra, made (with the task's id) if it has none yet."""
-        extra = getattr(self, "_x", None)
-        if type(extra) is _Extra:
-            return extra
-        # A worker's first attempt and a handler reading task.id may get here at once:
-        # exactly one _Extra (and one id) must win.
-        with _extra_lock:
-            extra = getattr(self, "_x", _UNSET)
-            if type(extra) is not _Extra:
-                # No _x at all: Task.__new__ without _fast or __init__ (a store's loader).
-                fresh = extra is _UNSET
-                extra = _Extra(None, 0.0) if fresh else _Extra(extra, math.inf)
-                self._x = extra
-            return extra
+    @classmethod
+    def _restore(
+        cls,
+        call: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        task_id: str,
+        idempotency_key: str,
+        key: str | None,
+        retry: RetryPolicy | None,
+        progress: Progress | None,
+    ) -> Task:
+        """A task as a store gives it back: its ids, options and attempt state."""
+        self = cls.__new__(cls)
+        self.call = call
+        self.args = args
+        self.kwargs = kwargs
+        meta = self._meta = TaskMeta(
+            key, retry, task_id=task_id, idempotency_key=idempotency_key, enqueued=True
+        )
+        meta.progress = progress
+        return self
 
     @property
-    def call(self) -> Any:
-        """What the task performs: a callable, an HttpCall or an AwsCall."""
-        extra = self._x
-        return extra.call if type(extra) is _Extra else extra
+    def meta(self) -> TaskMeta:
+        """The task's identity and options, made (with its id) if it has none yet."""
+        meta = self._meta
+        if meta is not None:
+            return meta
+        with _meta_lock:  # a worker's first attempt and a handler reading task.id, at once
+            meta = self._meta
+            if meta is None:
+                meta = self._meta = TaskMeta(None, None, enqueued=True)
+            return meta
 
-    @call.setter
-    def call(self, value: Any) -> None:
-        self._extra().call = value
+    @property
+    def id(self) -> str:
+        """The task's id, unique across the processes sharing a store."""
+        return self.meta.id
 
-    def _reset(self) -> None:
-        """A fresh attempt budget (new tasks and replays); the ids stay."""
-        extra = self._extra()
-        extra._attempts = extra._failures = 0
-        extra._state = extra._first_attempt_at = extra._last_attempt_at = None
-        extra._started = extra._last = extra._letter = None
-        extra._due = 0.0
-        extra._enqueued_at = 0.0
+    @property
+    def idempotency_key(self) -> str:
+        """The same on every attempt and replay; the id unless a store kept another."""
+        return self.meta.idempotency_key
+
+    @property
+    def key(self) -> str | None:
+        """The throttle key: the API this task calls (None for a plain callable)."""
+        meta = self._meta
+        return None if meta is None else meta.key
+
+    @property
+    def retry(self) -> RetryPolicy | None:
+        """This task's own RetryPolicy, or None for the offloader's."""
+        meta = self._meta
+        return None if meta is None else meta.retry
+
+    @property
+    def progress(self) -> Progress:
+        """The task's attempt state (made on first use)."""
+        meta = self.meta
+        progress = meta.progress
+        if progress is None:
+            progress = meta.progress = Progress()
+        return progress
 
     @property
     def attempts(self) -> int:
         """Calls made so far."""
-        return self._attempts
+        meta = self._meta
+        return 0 if meta is None or meta.progress is None else meta.progress.attempts
+
+    @property
+    def enqueued(self) -> bool:
+        """True once the task was handed to an offloader (a Task is enqueued once)."""
+        meta = self._meta
+        return meta is None or meta.enqueued
+
+    def _restart(self) -> None:
+        """A fresh attempt budget, not yet enqueued (a replay); the ids stay."""
+        meta = self.meta
+        meta.progress = None
+        meta.enqueued = False
 
     def __repr__(self) -> str:
         return f"<offload.Task {self.id} {describe_target(self.call)}>"
+
+
+def utc(ts: float | None) -> datetime | None:
+    """Epoch seconds as an aware UTC datetime (None stays None)."""
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,9 +285,59 @@ class DeadLetter:
     attempts: int
     error: str
     status: int | None
-    reason: str
+    reason: Reason
     first_attempt_at: datetime | None
     last_attempt_at: datetime | None
+
+    @classmethod
+    def from_json(cls, data: Any) -> DeadLetter:
+        """The dead letter `to_json` described (times as ISO 8601 text or epoch seconds);
+        ValueError naming the field that is missing or of the wrong type."""
+        if not isinstance(data, Mapping):
+            raise ValueError("malformed dead-letter record: not an object")
+
+        def text(name: str, optional: bool = False) -> Any:
+            value = data.get(name)
+            if not (isinstance(value, str) or (optional and value is None)):
+                raise ValueError(f"malformed dead-letter record: {name}")
+            return value
+
+        def number(name: str, optional: bool = False) -> Any:
+            value = data.get(name)
+            if value is None and optional:
+                return None
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"malformed dead-letter record: {name}")
+            return value
+
+        def when(name: str) -> datetime | None:
+            value = data.get(name)
+            try:
+                if isinstance(value, str):
+                    return datetime.fromisoformat(value)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    return utc(float(value))
+            except (ValueError, OverflowError, OSError):
+                pass
+            if value is None:
+                return None
+            raise ValueError(f"malformed dead-letter record: {name}")
+
+        reason = text("reason")
+        if reason not in REASONS:
+            raise ValueError(f"malformed dead-letter record: reason {reason!r}")
+        return cls(
+            id=text("id"),
+            task_id=text("task_id"),
+            description=text("description"),
+            key=text("key", optional=True),
+            attempts=number("attempts"),
+            error=text("error"),
+            status=number("status", optional=True),
+            reason=reason,
+            first_attempt_at=when("first_attempt_at"),
+            last_attempt_at=when("last_attempt_at"),
+        )
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict with ISO 8601 datetimes (as the CLI prints with --json)."""

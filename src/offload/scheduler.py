@@ -1,9 +1,9 @@
 """Which task runs next: a ready queue, per-key throttle gates, and a delay heap.
 
-A plain data structure with no threads of its own. The offloader's worker threads call
-it with `lock` held; everything here is O(1) or O(log n) per task, so the lock is held
-for microseconds. Time comes in as arguments (monotonic seconds from the offloader's
-Clock), which lets tests drive it step by step.
+A plain data structure with no threads and no lock of its own: every caller holds the
+offloader's one lock (`core.Core.lock`). Everything here is O(1) or O(log n) per task,
+so the lock is held for microseconds. Time comes in as arguments (monotonic seconds from
+the offloader's Clock), which lets tests drive it step by step.
 
 Gates. A throttled outcome closes the task's key until a time. While closed, the key's
 tasks are set aside in order (`held`) and other keys' tasks flow. When the time comes,
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import threading
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -42,7 +41,6 @@ class Scheduler:
     """Ready queue, held tasks of gated keys, delay heap and the in-flight count."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
         self.ready: deque[Task] = deque()
         self.held: dict[str, deque[Task]] = {}
         self.held_count = 0
@@ -73,6 +71,25 @@ class Scheduler:
 
     def delay(self, task: Task, due: float) -> None:
         heapq.heappush(self.delayed, (due, next(self._seq), task))
+
+    def close_gate(self, key: str, until: float) -> None:
+        """Close `key` until `until` (or later, if it is closed longer already), ahead of
+        the `settle()` that records the throttle (a durable store's hand-back takes a
+        round trip, and other workers must not call the throttled API meanwhile)."""
+        gate = self.gates.get(key)
+        if gate is None:
+            self.gates[key] = Gate(until)
+        else:
+            gate.open_at = max(gate.open_at, until)
+
+    def closed_until(self, now: float) -> dict[str, float]:
+        """The keys whose gates are closed at `now` (or probing), with their reopening
+        times: a durable store leaves their tasks for other processes, or for later."""
+        return {
+            key: gate.open_at
+            for key, gate in self.gates.items()
+            if gate.probe is not None or now < gate.open_at
+        }
 
     # -- taking ---------------------------------------------------------------------------
 
@@ -127,6 +144,11 @@ class Scheduler:
         if due is None:
             return None
         return max(0.0, due - now)
+
+    def next_opening(self, now: float) -> float | None:
+        """Seconds until the next closed gate reopens; None if none is closed."""
+        opening = [gate.open_at - now for gate in self.gates.values() if gate.open_at > now]
+        return min(opening) if opening else None
 
     # -- settling -------------------------------------------------------------------------
 

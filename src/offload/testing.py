@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import contextlib
-import heapq
 import re
 import threading
 import weakref
@@ -29,13 +28,18 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import _default
-from .calls import Resources
+from .attempt import perform
+from .backlog import Backlog, MemoryBacklog
+from .calls.connections import Resources
 from .clock import Clock, SystemClock
+from .core import Core
 from .errors import ShutDown
 from .offloader import Offloader
+from .outcome import REASONS
 from .policy import RetryPolicy
 from .records import DeadLetter, Task
 from .stores import Store
+from .worker import WorkerPool
 
 __all__ = [
     "DeadLettered",
@@ -46,8 +50,6 @@ __all__ = [
     "dead_letters_matching",
     "eager",
 ]
-
-_REASONS = frozenset({"exhausted", "permanent", "shutdown"})
 
 
 class FakeClock:
@@ -139,6 +141,88 @@ def _close_all(resources: list[Resources]) -> None:
     resources.clear()
 
 
+class _EagerBacklog(MemoryBacklog):
+    """A backlog that performs each task inline, in the thread that enqueues it: the
+    attempt and its settling are the workers' own (`attempt.perform`, `Settler`), and a
+    retry is taken back at once, on a clock that skips the backoff."""
+
+    def __init__(
+        self,
+        core: Core,
+        pool: WorkerPool,
+        store: Store,
+        clock: _SkippingClock,
+        max_queue: int,
+        *,
+        fail_fast: bool,
+    ) -> None:
+        super().__init__(core, pool, store, clock, max_queue)
+        self.skip = clock
+        self.fail_fast = fail_fast
+        # Per enqueuing thread: its connections (a requests Session is not shared across
+        # threads) and the due time of the retry its attempt just asked for.
+        self._local = threading.local()
+        self._resources: list[Resources] = []
+        self._finalizer = weakref.finalize(self, _close_all, self._resources)
+
+    def _thread_resources(self) -> Resources:
+        res: Resources | None = getattr(self._local, "resources", None)
+        if res is None:
+            res = self._local.resources = Resources()
+            with self.core.lock:
+                self._resources.append(res)
+        return res
+
+    def add(self, task: Task) -> None:
+        core = self.core
+        with core.lock:
+            if core.closed:
+                raise ShutDown("this offloader was shut down; it takes no new tasks")
+            meta = task._meta
+            if meta is not None:
+                meta.enqueued = True
+            core.ledger.enqueued += 1
+            core.sched.in_flight += 1  # as Scheduler.take() counts a task it hands out
+        settler = self.settler
+        assert settler is not None
+        resources = self._thread_resources()
+        local = self._local
+        while True:
+            local.due = None
+            settler.settle(task, perform(task, resources, self.skip))
+            due = local.due
+            if due is None:
+                break  # delivered or dead-lettered
+            self.skip.skip_to(due)
+        letter = task.progress.letter
+        if letter is not None and self.fail_fast:
+            raise DeadLettered(letter)
+
+    def requeue(self, task: Task, now: float, delay: float, throttled: bool) -> bool:
+        core = self.core
+        with core.lock:
+            if core.stopping:
+                return False
+            core.ledger.retried += 1  # still in flight: add() makes the next attempt now
+        self._local.due = now + delay
+        return True
+
+    def close(
+        self,
+        left: list[Task],
+        ok: bool,
+        threads: list[threading.Thread],
+        deadline: float | None,
+    ) -> bool:
+        try:
+            return super().close(left, ok, threads, deadline)
+        finally:
+            with self.core.lock:
+                resources = list(self._resources)
+                self._resources.clear()
+            _close_all(resources)
+
+
 class EagerOffloader(Offloader):
     """An Offloader that performs each call inline, in the thread that enqueues it.
 
@@ -179,68 +263,10 @@ class EagerOffloader(Offloader):
         self._skip = _SkippingClock(clock if clock is not None else SystemClock())
         super().__init__(store, retry, clock=self._skip, **options)
 
-    def _init_state(self) -> None:
-        super()._init_state()
-        # Connections per enqueuing thread (a requests Session is not shared across threads),
-        # all closed at shutdown or when this offloader is collected; made anew after fork().
-        self._local = threading.local()
-        self._resources: list[Resources] = []
-        self._finalizer = weakref.finalize(self, _close_all, self._resources)
-
-    def _thread_resources(self) -> Resources:
-        res: Resources | None = getattr(self._local, "resources", None)
-        if res is None:
-            res = self._local.resources = Resources()
-            with self._lock:
-                self._resources.append(res)
-        return res
-
-    def _submit(self, task: Task) -> None:
-        with self._lock:
-            if self._closed:
-                raise ShutDown("this offloader was shut down; it takes no new tasks")
-            if not task._enqueued_at:  # a plain callable's task is made enqueued
-                task._enqueued_at = self._clock.monotonic() or 1e-9
-            self._enqueued += 1
-            self._sched.in_flight += 1  # as Scheduler.take() counts a task it hands out
-        resources = self._thread_resources()
-        while True:
-            # _perform settles the attempt as a worker would: delivered, dead-lettered, or
-            # put on the delay heap for a retry, which we take straight back.
-            self._perform(task, resources)
-            with self._lock:
-                due = self._take_back(task)
-            if due is None:
-                break
-            self._skip.skip_to(due)
-        letter = task._letter
-        if letter is not None and self.fail_fast:
-            raise DeadLettered(letter)
-
-    def _take_back(self, task: Task) -> float | None:
-        """Called with the lock held: remove `task` from the delay heap (and its key's gate)
-        and count it in flight again; its due time, or None if it was not delayed."""
-        sched = self._sched
-        for index, entry in enumerate(sched.delayed):
-            if entry[2] is task:
-                sched.delayed[index] = sched.delayed[-1]
-                sched.delayed.pop()
-                heapq.heapify(sched.delayed)
-                if task.key is not None and not sched.held.get(task.key):
-                    sched.gates.pop(task.key, None)
-                sched.in_flight += 1
-                return entry[0]
-        return None
-
-    def shutdown(self, timeout: float | None = None) -> bool:
-        """Stop taking tasks and close the connections eager calls opened."""
-        try:
-            return super().shutdown(timeout)
-        finally:
-            with self._lock:
-                resources = list(self._resources)
-                self._resources.clear()
-            _close_all(resources)
+    def _make_backlog(self, core: Core, pool: WorkerPool) -> Backlog:
+        return _EagerBacklog(
+            core, pool, self.store, self._skip, self.max_queue, fail_fast=self.fail_fast
+        )
 
     def __repr__(self) -> str:
         return "Eager" + super().__repr__()
@@ -323,8 +349,8 @@ def dead_letters_matching(
     `reason` is "exhausted", "permanent" or "shutdown"; `status` an HTTP status; `key` a
     throttle key, exactly.
     """
-    if reason is not None and reason not in _REASONS:
-        raise ValueError(f"reason must be one of {sorted(_REASONS)}, got {reason!r}")
+    if reason is not None and reason not in REASONS:
+        raise ValueError(f"reason must be one of {sorted(REASONS)}, got {reason!r}")
     for name, value in (("description", description), ("error", error)):
         if value is not None and not isinstance(value, (str, re.Pattern)):
             raise TypeError(f"{name} must be a str or a compiled regex, got {value!r}")

@@ -22,6 +22,7 @@ import tenacity
 
 import offload
 from offload import NotSerializable, Offloader, RetryPolicy, StoreError, Task, UnknownDeadLetter
+from offload.settle import dead_letter_for
 from offload.stores import open_store
 from offload.stores.sqlite import SQLiteStore, parse_sqlite_url
 from offload.testing import FakeClock
@@ -191,7 +192,7 @@ def test_no_pickle_anywhere_in_the_file(tmp_path: Path, make_offloader: Any) -> 
     )
     store = off.store
     (task,) = store.claim(1)
-    store.bury(task, off._dead_letter_for(task, "boom", None, "permanent"))
+    store.bury(task, dead_letter_for(task, "boom", None, "permanent"))
     files = [tmp_path / "q.db", tmp_path / "q.db-wal", *tmp_path.glob("q.db-journals/*")]
     assert any(f.parent.name == "q.db-journals" for f in files)
     contents = b"".join(f.read_bytes() for f in files if f.exists())
@@ -251,8 +252,8 @@ def test_attempt_state_from_another_process_bounds_the_retries(
     store = SQLiteStore(tmp_path / "q.db")
     task = Task(offload.http("POST", server.url("/down")))
     store.put(task, lease=True)
-    task._attempts = task._failures = 1
-    task._first_attempt_at = task._last_attempt_at = time.time() - 1000
+    task.progress.attempts = task.progress.failures = 1
+    task.progress.first_attempt_at = task.progress.last_attempt_at = time.time() - 1000
     store.release(task, time.time())
     store.close()
     off = make_offloader(store=url_of(tmp_path / "q.db"))
@@ -266,7 +267,7 @@ def test_attempt_state_from_another_process_bounds_the_retries(
         500,
     )
     assert letter.first_attempt_at is not None
-    assert abs(letter.first_attempt_at.timestamp() - task._first_attempt_at) < 1e-3
+    assert abs(letter.first_attempt_at.timestamp() - task.progress.first_attempt_at) < 1e-3
     assert len(server.requests_to("/down")) == 1
 
 
@@ -414,7 +415,7 @@ def test_shutdown_hands_back_what_it_holds(
     counts = off.store.counts()
     assert (counts.ready, counts.leased) == (5, 1)  # handed back; the running call holds on
     release.set()  # the hung call fails (reset) and goes back to the store too
-    for thread in list(off._threads):
+    for thread in list(off._pool.threads):
         thread.join(10)
     assert off.store.counts().leased == 0
     assert ledger_holds(off)
@@ -556,8 +557,7 @@ def test_an_unreadable_dead_letter_is_a_store_error(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "q.db")
     task = Task(record, (1,))
     store.put(task, lease=True)
-    off = Offloader.__new__(Offloader)  # only for its dead-letter builder
-    store.bury(task, Offloader._dead_letter_for(off, task, "boom", None, "permanent"))
+    store.bury(task, dead_letter_for(task, "boom", None, "permanent"))
     store.close()
     with raw(tmp_path / "q.db") as conn:
         conn.execute("UPDATE dead_letters SET attempts = 'lots'")
@@ -607,7 +607,7 @@ def test_a_worker_waits_for_a_delayed_task_then_exits_when_idle(
     assert off.flush(15)
     assert delivered == [1] and attempts_seen == {1: 2}
     assert wait_workers_exit(off)
-    keeper = off._keeper
+    keeper = off._backlog._keeper
     if keeper is not None:
         keeper.join(5)
         assert not keeper.is_alive()

@@ -259,13 +259,19 @@ def test_claim_skips_excluded_keys(durable: DurableStore) -> None:
 def test_release_keeps_attempt_state_for_any_process(durable_stores: MakeStore) -> None:
     first, second = durable_stores(), durable_stores()
     task = put_leased(first, make_task())
-    task._attempts, task._failures = 3, 2
-    task._first_attempt_at, task._last_attempt_at = 1_700_000_000.25, 1_700_000_042.5
+    task.progress.attempts, task.progress.failures = 3, 2
+    task.progress.first_attempt_at, task.progress.last_attempt_at = (
+        1_700_000_000.25,
+        1_700_000_042.5,
+    )
     first.release(task, time.time() - 1)
     (again,) = second.claim(10)
     assert again.id == task.id and again.idempotency_key == task.idempotency_key
-    assert (again._attempts, again._failures) == (3, 2)
-    assert (again._first_attempt_at, again._last_attempt_at) == (1_700_000_000.25, 1_700_000_042.5)
+    assert (again.progress.attempts, again.progress.failures) == (3, 2)
+    assert (again.progress.first_attempt_at, again.progress.last_attempt_at) == (
+        1_700_000_000.25,
+        1_700_000_042.5,
+    )
 
 
 def test_a_task_released_for_later_waits(durable_stores: MakeStore) -> None:
@@ -292,7 +298,7 @@ def test_complete_forgets_the_task(durable_stores: MakeStore) -> None:
 def test_bury_removes_the_task_and_replay_puts_it_back(durable_stores: MakeStore) -> None:
     worker, operator = durable_stores(), durable_stores()
     task = put_leased(worker, make_task())
-    task._attempts = 5
+    task.progress.attempts = 5
     letter = letter_for(task)
     worker.bury(task, letter)
     assert operator.claim(10) == []

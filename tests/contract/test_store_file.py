@@ -24,7 +24,7 @@ import tenacity
 
 import offload
 from offload import Offloader, RetryPolicy, Task
-from offload.calls import resolve_task_function
+from offload.codec.trust import resolve_task_function
 from procs import SRC
 from server import Answer, ScriptedServer
 

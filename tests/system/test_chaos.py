@@ -1,4 +1,5 @@
-"""offload against the chaos API (tests/support/chaos.py): every fault once, then a short seeded soak.
+"""offload against the chaos API (tests/support/chaos.py): every fault once, then a short
+seeded soak.
 
 The long soak (>= 50,000 calls) is benchmarks/soak.py; this is its short version, with the
 same checks (chaos.check): the ledger is exact, no duplicate without a lost answer, never

@@ -118,7 +118,7 @@ def api() -> Iterator[tuple[str, Counts]]:
 
 
 class Gunicorn:
-    """`gunicorn -w N tests/support/gunicorn_app:app` in a subprocess; its log lines are collected."""
+    """`gunicorn -w N tests/support/gunicorn_app:app` in a subprocess, its log lines collected."""
 
     def __init__(self, api_url: str, tmp_path: Path, preload: bool) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}

@@ -22,21 +22,20 @@ from botocore.stub import Stubber
 from moto import mock_aws
 from requests.auth import AuthBase, HTTPBasicAuth
 
-from offload import calls
 from offload.calls import (
     DEFAULT_TIMEOUT,
     AwsCall,
     HttpCall,
     Resources,
     aws,
-    callable_path,
     default_key,
     describe_target,
     http,
-    resolve_callable,
-    task_from_json,
-    task_to_json,
 )
+from offload.calls import aws_call as aws_calls
+from offload.codec.task import dump_call as task_to_json
+from offload.codec.task import load_call as task_from_json
+from offload.codec.trust import callable_path, resolve_callable
 from offload.errors import NotSerializable
 from offload.outcome import RETRY, classify_exception, classify_result
 from server import Answer, ScriptedServer
@@ -531,9 +530,9 @@ def test_aws_rejects_bad_input_at_build_time(
 
 def test_aws_model_lookups_are_cached() -> None:
     aws("glue", "start_job_run")
-    before = calls._operations.cache_info().hits
+    before = aws_calls._operations.cache_info().hits
     aws("glue", "get_job_run")
-    assert calls._operations.cache_info().hits == before + 1
+    assert aws_calls._operations.cache_info().hits == before + 1
 
 
 def test_aws_json_round_trip(aws_env: None) -> None:

@@ -43,7 +43,7 @@ def test_no_thread_until_first_enqueue_then_idle_exit(make_offloader: MakeOffloa
     assert not [t for t in threading.enumerate() if t.name.startswith("offload-worker")] or True
     done = threading.Event()
     off.enqueue_task(done.set)
-    names = {t.name for t in off._threads}
+    names = {t.name for t in off._pool.threads}
     assert names <= {"offload-worker"}
     assert done.wait(5)
     assert wait_workers_exit(off)

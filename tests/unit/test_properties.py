@@ -346,10 +346,10 @@ def test_offloader_on_a_fake_clock(
             # worker woken by another's notify still reads as parked until it runs, so a
             # quiesce can end just before it takes a task. Then look again.
             for _look in range(1_000):
-                threads = list(off._threads)
+                threads = list(off._pool.threads)
                 assert clock.quiesce(threads), "a worker never parked (busy loop or deadlock?)"
                 stats = off.stats()
-                if set(off._threads) <= set(threads) and not stats.in_flight:
+                if set(off._pool.threads) <= set(threads) and not stats.in_flight:
                     break
             else:
                 raise AssertionError(f"a task stayed in flight with every worker parked: {stats}")

@@ -12,7 +12,7 @@ import pytest
 from tenacity import stop_after_attempt, wait_none
 
 from offload import Offloader, RetryPolicy, Task
-from offload.records import new_id
+from offload.records import Progress, new_id
 
 MakeOffloader = Callable[..., Offloader]
 
@@ -29,9 +29,11 @@ def test_a_queued_callable_task_is_no_bigger_than_a_tuple_of_fn_and_kwargs(
     off.enqueue_task(release.wait)  # the worker is busy: what follows stays queued
     try:
         task = off.enqueue_task(send_welcome, user_id=1, email="a@example.com")
-        assert sys.getsizeof(task) <= sys.getsizeof((send_welcome, task.kwargs))
+        # One pointer more than the tuple: the slot its meta (ids, options) goes in when
+        # first needed.
+        assert sys.getsizeof(task) <= sys.getsizeof((send_welcome, task.kwargs)) + 8
         # Queued and untouched, it has made nothing else yet (no id, no attempt state).
-        assert task._x is send_welcome
+        assert task._meta is None
         assert (task.call, task.args, task.kwargs) == (
             send_welcome,
             (),
@@ -74,18 +76,18 @@ def test_a_plain_callable_task_cannot_be_enqueued_again(make_offloader: MakeOffl
     assert off.flush(5)
 
 
-def test_a_task_rebuilt_field_by_field_as_a_store_does() -> None:
+def test_a_task_restored_as_a_store_gives_it_back() -> None:
     policy = RetryPolicy()
-    task = Task.__new__(Task)
-    task.call = send_welcome
-    task.args = (1,)
-    task.kwargs = {"email": "a@example.com"}
-    task.retry = policy
-    task.key = "crm"
-    task.id = "stored-id"
-    task.idempotency_key = "stored-key"
-    task._reset()
-    task._attempts = 3
+    task = Task._restore(
+        send_welcome,
+        (1,),
+        {"email": "a@example.com"},
+        task_id="stored-id",
+        idempotency_key="stored-key",
+        key="crm",
+        retry=policy,
+        progress=Progress(attempts=3, failures=1, first_attempt_at=1.0, last_attempt_at=2.0),
+    )
     assert (task.call, task.args, task.kwargs) == (send_welcome, (1,), {"email": "a@example.com"})
     assert (task.retry, task.key, task.id, task.idempotency_key) == (
         policy,
@@ -93,14 +95,16 @@ def test_a_task_rebuilt_field_by_field_as_a_store_does() -> None:
         "stored-id",
         "stored-key",
     )
-    assert task.attempts == 3 and not task._enqueued_at
+    assert task.attempts == 3 and task.progress.failures == 1 and task.enqueued
+    task._restart()  # a replay: a fresh attempt budget, the same ids
+    assert task.attempts == 0 and not task.enqueued and task.id == "stored-id"
 
 
 def test_task_form_keeps_its_options_and_fresh_ids() -> None:
     a, b = Task(send_welcome, (1,), {"email": "x"}, key="crm"), Task(send_welcome)
     assert a.key == "crm" and b.key is None
     assert a.id != b.id and a.idempotency_key == a.id
-    assert not a._enqueued_at and a.attempts == 0
+    assert not a.enqueued and a.attempts == 0
     assert new_id() not in (a.id, b.id)
 
 

@@ -89,7 +89,7 @@ def test_eager_retries_at_once_ignoring_backoff_and_retry_after(server: Scripted
         assert task.attempts == 4
         s = off.stats()
         assert (s.succeeded, s.retried, s.delayed, s.dead_lettered) == (1, 3, 0, 0)
-        assert off._sched.gates == {}
+        assert off._core.sched.gates == {}
         assert ledger_holds(off)
 
 
@@ -231,7 +231,7 @@ def test_eager_from_many_threads_keeps_the_ledger() -> None:
         sevens = [n for n in counts if n % 7 == 0]
         assert s.dead_lettered == len(sevens) == len(off.dead_letters())
         assert all(counts[n] == (3 if n % 3 == 0 else 1) for n in counts)
-        assert off._sched.gates == {}
+        assert off._core.sched.gates == {}
     finally:
         off.shutdown(0)
 
@@ -252,9 +252,9 @@ def test_eager_with_a_fake_clock_stamps_fake_wall_time(server: ScriptedServer) -
 def test_eager_shutdown_refuses_new_tasks_and_closes_connections(server: ScriptedServer) -> None:
     off = EagerOffloader()
     off.enqueue_task(offload.http("GET", server.url("/a")))
-    assert len(off._resources) == 1
+    assert len(off._backlog._resources) == 1
     assert off.shutdown(1)
-    assert off._resources == []
+    assert off._backlog._resources == []
     with pytest.raises(offload.ShutDown):
         off.enqueue_task(offload.http("GET", server.url("/a")))
 
@@ -264,7 +264,7 @@ def test_eager_offloader_collected_without_shutdown_closes_connections(
 ) -> None:
     off = EagerOffloader()
     off.enqueue_task(offload.http("GET", server.url("/a")))
-    finalizer = off._finalizer
+    finalizer = off._backlog._finalizer
     assert finalizer.alive
     del off
     gc.collect()

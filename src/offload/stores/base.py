@@ -25,17 +25,24 @@ before the dead letter goes, so a crash in between duplicates and never loses; `
 (the memory store's way) only removes and returns. A store that cannot lease a task as
 it writes it (SQS) sets `leases_on_put = False`: the offloader then puts with
 `lease=False` and claims its tasks back like any worker.
+
+A store keeps tasks as `codec.task.TaskRecord`s (JSON only); the offloader's stages never
+see its rows or messages.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
 from ..records import DeadLetter, Task
 
-__all__ = ["Store", "StoreCounts"]
+__all__ = ["NO_KEYS", "DurableStore", "Store", "StoreCounts"]
+
+NO_KEYS: Mapping[str, float] = MappingProxyType({})
+"""`claim(exclude_keys=...)` when no key is excluded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +63,9 @@ class Store(Protocol):
     url: str
     #: True when tasks survive the process: the offloader then writes each one through.
     durable: bool
+    #: Dead letters let go to stay within a bound (the memory store's); 0 for stores that
+    #: keep every one.
+    dropped: int
 
     # -- dead letters (every store) -------------------------------------------------------
 
@@ -84,6 +94,10 @@ class Store(Protocol):
     def close(self) -> None:
         """Release connections and files. The store is not used afterwards."""
 
+    def after_fork(self) -> None:
+        """In a forked child: let go of the parent's connections, files and leases (never
+        close them: they are still the parent's)."""
+
 
 @runtime_checkable
 class DurableStore(Store, Protocol):
@@ -91,18 +105,21 @@ class DurableStore(Store, Protocol):
 
     #: Seconds a lease lasts unless renewed; the offloader renews every third of it.
     lease_timeout: float
-    # Optional attribute `leases_on_put: bool` (True when absent): see the module docstring.
+    #: False when `put(lease=True)` is impossible (see the module docstring).
+    leases_on_put: bool
+    #: Seconds between flush()'s looks at what other processes changed (each look is a
+    #: request to a remote store).
+    flush_poll: float
 
     def put(self, task: Task, *, lease: bool) -> None:
         """Write a new task durably before returning (NotSerializable if it cannot be
         stored). `lease=True`: leased to this process, which will perform it."""
 
-    def claim(self, limit: int, *, exclude_keys: Collection[str] = ()) -> list[Task]:
-        """Lease up to `limit` tasks that are due now, skipping the keys given (gates this
-        process holds closed), oldest first. Tasks come back with their attempt state.
-
-        The offloader passes `exclude_keys` as a mapping of key -> the epoch time its gate
-        reopens, for stores that must put a skipped task back with a delay."""
+    def claim(self, limit: int, *, exclude_keys: Mapping[str, float] = NO_KEYS) -> list[Task]:
+        """Lease up to `limit` tasks that are due now, oldest first, skipping the keys
+        whose gates this process holds closed: key -> the epoch time its gate reopens (a
+        store that must receive a task to see its key puts it back due then). Tasks come
+        back with their attempt state."""
         ...
 
     def renew(self, tasks: Sequence[Task]) -> None:

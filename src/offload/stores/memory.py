@@ -53,7 +53,7 @@ class MemoryStore:
     def close(self) -> None:
         pass
 
-    def _after_fork(self) -> None:
+    def after_fork(self) -> None:
         # The child starts empty: the parent's dead letters stay the parent's.
         self._letters = OrderedDict()
         self._lock = threading.Lock()

@@ -38,8 +38,8 @@ import stat
 import threading
 import time
 import weakref
-from collections.abc import Collection, Iterator, Sequence
-from datetime import datetime, timezone
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -49,11 +49,12 @@ try:
 except ImportError:  # Windows: no flock(), so no journal; every enqueue writes the database
     fcntl = None  # type: ignore[assignment]
 
-from .._serial import Unreadable, load_task, stored_call
 from ..clock import Clock, SystemClock
+from ..codec.task import TaskRecord, Unreadable, attempt_state
+from ..config import check_lease_timeout, check_number, lease_timeout_from_env
 from ..errors import StoreError, UnknownDeadLetter
 from ..records import DeadLetter, Task
-from .base import StoreCounts
+from .base import NO_KEYS, StoreCounts
 
 __all__ = ["SQLiteStore", "parse_sqlite_url"]
 
@@ -115,10 +116,19 @@ _TASK_COLUMNS = (
     "seq, id, idempotency_key, key, call, retry, attempts, failures, "
     "first_attempt_at, last_attempt_at"
 )
-_LETTER_COLUMNS = (
-    "id, task_id, description, key, attempts, error, status, reason, "
-    "first_attempt_at, last_attempt_at"
+_LETTER_FIELDS = (
+    "id",
+    "task_id",
+    "description",
+    "key",
+    "attempts",
+    "error",
+    "status",
+    "reason",
+    "first_attempt_at",
+    "last_attempt_at",
 )
+_LETTER_COLUMNS = ", ".join(_LETTER_FIELDS)
 _SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL", "extra": "EXTRA"}
 
 # Sweeping leases (expired ones, and those of dead processes) reads every leased row, so
@@ -392,20 +402,6 @@ def _number(url: str, name: str, value: str, minimum: float, *, positive: bool) 
     return number
 
 
-def _env_lease() -> float:
-    """OFFLOAD_LEASE_TIMEOUT, or 60 seconds; ValueError naming the variable if bad."""
-    raw = os.environ.get("OFFLOAD_LEASE_TIMEOUT", "").strip()
-    if not raw:
-        return 60.0
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"OFFLOAD_LEASE_TIMEOUT={raw!r} is not a valid number") from None
-    if not (0 < value < math.inf):
-        raise ValueError(f"OFFLOAD_LEASE_TIMEOUT={raw!r} must be > 0 and finite")
-    return value
-
-
 def _pid_alive(pid: int) -> bool:
     """True unless process `pid` of this host surely no longer exists (or is a zombie)."""
     if pid <= 0:
@@ -424,16 +420,14 @@ def _pid_alive(pid: int) -> bool:
     return state != b"Z"  # killed, not yet reaped by its parent
 
 
-def _utc(value: Any) -> datetime | None:
-    if value is None:
-        return None
-    return datetime.fromtimestamp(float(value), tz=timezone.utc)
-
-
 class SQLiteStore:
     """A durable store in one SQLite file (see the module docstring)."""
 
     durable = True
+    leases_on_put = True
+    #: flush() looks at the file this often for what other processes changed.
+    flush_poll = 0.05
+    dropped = 0  # every dead letter is kept
 
     def __init__(
         self,
@@ -453,11 +447,8 @@ class SQLiteStore:
             raise ValueError(
                 f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, got {synchronous!r}"
             )
-        for name, value in (("lease_timeout", lease_timeout), ("busy_timeout", busy_timeout)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number, got {value!r}")
-            if not (0 <= value < math.inf) or (name == "lease_timeout" and value <= 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        check_lease_timeout("lease_timeout", lease_timeout)
+        check_number("busy_timeout", busy_timeout, minimum=0)
         self.path = path
         self.synchronous = mode
         self.lease_timeout = float(lease_timeout)
@@ -500,7 +491,9 @@ class SQLiteStore:
                     "(expected synchronous, lease_timeout or busy_timeout)"
                 )
         if "lease_timeout" not in kwargs:
-            kwargs["lease_timeout"] = lease_timeout if lease_timeout is not None else _env_lease()
+            kwargs["lease_timeout"] = (
+                lease_timeout if lease_timeout is not None else lease_timeout_from_env()
+            )
         return cls(path, clock=clock, url=url, **kwargs)
 
     def _init_process_state(self) -> None:
@@ -521,15 +514,19 @@ class SQLiteStore:
         self._check_pid()
         return self._owner
 
+    def after_fork(self) -> None:
+        """In a forked child: its own connection and owner, opened on first use."""
+        self._check_pid()
+
     # -- connection -----------------------------------------------------------------------
 
     def _check_pid(self) -> None:
         if self._pid != os.getpid():
             with _fork_locks.setdefault(os.getpid(), threading.Lock()):
                 if self._pid != os.getpid():
-                    self._after_fork()
+                    self._start_over()
 
-    def _after_fork(self) -> None:
+    def _start_over(self) -> None:
         """In a forked child: a new lock, owner and (on first use) connection."""
         if self._connection is not None:
             _orphans.append(self._connection)  # never touched again, never closed
@@ -905,7 +902,8 @@ class SQLiteStore:
         """Write a new task before returning: one line appended to this process's journal
         (one write(), no fsync), or with synchronous=full one fsync'd INSERT. The enqueue
         path: kept short on purpose."""
-        call, retry = stored_call(task)  # NotSerializable before touching the file
+        record = TaskRecord.of(task)  # NotSerializable before touching the file
+        call, retry = record.call, record.retry
         now = self._clock.time()
         if self._pid != os.getpid():
             self._check_pid()
@@ -914,9 +912,9 @@ class SQLiteStore:
                 if self._journaled and self._journal is None:
                     self._journal = _Journal(self.journal_dir, _journal_header(self._store_id))
                 self._opened = True  # last: a thread that sees it sees the journal
-        task_id = task.id
-        idempotency_key = task.idempotency_key
-        key = task.key
+        task_id = record.id
+        idempotency_key = record.idempotency_key
+        key = record.key
         journal = self._journal
         if journal is not None and "\n" not in call:
             # The line's head written out rather than by json.dumps: half the cost, and
@@ -949,7 +947,7 @@ class SQLiteStore:
             except sqlite3.Error as exc:
                 raise StoreError(f"{self.url}: enqueue failed: {exc}") from exc
 
-    def claim(self, limit: int, *, exclude_keys: Collection[str] = ()) -> list[Task]:
+    def claim(self, limit: int, *, exclude_keys: Mapping[str, float] = NO_KEYS) -> list[Task]:
         """Lease up to `limit` due tasks, oldest due first, skipping `exclude_keys`."""
         if limit <= 0:
             return []
@@ -1060,15 +1058,7 @@ class SQLiteStore:
                 "UPDATE tasks SET owner = NULL, lease_until = NULL, due = ?, attempts = ?, "
                 "failures = ?, first_attempt_at = ?, last_attempt_at = ? "
                 "WHERE id = ? AND owner = ?",
-                (
-                    due,
-                    task._attempts,
-                    task._failures,
-                    task._first_attempt_at,
-                    task._last_attempt_at,
-                    task.id,
-                    self._owner,
-                ),
+                (due, *attempt_state(task), task.id, self._owner),
             )
 
     def complete(self, task: Task) -> None:
@@ -1145,10 +1135,10 @@ class SQLiteStore:
                     (*values, task.id),
                 ).rowcount
                 if not copied:  # the row is gone (a lease lost): store the call from memory
-                    call, retry = stored_call(task)
+                    record = TaskRecord.of(task)
                     conn.execute(
                         insert + "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (*values, call, retry),
+                        (*values, record.call, record.retry),
                     )
                 conn.execute("DELETE FROM tasks WHERE id = ?", (task.id,))
 
@@ -1172,21 +1162,9 @@ class SQLiteStore:
 
     def _letter(self, row: tuple[Any, ...]) -> DeadLetter:
         try:
-            letter = DeadLetter(
-                id=str(row[0]),
-                task_id=str(row[1]),
-                description=str(row[2]),
-                key=None if row[3] is None else str(row[3]),
-                attempts=int(row[4]),
-                error=str(row[5]),
-                status=None if row[6] is None else int(row[6]),
-                reason=str(row[7]),
-                first_attempt_at=_utc(row[8]),
-                last_attempt_at=_utc(row[9]),
-            )
-        except (TypeError, ValueError, OverflowError, OSError) as exc:
+            return DeadLetter.from_json(dict(zip(_LETTER_FIELDS, row, strict=True)))
+        except ValueError as exc:
             raise StoreError(f"{self.url}: dead letter {row[0]!r} is unreadable: {exc}") from None
-        return letter
 
     def __len__(self) -> int:
         with self._use("counting dead letters") as conn:
@@ -1200,7 +1178,7 @@ class SQLiteStore:
         into the queue in the same transaction.
         """
         with self._use("reviving a dead letter") as conn, self._transaction(conn):
-            task = load_task(*_stored_letter(conn, dead_letter_id))
+            task = TaskRecord(*_stored_letter(conn, dead_letter_id)).load()
             if isinstance(task.call, Unreadable):
                 raise StoreError(
                     f"dead letter {dead_letter_id} cannot be revived here: {task.call.error}"
@@ -1231,7 +1209,7 @@ class SQLiteStore:
             )
             conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
         # The task is only a handle here; this process may not even be able to import it.
-        return load_task(task_id, idempotency_key, key, call, retry)
+        return TaskRecord(task_id, idempotency_key, key, call, retry).load()
 
     def discard(self, dead_letter_id: str) -> None:
         """Delete one dead letter; UnknownDeadLetter if none has that id."""
@@ -1290,7 +1268,7 @@ def _epoch(value: datetime | None) -> float | None:
 
 def _task_from_row(row: tuple[Any, ...]) -> Task:
     _, task_id, idempotency_key, key, call, retry, attempts, failures, first, last = row
-    return load_task(
+    return TaskRecord(
         task_id,
         task_id if idempotency_key is None else idempotency_key,
         key,
@@ -1300,4 +1278,4 @@ def _task_from_row(row: tuple[Any, ...]) -> Task:
         failures,
         first,
         last,
-    )
+    ).load()

@@ -18,11 +18,11 @@ itself. Existing queues are used as they are, never modified: when NAME has a re
 policy its target is the DLQ, otherwise `dlq` (created if missing).
 
 Messages. One SQS message per task, ASCII JSON (SQS would silently replace characters
-outside XML's set): `_serial.task_to_record` (the call, a per-task RetryPolicy, the
+outside XML's set): `codec.task.TaskRecord` (the call, a per-task RetryPolicy, the
 task's id, idempotency key and throttle key, and its attempt state: calls made,
 failures, first and last attempt times), so any worker continues where another stopped.
 A message that is not offload's, or names a function this worker cannot import, is
-handed out as a task that dead-letters itself (`_serial.Unreadable`: reason "permanent",
+handed out as a task that dead-letters itself (`codec.task.Unreadable`: reason "permanent",
 the record kept for a replay once the cause is fixed). A task larger than the queue's
 MaximumMessageSize (256 KiB by default; up to 1 MiB) less 4 KiB, kept for the
 dead-letter record that wraps it, is refused at enqueue with NotSerializable, which the
@@ -46,9 +46,8 @@ message; a delay beyond SQS's 900 s is carried as `due` in the message, and a wo
 that receives it early sends it on again. Re-sending, rather than
 ChangeMessageVisibility, keeps each message's receive count at the number of workers
 that died holding it, which is what the redrive policy must count. Tasks of keys whose
-gate is closed in this process (`exclude_keys`) go back the same way after a short delay
-(the gate's reopening time when `exclude_keys` is a mapping key -> epoch seconds, else
-5 s): throttle gates are per worker process, and SQS cannot filter by key.
+gate is closed in this process (`exclude_keys`) go back the same way, due when the gate
+reopens: throttle gates are per worker process, and SQS cannot filter by key.
 
 Dead letters. `bury` sends offload's own record (the DeadLetter: reason, attempts, last
 error, status, times; and the task, to replay it) to the DLQ, then deletes the task's
@@ -78,23 +77,21 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from .._redact import redact_text, redact_url
-from .._serial import Unreadable, load_task, task_from_record, task_to_record
-from ..calls import AwsCall, HttpCall
+from ..codec.task import TaskRecord, describe_call
+from ..config import check_lease_timeout, lease_timeout_from_env
 from ..errors import NotSerializable, StoreError, UnknownDeadLetter
-from ..records import DeadLetter, Task
-from .base import StoreCounts
+from ..records import DeadLetter, Task, utc
+from .base import NO_KEYS, StoreCounts
 
 __all__ = ["SqsStore"]
 
@@ -109,7 +106,6 @@ _MAX_VISIBILITY = 43_200  # SQS's VisibilityTimeout limit (12 h)
 _BATCH = 10  # entries per SQS batch request
 _BATCH_BYTES = 262_144  # payload per batch request, the limit of queues made before 2025
 _LIST_VISIBILITY = 30  # seconds a DLQ scan hides what it read, if it dies before unhiding
-_GATE_DELAY = 5.0  # seconds an excluded key's task goes back for, when no time is given
 _RETENTION = 1_209_600  # 14 days, SQS's longest
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
 _REDRIVEN_ERROR = "moved by the SQS redrive policy"
@@ -138,7 +134,7 @@ class _Entry:
 
     message: dict[str, Any]
     letter: DeadLetter
-    task: dict[str, Any] | None  # the task record, to replay; None when unreadable
+    task: TaskRecord | None  # the task, to replay; None when unreadable
     sent: int  # SentTimestamp (ms)
 
 
@@ -164,30 +160,10 @@ def _number_option(name: str, value: str, low: float, high: float, integer: bool
     return number
 
 
-def _lease_from_env() -> float:
-    raw = os.environ.get("OFFLOAD_LEASE_TIMEOUT")
-    if raw is None or not raw.strip():
-        return 60.0
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (0 < value <= _MAX_VISIBILITY):
-        raise ValueError(
-            f"OFFLOAD_LEASE_TIMEOUT must be a number of seconds > 0 and <= {_MAX_VISIBILITY} "
-            f"(SQS's longest visibility timeout), got {raw!r}"
-        )
-    return value
-
-
 def _code(exc: BaseException | None) -> str:
     """The SQS error code of a botocore ClientError (JSON and query protocols alike)."""
     error = getattr(exc, "response", {}).get("Error", {})
     return str(error.get("QueryErrorCode") or error.get("Code") or type(exc).__name__)
-
-
-def _utc(ts: float | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
 def _clip(text: str) -> str:
@@ -200,21 +176,14 @@ def _dumps(record: Mapping[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
 
 
-def _number(value: Any, what: str, *, optional: bool = False) -> Any:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"malformed offload message: {what} must be a number, got {value!r}")
-    return value
-
-
 # -- task records --------------------------------------------------------------------------
 
 
 def task_record(task: Task, due: float | None = None) -> dict[str, Any]:
-    """The JSON-ready message record of a task and its attempt state (`_serial`'s one-document
-    form, marked as offload's); NotSerializable if it cannot be stored."""
-    record: dict[str, Any] = {"offload": _TASK_FORMAT, **task_to_record(task)}
+    """The JSON-ready message of a task and its attempt state (`TaskRecord`, marked as
+    offload's, with the due time of a delay beyond SQS's); NotSerializable if it cannot
+    be stored."""
+    record: dict[str, Any] = {"offload": _TASK_FORMAT, **TaskRecord.of(task).to_json()}
     if due is not None:
         record["due"] = due
     return record
@@ -230,49 +199,28 @@ def _load(body: str) -> dict[str, Any]:
     return record
 
 
-def _check_task_record(record: Any) -> dict[str, Any]:
-    """`record` if it is offload's task record with the fields a store reads itself (the
-    call is checked when the task is loaded: an unreadable one becomes a task that
-    dead-letters itself, see `_serial.Unreadable`)."""
+def _task_message(record: Any) -> tuple[TaskRecord, float | None]:
+    """The task of an offload task message, and its due time (a delay beyond SQS's);
+    ValueError for anything else. (The call is checked when the task is loaded: an
+    unreadable one becomes a task that dead-letters itself, see `codec.task.Unreadable`.)"""
     if not isinstance(record, dict) or record.get("offload") != _TASK_FORMAT:
         raise ValueError("not an offload task record")
-    if not isinstance(record.get("id"), str) or not record["id"]:
-        raise ValueError("malformed offload task record: id must be a string")
-    if record.get("key") is not None and not isinstance(record["key"], str):
-        raise ValueError("malformed offload task record: key must be a string or null")
-    attempts = record.get("attempts", 0)
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
-        raise ValueError("malformed offload task record: attempts must be an integer >= 0")
-    for name in ("first_attempt_at", "last_attempt_at", "due"):
-        _number(record.get(name), name, optional=True)
-    return record
+    due = record.get("due")
+    if due is not None and (
+        isinstance(due, bool) or not isinstance(due, (int, float)) or not math.isfinite(due)
+    ):
+        raise ValueError(f"malformed offload message: due must be a number, got {due!r}")
+    fields = {k: v for k, v in record.items() if k not in ("offload", "due")}
+    return TaskRecord.from_json(fields), due
 
 
 def _unreadable_task(message: Mapping[str, Any], error: str) -> Task:
     """A task for a message that is not offload's: performing it dead-letters it (reason
     "permanent", the body kept), so that a stray message neither blocks nor vanishes."""
     message_id = str(message.get("MessageId", "?"))
-    task = load_task(message_id, message_id, None, str(message.get("Body", "")), None)
-    if isinstance(task.call, Unreadable):
-        task.call.error = error
-    return task
-
-
-def _describe_call(call: Any) -> str:
-    """What a stored call (calls.task_to_json's text) performs, without importing the
-    function it names."""
-    try:
-        target = json.loads(call)["target"]
-        kind = target["type"]
-        if kind == "http":
-            return HttpCall.from_json(target).describe()
-        if kind == "aws":
-            return AwsCall.from_json(target).describe()
-        if kind == "function":
-            return redact_text(str(target["path"]).replace(":", "."))
-    except Exception:  # a description must never break a listing
-        pass
-    return "(unreadable task)"
+    return TaskRecord(message_id, message_id, None, str(message.get("Body", "")), None).unreadable(
+        error
+    )
 
 
 # -- dead-letter records -------------------------------------------------------------------
@@ -283,42 +231,6 @@ def _letter_json(letter: DeadLetter) -> dict[str, Any]:
     data["description"] = _clip(letter.description)
     data["error"] = _clip(letter.error)
     return data
-
-
-def _letter_from_json(data: Any) -> DeadLetter:
-    if not isinstance(data, dict):
-        raise ValueError("malformed dead-letter record")
-
-    def text(name: str, optional: bool = False) -> Any:
-        value = data.get(name)
-        if value is None and optional:
-            return None
-        if not isinstance(value, str):
-            raise ValueError(f"malformed dead-letter record: {name}")
-        return value
-
-    def when(name: str) -> datetime | None:
-        value = text(name, optional=True)
-        return None if value is None else datetime.fromisoformat(value)
-
-    attempts = data.get("attempts")
-    status = data.get("status")
-    if isinstance(attempts, bool) or not isinstance(attempts, int):
-        raise ValueError("malformed dead-letter record: attempts")
-    if status is not None and (isinstance(status, bool) or not isinstance(status, int)):
-        raise ValueError("malformed dead-letter record: status")
-    return DeadLetter(
-        id=text("id"),
-        task_id=text("task_id"),
-        description=text("description"),
-        key=text("key", optional=True),
-        attempts=attempts,
-        error=text("error"),
-        status=status,
-        reason=text("reason"),
-        first_attempt_at=when("first_attempt_at"),
-        last_attempt_at=when("last_attempt_at"),
-    )
 
 
 def _entry(message: dict[str, Any]) -> _Entry:
@@ -332,25 +244,25 @@ def _entry(message: dict[str, Any]) -> _Entry:
             task = record.get("task")
             return _Entry(
                 message,
-                _letter_from_json(record.get("letter")),
-                _check_task_record(task) if task is not None else None,
+                DeadLetter.from_json(record.get("letter")),
+                _task_message(task)[0] if task is not None else None,
                 sent,
             )
-        task = _check_task_record(record)
+        task, _ = _task_message(record)
         # Moved by the redrive policy: a worker died holding it max_receives times.
         return _Entry(
             message,
             DeadLetter(
                 id=message_id,
-                task_id=task["id"],
-                description=_describe_call(task["call"]),
-                key=task.get("key"),
-                attempts=task.get("attempts", 0),
+                task_id=task.id,
+                description=describe_call(task.call),
+                key=task.key,
+                attempts=task.attempts,
                 error=_REDRIVEN_ERROR,
                 status=None,
                 reason="exhausted",
-                first_attempt_at=_utc(task.get("first_attempt_at")),
-                last_attempt_at=_utc(task.get("last_attempt_at")),
+                first_attempt_at=utc(task.first_attempt_at),
+                last_attempt_at=utc(task.last_attempt_at),
             ),
             task,
             sent,
@@ -386,6 +298,7 @@ class SqsStore:
     """
 
     durable = True
+    dropped = 0  # the DLQ keeps every dead letter (for its retention period)
     #: SQS cannot lease a message as it is sent: put(lease=True) is refused, and a
     #: consuming process claims its own tasks back like any worker.
     leases_on_put = False
@@ -420,11 +333,9 @@ class SqsStore:
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 20:
             raise ValueError(f"wait must be a number of seconds from 0 to 20, got {wait!r}")
         if lease_timeout is None:
-            lease_timeout = _lease_from_env()
-        elif not (0 < lease_timeout <= _MAX_VISIBILITY):
-            raise ValueError(
-                f"lease_timeout must be > 0 and <= {_MAX_VISIBILITY} s, got {lease_timeout!r}"
-            )
+            lease_timeout = lease_timeout_from_env(maximum=_MAX_VISIBILITY)
+        else:
+            check_lease_timeout("lease_timeout", lease_timeout, maximum=_MAX_VISIBILITY)
         self.name = name
         self.region = region
         self.endpoint_url = endpoint_url
@@ -617,7 +528,7 @@ class SqsStore:
         """Close the SQS client's connections. Leases still held run out by themselves."""
         self._client.close()
 
-    def _after_fork(self) -> None:
+    def after_fork(self) -> None:
         # A boto3 client's connection pool must not be shared with the parent; the
         # parent's leases stay the parent's.
         self._held = {}
@@ -728,7 +639,7 @@ class SqsStore:
         with self._sqs("SendMessage"):
             self._client.send_message(QueueUrl=self._queue_url, MessageBody=body)
 
-    def claim(self, limit: int, *, exclude_keys: Collection[str] = ()) -> list[Task]:
+    def claim(self, limit: int, *, exclude_keys: Mapping[str, float] = NO_KEYS) -> list[Task]:
         """Lease up to `limit` tasks now visible, skipping the keys given (see the module doc).
 
         Waits up to `wait` seconds (long polling) when the queue is empty. A message that
@@ -748,21 +659,18 @@ class SqsStore:
             for message in messages:
                 sent = int(message.get("Attributes", {}).get("SentTimestamp", "0") or 0)
                 record: dict[str, Any] = {}
+                due: float | None = None
                 try:
-                    record = _check_task_record(_load(message["Body"]))
-                    task = task_from_record(record)
+                    record = _load(message["Body"])
+                    stored, due = _task_message(record)
+                    task = stored.load()
                 except ValueError as exc:
                     task = _unreadable_task(message, str(exc))
-                due = record.get("due")
                 if due is not None and due > now:
                     later.append((message, record, due))  # a delay longer than SQS's 900 s
                     continue
                 if task.key is not None and task.key in exclude_keys:
-                    reopen = (
-                        exclude_keys.get(task.key) if isinstance(exclude_keys, Mapping) else None
-                    )
-                    when = reopen if isinstance(reopen, (int, float)) else now + _GATE_DELAY
-                    later.append((message, record, max(when, now + 1)))
+                    later.append((message, record, max(exclude_keys[task.key], now + 1)))
                     continue
                 held = _Held(message["ReceiptHandle"], message["MessageId"])
                 with self._lock:
@@ -975,7 +883,7 @@ class SqsStore:
         the dead letter; returns the task. A crash in between leaves both, never neither."""
         with self._find(dead_letter_id) as (scan, entry):
             task = self._task_of(entry)
-            task._reset()
+            task._restart()
             with self._sqs("SendMessage"):
                 self._client.send_message(QueueUrl=self._queue_url, MessageBody=self._body(task))
             self._delete_letter(scan, entry)
@@ -987,8 +895,8 @@ class SqsStore:
                 f"dead letter {entry.letter.id} holds no task offload can replay "
                 f"({entry.letter.error}); discard it"
             )
-        task = task_from_record(entry.task)  # an unreadable one dead-letters itself again
-        task._letter = entry.letter
+        task = entry.task.load()  # an unreadable one dead-letters itself again
+        task.progress.letter = entry.letter
         return task
 
     def discard(self, dead_letter_id: str) -> None:

@@ -1,0 +1,423 @@
+"""The durable backlog: the store holds every task; this process holds what it leased.
+
+An enqueue writes the task through before it returns (leased to this process when it
+will perform it and has room); workers claim due tasks from the store when the scheduler
+has none; a retry goes back to the store with its attempt state, for any process to
+continue; a success or a dead letter removes it. A lease keeper thread renews the leases
+held here every `lease_timeout / 3` seconds. An idle worker looks for tasks that other
+processes put every POLL_INTERVAL seconds (a worker that has tasks, or knows when the next
+one is due, does not wait for that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .._guard import Guarded
+from ..clock import Clock
+from ..core import Core
+from ..errors import ShutDown, StoreError
+from ..records import DeadLetter, Task
+from ..stores.base import DurableStore, StoreCounts
+from ..worker import WorkerPool
+from .base import Take
+
+__all__ = ["POLL_INTERVAL", "DurableBacklog"]
+
+log = logging.getLogger("offload")
+
+POLL_INTERVAL = 0.5
+"""Seconds between an idle worker's looks at a durable store for tasks other processes
+put."""
+
+
+class DurableBacklog:
+    """A DurableStore and this process's leased working set (`leased`, in the scheduler)."""
+
+    def __init__(
+        self,
+        core: Core,
+        pool: WorkerPool,
+        store: DurableStore,
+        clock: Clock,
+        max_queue: int,
+        *,
+        consume: bool,
+    ) -> None:
+        self.core = core
+        self.pool = pool
+        self.store = store
+        self.clock = clock
+        self.max_queue = max_queue
+        self.consume = consume
+        # A consuming enqueue leases its task as it writes it (when the store can, and this
+        # process has room), so that no other process takes it.
+        self.lease_on_put = consume and store.leases_on_put
+        self.leased: dict[str, Task] = {}  # by id: ready, held or in flight here
+        self._claiming = False  # one worker at a time reads the store
+        self._keeper: threading.Thread | None = None  # renews the leases of `leased`
+        self._keeper_wake = threading.Condition(core.lock)
+
+    # -- enqueue --------------------------------------------------------------------------
+
+    def add(self, task: Task) -> None:
+        """Write `task` to the store; if this process performs it, also queue it here.
+
+        NotSerializable (or StoreError) leaves nothing stored and nothing counted. The
+        store is the buffer, so this never raises QueueFull: beyond `max_queue` tasks held
+        here, a task is stored without a lease, for whichever process has room.
+        """
+        core = self.core
+        # Read without the lock (one less on the enqueue path): a shutdown that begins
+        # meanwhile is seen below, and the room is a soft bound.
+        if core.closed:
+            raise ShutDown("this offloader was shut down; it takes no new tasks")
+        lease = self.lease_on_put and core.sched.size() < self.max_queue
+        meta = task.meta  # the id, which the store writes
+        meta.enqueued = True
+        try:
+            self.store.put(task, lease=lease)  # on disk (or in the queue) before we return
+        except BaseException:
+            meta.enqueued = False
+            raise
+        hand_back = False
+        with core.lock:
+            core.ledger.enqueued += 1
+            if not self.consume:
+                return
+            if lease:
+                core.ledger.claimed += 1
+                if core.stopping:  # shutdown() ran meanwhile: hand it back, below
+                    core.ledger.released += 1
+                    hand_back = True
+                else:
+                    self.leased[task.id] = task
+                    core.sched.ready.append(task)
+                    self._keep_leases()
+            pool = self.pool
+            if pool.idle:
+                core.work.notify()
+            elif len(pool.threads) < pool.size and not core.stopping:
+                # On failure (interpreter exit) the task is stored: a later process does it.
+                with contextlib.suppress(ShutDown):
+                    pool.start()
+        if hand_back:
+            self._hand_back([task])
+
+    def resume(self) -> None:
+        """Start a worker if the store holds a backlog (a new process over a file that a
+        crashed or stopped one left)."""
+        try:
+            due = self.store.next_due()
+        except StoreError as exc:
+            log.warning("offload: could not look for a backlog in %s: %s", self.store.url, exc)
+            return
+        if due is not None:
+            with self.core.lock:
+                self.pool.ensure()
+
+    # -- taking ---------------------------------------------------------------------------
+
+    def take(self, now: float) -> Take:
+        core = self.core
+        sched = core.sched
+        task = sched.take(now)
+        if task is not None:
+            return Take(task)
+        claimed, store_wait = self._poll(now)
+        if core.stopping or core.forked():
+            return Take(None, 0.0)
+        now = self.clock.monotonic()
+        task = sched.take(now)  # enqueued here while the store was being read
+        if task is not None:
+            return Take(task)
+        if claimed:
+            return Take(None, 0.0)  # another worker took them meanwhile: look again
+        if store_wait is None and sched.size() == 0:
+            return Take(None, POLL_INTERVAL, idle=True)
+        waits = [w for w in (store_wait, sched.next_wake(now)) if w is not None]
+        return Take(None, min([POLL_INTERVAL, *waits]))
+
+    def _poll(self, now: float) -> tuple[bool, float | None]:
+        """Called with the lock held, which it lets go while it reads the store: claim due
+        tasks into the scheduler. Returns (claimed some, seconds until the store has a task
+        due, or None when it holds none this worker could take)."""
+        core = self.core
+        sched = core.sched
+        if self._claiming:
+            return False, POLL_INTERVAL  # another worker is reading; it notifies on success
+        if core.closed:
+            return False, None  # shutting down: take nothing new
+        room = self.max_queue - sched.size()
+        if room <= 0:
+            return False, POLL_INTERVAL  # a settling task notifies
+        clock = self.clock
+        wall = clock.time()
+        # Keys whose gates are closed here, with their reopening (epoch) times: their
+        # tasks stay in the store for other processes, or for later.
+        exclude = {key: wall + max(0.0, at - now) for key, at in sched.closed_until(now).items()}
+        self._claiming = True
+        core.lock.release()
+        tasks: list[Task] = []
+        due: float | None = None
+        try:
+            tasks = self.store.claim(min(room, 2 * self.pool.size), exclude_keys=exclude)
+            if not tasks:
+                due = self.store.next_due()
+        except Exception as exc:
+            with Guarded():
+                log.error("offload: could not read %s: %s", self.store.url, exc)
+            due = wall + POLL_INTERVAL
+        finally:
+            core.lock.acquire()
+            self._claiming = False
+            core.drained.notify_all()  # flush() waits for claims in progress
+        if tasks:
+            if core.stopping or core.closed or core.forked():
+                core.lock.release()
+                try:
+                    self._hand_back(tasks)
+                finally:
+                    core.lock.acquire()
+                return False, None
+            self._adopt(tasks)
+            return True, 0.0
+        if due is None:
+            return False, None
+        wait = due - clock.time()
+        if wait <= 0:
+            # Due, but not for us: its key is gated here, or another process took it.
+            opening = sched.next_opening(clock.monotonic())
+            wait = opening if opening is not None else POLL_INTERVAL
+        return False, wait
+
+    def _adopt(self, tasks: list[Task]) -> None:
+        """Called with the lock held: queue claimed tasks here, leased to this process."""
+        core = self.core
+        sched = core.sched
+        now, wall = self.clock.monotonic(), self.clock.time()
+        for task in tasks:
+            progress = task.meta.progress
+            if progress is not None and progress.first_attempt_at is not None:
+                # The policy's time bounds run on the monotonic clock from the first
+                # attempt, which may have been made by another process, or before a crash.
+                progress.started = now - max(0.0, wall - progress.first_attempt_at)
+            self.leased[task.id] = task
+            sched.ready.append(task)
+        core.ledger.claimed += len(tasks)
+        core.work.notify(len(tasks))
+        self.pool.ensure(len(sched.ready) + sched.in_flight)
+        self._keep_leases()
+
+    # -- settling -------------------------------------------------------------------------
+
+    def can_retry(self) -> bool:
+        return True  # the store keeps a retry, whatever this process does next
+
+    def requeue(self, task: Task, now: float, delay: float, throttled: bool) -> bool:
+        """Back to the store with its attempt state: any process continues it when due."""
+        core = self.core
+        due = now + delay
+        if throttled and task.key is not None:
+            with core.lock:  # before the store has it back: other workers must wait now
+                core.sched.close_gate(task.key, due)
+        self._store_call("hand back", self.store.release, task, self.clock.time() + delay)
+        with core.lock:
+            core.sched.settle(task, due if throttled else None)
+            self.leased.pop(task.id, None)
+            core.ledger.retried += 1
+            core.ledger.released += 1
+            core.work.notify()
+            core.notify_if_drained()
+        return True
+
+    def complete(self, task: Task) -> None:
+        self._store_call("complete", self.store.complete, task)
+
+    def bury(self, task: Task, letter: DeadLetter) -> bool:
+        if self._store_call("dead-letter", self.store.bury, task, letter):
+            return True
+        core = self.core
+        with core.lock:  # not buried: the store keeps the task, as a hand-back would
+            core.sched.settle(task, None)
+            core.work.notify()
+            self.leased.pop(task.id, None)
+            core.ledger.released += 1
+            core.notify_if_drained()
+        return False
+
+    def forget(self, task: Task) -> None:
+        self.leased.pop(task.id, None)
+
+    def worker_left(self) -> None:
+        self._keeper_wake.notify_all()
+
+    def _store_call(self, what: str, fn: Callable[..., object], task: Task, *args: Any) -> bool:
+        """Run a store operation for `task` from a worker; a failure is logged, not raised:
+        the task's lease then expires and it runs again (at least once, never lost)."""
+        try:
+            fn(task, *args)
+        except Exception as exc:
+            with Guarded():
+                log.error(
+                    "offload: could not %s task %s in the store (%s); it stays there and "
+                    "runs again once its lease expires",
+                    what,
+                    task.id,
+                    exc,
+                )
+            return False
+        return True
+
+    def _hand_back(self, tasks: list[Task]) -> None:
+        """Release tasks this process will not perform (lock not held; the caller counts
+        them): due now, for any process. A task that cannot be released comes back when
+        its lease expires."""
+        wall = self.clock.time()
+        for task in tasks:
+            self._store_call("hand back", self.store.release, task, wall)
+        core = self.core
+        with core.lock:
+            for task in tasks:
+                self.leased.pop(task.id, None)
+            core.notify_if_drained()
+
+    # -- leases ---------------------------------------------------------------------------
+
+    def _keep_leases(self) -> None:
+        """Called with the lock held: make sure a lease keeper runs while leases are held."""
+        keeper = self._keeper
+        if keeper is not None and keeper.is_alive():
+            return
+        keeper = threading.Thread(target=self._renew_leases, name="offload-leases", daemon=True)
+        try:
+            keeper.start()
+        except RuntimeError:
+            return  # interpreter exit; leases then expire, and the tasks run elsewhere
+        self._keeper = keeper
+
+    def _renew_leases(self) -> None:
+        """The lease keeper: renew every lease held here, in one store call, every
+        `lease_timeout / 3` seconds, so that a long call keeps its task; exit once no
+        worker runs and nothing is held."""
+        core = self.core
+        interval = self.store.lease_timeout / 3
+        me = threading.current_thread()
+        while True:
+            with core.lock:
+                if not core.forked() and (self.pool.threads or self.leased):
+                    self._keeper_wake.wait(interval)
+                if core.forked() or not (self.pool.threads or self.leased):
+                    if self._keeper is me:
+                        self._keeper = None
+                    return
+                held = list(self.leased.values())
+            try:
+                self.store.renew(held)
+            except Exception as exc:
+                with Guarded():
+                    log.error("offload: could not renew %d lease(s): %s", len(held), exc)
+
+    # -- flush and shutdown ---------------------------------------------------------------
+
+    def flush(self, timeout: float | None) -> bool:
+        """Wait until this process holds nothing and the store has nothing ready or delayed
+        (tasks leased to other processes are theirs to finish)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        core = self.core
+
+        def idle() -> bool:
+            # A claim in progress has leased tasks not yet in the scheduler.
+            return core.sched.idle() and not self._claiming
+
+        with core.lock:
+            while True:
+                if not core.drained.wait_for(idle, remaining()):
+                    return False
+                core.lock.release()
+                try:
+                    counts = self.store.counts()
+                except StoreError as exc:
+                    log.warning("offload: flush could not read the store: %s", exc)
+                    counts = None
+                finally:
+                    core.lock.acquire()
+                if counts is not None and not (counts.ready or counts.delayed):
+                    if idle():
+                        return True
+                    continue
+                if self.consume and not self.pool.threads:
+                    self.pool.ensure()  # a backlog that no worker here is performing yet
+                left = remaining()
+                if left is not None and left <= 0:
+                    return False
+                # Other processes change the store without telling us: look again soon.
+                # A remote store (SQS) says how often it may be asked: each look is a request.
+                poll = self.store.flush_poll
+                core.drained.wait(poll if left is None else min(poll, left))
+
+    def shutting_down(self, left: list[Task]) -> None:
+        self.core.ledger.released += len(left)  # handed back in close()
+        self._keeper_wake.notify_all()
+
+    def close(
+        self,
+        left: list[Task],
+        ok: bool,
+        threads: list[threading.Thread],
+        deadline: float | None,
+    ) -> bool:
+        """The end of shutdown: hand back, join, close."""
+        store = self.store
+        if left:
+            self._hand_back(left)
+            with Guarded():
+                log.info(
+                    "offload shut down: %d undelivered task(s) handed back to %s",
+                    len(left),
+                    store.url,
+                )
+        core = self.core
+        with core.lock:
+            running = core.sched.in_flight
+            keeper = self._keeper
+        if running:
+            with Guarded():
+                log.warning(
+                    "offload shut down with %d call(s) still running; their tasks stay in %s "
+                    "and run again if this process ends first",
+                    running,
+                    store.url,
+                )
+        self.pool.join([*threads, *([keeper] if keeper is not None else [])], deadline)
+        return ok and not left and not running
+
+    # -- dead letters, stats --------------------------------------------------------------
+
+    def replay(self, dead_letter_id: str) -> Task:
+        """The store moves the task back into its queue itself, for any process."""
+        core = self.core
+        with core.lock:
+            if core.closed:
+                raise ShutDown("this offloader was shut down; it takes no new tasks")
+        task = self.store.replay(dead_letter_id)
+        with core.lock:
+            core.ledger.enqueued += 1
+            if self.consume:
+                if self.pool.idle:
+                    core.work.notify()
+                else:
+                    self.pool.ensure()
+        return task
+
+    def counts(self) -> StoreCounts | None:
+        return self.store.counts()

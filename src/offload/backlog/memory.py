@@ -1,0 +1,149 @@
+"""The memory backlog: the scheduler holds every task; the store only dead letters."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+from .._guard import Guarded
+from ..clock import Clock
+from ..core import Core
+from ..errors import QueueFull, ShutDown
+from ..records import DeadLetter, Task
+from ..stores.base import Store, StoreCounts
+from ..worker import WorkerPool
+from .base import Take
+
+if TYPE_CHECKING:
+    from ..settle import Settler
+
+__all__ = ["MemoryBacklog"]
+
+log = logging.getLogger("offload")
+
+
+class MemoryBacklog:
+    """Tasks in the scheduler, bounded by `max_queue`; lost with the process, so shutdown
+    turns what is left into dead letters (reason "shutdown") and says so once."""
+
+    def __init__(
+        self, core: Core, pool: WorkerPool, store: Store, clock: Clock, max_queue: int
+    ) -> None:
+        self.core = core
+        self.pool = pool
+        self.store = store
+        self.clock = clock
+        self.max_queue = max_queue
+        self.settler: Settler | None = None
+
+    def bind(self, settler: Settler) -> None:
+        self.settler = settler
+
+    def add(self, task: Task) -> None:
+        core = self.core
+        sched = core.sched
+        pool = self.pool
+        with core.lock:
+            if core.closed:
+                raise ShutDown("this offloader was shut down; it takes no new tasks")
+            if len(sched.ready) + sched.held_count + len(sched.delayed) >= self.max_queue:
+                core.ledger.rejected += 1
+                raise QueueFull(f"offload queue is full ({self.max_queue} tasks held)")
+            if pool.idle:
+                core.work.notify()
+            elif len(pool.threads) < pool.size:
+                pool.start()  # before the append: it may raise ShutDown
+            meta = task._meta
+            if meta is not None:  # a plain callable's task (no meta yet) is made enqueued
+                meta.enqueued = True
+            sched.ready.append(task)
+            core.ledger.enqueued += 1
+
+    def take(self, now: float) -> Take:
+        sched = self.core.sched
+        task = sched.take(now)
+        if task is not None:
+            return Take(task)
+        if sched.size() == 0:
+            return Take(None, None, idle=True)
+        return Take(None, sched.next_wake(now))
+
+    def can_retry(self) -> bool:
+        return not self.core.stopping
+
+    def requeue(self, task: Task, now: float, delay: float, throttled: bool) -> bool:
+        core = self.core
+        due = now + delay
+        with core.lock:
+            if core.stopping:
+                return False
+            core.sched.settle(task, due if throttled else None)
+            core.sched.delay(task, due)
+            core.ledger.retried += 1
+            core.work.notify()
+        return True
+
+    def complete(self, task: Task) -> None:
+        pass
+
+    def bury(self, task: Task, letter: DeadLetter) -> bool:
+        self.store.bury(task, letter)
+        return True
+
+    def forget(self, task: Task) -> None:
+        pass
+
+    def worker_left(self) -> None:
+        pass
+
+    def flush(self, timeout: float | None) -> bool:
+        core = self.core
+        with core.lock:
+            return core.drained.wait_for(core.sched.idle, timeout)
+
+    def shutting_down(self, left: list[Task]) -> None:
+        pass
+
+    def close(
+        self,
+        left: list[Task],
+        ok: bool,
+        threads: list[threading.Thread],
+        deadline: float | None,
+    ) -> bool:
+        settler = self.settler
+        assert settler is not None
+        for task in left:
+            settler.dead_letter(task, None, "shutdown", error="undelivered at shutdown")
+        core = self.core
+        with core.lock:
+            running = core.sched.in_flight
+        lost = len(left) + running
+        if lost:
+            with Guarded():
+                log.warning(
+                    "offload shut down with %d task(s) undelivered: %d dead-lettered (reason "
+                    "'shutdown'), %d still running",
+                    lost,
+                    len(left),
+                    running,
+                )
+        self.pool.join(threads, deadline)
+        return ok and not lost
+
+    def replay(self, dead_letter_id: str) -> Task:
+        task = self.store.revive(dead_letter_id)
+        letter = task._meta.progress.letter if task._meta and task._meta.progress else None
+        task._restart()
+        try:
+            self.add(task)
+        except (QueueFull, ShutDown):
+            if letter is not None:
+                task.progress.letter = letter
+                self.store.bury(task, letter)  # put the same dead letter back
+            raise
+        return task
+
+    def counts(self) -> StoreCounts | None:
+        return None

@@ -1,0 +1,28 @@
+"""Frozen copies of a call's containers: a frozen dataclass is only as immutable as the
+containers it holds."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+__all__ = ["freeze", "thaw"]
+
+
+def freeze(value: Any) -> Any:
+    """A deep copy with mappings as read-only proxies and lists as tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any, sequence: type[list[Any]] | type[tuple[Any, ...]] = tuple) -> Any:
+    """A mutable deep copy of a frozen value, for handing to requests or botocore."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v, sequence) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return sequence(thaw(v, sequence) for v in value)
+    return value

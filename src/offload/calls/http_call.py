@@ -1,0 +1,143 @@
+"""HttpCall: an HTTP request to perform on a worker, frozen, validated and stored as JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import requests
+
+from .._redact import redact_url
+from ..codec.values import check_record, decode_frozen, encode_frozen
+from ..errors import NotSerializable
+from ._frozen import thaw
+from .requests_kwargs import (
+    DEFAULT_TIMEOUT,
+    check_http_kwargs,
+    check_idempotency_key,
+    check_method,
+    check_url,
+    url_key,
+)
+
+if TYPE_CHECKING:
+    from .connections import Resources
+
+__all__ = ["HttpCall", "http"]
+
+
+@dataclass(frozen=True, slots=True)
+class HttpCall:
+    """An HTTP request to perform on a worker: frozen, validated, JSON-serialisable.
+
+    Build it with `offload.http(...)`. `kwargs` are `requests` keyword arguments, held
+    read-only; a timeout is always among them. The repr and `describe()` never show
+    header values, bodies or secret query parameters.
+    """
+
+    method: str
+    url: str
+    kwargs: Mapping[str, Any]
+    idempotency_key: bool | str = False
+
+    def __post_init__(self) -> None:
+        # Validated here, not only in http(), so from_json and replace() are checked too.
+        kwargs = check_http_kwargs(self.kwargs)
+        object.__setattr__(self, "method", check_method(self.method))
+        object.__setattr__(self, "url", check_url(self.url))
+        object.__setattr__(self, "kwargs", kwargs)
+        object.__setattr__(
+            self, "idempotency_key", check_idempotency_key(self.idempotency_key, kwargs)
+        )
+
+    def __hash__(self) -> int:  # kwargs is a mapping; equal calls still hash alike
+        return hash((self.method, self.url, self.idempotency_key))
+
+    def __repr__(self) -> str:
+        names = ", ".join(k for k in self.kwargs if k != "timeout")
+        ikey = f", idempotency_key={self.idempotency_key!r}" if self.idempotency_key else ""
+        return (
+            f"HttpCall({self.method} {self._shown_url()}"
+            f"{f', kwargs=<{names}>' if names else ''}, timeout={self.kwargs['timeout']!r}{ikey})"
+        )
+
+    def _shown_url(self) -> str:
+        url = self.url
+        if "params" in self.kwargs:  # show the URL that is actually requested
+            try:
+                prepared = requests.PreparedRequest()
+                prepared.prepare_url(url, thaw(self.kwargs["params"]))
+                url = prepared.url or url
+            except Exception:  # describing must never fail
+                pass
+        return redact_url(url)
+
+    def key(self) -> str:
+        """The throttle key: `scheme://host:port`, host lowercased, default port explicit."""
+        return url_key(self.url)
+
+    def describe(self) -> str:
+        """`POST https://api.example.com/charge?token=***`: method and redacted URL."""
+        return f"{self.method} {self._shown_url()}"
+
+    def perform(self, resources: Resources, idempotency_key: str) -> requests.Response:
+        """Send the request once with the worker's session; offload does any retrying."""
+        kwargs = thaw(self.kwargs)
+        kwargs.setdefault("timeout", DEFAULT_TIMEOUT)
+        if self.method == "HEAD":
+            kwargs.setdefault("allow_redirects", False)  # as requests.head() does
+        if self.idempotency_key is not False:
+            headers = dict(kwargs.get("headers") or {})
+            headers["Idempotency-Key"] = (
+                idempotency_key if self.idempotency_key is True else self.idempotency_key
+            )
+            kwargs["headers"] = headers
+        session = resources.session()
+        if kwargs.get("verify") is True and resources.ca_bundle is not None:
+            kwargs["verify"] = resources.ca_bundle  # as requests does with the environment's
+        return session.request(self.method, self.url, **kwargs)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict; NotSerializable if it holds code (a custom `auth`)."""
+        auth = self.kwargs.get("auth")
+        if auth is not None and not isinstance(auth, tuple):
+            raise NotSerializable(
+                f"HttpCall auth={type(auth).__name__} is code, which a durable store cannot hold; "
+                "pass a (user, password) pair or an Authorization header"
+            )
+        return {
+            "type": "http",
+            "method": self.method,
+            "url": self.url,
+            "kwargs": encode_frozen(self.kwargs, "kwargs"),
+            "idempotency_key": self.idempotency_key,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> HttpCall:
+        """The call `to_json` described; ValueError for a malformed or tampered record."""
+        check_record(data, "http", {"method", "url", "kwargs", "idempotency_key"})
+        if not isinstance(data["kwargs"], dict):
+            raise ValueError("malformed http call record: kwargs must be an object")
+        try:
+            return cls(
+                data["method"], data["url"], decode_frozen(data["kwargs"]), data["idempotency_key"]
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"malformed http call record: {exc}") from None
+
+
+def http(
+    method: str, url: str, *, idempotency_key: bool | str = False, **requests_kwargs: Any
+) -> HttpCall:
+    """An HTTP call for `enqueue_task`: `http("POST", url, json={...}, idempotency_key=True)`.
+
+    Takes the `requests` keywords params, data, json, headers, cookies, auth, timeout,
+    allow_redirects, proxies, verify, cert and files; anything else is a TypeError.
+    Bodies must be replayable (bytes, text, forms, JSON; no open files or generators),
+    because a retry sends them again. `timeout` defaults to DEFAULT_TIMEOUT and cannot be
+    None. `idempotency_key=True` sends the task's key as the `Idempotency-Key` header,
+    the same on every attempt and replay; a str sends that value instead.
+    """
+    return HttpCall(method, url, requests_kwargs, idempotency_key)

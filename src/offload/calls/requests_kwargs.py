@@ -1,0 +1,311 @@
+"""The `requests` keywords an HttpCall takes, each checked when the call is built.
+
+Everything that can be wrong with a request (a bad method, a URL without a host, a typo
+in a keyword, a timeout that lets the worker hang, a body that could not be sent twice)
+raises in the handler that built it, not minutes later on the worker.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+import re
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import requests
+from requests.auth import AuthBase, HTTPBasicAuth
+
+from .._redact import redact_text, redact_url
+from ..codec.values import json_problem
+from ._frozen import freeze, thaw
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "HEADER_VALUE",
+    "check_http_kwargs",
+    "check_idempotency_key",
+    "check_method",
+    "check_url",
+    "url_key",
+]
+
+DEFAULT_TIMEOUT: tuple[float, float] = (5.0, 30.0)
+"""(connect, read) seconds, applied when a call gives none: without one a request can
+hang the worker forever."""
+
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_REFUSED = {
+    "stream": "offload reads the whole response so the connection goes back to the pool",
+    "hooks": "hooks are code, which a durable store cannot hold; wrap the call in a function",
+    "method": "give it as the first argument",
+    "url": "give it as the second argument",
+    "max_retries": "offload does the retrying; see RetryPolicy",
+}
+# As requests checks them, but at build time. \Z, not $: "$" also matches before a final
+# newline, and a header that ends in one is refused by requests on the worker.
+_HEADER_NAME = re.compile(r"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+HEADER_VALUE = re.compile(r"\A(\S[^\r\n]*)?\Z")
+_FORM_SCALARS = (str, bytes, int, float)
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def check_method(method: Any) -> str:
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a str such as 'POST', got {_type_name(method)}")
+    upper = method.strip().upper()
+    if upper not in _HTTP_METHODS:
+        raise ValueError(
+            f"method must be one of {', '.join(sorted(_HTTP_METHODS))}, got {method!r}"
+        )
+    return upper
+
+
+def check_url(url: Any) -> str:
+    if not isinstance(url, str):
+        raise TypeError(f"url must be a str, got {_type_name(url)}")
+    return _check_url_text(url)
+
+
+_BAD_URL_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+# Web handlers build calls to the same few endpoints over and over: remember the URLs that
+# passed (failures raise and are not cached), so a repeated URL costs a dict lookup.
+@functools.lru_cache(maxsize=4096)
+def _check_url_text(url: str) -> str:
+    if not url:
+        raise ValueError("url is empty")
+    if _BAD_URL_CHARS.search(url):
+        raise ValueError(f"url contains whitespace or control characters: {redact_url(url)!r}")
+    try:
+        split = urlsplit(url)
+        _ = split.port  # parsing the port validates it
+    except ValueError as exc:
+        raise ValueError(f"url is not a valid URL ({exc}): {redact_url(url)!r}") from None
+    if split.scheme.lower() not in ("http", "https"):
+        scheme = split.scheme or "none"
+        raise ValueError(
+            f"url must be http:// or https://, got scheme {scheme!r}: {redact_url(url)!r}"
+        )
+    if not split.hostname:
+        raise ValueError(f"url has no host: {redact_url(url)!r}")
+    try:  # requests' own checks (IDNA host labels, ...), now rather than on the worker
+        requests.PreparedRequest().prepare_url(url, None)
+    except (requests.exceptions.RequestException, ValueError, UnicodeError) as exc:
+        raise ValueError(f"url is not valid for requests ({redact_text(str(exc))})") from None
+    return url
+
+
+@functools.lru_cache(maxsize=4096)
+def url_key(url: str) -> str:
+    split = urlsplit(url)
+    scheme = split.scheme.lower()
+    host = split.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = split.port or (443 if scheme == "https" else 80)
+    return f"{scheme}://{host}:{port}"
+
+
+def _timeout_part(value: Any, what: str) -> float:
+    if value is None:
+        raise ValueError(f"{what}=None would let a request hang the worker forever; give seconds")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds, got {_type_name(value)}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a positive, finite number of seconds, got {value!r}")
+    return float(value)
+
+
+def _check_timeout(value: Any) -> float | tuple[float, float]:
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"timeout must be seconds or a (connect, read) pair, got {value!r}")
+        return (_timeout_part(value[0], "timeout connect"), _timeout_part(value[1], "timeout read"))
+    return _timeout_part(value, "timeout")
+
+
+def _check_str_mapping(value: Any, what: str) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a mapping of str to str, got {_type_name(value)}")
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            # Name the key only: the value may be a secret.
+            raise TypeError(
+                f"{what} must map str to str; {k!r} maps a {_type_name(k)} to a {_type_name(v)}"
+            )
+    return dict(value)
+
+
+def _check_headers(value: Any) -> dict[str, str]:
+    headers = _check_str_mapping(value, "headers")
+    for name, v in headers.items():
+        if not _HEADER_NAME.match(name):
+            raise ValueError(f"headers: {name!r} is not a valid header name")
+        if not HEADER_VALUE.match(v):
+            raise ValueError(
+                f"headers: the value of {name!r} has a line break or leading whitespace"
+            )
+    return headers
+
+
+def _check_form(value: Any, what: str) -> Any:
+    """params= / data=: text, or a mapping or list of pairs of scalars (or lists of them)."""
+    if isinstance(value, (str, bytes)):
+        return value
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        pairs = list(value)
+        for pair in pairs:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise TypeError(f"{what} as a list must hold (name, value) pairs")
+    else:
+        why = (
+            " (a file or generator is read once and could not be sent again on retry)"
+            if hasattr(value, "read") or hasattr(value, "__next__")
+            else ""
+        )
+        raise TypeError(
+            f"{what} must be str, bytes, a mapping or a list of (name, value) pairs, "
+            f"got {_type_name(value)}{why}"
+        )
+    for name, item in pairs:
+        if not isinstance(name, (str, bytes)):
+            raise TypeError(f"{what}: names must be str, got {_type_name(name)}")
+        items = item if isinstance(item, (list, tuple)) else [item]
+        for scalar in items:
+            if scalar is not None and not isinstance(scalar, _FORM_SCALARS):
+                raise TypeError(
+                    f"{what}[{name!r}] must be str, bytes, a number or a list of them, "
+                    f"got {_type_name(scalar)}"
+                )
+    return value
+
+
+def _check_auth(value: Any) -> Any:
+    if type(value) is HTTPBasicAuth:  # the same as a pair, and a pair can be stored
+        value = (value.username, value.password)
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or not all(isinstance(v, (str, bytes)) for v in value):
+            raise TypeError("auth must be a (user, password) pair of str")
+        return tuple(value)
+    if isinstance(value, AuthBase) or callable(value):
+        return value  # fine in memory; to_json refuses it
+    raise TypeError(
+        f"auth must be a (user, password) pair or a requests auth, got {_type_name(value)}"
+    )
+
+
+def _check_files(value: Any) -> Any:
+    pairs = list(value.items()) if isinstance(value, Mapping) else value
+    if not isinstance(pairs, (list, tuple)):
+        raise TypeError(f"files must be a mapping or a list of pairs, got {_type_name(value)}")
+    for pair in pairs:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], str):
+            raise TypeError("files must map a field name to its content")
+        name, spec = pair
+        content = spec[1] if isinstance(spec, (list, tuple)) and len(spec) >= 2 else spec
+        if isinstance(spec, (list, tuple)) and not (
+            2 <= len(spec) <= 4 and (spec[0] is None or isinstance(spec[0], str))
+        ):
+            raise TypeError(
+                f"files[{name!r}] must be content or (filename, content[, type[, headers]])"
+            )
+        if not isinstance(content, (bytes, str)):
+            raise TypeError(
+                f"files[{name!r}] content must be bytes or str, got {_type_name(content)} "
+                "(an open file is read once and could not be sent again on retry)"
+            )
+    return value
+
+
+def _check_json(value: Any) -> Any:
+    problem = json_problem(thaw(value, list), "json")
+    if problem:
+        raise TypeError(problem)
+    return value
+
+
+def _check_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"allow_redirects must be a bool, got {_type_name(value)}")
+    return value
+
+
+def _check_verify(value: Any) -> bool | str:
+    if not isinstance(value, (bool, str)):
+        raise TypeError(f"verify must be a bool or a CA bundle path, got {_type_name(value)}")
+    return value
+
+
+def _check_cert(value: Any) -> str | tuple[str, str]:
+    if isinstance(value, str):
+        return value
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, str) for v in value)
+    ):
+        return (value[0], value[1])
+    raise TypeError(f"cert must be a path or a (cert, key) pair of paths, got {value!r}")
+
+
+_KWARG_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "params": lambda v: _check_form(v, "params"),
+    "data": lambda v: _check_form(v, "data"),
+    "json": _check_json,
+    "headers": _check_headers,
+    "cookies": lambda v: _check_str_mapping(v, "cookies"),
+    "auth": _check_auth,
+    "timeout": _check_timeout,
+    "allow_redirects": _check_bool,
+    "proxies": lambda v: _check_str_mapping(v, "proxies"),
+    "verify": _check_verify,
+    "cert": _check_cert,
+    "files": _check_files,
+}
+
+
+def check_http_kwargs(kwargs: Any) -> MappingProxyType[str, Any]:
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"kwargs must be a mapping, got {_type_name(kwargs)}")
+    checked: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        check = _KWARG_CHECKS.get(name)
+        if check is None:
+            close = difflib.get_close_matches(str(name), _KWARG_CHECKS, 1)
+            hint = _REFUSED.get(name) or (f"did you mean {close[0]!r}?" if close else "")
+            raise TypeError(
+                f"http() got an unexpected keyword argument {name!r}"
+                + (f": {hint}" if hint else "")
+            )
+        if value is None and name != "timeout":  # timeout=None would mean "wait forever"
+            continue  # requests treats None as "not given"
+        checked[name] = check(value)
+    for body in ("data", "files"):
+        # requests would silently drop json= here.
+        if body in checked and "json" in checked:
+            raise ValueError(f"give {body}= or json=, not both")
+    checked.setdefault("timeout", DEFAULT_TIMEOUT)
+    return cast("MappingProxyType[str, Any]", freeze(checked))
+
+
+def check_idempotency_key(value: Any, kwargs: Mapping[str, Any]) -> bool | str:
+    if not isinstance(value, (bool, str)):
+        raise TypeError(f"idempotency_key must be a bool or a str, got {_type_name(value)}")
+    if isinstance(value, str) and (
+        not value or not HEADER_VALUE.match(value) or value != value.strip()
+    ):
+        raise ValueError("idempotency_key must be True, False or a non-empty one-line str")
+    headers = kwargs.get("headers") or {}
+    if value is not False and any(k.lower() == "idempotency-key" for k in headers):
+        raise ValueError("give idempotency_key= or an Idempotency-Key header, not both")
+    return value

@@ -1,0 +1,180 @@
+"""Which functions a stored task may name: the trust boundary of a durable store.
+
+A durable store holds a function as its dotted path (`module:qualname`), and whoever can
+write the store can write any path. JSON instead of pickle stops arbitrary objects, not
+arbitrary functions; so a stored task may not name a function of Python's standard
+library (`os:system`, `subprocess:run`, `builtins:exec` and their like), nor reach one
+through another module (the module a loaded function says it is defined in is checked
+too). Functions of the application and of installed packages remain nameable.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import inspect
+import os
+import re
+import sys
+import sysconfig
+from collections.abc import Callable
+from typing import Any, cast
+
+from ..errors import NotSerializable
+
+__all__ = [
+    "callable_path",
+    "name_of",
+    "resolve_callable",
+    "resolve_task_function",
+    "task_function_path",
+]
+
+_PATH = re.compile(r"^[^\W\d]\w*(\.[^\W\d]\w*)*:[^\W\d]\w*(\.[^\W\d]\w*)*$")
+
+
+def name_of(fn: Any) -> str:
+    """`module.qualname` of a callable, for messages; never raises."""
+    try:
+        qualname = getattr(fn, "__qualname__", None)
+        module = getattr(fn, "__module__", None)
+        if isinstance(qualname, str):
+            return f"{module}.{qualname}" if isinstance(module, str) else qualname
+    except Exception:  # naming must never fail
+        pass
+    kind = type(fn)
+    return f"{kind.__module__}.{kind.__qualname__} object"
+
+
+def callable_path(fn: Callable[..., Any]) -> str:
+    """`module:qualname` for a function another process can import; else NotSerializable.
+
+    Refused: lambdas, functions defined inside functions, bound methods of instances,
+    partials and callable objects, builtin methods without a module, and anything whose
+    path imports back as a different object. Classmethods and staticmethods are fine.
+    A function in `__main__` is accepted only when the program was started with
+    `python -m package.module` (the path then names that module); a script run by file
+    name cannot be imported by the `offload worker` process, so it is refused.
+    """
+    name = name_of(fn)
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if isinstance(fn, functools.partial):
+        raise NotSerializable(
+            f"{name} is a functools.partial; pass the function and its arguments instead"
+        )
+    if not isinstance(module, str) or not isinstance(qualname, str):
+        raise NotSerializable(f"{name} has no importable module path; pass a module-level function")
+    if "<lambda>" in qualname:
+        raise NotSerializable(f"{name} is a lambda; pass a module-level function")
+    if "<locals>" in qualname:
+        raise NotSerializable(
+            f"{name} is defined inside a function, so another process cannot import it; "
+            "move it to module level"
+        )
+    if inspect.ismethod(fn) and not inspect.isclass(fn.__self__):
+        raise NotSerializable(
+            f"{name} is a method bound to an instance, which cannot be stored; "
+            "pass a module-level function and the data it needs as arguments"
+        )
+    if module == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        spec_name = getattr(spec, "name", None)
+        if not spec_name or spec_name.rpartition(".")[2] == "__main__":
+            raise NotSerializable(
+                f"{qualname} is defined in the __main__ script, which another process "
+                "cannot import; move it into a module"
+            )
+        # Not imported to check: importing the main module a second time would run it again.
+        return f"{spec_name}:{qualname}"
+    path = f"{module}:{qualname}"
+    try:
+        resolved = resolve_callable(path)
+    except ValueError as exc:
+        raise NotSerializable(f"{name} cannot be imported back from {path!r}: {exc}") from None
+    if resolved is not fn and resolved != fn:
+        raise NotSerializable(
+            f"{path!r} imports as a different object than {name} (rebound or decorated?)"
+        )
+    return path
+
+
+def task_function_path(fn: Callable[..., Any]) -> str:
+    """`callable_path` of a function a stored task performs: not one of Python's own."""
+    path = callable_path(fn)
+    if _in_standard_library(path.partition(":")[0]):
+        raise NotSerializable(
+            f"{name_of(fn)} is in Python's standard library, whose functions a stored task "
+            "may not name (a row naming os:system would run it); call it from a function "
+            "of your own"
+        )
+    return path
+
+
+def resolve_task_function(path: str) -> Callable[..., Any]:
+    """`resolve_callable` for a stored task's function; ValueError for one of Python's own:
+    whoever can write a store can name any function, and these (os:system,
+    subprocess:run, builtins:exec, ...) would hand them the machine at once."""
+    if isinstance(path, str) and _in_standard_library(path.partition(":")[0]):
+        raise ValueError(
+            f"{path!r} is in Python's standard library, whose functions a stored task may not name"
+        )
+    fn = resolve_callable(path)
+    # Where the function is defined, not only the path: `mymodule:os.system`, or a module
+    # that imports `system` from os, must not reach it. (An alias or a re-export of one of
+    # the application's own functions is fine.)
+    module = getattr(fn, "__module__", None)
+    if not isinstance(module, str) or _in_standard_library(module):
+        raise ValueError(
+            f"{path!r} leads to {name_of(fn)}, a function of Python's standard library (or "
+            "of no module), which a stored task may not name"
+        )
+    return fn
+
+
+def _in_standard_library(module: str) -> bool:
+    """True for `os`, `subprocess.x`, `builtins`, `_testcapi`, and Python's own test suite:
+    a module of Python itself."""
+    top = module.partition(".")[0]
+    return top in sys.stdlib_module_names or top.startswith("_test") or _is_python_test_suite(top)
+
+
+@functools.lru_cache(maxsize=64)
+def _is_python_test_suite(top: str) -> bool:
+    """True for `test` where it is the package installed with Python (not in
+    `sys.stdlib_module_names`), False for an application's own package of that name."""
+    if top != "test":
+        return False
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    origin = getattr(spec, "origin", None)
+    if not isinstance(origin, str) or not origin:
+        return False
+    where = os.path.realpath(origin)
+    paths = sysconfig.get_paths()
+
+    def under(key: str) -> bool:
+        return where.startswith(os.path.realpath(paths[key]) + os.sep)
+
+    # site-packages may lie inside the standard library's directory: an installed `test`
+    # package of someone's is not Python's.
+    return under("stdlib") and not (under("purelib") or under("platlib"))
+
+
+def resolve_callable(path: str) -> Callable[..., Any]:
+    """Import the callable a `module:qualname` path names; ValueError if it cannot."""
+    if not isinstance(path, str) or not _PATH.match(path):
+        raise ValueError(f"not a 'module:qualname' function path: {path!r}")
+    module_name, _, qualname = path.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for attr in qualname.split("."):
+            target = getattr(target, attr)
+    except Exception as exc:  # any import failure means "cannot resolve"
+        raise ValueError(f"cannot resolve {path!r}: {type(exc).__name__}: {exc}") from exc
+    if not callable(target):
+        raise ValueError(f"{path!r} is not callable")
+    return cast("Callable[..., Any]", target)

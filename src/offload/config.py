@@ -1,0 +1,142 @@
+"""Every option check and every OFFLOAD_* reader, once.
+
+Options are checked where they are given (`Offloader(...)`, `configure()`, a store URL),
+each error naming the option and the range it takes; environment variables are read when
+the default offloader is made, each error naming the variable. Nothing here is read again
+later on a worker or in the exit hook, where an error could only be logged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+from .policy import RetryPolicy, default_stop, default_wait
+
+__all__ = [
+    "DEFAULT_LEASE_TIMEOUT",
+    "DEFAULT_SHUTDOWN_TIMEOUT",
+    "check_callback",
+    "check_lease_timeout",
+    "check_number",
+    "env_number",
+    "lease_timeout_from_env",
+    "options_from_env",
+    "shutdown_timeout_from_env",
+]
+
+DEFAULT_SHUTDOWN_TIMEOUT = 5.0
+DEFAULT_LEASE_TIMEOUT = 60.0
+MAX_NICE = 19
+
+
+def _range(minimum: float, maximum: float | None, *, above: bool) -> str:
+    low = f"> {minimum:g}" if above else f">= {minimum:g}"
+    return f"from {minimum:g} to {maximum:g}" if maximum is not None else f"{low} and finite"
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    minimum: float,
+    maximum: float | None = None,
+    integer: bool = False,
+    above: bool = False,
+) -> None:
+    """TypeError for a value of the wrong type, ValueError for one out of range; both name
+    the option and say the range it takes (`above`: strictly greater than `minimum`)."""
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise TypeError(f"{name} must be {kind}, got {value!r}")
+    top = math.inf if maximum is None else maximum
+    if not (minimum <= value <= top and value < math.inf) or (above and value <= minimum):
+        raise ValueError(
+            f"{name} must be {kind} {_range(minimum, maximum, above=above)}, got {value!r}"
+        )
+
+
+def check_lease_timeout(name: str, value: Any, maximum: float | None = None) -> float:
+    """A lease in seconds: a number > 0 (and at most `maximum`, where a store has one)."""
+    check_number(name, value, minimum=0, above=True, maximum=maximum)
+    return float(value)
+
+
+def check_callback(name: str, value: Any) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable or None, got {value!r}")
+
+
+# -- the environment ---------------------------------------------------------------------
+
+
+def env_number(
+    name: str,
+    convert: Callable[[str], Any],
+    *,
+    minimum: float,
+    maximum: float | None = None,
+    above: bool = False,
+) -> Any:
+    """The number a variable holds, None when unset or empty; ValueError naming it if bad."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return None
+    kind = "an integer" if convert is int else "a number"
+    try:
+        value = convert(raw.strip())
+    except ValueError:
+        value = None
+    top = math.inf if maximum is None else maximum
+    if (
+        value is None
+        or not (minimum <= value <= top and value < math.inf)
+        or (above and value <= minimum)
+    ):
+        raise ValueError(
+            f"{name}={raw!r} must be {kind} {_range(minimum, maximum, above=above)}"
+        ) from None
+    return value
+
+
+def shutdown_timeout_from_env() -> float | None:
+    """OFFLOAD_SHUTDOWN_TIMEOUT in seconds, None when unset."""
+    value = env_number("OFFLOAD_SHUTDOWN_TIMEOUT", float, minimum=0)
+    return None if value is None else float(value)
+
+
+def lease_timeout_from_env(maximum: float | None = None) -> float:
+    """OFFLOAD_LEASE_TIMEOUT in seconds, or DEFAULT_LEASE_TIMEOUT when unset."""
+    value = env_number("OFFLOAD_LEASE_TIMEOUT", float, minimum=0, above=True, maximum=maximum)
+    return DEFAULT_LEASE_TIMEOUT if value is None else float(value)
+
+
+# (variable, option, convert, minimum, maximum)
+_NUMBERS: tuple[tuple[str, str, Callable[[str], Any], float, float | None], ...] = (
+    ("OFFLOAD_MAX_QUEUE", "max_queue", int, 1, None),
+    ("OFFLOAD_IDLE_TIMEOUT", "idle_timeout", float, 0, None),
+    ("OFFLOAD_WORKERS", "workers", int, 1, None),
+    ("OFFLOAD_SHUTDOWN_TIMEOUT", "shutdown_timeout", float, 0, None),
+    ("OFFLOAD_WORKER_NICE", "worker_nice", int, 0, MAX_NICE),
+)
+
+
+def options_from_env() -> dict[str, Any]:
+    """Offloader options set by OFFLOAD_* environment variables; ValueError names a bad one."""
+    options: dict[str, Any] = {}
+    store = os.environ.get("OFFLOAD_STORE")
+    if store:
+        options["store"] = store
+    for var, option, convert, minimum, maximum in _NUMBERS:
+        value = env_number(var, convert, minimum=minimum, maximum=maximum)
+        if value is not None:
+            options[option] = value
+    lease = env_number("OFFLOAD_LEASE_TIMEOUT", float, minimum=0, above=True)
+    if lease is not None:
+        options["lease_timeout"] = float(lease)
+    attempts = env_number("OFFLOAD_MAX_ATTEMPTS", int, minimum=1)
+    if attempts is not None:
+        options["retry"] = RetryPolicy(stop=default_stop(attempts), wait=default_wait())
+    return options

@@ -1,0 +1,76 @@
+"""The state the pipeline's stages share, under one lock: the scheduler and the ledger.
+
+Every stage (the enqueue path, the worker threads, settling, flush and shutdown) changes
+the scheduler and the ledger under `Core.lock`, and a task moves between the ledger's
+columns in the same critical section in which it moves in the scheduler, so that
+`enqueued == succeeded + dead_lettered + queued + delayed + in_flight` holds for every
+reader of `stats()`, not only at rest.
+
+Two Conditions on the lock: `work` (workers wait here for a task) and `drained` (flush
+and shutdown wait here). Separate conditions matter: a `notify()` for new work must wake
+a worker, not a thread blocked in `flush()`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from .scheduler import Scheduler
+
+__all__ = ["Core", "Ledger"]
+
+
+class Ledger:
+    """The counters of Stats since the offloader was made (this process's, after fork)."""
+
+    __slots__ = (
+        "claimed",
+        "dead_lettered",
+        "deduplicated",
+        "enqueued",
+        "rejected",
+        "released",
+        "retried",
+        "succeeded",
+    )
+
+    def __init__(self) -> None:
+        self.enqueued = 0  # tasks accepted
+        self.succeeded = 0
+        self.retried = 0  # attempts that ended in a retry
+        self.dead_lettered = 0
+        self.rejected = 0  # QueueFull
+        self.deduplicated = 0  # enqueues that returned a task already held
+        self.claimed = 0  # durable stores: tasks leased to this process
+        self.released = 0  # durable stores: tasks handed back to the store
+
+
+class Core:
+    """One offloader's runtime state in one process; a forked child makes a new one."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.work = threading.Condition(self.lock)
+        self.drained = threading.Condition(self.lock)
+        self.sched = Scheduler()
+        self.ledger = Ledger()
+        self.closed = False  # no new tasks (shutdown() or configure() called)
+        self.stopping = False  # workers exit after their current task
+
+    def forked(self) -> bool:
+        """True in a child process that inherited this state (it must not be used there)."""
+        return self.pid != os.getpid()
+
+    def notify_if_drained(self) -> None:
+        """Called with the lock held: wake flush() and shutdown() when they may be done.
+
+        Both wait for (at least) nothing ready and nothing running: while a task is still
+        queued or in flight, waking them would only have them check and wait again, once
+        per task delivered, taking the GIL and the lock from the workers.
+        """
+        sched = self.sched
+        if sched.ready or sched.in_flight:
+            return
+        self.drained.notify_all()

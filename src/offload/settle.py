@@ -1,0 +1,179 @@
+"""Settling an attempt: delivered, retried later, or dead-lettered; callbacks; the ledger.
+
+`Settler.settle` takes what `attempt.perform` returned and asks the task's RetryPolicy
+what a failure means. Where the task goes next is the backlog's work (`backlog/`): it
+completes, requeues or buries it in the store and the scheduler. Callbacks run before
+the task stops counting as in flight, so that `flush()` returning means they have run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ._guard import Guarded
+from .attempt import Attempt
+from .calls.base import describe_target
+from .clock import Clock
+from .core import Core
+from .outcome import Outcome, Reason
+from .policy import Decision, RetryPolicy
+from .records import DeadLetter, Task, new_id, utc
+
+if TYPE_CHECKING:
+    from .backlog.base import Backlog
+
+__all__ = ["Callbacks", "Settler", "dead_letter_for"]
+
+log = logging.getLogger("offload")
+
+
+class Callbacks:
+    """The user's callbacks; their exceptions are logged, never fatal."""
+
+    __slots__ = ("on_dead_letter", "on_retry", "on_success")
+
+    def __init__(
+        self,
+        on_success: Callable[[Task, Any], object] | None,
+        on_retry: Callable[[Task, float, str | None], object] | None,
+        on_dead_letter: Callable[[Task, DeadLetter], object] | None,
+    ) -> None:
+        self.on_success = on_success
+        self.on_retry = on_retry
+        self.on_dead_letter = on_dead_letter
+
+    @staticmethod
+    def call(name: str, fn: Callable[..., object], *args: Any) -> None:
+        try:
+            fn(*args)
+        except BaseException:
+            with Guarded():
+                log.exception("offload: %s callback raised; ignored", name)
+
+
+def dead_letter_for(
+    task: Task, error: str | None, outcome: Outcome | None, reason: Reason
+) -> DeadLetter:
+    """The dead letter `task` becomes now."""
+    progress = task.progress
+    return DeadLetter(
+        id=new_id(),
+        task_id=task.id,
+        description=describe_target(task.call),
+        key=task.key,
+        attempts=progress.attempts,
+        error=error or (outcome.error if outcome else None) or reason,
+        status=outcome.status if outcome else None,
+        reason=reason,
+        first_attempt_at=utc(progress.first_attempt_at),
+        last_attempt_at=utc(progress.last_attempt_at),
+    )
+
+
+class Settler:
+    """Turns an attempt's outcome into delivered, retry or dead letter, for one offloader."""
+
+    def __init__(
+        self,
+        core: Core,
+        backlog: Backlog,
+        policy: RetryPolicy,
+        callbacks: Callbacks,
+        clock: Clock,
+    ) -> None:
+        self.core = core
+        self.backlog = backlog
+        self.policy = policy
+        self.callbacks = callbacks
+        self.clock = clock
+
+    def settle(self, task: Task, attempt: Attempt) -> None:
+        """Record an attempt's outcome (called on the worker thread that made it)."""
+        outcome = attempt.outcome
+        progress = task.progress
+        progress.last = outcome
+        callbacks = self.callbacks
+        if outcome.kind == "success":
+            if callbacks.on_success is not None:
+                callbacks.call("on_success", callbacks.on_success, task, attempt.result)
+            self.backlog.complete(task)
+            self._finish(task, in_flight=True, delivered=True)
+            return
+
+        now = self.clock.monotonic()
+        policy = task.retry or self.policy
+        try:
+            decision = policy.decide(progress, outcome, attempt.exc, now)
+        except Exception as error:  # a user's stop/wait strategy must not kill the worker
+            with Guarded():
+                log.exception("offload: the retry policy raised for task %s", task.id)
+            decision = Decision(False, reason="permanent", error=f"retry policy raised {error!r}")
+        if not decision.retry:
+            assert decision.reason is not None
+            self.dead_letter(task, outcome, decision.reason, error=decision.error, in_flight=True)
+            return
+        if self.backlog.can_retry():
+            with Guarded():
+                log.info(
+                    "retrying %s in %.2fs (attempt %d%s): %s",
+                    describe_target(task.call),
+                    decision.delay,
+                    progress.attempts,
+                    ", throttled" if outcome.throttled else "",
+                    outcome.error,
+                )
+            if callbacks.on_retry is not None:
+                callbacks.call("on_retry", callbacks.on_retry, task, decision.delay, outcome.error)
+            if self.backlog.requeue(task, now, decision.delay, outcome.throttled):
+                return
+        # shutdown() has begun and this backlog cannot keep a retry for later.
+        self.dead_letter(task, outcome, "shutdown", error=outcome.error, in_flight=True)
+
+    def dead_letter(
+        self,
+        task: Task,
+        outcome: Outcome | None,
+        reason: Reason,
+        *,
+        error: str | None = None,
+        in_flight: bool = False,
+    ) -> None:
+        """Bury `task` in the store, then count it (with its attempt, if `in_flight`) in
+        one step, so that the ledger holds for every reader of stats()."""
+        progress = task.progress
+        if outcome is None:
+            outcome = progress.last
+        letter = progress.letter = dead_letter_for(task, error, outcome, reason)
+        if not self.backlog.bury(task, letter):
+            progress.letter = None  # the store keeps the task: the backlog has counted it
+            return
+        if reason != "shutdown":  # shutdown() logs one line for all of them
+            with Guarded():
+                log.warning(
+                    "dead letter %s: %s after %d attempt(s) (%s): %s",
+                    letter.id,
+                    letter.description,
+                    letter.attempts,
+                    reason,
+                    letter.error,
+                )
+        callbacks = self.callbacks
+        if callbacks.on_dead_letter is not None:
+            callbacks.call("on_dead_letter", callbacks.on_dead_letter, task, letter)
+        self._finish(task, in_flight=in_flight, delivered=False)
+
+    def _finish(self, task: Task, *, in_flight: bool, delivered: bool) -> None:
+        """The task leaves this offloader, delivered or dead-lettered: one step."""
+        core = self.core
+        with core.lock:
+            if in_flight:
+                core.sched.settle(task, None)
+                core.work.notify()  # a probe's success releases its key's held tasks
+            self.backlog.forget(task)
+            if delivered:
+                core.ledger.succeeded += 1
+            else:
+                core.ledger.dead_lettered += 1
+            core.notify_if_drained()

@@ -1,0 +1,174 @@
+"""The worker threads: started on demand, fed by the backlog, gone when idle.
+
+- The first enqueue starts a worker thread; a worker that has had nothing to do for
+  `idle_timeout` seconds exits. Both happen under the core's one lock, and a worker
+  removes itself from the pool before letting go of it: a producer either sees an idle
+  worker to notify, or starts a new one. The lost wake-up of the hand-written version
+  cannot happen.
+- A worker never sleeps through a backoff: with nothing it may take, it waits on the
+  `work` Condition until the backlog's next due time (or a notify), never polls.
+
+The pool knows threads and waiting, not what a task is: it takes the next task from the
+backlog and hands it to `run` (an attempt, then settling it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ._guard import Guarded
+from .calls.connections import Resources
+from .clock import Clock
+from .core import Core
+from .errors import ShutDown
+from .records import Task
+
+if TYPE_CHECKING:
+    from .backlog.base import Backlog
+
+__all__ = ["WorkerPool"]
+
+log = logging.getLogger("offload")
+
+
+def _be_nicer(steps: int) -> None:
+    """Lower this thread's CPU priority by `steps` (Linux, where a thread has its own nice
+    value), so that a busy machine runs the process's request threads first."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        thread = threading.get_native_id()
+        now = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, now + steps))
+    except OSError as exc:  # a sandbox that forbids it: the worker runs as it is
+        with Guarded():
+            log.debug("offload: could not lower the worker thread's priority: %s", exc)
+
+
+class WorkerPool:
+    """Up to `size` worker threads of one offloader; every method but `join` is called
+    with the core's lock held."""
+
+    def __init__(
+        self, core: Core, clock: Clock, *, size: int, idle_timeout: float, nice: int
+    ) -> None:
+        self.core = core
+        self.clock = clock
+        self.size = size
+        self.idle_timeout = idle_timeout
+        self.nice = nice
+        self.threads: set[threading.Thread] = set()
+        self.idle = 0  # workers waiting on core.work
+        self._backlog: Backlog | None = None
+        self._run_one: Callable[[Task, Resources], None] | None = None
+
+    def serve(self, backlog: Backlog, run_one: Callable[[Task, Resources], None]) -> None:
+        """Where the workers take tasks from, and what they do with each."""
+        self._backlog = backlog
+        self._run_one = run_one
+
+    def wake_or_start(self) -> None:
+        """A task was added: wake an idle worker, or start one if the pool has room.
+        Raises ShutDown when the interpreter is exiting (no thread can start)."""
+        if self.idle:
+            self.core.work.notify()
+        elif len(self.threads) < self.size:
+            self.start()
+
+    def ensure(self, want: int = 1) -> None:
+        """Start workers until `want` (at most `size`) are alive; quietly none at exit."""
+        want = min(want, self.size)
+        core = self.core
+        while len(self.threads) < want and not core.closed and not core.forked():
+            try:
+                self.start()
+            except ShutDown:  # interpreter exit: a durable store keeps the tasks
+                return
+
+    def start(self) -> None:
+        """Start one worker thread."""
+        if sys.is_finalizing():
+            raise ShutDown("the interpreter is shutting down; offload cannot start a worker")
+        index = len(self.threads)
+        name = "offload-worker" if self.size == 1 else f"offload-worker-{index}"
+        thread = threading.Thread(target=self._run, name=name, daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as exc:  # 3.12+: "can't create new thread at interpreter shutdown"
+            raise ShutDown(f"cannot start offload's worker thread: {exc}") from exc
+        self.threads.add(thread)
+
+    def join(self, threads: list[threading.Thread], deadline: float | None) -> None:
+        """Wait (lock not held) for `threads` to exit, until `deadline` (the clock's
+        monotonic time)."""
+        current = threading.current_thread()
+        for thread in threads:
+            if thread is not current:
+                left = None if deadline is None else max(0.0, deadline - self.clock.monotonic())
+                thread.join(left)
+
+    # -- the worker thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        if self.nice:
+            _be_nicer(self.nice)
+        run_one = self._run_one
+        assert run_one is not None
+        resources = Resources()
+        try:
+            while True:
+                task = self._next()
+                if task is None:
+                    return
+                run_one(task, resources)
+        finally:
+            resources.close()
+
+    def _next(self) -> Task | None:
+        """Block until a task may run, or return None when this worker should exit."""
+        core = self.core
+        clock = self.clock
+        backlog = self._backlog
+        assert backlog is not None
+        with core.lock:
+            idle_since: float | None = None
+            while True:
+                if core.stopping or core.forked():
+                    self._leave()
+                    return None
+                now = clock.monotonic()
+                task, wait, idle = backlog.take(now)  # may let go of the lock meanwhile
+                if task is not None:
+                    return task
+                if core.stopping or core.forked():
+                    continue
+                timeout = wait
+                if idle:
+                    now = clock.monotonic()
+                    if idle_since is None:
+                        idle_since = now
+                    left = self.idle_timeout - (now - idle_since)
+                    if left <= 0:
+                        self._leave()
+                        return None
+                    timeout = left if wait is None else min(left, wait)
+                else:
+                    idle_since = None
+                self.idle += 1
+                try:
+                    clock.wait(core.work, timeout)
+                finally:
+                    self.idle -= 1
+
+    def _leave(self) -> None:
+        """Called with the lock held: this thread leaves the pool."""
+        self.threads.discard(threading.current_thread())
+        self.core.drained.notify_all()
+        backlog = self._backlog
+        if backlog is not None:
+            backlog.worker_left()
