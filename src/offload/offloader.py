@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, cast
 
 from . import lifecycle
@@ -47,6 +48,8 @@ from .stores import DurableStore, Store, open_store
 from .worker import WorkerPool
 
 __all__ = ["Offloader"]
+
+_NO_KWARGS: Mapping[str, Any] = MappingProxyType({})  # shared by every call's task
 
 
 class Offloader:
@@ -187,7 +190,11 @@ class Offloader:
             if task.enqueued:
                 raise ValueError(f"{task!r} was enqueued already; make a new Task")
         elif isinstance(call, PERFORMED):
-            task = Task(call, args, kwargs)
+            if args or kwargs:
+                raise TypeError(
+                    "an HttpCall or AwsCall takes no extra arguments; put them in the call"
+                )
+            task = Task._fast(call, (), _NO_KWARGS)
         else:
             raise TypeError(
                 "enqueue_task takes a callable, an offload.http(...)/offload.aws(...) call or an "

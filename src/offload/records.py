@@ -129,7 +129,7 @@ class Task:
     call: Any
     args: tuple[Any, ...]
     kwargs: Mapping[str, Any]
-    _meta: TaskMeta | None  # None: a plain callable's task, enqueued as it was made
+    _meta: TaskMeta | None  # None: a task enqueue_task made, untouched since
 
     def __init__(
         self,
@@ -165,9 +165,9 @@ class Task:
         self._meta = TaskMeta(key if key is not None else default_key(call), retry)
 
     @classmethod
-    def _fast(cls, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Task:
-        """The enqueue hot path for a plain callable: checks done by the caller; no meta
-        (and so no id) until one is needed."""
+    def _fast(cls, call: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Task:
+        """The enqueue hot path (a plain callable, or a call with no options): checks done
+        by the caller; no meta (and so no id) until one is needed."""
         self = cls.__new__(cls)
         self.call = call
         self.args = args
@@ -208,7 +208,7 @@ class Task:
         with _meta_lock:  # a worker's first attempt and a handler reading task.id, at once
             meta = self._meta
             if meta is None:
-                meta = self._meta = TaskMeta(None, None, enqueued=True)
+                meta = self._meta = TaskMeta(default_key(self.call), None, enqueued=True)
             return meta
 
     @property
@@ -225,7 +225,7 @@ class Task:
     def key(self) -> str | None:
         """The throttle key: the API this task calls (None for a plain callable)."""
         meta = self._meta
-        return None if meta is None else meta.key
+        return default_key(self.call) if meta is None else meta.key
 
     @property
     def retry(self) -> RetryPolicy | None:

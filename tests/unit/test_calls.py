@@ -1010,3 +1010,22 @@ def test_a_ca_bundle_from_the_environment_is_honoured_as_requests_would(
             http("GET", f"{url}/x", verify=requests.certs.where()).perform(trusting, "k")
     finally:
         trusting.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"json": {"a": [1, 2.5, None, True], "b": {"c": "d"}}, "headers": {"X-A": "1"}},
+        {"data": b"\x00\xff", "params": [("q", "1"), ("q", "2")]},
+        {"json": {"$bytes": "looks like a tag"}},
+        {"json": [{"$dict": {"x": 1}}]},
+        {"files": {"f": ("a.txt", b"body", "text/plain")}, "timeout": (1, 2)},
+    ],
+)
+def test_the_stored_text_made_once_is_the_one_walk_of_the_call(kwargs: dict[str, Any]) -> None:
+    from offload.codec.values import encode_frozen
+
+    call = http("POST", "https://h/x", **kwargs)
+    assert json.loads(call.json_text())["kwargs"] == encode_frozen(call.kwargs, "kwargs")
+    again = HttpCall.from_json(json.loads(call.json_text()))
+    assert again == call and again.json_text() == call.json_text()

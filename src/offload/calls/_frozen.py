@@ -10,8 +10,23 @@ from typing import Any
 __all__ = ["freeze", "thaw"]
 
 
+# Values that need no copy; a container holding only these is copied in one C call.
+_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
+
+
 def freeze(value: Any) -> Any:
     """A deep copy with mappings as read-only proxies and lists as tuples."""
+    kind = type(value)
+    if kind is dict:  # exact types first: what handlers pass, without ABC checks
+        if _SCALARS.issuperset(map(type, value.values())):
+            return MappingProxyType(value.copy())
+        return MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if kind is tuple or kind is list:
+        if _SCALARS.issuperset(map(type, value)):
+            return tuple(value)
+        return tuple(freeze(v) for v in value)
+    if kind in _SCALARS:
+        return value
     if isinstance(value, Mapping):
         return MappingProxyType({k: freeze(v) for k, v in value.items()})
     if isinstance(value, (list, tuple)):

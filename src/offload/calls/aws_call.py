@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, cast
 
-from ..codec.values import check_record, decode_frozen, encode_frozen
+from ..codec.values import check_record, decode_frozen, dumps, encode_frozen
 from ._frozen import freeze, thaw
 from .connections import require_boto3
 
@@ -150,6 +150,10 @@ class AwsCall:
             "region": self.region,
             "params": encode_frozen(self.params, "params"),
         }
+
+    def json_text(self) -> str:
+        """`to_json()` as JSON text; NotSerializable as `to_json`."""
+        return dumps(self.to_json())
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> AwsCall:

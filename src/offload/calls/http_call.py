@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any
 import requests
 
 from .._redact import redact_url
-from ..codec.values import check_record, decode_frozen, encode_frozen
+from ..codec.values import check_record, decode_frozen, dumps, loads
 from ..errors import NotSerializable
 from ._frozen import thaw
 from .requests_kwargs import (
     DEFAULT_TIMEOUT,
+    RequestKwargs,
     check_http_kwargs,
     check_idempotency_key,
     check_method,
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["HttpCall", "http"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class HttpCall:
     """An HTTP request to perform on a worker: frozen, validated, JSON-serialisable.
 
@@ -38,18 +39,24 @@ class HttpCall:
 
     method: str
     url: str
-    kwargs: Mapping[str, Any]
+    kwargs: Mapping[str, Any]  # a RequestKwargs once checked
     idempotency_key: bool | str = False
 
-    def __post_init__(self) -> None:
-        # Validated here, not only in http(), so from_json and replace() are checked too.
-        kwargs = check_http_kwargs(self.kwargs)
-        object.__setattr__(self, "method", check_method(self.method))
-        object.__setattr__(self, "url", check_url(self.url))
-        object.__setattr__(self, "kwargs", kwargs)
-        object.__setattr__(
-            self, "idempotency_key", check_idempotency_key(self.idempotency_key, kwargs)
-        )
+    def __init__(
+        self,
+        method: str,
+        url: str,
+        kwargs: Mapping[str, Any],
+        idempotency_key: bool | str = False,
+    ) -> None:
+        # Validated here, not only in http(), so from_json and replace() are checked too;
+        # each field set once (a frozen dataclass's own __init__ would set it twice).
+        checked = check_http_kwargs(kwargs)
+        setattr_ = object.__setattr__
+        setattr_(self, "method", check_method(method))
+        setattr_(self, "url", check_url(url))
+        setattr_(self, "kwargs", checked)
+        setattr_(self, "idempotency_key", check_idempotency_key(idempotency_key, checked))
 
     def __hash__(self) -> int:  # kwargs is a mapping; equal calls still hash alike
         return hash((self.method, self.url, self.idempotency_key))
@@ -83,7 +90,8 @@ class HttpCall:
 
     def perform(self, resources: Resources, idempotency_key: str) -> requests.Response:
         """Send the request once with the worker's session; offload does any retrying."""
-        kwargs = thaw(self.kwargs)
+        checked = self.kwargs
+        kwargs = checked.thawed() if isinstance(checked, RequestKwargs) else thaw(checked)
         kwargs.setdefault("timeout", DEFAULT_TIMEOUT)
         if self.method == "HEAD":
             kwargs.setdefault("allow_redirects", False)  # as requests.head() does
@@ -100,19 +108,31 @@ class HttpCall:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; NotSerializable if it holds code (a custom `auth`)."""
-        auth = self.kwargs.get("auth")
+        return loads(self.json_text())  # type: ignore[no-any-return]
+
+    def json_text(self) -> str:
+        """`to_json()` as JSON text, made from the text the keywords were encoded into when
+        the call was built: nothing is walked again. NotSerializable as `to_json`."""
+        text = self._kwargs_text()
+        return (
+            f'{{"type":"http","method":{dumps(self.method)},"url":{dumps(self.url)},'
+            f'"kwargs":{text},"idempotency_key":{dumps(self.idempotency_key)}}}'
+        )
+
+    def _kwargs_text(self) -> str:
+        kwargs = self.kwargs
+        text = kwargs.text if isinstance(kwargs, RequestKwargs) else None
+        if text is not None:
+            return text
+        auth = kwargs.get("auth")
         if auth is not None and not isinstance(auth, tuple):
             raise NotSerializable(
                 f"HttpCall auth={type(auth).__name__} is code, which a durable store cannot hold; "
                 "pass a (user, password) pair or an Authorization header"
             )
-        return {
-            "type": "http",
-            "method": self.method,
-            "url": self.url,
-            "kwargs": encode_frozen(self.kwargs, "kwargs"),
-            "idempotency_key": self.idempotency_key,
-        }
+        from ..codec.values import encode_frozen  # noqa: PLC0415 - the rare, slow way
+
+        return dumps(encode_frozen(kwargs, "kwargs"))
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> HttpCall:

@@ -11,21 +11,22 @@ import difflib
 import functools
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 from requests.auth import AuthBase, HTTPBasicAuth
 
 from .._redact import redact_text, redact_url
-from ..codec.values import json_problem
+from ..codec.values import dumps, dumps_frozen, encode_frozen, holds_tags, json_problem
 from ._frozen import freeze, thaw
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "HEADER_VALUE",
+    "RequestKwargs",
     "check_http_kwargs",
     "check_idempotency_key",
     "check_method",
@@ -57,6 +58,8 @@ def _type_name(value: Any) -> str:
 
 
 def check_method(method: Any) -> str:
+    if method in _HTTP_METHODS and type(method) is str:
+        return method  # (the usual case: already upper case, no space)
     if not isinstance(method, str):
         raise TypeError(f"method must be a str such as 'POST', got {_type_name(method)}")
     upper = method.strip().upper()
@@ -144,16 +147,24 @@ def _check_str_mapping(value: Any, what: str) -> dict[str, str]:
     return dict(value)
 
 
-def _check_headers(value: Any) -> dict[str, str]:
+# Header names that passed, so that a handler's usual few cost a set lookup each.
+_GOOD_NAMES: set[str] = set()
+
+
+def _check_headers(value: Any) -> MappingProxyType[str, str]:
     headers = _check_str_mapping(value, "headers")
     for name, v in headers.items():
-        if not _HEADER_NAME.match(name):
-            raise ValueError(f"headers: {name!r} is not a valid header name")
-        if not HEADER_VALUE.match(v):
+        if name not in _GOOD_NAMES:
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"headers: {name!r} is not a valid header name")
+            if len(_GOOD_NAMES) < 4096:
+                _GOOD_NAMES.add(name)
+        # HEADER_VALUE's rule without the regex: empty, or no leading space and one line.
+        if v and (v[0].isspace() or "\n" in v or "\r" in v):
             raise ValueError(
                 f"headers: the value of {name!r} has a line break or leading whitespace"
             )
-    return headers
+    return MappingProxyType(headers)
 
 
 def _check_form(value: Any, what: str) -> Any:
@@ -227,11 +238,46 @@ def _check_files(value: Any) -> Any:
     return value
 
 
+_NOT_PLAIN: Any = object()
+
+
+def _frozen_json(value: Any, depth: int = 0) -> Any:
+    """A frozen copy of a value of exact JSON types (tuples too), or _NOT_PLAIN: one walk
+    that checks and copies, before the slower one that names what is wrong."""
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is float:
+        return value if math.isfinite(value) else _NOT_PLAIN
+    if depth > 100:
+        return _NOT_PLAIN
+    if kind is dict:
+        out = {}
+        for k, v in value.items():
+            item = _frozen_json(v, depth + 1)
+            if type(k) is not str or item is _NOT_PLAIN:
+                return _NOT_PLAIN
+            out[k] = item
+        return MappingProxyType(out)
+    if kind is list or kind is tuple:
+        items = []
+        for v in value:
+            item = _frozen_json(v, depth + 1)
+            if item is _NOT_PLAIN:
+                return _NOT_PLAIN
+            items.append(item)
+        return tuple(items)
+    return _NOT_PLAIN
+
+
 def _check_json(value: Any) -> Any:
+    frozen = _frozen_json(value)
+    if frozen is not _NOT_PLAIN:
+        return frozen
     problem = json_problem(thaw(value, list), "json")
     if problem:
         raise TypeError(problem)
-    return value
+    return freeze(value)
 
 
 def _check_bool(value: Any) -> bool:
@@ -258,23 +304,78 @@ def _check_cert(value: Any) -> str | tuple[str, str]:
     raise TypeError(f"cert must be a path or a (cert, key) pair of paths, got {value!r}")
 
 
+# Each check returns the value to keep, frozen (a read-only copy) but for these three,
+# which may hold containers of the caller's.
+_FROZEN_LATER = frozenset({"params", "data", "files"})
 _KWARG_CHECKS: dict[str, Callable[[Any], Any]] = {
     "params": lambda v: _check_form(v, "params"),
     "data": lambda v: _check_form(v, "data"),
     "json": _check_json,
     "headers": _check_headers,
-    "cookies": lambda v: _check_str_mapping(v, "cookies"),
+    "cookies": lambda v: MappingProxyType(_check_str_mapping(v, "cookies")),
     "auth": _check_auth,
     "timeout": _check_timeout,
     "allow_redirects": _check_bool,
-    "proxies": lambda v: _check_str_mapping(v, "proxies"),
+    "proxies": lambda v: MappingProxyType(_check_str_mapping(v, "proxies")),
     "verify": _check_verify,
     "cert": _check_cert,
     "files": _check_files,
 }
 
 
-def check_http_kwargs(kwargs: Any) -> MappingProxyType[str, Any]:
+class RequestKwargs(Mapping[str, Any]):
+    """The checked `requests` keywords of an HttpCall: a read-only deep copy (a handler
+    that changes its body dict after building the call changes nothing of the call), and
+    its JSON text, made once, when a durable store first asks for it.
+
+    Keywords that JSON cannot hold (a requests auth object) have no text: a durable store
+    refuses such a call.
+    """
+
+    __slots__ = ("_text", "frozen", "header_names")
+
+    def __init__(self, checked: dict[str, Any]) -> None:
+        """`checked`: a dict of its own whose values are frozen already."""
+        self.frozen: Mapping[str, Any] = MappingProxyType(checked)
+        #: The names of the headers given (checked against idempotency_key=).
+        self.header_names = tuple(checked.get("headers") or ())
+        self._text: str | bool | None = None  # None: not made yet; False: not JSON
+
+    def __getitem__(self, name: str) -> Any:
+        return self.frozen[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.frozen)
+
+    def __len__(self) -> int:
+        return len(self.frozen)
+
+    @property
+    def text(self) -> str | None:
+        """The keywords as JSON text (bytes tagged, see codec.values); None when JSON
+        cannot hold them. Two threads may both make it: the same text, either one wins."""
+        text = self._text
+        if text is None:
+            try:
+                text = dumps_frozen(self.frozen)
+                if holds_tags(text):  # a user's dict that looks like a tag: escape it
+                    text = dumps(encode_frozen(self.frozen, "kwargs"))
+            except (TypeError, ValueError, RecursionError):
+                text = False
+            self._text = text
+        return text if isinstance(text, str) else None
+
+    def thawed(self) -> dict[str, Any]:
+        """A fresh, mutable copy to hand to requests (arrays as tuples, as it takes them)."""
+        return thaw(self.frozen)  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"RequestKwargs(<{', '.join(self)}>)"
+
+
+def check_http_kwargs(kwargs: Any) -> RequestKwargs:
+    if type(kwargs) is RequestKwargs:
+        return kwargs  # checked when it was made (dataclasses.replace of a call)
     if not isinstance(kwargs, Mapping):
         raise TypeError(f"kwargs must be a mapping, got {_type_name(kwargs)}")
     checked: dict[str, Any] = {}
@@ -289,13 +390,13 @@ def check_http_kwargs(kwargs: Any) -> MappingProxyType[str, Any]:
             )
         if value is None and name != "timeout":  # timeout=None would mean "wait forever"
             continue  # requests treats None as "not given"
-        checked[name] = check(value)
+        checked[name] = freeze(check(value)) if name in _FROZEN_LATER else check(value)
     for body in ("data", "files"):
         # requests would silently drop json= here.
         if body in checked and "json" in checked:
             raise ValueError(f"give {body}= or json=, not both")
     checked.setdefault("timeout", DEFAULT_TIMEOUT)
-    return cast("MappingProxyType[str, Any]", freeze(checked))
+    return RequestKwargs(checked)
 
 
 def check_idempotency_key(value: Any, kwargs: Mapping[str, Any]) -> bool | str:
@@ -305,7 +406,9 @@ def check_idempotency_key(value: Any, kwargs: Mapping[str, Any]) -> bool | str:
         not value or not HEADER_VALUE.match(value) or value != value.strip()
     ):
         raise ValueError("idempotency_key must be True, False or a non-empty one-line str")
-    headers = kwargs.get("headers") or {}
-    if value is not False and any(k.lower() == "idempotency-key" for k in headers):
+    if value is False:
+        return value
+    headers = kwargs.header_names if isinstance(kwargs, RequestKwargs) else kwargs.get("headers")
+    if any(k.lower() == "idempotency-key" for k in headers or ()):
         raise ValueError("give idempotency_key= or an Idempotency-Key header, not both")
     return value

@@ -3,7 +3,7 @@
 `TaskRecord` is every field a store keeps of a task: its ids, throttle key, the call as
 JSON text (`dump_call`), its own RetryPolicy as JSON text (or None), and its attempt
 state. A store that keeps a task as one document (an SQS message) uses `to_json` /
-`from_json`; one that keeps columns (SQLite) uses the fields by name (`FIELDS`).
+`from_json`; one that keeps columns (SQLite) uses the fields by name (`_fields`).
 
 The call's text: `{"offload": 1, "target": ..., "args": [...], "kwargs": {...}}`, where
 the target is an HttpCall's or AwsCall's own `to_json()`, or `{"type": "function",
@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, NamedTuple
 
 from .._redact import redact_text
 from ..calls.aws_call import AwsCall
@@ -64,9 +63,7 @@ def dump_call(call: Call, args: Any, kwargs: Any) -> str:
     if isinstance(call, PERFORMED):
         if args or kwargs:
             raise TypeError(f"{type(call).__name__} takes no arguments; put them in the call")
-        return (
-            f'{{"offload":{CALL_FORMAT},"target":{dumps(call.to_json())},"args":[],"kwargs":{{}}}}'
-        )
+        return f'{{"offload":{CALL_FORMAT},"target":{call.json_text()},"args":[],"kwargs":{{}}}}'
     try:
         opening = _openings.get(call)
     except TypeError:  # an unhashable callable object: not a function a path can name
@@ -199,9 +196,9 @@ def _text(value: Any, what: str, optional: bool = False) -> Any:
     return value
 
 
-@dataclass(frozen=True, slots=True)
-class TaskRecord:
-    """Every field a durable store keeps of a task (see the module docstring)."""
+class TaskRecord(NamedTuple):
+    """Every field a durable store keeps of a task (see the module docstring). A named
+    tuple: made on every durable enqueue, it costs a tuple."""
 
     id: str
     idempotency_key: str
@@ -212,8 +209,6 @@ class TaskRecord:
     failures: int = 0
     first_attempt_at: float | None = None  # epoch seconds
     last_attempt_at: float | None = None
-
-    FIELDS: ClassVar[tuple[str, ...]]
 
     @classmethod
     def of(cls, task: Task) -> TaskRecord:
@@ -293,7 +288,7 @@ class TaskRecord:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
-        return {name: getattr(self, name) for name in self.FIELDS}
+        return self._asdict()
 
     @classmethod
     def from_json(cls, data: Any) -> TaskRecord:
@@ -318,6 +313,3 @@ class TaskRecord:
             )
         except ValueError as exc:
             raise ValueError(f"malformed offload task record: {exc}") from None
-
-
-TaskRecord.FIELDS = tuple(f.name for f in fields(TaskRecord))

@@ -15,11 +15,21 @@ import json
 import json.encoder
 import math
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from ..errors import NotSerializable
 
-__all__ = ["check_record", "decode_frozen", "dumps", "encode_frozen", "json_problem", "loads"]
+__all__ = [
+    "check_record",
+    "decode_frozen",
+    "dumps",
+    "dumps_frozen",
+    "encode_frozen",
+    "holds_tags",
+    "json_problem",
+    "loads",
+]
 
 _HINTS = {
     "datetime": " (pass .isoformat() text)",
@@ -94,8 +104,8 @@ def encode_frozen(value: Any, where: str) -> Any:
     raise NotSerializable(_not_json(value, where))
 
 
-def decode_frozen(value: Any) -> Any:
-    """What `encode_frozen` encoded (mutable; the call freezes it again)."""
+def decode_frozen(value: Any, sequence: type[list[Any]] | type[tuple[Any, ...]] = list) -> Any:
+    """What `encode_frozen` encoded, mutable, with JSON arrays as `sequence`s."""
     if isinstance(value, dict):
         if set(value) == {_BYTES}:
             if not isinstance(value[_BYTES], str):
@@ -107,10 +117,10 @@ def decode_frozen(value: Any) -> Any:
         if set(value) == {_DICT}:
             if not isinstance(value[_DICT], dict):
                 raise ValueError("a $dict value must be an object")
-            return {k: decode_frozen(v) for k, v in value[_DICT].items()}
-        return {k: decode_frozen(v) for k, v in value.items()}
+            return {k: decode_frozen(v, sequence) for k, v in value[_DICT].items()}
+        return {k: decode_frozen(v, sequence) for k, v in value.items()}
     if isinstance(value, list):
-        return [decode_frozen(v) for v in value]
+        return sequence(decode_frozen(v, sequence) for v in value)
     return value
 
 
@@ -133,6 +143,43 @@ else:  # pragma: no cover - a Python without the accelerator (PyPy)
     def dumps(value: Any) -> str:
         """Compact JSON text of a value already checked (no NaN, no cycles), not ASCII-escaped."""
         return _slow(value)
+
+
+def _tag(value: Any) -> Any:
+    if type(value) is MappingProxyType:  # a frozen call's mappings, the usual case
+        return value.copy()
+    if isinstance(value, (bytes, bytearray)):
+        return {_BYTES: base64.b64encode(value).decode("ascii")}
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+if _c_make_encoder is not None:
+    _c_encode_tagged = _c_make_encoder(
+        None, _tag, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+
+    def dumps_frozen(value: Any) -> str:
+        """`dumps(encode_frozen(value))` in one pass of the C encoder, for values known to
+        be of JSON types, bytes or read-only mappings. TypeError for anything else, and
+        ValueError for NaN; a dict that looks like a tag is not escaped, so a caller
+        checks the text for the tags (`holds_tags`) and encodes such a value the slow way."""
+        return "".join(_c_encode_tagged(value, 0))
+
+else:  # pragma: no cover - a Python without the accelerator (PyPy)
+    _slow_tagged = json.JSONEncoder(
+        separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_tag
+    ).encode
+
+    def dumps_frozen(value: Any) -> str:
+        """See above."""
+        return _slow_tagged(value)
+
+
+def holds_tags(text: str) -> bool:
+    """True when JSON text may hold a user's dict that looks like a tag."""
+    return _BYTES in text or _DICT in text
 
 
 def _reject_constant(name: str) -> Any:
