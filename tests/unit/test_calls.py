@@ -1026,6 +1026,9 @@ def test_the_stored_text_made_once_is_the_one_walk_of_the_call(kwargs: dict[str,
     from offload.codec.values import encode_frozen
 
     call = http("POST", "https://h/x", **kwargs)
-    assert json.loads(call.json_text())["kwargs"] == encode_frozen(call.kwargs, "kwargs")
+    walked = encode_frozen(call.kwargs, "kwargs")
+    if walked["timeout"] == list(DEFAULT_TIMEOUT):
+        del walked["timeout"]  # left out of the text: a call read back gets it again
+    assert json.loads(call.json_text())["kwargs"] == walked
     again = HttpCall.from_json(json.loads(call.json_text()))
     assert again == call and again.json_text() == call.json_text()

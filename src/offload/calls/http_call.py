@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import requests
@@ -28,6 +29,11 @@ if TYPE_CHECKING:
 __all__ = ["HttpCall", "http"]
 
 
+@functools.lru_cache(maxsize=4096)
+def _quoted(url: str) -> str:
+    return dumps(url)  # handlers call the same few URLs
+
+
 @dataclass(frozen=True, slots=True, init=False)
 class HttpCall:
     """An HTTP request to perform on a worker: frozen, validated, JSON-serialisable.
@@ -41,6 +47,7 @@ class HttpCall:
     url: str
     kwargs: Mapping[str, Any]  # a RequestKwargs once checked
     idempotency_key: bool | str = False
+    _text: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __init__(
         self,
@@ -57,6 +64,7 @@ class HttpCall:
         setattr_(self, "url", check_url(url))
         setattr_(self, "kwargs", checked)
         setattr_(self, "idempotency_key", check_idempotency_key(idempotency_key, checked))
+        setattr_(self, "_text", None)
 
     def __hash__(self) -> int:  # kwargs is a mapping; equal calls still hash alike
         return hash((self.method, self.url, self.idempotency_key))
@@ -113,11 +121,16 @@ class HttpCall:
     def json_text(self) -> str:
         """`to_json()` as JSON text, made from the text the keywords were encoded into when
         the call was built: nothing is walked again. NotSerializable as `to_json`."""
-        text = self._kwargs_text()
-        return (
-            f'{{"type":"http","method":{dumps(self.method)},"url":{dumps(self.url)},'
-            f'"kwargs":{text},"idempotency_key":{dumps(self.idempotency_key)}}}'
-        )
+        text = self._text
+        if text is None:
+            ikey = self.idempotency_key
+            text = (
+                f'{{"type":"http","method":"{self.method}","url":{_quoted(self.url)},'
+                f'"kwargs":{self._kwargs_text()},'
+                f'"idempotency_key":{"false" if ikey is False else dumps(ikey)}}}'
+            )
+            object.__setattr__(self, "_text", text)
+        return text
 
     def _kwargs_text(self) -> str:
         kwargs = self.kwargs

@@ -11,8 +11,7 @@ import difflib
 import functools
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
-from types import MappingProxyType
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,7 +20,7 @@ from requests.auth import AuthBase, HTTPBasicAuth
 
 from .._redact import redact_text, redact_url
 from ..codec.values import dumps, dumps_frozen, encode_frozen, holds_tags, json_problem
-from ._frozen import freeze, thaw
+from ._frozen import FrozenDict, freeze, thaw
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -136,6 +135,12 @@ def _check_timeout(value: Any) -> float | tuple[float, float]:
 
 
 def _check_str_mapping(value: Any, what: str) -> dict[str, str]:
+    if (
+        type(value) is dict
+        and _STR.issuperset(map(type, value))
+        and _STR.issuperset(map(type, value.values()))
+    ):
+        return value  # the usual case; the caller copies it
     if not isinstance(value, Mapping):
         raise TypeError(f"{what} must be a mapping of str to str, got {_type_name(value)}")
     for k, v in value.items():
@@ -147,24 +152,42 @@ def _check_str_mapping(value: Any, what: str) -> dict[str, str]:
     return dict(value)
 
 
+_STR = frozenset({str})
+
 # Header names that passed, so that a handler's usual few cost a set lookup each.
 _GOOD_NAMES: set[str] = set()
 
 
-def _check_headers(value: Any) -> MappingProxyType[str, str]:
+def _check_headers(value: Any) -> FrozenDict:
+    if type(value) is dict:  # the usual case: one pass over the items
+        for name, v in value.items():
+            if type(name) is not str or type(v) is not str:
+                break
+            if name not in _GOOD_NAMES:
+                _check_header_name(name)
+            # HEADER_VALUE's rule without the regex: empty, or no leading space, one line.
+            if v and (v[0].isspace() or "\n" in v or "\r" in v):
+                raise ValueError(
+                    f"headers: the value of {name!r} has a line break or leading whitespace"
+                )
+        else:
+            return FrozenDict(value)
     headers = _check_str_mapping(value, "headers")
     for name, v in headers.items():
         if name not in _GOOD_NAMES:
-            if not _HEADER_NAME.match(name):
-                raise ValueError(f"headers: {name!r} is not a valid header name")
-            if len(_GOOD_NAMES) < 4096:
-                _GOOD_NAMES.add(name)
-        # HEADER_VALUE's rule without the regex: empty, or no leading space and one line.
-        if v and (v[0].isspace() or "\n" in v or "\r" in v):
+            _check_header_name(name)
+        if not HEADER_VALUE.match(v):
             raise ValueError(
                 f"headers: the value of {name!r} has a line break or leading whitespace"
             )
-    return MappingProxyType(headers)
+    return FrozenDict(headers)
+
+
+def _check_header_name(name: str) -> None:
+    if not _HEADER_NAME.match(name):
+        raise ValueError(f"headers: {name!r} is not a valid header name")
+    if len(_GOOD_NAMES) < 4096:
+        _GOOD_NAMES.add(name)
 
 
 def _check_form(value: Any, what: str) -> Any:
@@ -239,6 +262,7 @@ def _check_files(value: Any) -> Any:
 
 
 _NOT_PLAIN: Any = object()
+_FLAT = frozenset({str, int, bool, float, type(None)})
 
 
 def _frozen_json(value: Any, depth: int = 0) -> Any:
@@ -252,13 +276,20 @@ def _frozen_json(value: Any, depth: int = 0) -> Any:
     if depth > 100:
         return _NOT_PLAIN
     if kind is dict:
+        for k, v in value.items():  # a flat dict of scalars (a handler's usual body)
+            if type(k) is not str or type(v) not in _FLAT:
+                break
+            if type(v) is float and not math.isfinite(v):
+                return _NOT_PLAIN
+        else:
+            return FrozenDict(value)
         out = {}
         for k, v in value.items():
             item = _frozen_json(v, depth + 1)
             if type(k) is not str or item is _NOT_PLAIN:
                 return _NOT_PLAIN
             out[k] = item
-        return MappingProxyType(out)
+        return FrozenDict(out)
     if kind is list or kind is tuple:
         items = []
         for v in value:
@@ -312,18 +343,45 @@ _KWARG_CHECKS: dict[str, Callable[[Any], Any]] = {
     "data": lambda v: _check_form(v, "data"),
     "json": _check_json,
     "headers": _check_headers,
-    "cookies": lambda v: MappingProxyType(_check_str_mapping(v, "cookies")),
+    "cookies": lambda v: FrozenDict(_check_str_mapping(v, "cookies")),
     "auth": _check_auth,
     "timeout": _check_timeout,
     "allow_redirects": _check_bool,
-    "proxies": lambda v: MappingProxyType(_check_str_mapping(v, "proxies")),
+    "proxies": lambda v: FrozenDict(_check_str_mapping(v, "proxies")),
     "verify": _check_verify,
     "cert": _check_cert,
     "files": _check_files,
 }
 
 
-class RequestKwargs(Mapping[str, Any]):
+def _kept(name: str, value: Any) -> bool:
+    return not (name == "timeout" and value == DEFAULT_TIMEOUT)
+
+
+def _kwargs_text(kwargs: dict[str, Any]) -> str:
+    """The keywords' JSON text, keyword by keyword: the default timeout is left out (a call
+    read back gets it again), and a handler's headers, the same on every call to an API,
+    are encoded once."""
+    parts = []
+    for name, value in kwargs.items():  # names are the identifiers of _KWARG_CHECKS
+        if not _kept(name, value):
+            continue
+        if name == "headers":
+            try:
+                parts.append(f'"headers":{_headers_text(tuple(value.items()))}')
+                continue
+            except TypeError:  # not hashable: encoded as any other keyword
+                pass
+        parts.append(f'"{name}":{dumps_frozen(value)}')
+    return "{" + ",".join(parts) + "}"
+
+
+@functools.lru_cache(maxsize=256)
+def _headers_text(items: tuple[tuple[str, str], ...]) -> str:
+    return dumps_frozen(dict(items))
+
+
+class RequestKwargs(FrozenDict):
     """The checked `requests` keywords of an HttpCall: a read-only deep copy (a handler
     that changes its body dict after building the call changes nothing of the call), and
     its JSON text, made once, when a durable store first asks for it.
@@ -332,23 +390,12 @@ class RequestKwargs(Mapping[str, Any]):
     refuses such a call.
     """
 
-    __slots__ = ("_text", "frozen", "header_names")
+    __slots__ = ("_text",)
 
     def __init__(self, checked: dict[str, Any]) -> None:
-        """`checked`: a dict of its own whose values are frozen already."""
-        self.frozen: Mapping[str, Any] = MappingProxyType(checked)
-        #: The names of the headers given (checked against idempotency_key=).
-        self.header_names = tuple(checked.get("headers") or ())
+        """`checked`: the keywords, each value frozen already."""
+        dict.__init__(self, checked)
         self._text: str | bool | None = None  # None: not made yet; False: not JSON
-
-    def __getitem__(self, name: str) -> Any:
-        return self.frozen[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.frozen)
-
-    def __len__(self) -> int:
-        return len(self.frozen)
 
     @property
     def text(self) -> str | None:
@@ -357,9 +404,10 @@ class RequestKwargs(Mapping[str, Any]):
         text = self._text
         if text is None:
             try:
-                text = dumps_frozen(self.frozen)
-                if holds_tags(text):  # a user's dict that looks like a tag: escape it
-                    text = dumps(encode_frozen(self.frozen, "kwargs"))
+                text = _kwargs_text(self)
+                if holds_tags(text):  # bytes, or a user's dict that looks like a tag
+                    kept = {k: v for k, v in self.items() if _kept(k, v)}
+                    text = dumps(encode_frozen(kept, "kwargs"))
             except (TypeError, ValueError, RecursionError):
                 text = False
             self._text = text
@@ -367,7 +415,7 @@ class RequestKwargs(Mapping[str, Any]):
 
     def thawed(self) -> dict[str, Any]:
         """A fresh, mutable copy to hand to requests (arrays as tuples, as it takes them)."""
-        return thaw(self.frozen)  # type: ignore[no-any-return]
+        return thaw(self)  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return f"RequestKwargs(<{', '.join(self)}>)"
@@ -376,7 +424,7 @@ class RequestKwargs(Mapping[str, Any]):
 def check_http_kwargs(kwargs: Any) -> RequestKwargs:
     if type(kwargs) is RequestKwargs:
         return kwargs  # checked when it was made (dataclasses.replace of a call)
-    if not isinstance(kwargs, Mapping):
+    if type(kwargs) is not dict and not isinstance(kwargs, Mapping):
         raise TypeError(f"kwargs must be a mapping, got {_type_name(kwargs)}")
     checked: dict[str, Any] = {}
     for name, value in kwargs.items():
@@ -391,10 +439,10 @@ def check_http_kwargs(kwargs: Any) -> RequestKwargs:
         if value is None and name != "timeout":  # timeout=None would mean "wait forever"
             continue  # requests treats None as "not given"
         checked[name] = freeze(check(value)) if name in _FROZEN_LATER else check(value)
-    for body in ("data", "files"):
+    if "json" in checked and ("data" in checked or "files" in checked):
         # requests would silently drop json= here.
-        if body in checked and "json" in checked:
-            raise ValueError(f"give {body}= or json=, not both")
+        body = "data" if "data" in checked else "files"
+        raise ValueError(f"give {body}= or json=, not both")
     checked.setdefault("timeout", DEFAULT_TIMEOUT)
     return RequestKwargs(checked)
 
@@ -408,7 +456,6 @@ def check_idempotency_key(value: Any, kwargs: Mapping[str, Any]) -> bool | str:
         raise ValueError("idempotency_key must be True, False or a non-empty one-line str")
     if value is False:
         return value
-    headers = kwargs.header_names if isinstance(kwargs, RequestKwargs) else kwargs.get("headers")
-    if any(k.lower() == "idempotency-key" for k in headers or ()):
+    if any(k.lower() == "idempotency-key" for k in kwargs.get("headers") or ()):
         raise ValueError("give idempotency_key= or an Idempotency-Key header, not both")
     return value

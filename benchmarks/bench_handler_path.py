@@ -1,0 +1,291 @@
+"""The handler's path as users write it: build an HTTP call and enqueue it, per request.
+
+    python benchmarks/bench_handler_path.py          # prints the table (about a minute)
+    python benchmarks/run.py --only handler_path     # the same, into RESULTS.md
+
+Every contender handles the same request: a POST to one URL with a three-key JSON body and
+an `Authorization` and a `Content-Type` header, the body and headers written out per call
+as a handler builds them. Nothing performs the calls while they are measured (a memory
+offloader's worker is kept busy on a blocking call; the SQLite offloaders are
+`consume=False`, a web process that only enqueues).
+
+- `queue.Queue.put` of `("POST", url, {"json": body, "headers": headers})` is the floor:
+  what the twenty-line hand-written version pays.
+- `offload memory: build + enqueue` is `enqueue_task(offload.http("POST", url, json=...,
+  headers=...))`; `offload.http(...) alone` is the build without the enqueue.
+- `offload sqlite: build + enqueue` is the same over a SQLite store, against Huey's
+  `SqliteHuey(fsync=False)` task called with the same url, body and headers.
+- `offload sqlite: prebuilt call` enqueues one HttpCall built beforehand, as a handler that
+  keeps a module-level call would; its figure is the mean over every call made (so that
+  whatever an enqueue does now and then, such as opening a new journal file, counts), and
+  so is Huey's beside it.
+
+p50 is the median of the means of batches; "mean" is the mean over every call. The timing
+loop's own cost (the same loop around `pass`) is taken off. The contenders take turns,
+round by round, in a rotating order, so the machine's load falls on all of them alike;
+every ratio is against a figure from the same run.
+
+Targets (issue 12): memory build + enqueue at most 4 times the floor; SQLite build +
+enqueue, and the prebuilt call on the mean, at least 3 times as fast as Huey;
+`offload.http(...)` alone at most 5 µs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from _harness import (  # noqa: E402
+    TIMES,
+    Row,
+    Samples,
+    Scale,
+    at_least,
+    at_most,
+    busy_worker,
+    gc_collected,
+    timers,
+)
+
+import offload  # noqa: E402
+
+URL = "http://127.0.0.1:9/v1/contacts"  # never called
+_BODY = '{"email": "user42@example.com", "name": "Ada Lovelace", "plan": "pro"}'
+_HEADERS = '{"Authorization": "Bearer sk_test_4eC39HqLyjWDarjtT1zdp7dc", "Content-Type": "application/json"}'
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """The tasks dead-lettered or handed back at shutdown are expected: no WARNING."""
+    logger = logging.getLogger("offload")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextmanager
+def _queue(directory: Path) -> Iterator[dict[str, Any]]:
+    q: queue.Queue[Any] = queue.Queue()
+    yield {"put": q.put}
+
+
+@contextmanager
+def _memory(directory: Path) -> Iterator[dict[str, Any]]:
+    off = offload.Offloader(max_queue=10**8, idle_timeout=600, max_dead_letters=0)
+    with _quiet():
+        try:
+            with busy_worker(off.enqueue_task):
+                yield {"enqueue": off.enqueue_task, "http": offload.http}
+                off.shutdown(timeout=0)
+        finally:
+            off.shutdown(timeout=5)
+
+
+@contextmanager
+def _build(directory: Path) -> Iterator[dict[str, Any]]:
+    yield {"http": offload.http}
+
+
+@contextmanager
+def _sqlite(directory: Path) -> Iterator[dict[str, Any]]:
+    url = f"sqlite:///{directory / 'offload.db'}"
+    off = offload.Offloader(store=url, consume=False, lease_timeout=3600)
+    call = offload.http(
+        "POST",
+        URL,
+        json={"email": "user42@example.com", "name": "Ada Lovelace", "plan": "pro"},
+        headers={
+            "Authorization": "Bearer sk_test_4eC39HqLyjWDarjtT1zdp7dc",
+            "Content-Type": "application/json",
+        },
+    )
+    with _quiet():
+        try:
+            yield {"enqueue": off.enqueue_task, "http": offload.http, "call": call}
+        finally:
+            off.shutdown(timeout=0)
+
+
+def post(url: str, json: Any, headers: Any) -> None:
+    """Huey's task: the same request, never run while measured."""
+
+
+@contextmanager
+def _huey(directory: Path) -> Iterator[dict[str, Any]]:
+    from huey import SqliteHuey
+
+    huey = SqliteHuey("bench", filename=str(directory / "huey.db"), fsync=False)
+    try:
+        yield {"task": huey.task()(post)}
+    finally:
+        huey.storage.close()
+
+
+FLOOR = "queue.Queue.put"
+MEMORY = "offload memory: build + enqueue"
+BUILD = "offload.http(...) alone"
+SQLITE = "offload sqlite: build + enqueue"
+PREBUILT = "offload sqlite: prebuilt call"
+HUEY = "huey SqliteHuey(fsync=False), same request"
+
+_CALL = f'http("POST", url, json={_BODY}, headers={_HEADERS})'
+# name -> (statement timed, context, calls per batch)
+CONTENDERS: dict[str, tuple[str, Callable[[Path], Any], int]] = {
+    FLOOR: (f'put(("POST", url, {{"json": {_BODY}, "headers": {_HEADERS}}}))', _queue, 1_000),
+    BUILD: (_CALL, _build, 1_000),
+    MEMORY: (f"enqueue({_CALL})", _memory, 1_000),
+    SQLITE: (f"enqueue({_CALL})", _sqlite, 200),
+    PREBUILT: ("enqueue(call)", _sqlite, 200),
+    HUEY: (f"task(url, json={_BODY}, headers={_HEADERS})", _huey, 200),
+}
+
+
+def _huey_installed() -> bool:
+    try:
+        import huey  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _measure(names: list[str], rounds: int, run_index: int) -> dict[str, list[float]]:
+    """One run: the per-call means (ns) of each batch of each contender, taking turns."""
+    empty_batches, _ = timers("pass", {})
+    directory = Path(tempfile.mkdtemp(prefix="offload-bench-"))
+    try:
+        with ExitStack() as stack:
+            timed = {}
+            for name in names:
+                stmt, context, _ = CONTENDERS[name]
+                folder = directory / str(len(timed))
+                folder.mkdir()
+                namespace = stack.enter_context(context(folder))
+                timed[name] = timers(stmt, dict(namespace, url=URL))[0]
+            means: dict[str, list[float]] = {name: [] for name in ["", *names]}
+            for r in range(rounds):
+                shift = (r + run_index) % len(names)
+                order = names[shift:] + names[:shift]
+                with gc_collected():
+                    means[""] += empty_batches(1, 1_000)
+                    for name in order:
+                        means[name] += timed[name](1, CONTENDERS[name][2])
+            return means
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def run(scale: Scale) -> list[Row]:
+    names = [n for n in CONTENDERS if _huey_installed() or n != HUEY]
+    # 2,000 calls of each SQLite contender per run at scale 1 (10 rounds of 200).
+    rounds = scale.n(10, 2)
+    p50, mean = Samples(), Samples()
+    for run_index in range(scale.repeats):
+        means = _measure(names, rounds, run_index)
+        loop = statistics.median(means[""])
+        for name in names:
+            p50.add(name, max(0.0, statistics.median(means[name]) - loop) / 1000)
+            mean.add(name, max(0.0, statistics.fmean(means[name]) - loop) / 1000)
+
+    rows: list[Row] = [
+        Row(
+            "handler_path",
+            f"{FLOOR} p50",
+            p50.median(FLOOR),
+            "µs",
+            ratio=1.0,
+            runs=p50.count(FLOOR),
+        )
+    ]
+    for name, limit in ((BUILD, None), (MEMORY, 4.0)):
+        ratio = p50.ratio(name, FLOOR)
+        rows.append(
+            Row(
+                "handler_path",
+                f"{name} p50",
+                p50.median(name),
+                "µs",
+                baseline=f"{FLOOR} p50",
+                ratio=ratio,
+                target=at_most(limit) if limit else "≤ 5 µs",
+                met=ratio <= limit if limit else p50.median(name) <= 5.0,
+                note=p50.spread(name, FLOOR),
+                runs=p50.count(name),
+            )
+        )
+    if HUEY not in names:
+        rows.append(Row("handler_path", HUEY, None, "µs", note="huey not installed"))
+        return rows
+    for name, samples, label in (
+        (SQLITE, p50, "p50"),
+        (SQLITE, mean, "mean"),
+        (PREBUILT, mean, "mean"),
+        (HUEY, p50, "p50"),
+        (HUEY, mean, "mean"),
+    ):
+        if name == HUEY:
+            rows.append(
+                Row(
+                    "handler_path",
+                    f"{name} {label}",
+                    samples.median(name),
+                    "µs",
+                    runs=samples.count(name),
+                )
+            )
+            continue
+        faster = samples.ratio(HUEY, name)
+        rows.append(
+            Row(
+                "handler_path",
+                f"{name} {label}: times faster than Huey",
+                faster,
+                TIMES,
+                baseline=f"{HUEY} {label}",
+                ratio=1 / faster if faster else None,
+                target=at_least(3),
+                met=faster >= 3,
+                note=f"ours {samples.median(name):.1f} µs",
+                runs=samples.count(name),
+            )
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="runs (default 5)")
+    parser.add_argument("--scale", type=float, default=1.0, help="size factor (default 1)")
+    args = parser.parse_args(argv)
+    rows = run(Scale(factor=args.scale, repeats=args.repeats))
+    width = max(len(row.figure) for row in rows)
+    for row in rows:
+        value = "—" if row.value is None else f"{row.value:.2f} {row.unit}"
+        ratio = "" if row.ratio is None else f"{row.ratio:.2f}{TIMES}"
+        met = "" if row.met is None else ("met" if row.met else "MISSED")
+        print(f"{row.figure.ljust(width)}  {value:>12}  {ratio:>8}  {row.target} {met}  {row.note}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OFFLOAD_SHUTDOWN_TIMEOUT", "0")
+    import bench_handler_path  # as an importable module: Huey pickles the task by path
+
+    raise SystemExit(bench_handler_path.main())
