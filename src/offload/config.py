@@ -21,6 +21,7 @@ __all__ = [
     "check_callback",
     "check_lease_timeout",
     "check_number",
+    "describe_range",
     "env_number",
     "lease_timeout_from_env",
     "options_from_env",
@@ -32,7 +33,8 @@ DEFAULT_LEASE_TIMEOUT = 60.0
 MAX_NICE = 19
 
 
-def _range(minimum: float, maximum: float | None, *, above: bool) -> str:
+def describe_range(minimum: float, maximum: float | None, *, above: bool) -> str:
+    """The range an option takes, as its errors say it ("from 1 to 20", "> 0 and finite")."""
     low = f"> {minimum:g}" if above else f">= {minimum:g}"
     return f"from {minimum:g} to {maximum:g}" if maximum is not None else f"{low} and finite"
 
@@ -54,7 +56,7 @@ def check_number(
     top = math.inf if maximum is None else maximum
     if not (minimum <= value <= top and value < math.inf) or (above and value <= minimum):
         raise ValueError(
-            f"{name} must be {kind} {_range(minimum, maximum, above=above)}, got {value!r}"
+            f"{name} must be {kind} {describe_range(minimum, maximum, above=above)}, got {value!r}"
         )
 
 
@@ -96,7 +98,7 @@ def env_number(
         or (above and value <= minimum)
     ):
         raise ValueError(
-            f"{name}={raw!r} must be {kind} {_range(minimum, maximum, above=above)}"
+            f"{name}={raw!r} must be {kind} {describe_range(minimum, maximum, above=above)}"
         ) from None
     return value
 

@@ -39,7 +39,6 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -54,6 +53,7 @@ from ..codec.task import TaskRecord, Unreadable, attempt_state
 from ..config import check_lease_timeout, check_number, lease_timeout_from_env
 from ..errors import StoreError, UnknownDeadLetter
 from ..records import DeadLetter, Task
+from ._shared import epoch, json_list, new_owner, number_option, owner_dead, pid_alive
 from .base import NO_KEYS, StoreCounts
 
 __all__ = ["SQLiteStore", "parse_sqlite_url"]
@@ -392,34 +392,6 @@ def parse_sqlite_url(url: str) -> tuple[str, dict[str, str]]:
     return path, options
 
 
-def _number(url: str, name: str, value: str, minimum: float, *, positive: bool) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"store: {name}={value!r} in {url!r} is not a number") from None
-    if not (minimum <= number < math.inf) or (positive and number <= 0):
-        raise ValueError(f"store: {name}={value!r} in {url!r} is out of range")
-    return number
-
-
-def _pid_alive(pid: int) -> bool:
-    """True unless process `pid` of this host surely no longer exists (or is a zombie)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it exists, as another user
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            state = stat.read().rpartition(b")")[2].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state != b"Z"  # killed, not yet reaped by its parent
-
-
 class SQLiteStore:
     """A durable store in one SQLite file (see the module docstring)."""
 
@@ -484,7 +456,9 @@ class SQLiteStore:
                     )
                 kwargs["synchronous"] = value.lower()
             elif name in ("lease_timeout", "busy_timeout"):
-                kwargs[name] = _number(url, name, value, 0, positive=name == "lease_timeout")
+                kwargs[name] = number_option(
+                    "sqlite", name, value, minimum=0, above=name == "lease_timeout"
+                )
             else:
                 raise ValueError(
                     f"store: unknown option {name!r} in {url!r} "
@@ -499,7 +473,7 @@ class SQLiteStore:
     def _init_process_state(self) -> None:
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._owner = f"{socket.gethostname()}:{self._pid}:{secrets.token_hex(6)}"
+        self._owner = new_owner()
         self._lease_text = f"{_quote(self._owner)},{self.lease_timeout!r}"  # for journal lines
         self._cursor: sqlite3.Cursor | None = None
         self._opened = False  # the file was opened and checked in this process
@@ -766,7 +740,7 @@ class SQLiteStore:
                 if gone:
                     conn.execute(
                         "DELETE FROM journals WHERE name IN (SELECT value FROM json_each(?))",
-                        (_json_list(gone),),
+                        (json_list(gone),),
                     )
         if journal is None:
             return
@@ -892,7 +866,7 @@ class SQLiteStore:
         for name in names:
             if name.startswith(".") and name.endswith(_JOURNAL_SUFFIX + ".new"):
                 pid = name[1:].partition("-")[0]
-                if pid.isdigit() and not _pid_alive(int(pid)):
+                if pid.isdigit() and not pid_alive(int(pid)):
                     with contextlib.suppress(OSError):
                         os.unlink(os.path.join(self.journal_dir, name))
 
@@ -968,7 +942,7 @@ class SQLiteStore:
             params: list[Any] = [now]
             if exclude_keys:
                 select += " AND (key IS NULL OR key NOT IN (SELECT value FROM json_each(?)))"
-                params.append(_json_list(exclude_keys))
+                params.append(json_list(exclude_keys))
             select += " ORDER BY due, seq LIMIT ?"
             params.append(limit)
             with self._transaction(conn):
@@ -977,7 +951,7 @@ class SQLiteStore:
                     conn.execute(
                         "UPDATE tasks SET owner = ?, lease_until = ? "
                         "WHERE seq IN (SELECT value FROM json_each(?))",
-                        (self._owner, now + self.lease_timeout, _json_list(r[0] for r in rows)),
+                        (self._owner, now + self.lease_timeout, json_list(r[0] for r in rows)),
                     )
             return [_task_from_row(row) for row in rows]
 
@@ -994,7 +968,7 @@ class SQLiteStore:
         for owner, until in conn.execute(
             "SELECT owner, MIN(lease_until) FROM tasks WHERE owner IS NOT NULL GROUP BY owner"
         ).fetchall():
-            if owner != self._owner and _owner_dead(owner, host):
+            if owner != self._owner and owner_dead(owner, host):
                 dead.append(owner)
             elif until is None or until <= now:
                 expired.append(owner)
@@ -1026,7 +1000,7 @@ class SQLiteStore:
         """Extend the leases of `tasks` (one UPDATE)."""
         if not tasks:
             return
-        ids = _json_list(t.id for t in tasks)
+        ids = json_list(t.id for t in tasks)
         with self._use("renewing leases") as conn:
             self._copy_journals(conn, everyone=False)
             renewed = conn.execute(
@@ -1105,8 +1079,8 @@ class SQLiteStore:
     def bury(self, task: Task, letter: DeadLetter) -> None:
         """Keep `letter` with the task's stored call, and delete the task, in one transaction."""
         self._journaled_here.pop(task.id, None)
-        first = _epoch(letter.first_attempt_at)
-        last = _epoch(letter.last_attempt_at)
+        first = epoch(letter.first_attempt_at)
+        last = epoch(letter.last_attempt_at)
         values = (
             letter.id,
             letter.task_id,
@@ -1232,20 +1206,6 @@ class SQLiteStore:
         )
 
 
-def _owner_dead(owner: str, host: str) -> bool:
-    """True when `owner` ('host:pid:token') is a process of this host that is gone."""
-    parts = owner.rsplit(":", 2)
-    if len(parts) != 3 or parts[0] != host:
-        return False  # another machine's process: only its lease expiry tells
-    try:
-        pid = int(parts[1])
-    except ValueError:
-        return False
-    if pid == os.getpid():
-        return False  # another store object of this very process
-    return not _pid_alive(pid)
-
-
 def _stored_letter(conn: sqlite3.Connection, dead_letter_id: str) -> tuple[Any, ...]:
     """(task id, idempotency key, key, call, retry) as a dead letter keeps its task;
     UnknownDeadLetter if none has that id."""
@@ -1256,14 +1216,6 @@ def _stored_letter(conn: sqlite3.Connection, dead_letter_id: str) -> tuple[Any, 
     if row is None:
         raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
     return tuple(row)
-
-
-def _json_list(values: Any) -> str:
-    return json.dumps(list(values))
-
-
-def _epoch(value: datetime | None) -> float | None:
-    return None if value is None else value.timestamp()
 
 
 def _task_from_row(row: tuple[Any, ...]) -> Task:

@@ -91,6 +91,7 @@ from ..codec.task import TaskRecord, describe_call
 from ..config import check_lease_timeout, lease_timeout_from_env
 from ..errors import NotSerializable, StoreError, UnknownDeadLetter
 from ..records import DeadLetter, Task, utc
+from ._shared import bool_option, number_option
 from .base import NO_KEYS, StoreCounts
 
 __all__ = ["SqsStore"]
@@ -136,28 +137,6 @@ class _Entry:
     letter: DeadLetter
     task: TaskRecord | None  # the task, to replay; None when unreadable
     sent: int  # SentTimestamp (ms)
-
-
-def _bool_option(name: str, value: str) -> bool:
-    lowered = value.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"store: sqs URL option {name}= must be true or false, got {value!r}")
-
-
-def _number_option(name: str, value: str, low: float, high: float, integer: bool) -> float:
-    try:
-        number = int(value) if integer else float(value)
-    except ValueError:
-        number = math.nan
-    if not (low <= number <= high):
-        kind = "an integer" if integer else "a number"
-        raise ValueError(
-            f"store: sqs URL option {name}= must be {kind} from {low:g} to {high:g}, got {value!r}"
-        )
-    return number
 
 
 def _code(exc: BaseException | None) -> str:
@@ -384,13 +363,17 @@ class SqsStore:
                     raise ValueError(f"store: sqs URL option {key}= is empty")
                 options[key] = value
             elif key == "max_receives":
-                options[key] = int(_number_option(key, value, 1, 1000, integer=True))
+                options[key] = int(
+                    number_option("sqs", key, value, minimum=1, maximum=1000, integer=True)
+                )
             elif key == "wait":
-                options[key] = _number_option(key, value, 0, 20, integer=False)
+                options[key] = number_option("sqs", key, value, minimum=0, maximum=20)
             elif key == "lease_timeout":
-                options[key] = _number_option(key, value, 0.001, _MAX_VISIBILITY, integer=False)
+                options[key] = number_option(
+                    "sqs", key, value, minimum=0.001, maximum=_MAX_VISIBILITY
+                )
             elif key == "create":
-                options[key] = _bool_option(key, value)
+                options[key] = bool_option("sqs", key, value)
             else:
                 raise ValueError(
                     f"store: unknown sqs URL option {key!r} (expected region, endpoint_url, "

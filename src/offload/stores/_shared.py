@@ -1,0 +1,119 @@
+"""What the durable stores share: lease owners, process liveness, store URL options.
+
+A lease owner is `host:pid:token`: the machine and process holding a lease, and a random
+token per store object, so that two store objects of one process are two owners. A store
+that meets an owner of its own host whose process is gone takes its leases back at once;
+any other owner's leases only when they expire. `new_owner` writes that string and
+`owner_dead` reads it.
+
+URL options (`?lease_timeout=60&create=false`) are strings: `number_option` and
+`bool_option` turn them into values, each error naming the option and what it takes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import socket
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from ..config import describe_range
+
+__all__ = [
+    "bool_option",
+    "epoch",
+    "json_list",
+    "new_owner",
+    "number_option",
+    "owner_dead",
+    "pid_alive",
+]
+
+
+def new_owner() -> str:
+    """A lease owner for a store object of this process: 'host:pid:token'."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
+
+
+def owner_dead(owner: str, host: str) -> bool:
+    """True when `owner` ('host:pid:token') is a process of this host that is gone."""
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != host:
+        return False  # another machine's process: only its lease expiry tells
+    try:
+        pid = int(parts[1])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False  # another store object of this very process
+    return not pid_alive(pid)
+
+
+def pid_alive(pid: int) -> bool:
+    """True unless process `pid` of this host surely no longer exists (or is a zombie)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, as another user
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != b"Z"  # killed, not yet reaped by its parent
+
+
+def number_option(
+    scheme: str,
+    name: str,
+    value: str,
+    *,
+    minimum: float,
+    maximum: float | None = None,
+    above: bool = False,
+    integer: bool = False,
+) -> float:
+    """The number a `scheme://` URL option gives, finite and in range (`above`: strictly
+    greater than `minimum`); ValueError naming the option and its range otherwise."""
+    kind = "an integer" if integer else "a number"
+    try:
+        number = int(value) if integer else float(value)
+    except ValueError:
+        problem = f"not {kind}"
+    else:
+        top = math.inf if maximum is None else maximum
+        if minimum <= number <= top and math.isfinite(number) and not (above and number <= minimum):
+            return number
+        problem = "out of range"
+    raise ValueError(
+        f"store: {scheme} URL option {name}= must be {kind} "
+        f"{describe_range(minimum, maximum, above=above)}, got {value!r} ({problem})"
+    )
+
+
+def bool_option(scheme: str, name: str, value: str) -> bool:
+    """The boolean a `scheme://` URL option gives (true/false, yes/no, on/off, 1/0)."""
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"store: {scheme} URL option {name}= must be true or false, got {value!r}")
+
+
+def json_list(values: Iterable[Any]) -> str:
+    """`values` as a JSON array, for SQL's `IN (SELECT value FROM json_each(?))`."""
+    return json.dumps(list(values))
+
+
+def epoch(value: datetime | None) -> float | None:
+    """A time as epoch seconds, as stores keep it."""
+    return None if value is None else value.timestamp()
