@@ -115,12 +115,12 @@ def _sqlite_insert(directory: Path) -> Iterator[dict[str, Any]]:
     import itertools
     import sqlite3
 
-    from offload.stores.sqlite import _PUT, _SCHEMA
+    from offload.stores.sqlite.schema import PUT, SCHEMA
 
     conn = sqlite3.connect(directory / "floor.db", isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
-    for statement in _SCHEMA:
+    for statement in SCHEMA:
         conn.execute(statement)
     cursor = conn.cursor()
     body = json.dumps({"offload": 1, "target": {"type": "function", "path": "m:f"}})
@@ -129,7 +129,7 @@ def _sqlite_insert(directory: Path) -> Iterator[dict[str, Any]]:
         yield {
             "insert": cursor.execute,
             "row": lambda: (f"{next(ids):024x}", None, None, body, None, 1.0, "h:1:t", 2.0),
-            "sql": _PUT,
+            "sql": PUT,
         }
     finally:
         conn.close()

@@ -23,8 +23,9 @@ import pytest
 import offload
 from offload import Offloader, StoreError, Task
 from offload.records import DeadLetter
-from offload.stores import sqlite as sqlite_store
 from offload.stores.sqlite import SQLiteStore
+from offload.stores.sqlite import journal as sqlite_journal
+from offload.stores.sqlite import store as sqlite_store
 from offload.testing import FakeClock
 from procs import run_python
 
@@ -195,7 +196,7 @@ def test_an_unreadable_line_is_logged_and_the_others_are_copied(
 def test_journals_rotate_and_every_line_is_delivered_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sqlite_store, "_JOURNAL_ROTATE", 2_000)  # a few lines a file
+    monkeypatch.setattr(sqlite_journal, "_JOURNAL_ROTATE", 2_000)  # a few lines a file
     db = tmp_path / "q.db"
     DELIVERED.clear()
     off = Offloader(store=f"sqlite:///{db}", workers=2)
@@ -216,7 +217,7 @@ def test_concurrent_copies_take_each_line_once(
     # Producers append (rotating often) while consumers, each with its own connection,
     # copy, claim, complete and delete finished files all at once. A line copied twice
     # would come back after its task completed, and be claimed a second time.
-    monkeypatch.setattr(sqlite_store, "_JOURNAL_ROTATE", 4_000)
+    monkeypatch.setattr(sqlite_journal, "_JOURNAL_ROTATE", 4_000)
     monkeypatch.setattr(sqlite_store, "_SWEEP_EVERY", 0.0)
     db = tmp_path / "q.db"
     producers, per_producer, consumers = 4, 400, 3
@@ -331,7 +332,7 @@ def test_a_failed_write_leaves_no_torn_line_and_the_next_enqueue_goes_on(
                 raise OSError(28, "No space left on device")
             return real_write(fd, data)
 
-        monkeypatch.setattr(sqlite_store.os, "write", disk_full)
+        monkeypatch.setattr(sqlite_journal.os, "write", disk_full)
         with pytest.raises(StoreError, match="No space left on device"):
             store.put(Task(record, (2,)), lease=False)
         monkeypatch.undo()
@@ -466,14 +467,14 @@ def test_a_concurrent_first_enqueue_waits_for_the_journal_to_be_made(
     store = SQLiteStore(db)
     in_window = threading.Event()
     release = threading.Event()
-    real_header = sqlite_store._journal_header
+    real_header = sqlite_journal._journal_header
 
     def slow_header(store_id: str) -> bytes:
         in_window.set()
         assert release.wait(10)
         return real_header(store_id)
 
-    monkeypatch.setattr(sqlite_store, "_journal_header", slow_header)
+    monkeypatch.setattr(sqlite_journal, "_journal_header", slow_header)
     first, second = Task(record, (1,)), Task(record, (2,))
     threads = [
         threading.Thread(target=store.put, args=(task,), kwargs={"lease": False})
@@ -518,7 +519,7 @@ def test_a_failed_header_write_does_not_leave_a_headerless_journal(
                 raise OSError(28, "No space left on device")
             return real_write(fd, data)
 
-        monkeypatch.setattr(sqlite_store.os, "write", full_once)
+        monkeypatch.setattr(sqlite_journal.os, "write", full_once)
         with pytest.raises(StoreError, match="No space left"):
             store.put(Task(record, (1,)), lease=False)
         monkeypatch.undo()
@@ -580,7 +581,7 @@ def test_a_backlog_is_copied_in_transactions_of_bounded_size(
     # A worker that was down for a while must not hold the write lock for the whole backlog.
     db = tmp_path / "q.db"
     killed_producer(db, "put(60)")
-    monkeypatch.setattr(sqlite_store, "_COPY_BUDGET", 1_000)  # a few lines a transaction
+    monkeypatch.setattr(sqlite_journal, "_COPY_BUDGET", 1_000)  # a few lines a transaction
     store = SQLiteStore(db)
     try:
         counts = [store.counts().ready for _ in range(3)]
@@ -698,7 +699,7 @@ def test_a_mark_goes_to_the_file_of_its_task_even_when_that_file_is_full(
     # The put line takes the file past _JOURNAL_ROTATE and its mark comes next: the mark
     # must follow the line in the same file (in another, it could be copied first, delete
     # nothing, and the line after it would bring the completed task back).
-    monkeypatch.setattr(sqlite_store, "_JOURNAL_ROTATE", 100)
+    monkeypatch.setattr(sqlite_journal, "_JOURNAL_ROTATE", 100)
     clock = FakeClock()
     db = tmp_path / "q.db"
     store = SQLiteStore(db, lease_timeout=10, clock=clock)

@@ -325,7 +325,7 @@ def test_a_retry_predicate_of_the_standard_library_cannot_be_stored(tmp_path: Pa
     "path",
     [
         # the qualname walks attributes: any module that imports os hands out os.system
-        "offload.stores.sqlite:os.system",
+        "offload.stores.sqlite.store:os.system",
         "offload.calls:importlib.import_module",
         # Python's own `test` package is not in sys.stdlib_module_names (3.10-3.13)
         "test.support.script_helper:assert_python_ok",
@@ -347,7 +347,7 @@ def test_a_tampered_row_cannot_run_os_system_through_a_module_that_imports_os(
     with sqlite3.connect(db) as conn:
         (text,) = conn.execute("SELECT call FROM tasks").fetchone()
         record = json.loads(text)
-        record["target"] = {"type": "function", "path": "offload.stores.sqlite:os.system"}
+        record["target"] = {"type": "function", "path": "offload.stores.sqlite.store:os.system"}
         record["args"] = [f"touch {marker}"]
         record["kwargs"] = {}
         conn.execute("UPDATE tasks SET call = ?", (json.dumps(record),))
