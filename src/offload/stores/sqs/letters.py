@@ -1,0 +1,144 @@
+"""The SQS store's dead letters: its dead-letter queue, listed without consuming it.
+
+Dead letters. `bury` sends offload's own record (the DeadLetter: reason, attempts, last
+error, status, times; and the task, to replay it) to the DLQ, then deletes the task's
+message. Messages the redrive policy moved there (no record) are listed too, with reason
+"exhausted" and error "moved by the SQS redrive policy"; their id is the SQS message id.
+Listing receives every DLQ message with a short visibility timeout and makes each
+visible again at once (so it neither consumes nor hides them beyond the listing; a
+lister killed mid-way hides them for 30 s). While one scan runs, another sees the
+messages it holds as missing: two operators listing at the same moment may each see
+part, and a replay of a letter being listed elsewhere may answer UnknownDeadLetter; try
+again. Replay sends the task to NAME and then deletes the dead letter (moto lacks
+StartMessageMoveTask); revive/discard/purge delete. Each of these scans the DLQ, so they
+suit the hundreds, not millions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ...errors import StoreError, UnknownDeadLetter
+from ...records import DeadLetter, Task
+from .messages import Entry, read_entry
+from .queues import BATCH, Queues
+
+__all__ = ["DeadLetterQueue", "Scan", "task_of"]
+
+_LIST_VISIBILITY = 30  # seconds a DLQ scan hides what it read, if it dies before unhiding
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """The DLQ messages one scan read (hidden until it ends), and those it deleted."""
+
+    entries: list[Entry]
+    deleted: set[str]  # message ids
+
+
+class DeadLetterQueue:
+    """The DLQ called `name`, at `url`, reached through `queues`."""
+
+    def __init__(self, queues: Queues, name: str, url: str) -> None:
+        self.queues = queues
+        self.name = name
+        self.url = url
+
+    def send(self, body: str) -> None:
+        """Keep a dead-letter record (messages.letter_body)."""
+        self.queues.send(self.url, body)
+
+    def count(self) -> int:
+        """Messages in the DLQ, visible or being read (approximate, as SQS counts)."""
+        attrs = self.queues.attributes(
+            self.url, ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        )
+        return int(attrs.get("ApproximateNumberOfMessages", 0)) + int(
+            attrs.get("ApproximateNumberOfMessagesNotVisible", 0)
+        )
+
+    def letters(self) -> list[DeadLetter]:
+        """Every dead letter in the DLQ, oldest first, left as it was (see `scan`)."""
+        with self.scan() as scan:
+            ordered = sorted(scan.entries, key=lambda e: (e.sent, e.letter.id))
+        return [entry.letter for entry in ordered]
+
+    @contextmanager
+    def scan(self, stop: Callable[[Entry], bool] | None = None) -> Iterator[Scan]:
+        """Read the DLQ's messages, hidden while the caller looks at them; on exit, make
+        every one the caller did not delete visible again.
+
+        Stops early once `stop(entry)` is true. Reads until an empty answer, long polling
+        for a second while fewer than the count SQS gave have been read (a short poll of a
+        real queue may miss messages).
+        """
+        expected = int(
+            self.queues.attributes(self.url, ["ApproximateNumberOfMessages"]).get(
+                "ApproximateNumberOfMessages", 0
+            )
+        )
+        scan = Scan([], set())
+        seen: set[str] = set()
+        try:
+            found = False
+            while not found:
+                wait = 1.0 if len(seen) < expected else 0.0
+                messages = self.queues.receive(self.url, BATCH, wait, _LIST_VISIBILITY)
+                fresh = [m for m in messages if m["MessageId"] not in seen]
+                if not fresh:
+                    break
+                for message in fresh:
+                    seen.add(message["MessageId"])
+                    entry = read_entry(message)
+                    scan.entries.append(entry)
+                    found = found or (stop is not None and stop(entry))
+            yield scan
+        finally:
+            left = [
+                e.message["ReceiptHandle"]
+                for e in scan.entries
+                if e.message["MessageId"] not in scan.deleted
+            ]
+            if left:
+                self.queues.set_visibility(self.url, left, 0)
+
+    @contextmanager
+    def find(self, dead_letter_id: str) -> Iterator[tuple[Scan, Entry]]:
+        """The scan that found a dead letter, and its entry; UnknownDeadLetter if none."""
+        with self.scan(lambda e: e.letter.id == dead_letter_id) as scan:
+            for entry in scan.entries:
+                if entry.letter.id == dead_letter_id:
+                    yield scan, entry
+                    return
+            raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r} in {self.name}")
+
+    def delete(self, scan: Scan, entry: Entry) -> None:
+        """Delete a dead letter `scan` read."""
+        self.queues.delete(self.url, entry.message["ReceiptHandle"])
+        scan.deleted.add(entry.message["MessageId"])
+
+    def purge(self) -> int:
+        """Delete every dead letter; returns how many."""
+        expected = self.count()
+        removed = 0
+        while True:
+            wait = 1.0 if removed < expected else 0.0
+            messages = self.queues.receive(self.url, BATCH, wait, _LIST_VISIBILITY)
+            if not messages:
+                return removed
+            self.queues.delete_many(self.url, [m["ReceiptHandle"] for m in messages])
+            removed += len(messages)
+
+
+def task_of(entry: Entry) -> Task:
+    """The task a dead letter holds, to revive or replay; StoreError when it holds none."""
+    if entry.task is None:
+        raise StoreError(
+            f"dead letter {entry.letter.id} holds no task offload can replay "
+            f"({entry.letter.error}); discard it"
+        )
+    task = entry.task.load()  # an unreadable one dead-letters itself again
+    task.progress.letter = entry.letter
+    return task
