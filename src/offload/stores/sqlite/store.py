@@ -150,7 +150,7 @@ class SQLiteStore:
         """In a forked child: its own connection and owner, opened on first use."""
         self._check_pid()
 
-    # -- connection -----------------------------------------------------------------------
+    # -- connection ------------------------------------------------------------------------
 
     def _check_pid(self) -> None:
         if self._pid != os.getpid():
@@ -218,7 +218,7 @@ class SQLiteStore:
             if conn is not None:
                 conn.close()
 
-    # -- tasks ----------------------------------------------------------------------------
+    # -- tasks -----------------------------------------------------------------------------
 
     def put(self, task: Task, *, lease: bool) -> None:
         """Write a new task before returning: one line appended to this process's journal
@@ -339,7 +339,7 @@ class SQLiteStore:
             letters = count_letters(conn)
         return StoreCounts(ready=ready, delayed=delayed, leased=leased, dead_letters=letters)
 
-    # -- dead letters (letters.py) ----------------------------------------------------------
+    # -- dead letters (letters.py) ---------------------------------------------------------
 
     def bury(self, task: Task, letter: DeadLetter) -> None:
         """Keep `letter` with the task's stored call, and delete the task, in one transaction."""
