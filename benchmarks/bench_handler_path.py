@@ -64,7 +64,10 @@ import offload  # noqa: E402
 
 URL = "http://127.0.0.1:9/v1/contacts"  # never called
 _BODY = '{"email": "user42@example.com", "name": "Ada Lovelace", "plan": "pro"}'
-_HEADERS = '{"Authorization": "Bearer sk_test_4eC39HqLyjWDarjtT1zdp7dc", "Content-Type": "application/json"}'
+_HEADERS = (
+    '{"Authorization": "Bearer sk_test_4eC39HqLyjWDarjtT1zdp7dc", '
+    '"Content-Type": "application/json"}'
+)
 
 
 @contextmanager

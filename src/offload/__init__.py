@@ -25,9 +25,10 @@ from .errors import (
     StoreError,
     UnknownDeadLetter,
 )
+from .limits import Limit
 from .offloader import Offloader
 from .policy import RetryPolicy
-from .records import DeadLetter, Stats, Task
+from .records import DeadLetter, KeyState, Stats, Task
 from .stores import Store
 
 try:
@@ -41,6 +42,8 @@ __all__ = [
     "DeadLetter",
     "GiveUp",
     "HttpCall",
+    "KeyState",
+    "Limit",
     "NotSerializable",
     "OffloadError",
     "Offloader",
@@ -61,7 +64,9 @@ __all__ = [
     "discard",
     "enqueue_task",
     "flush",
+    "gates",
     "http",
+    "keys",
     "replay",
     "shutdown",
     "stats",
@@ -103,3 +108,13 @@ def stats() -> Stats:
 def shutdown(timeout: float | None = None) -> bool:
     """Flush, then stop the default offloader (also run automatically at interpreter exit)."""
     return _default.get().shutdown(timeout)
+
+
+def gates() -> dict[str, float]:
+    """The default offloader's closed gates: key -> seconds until it reopens."""
+    return _default.get().gates()
+
+
+def keys() -> dict[str, KeyState]:
+    """The default offloader's keys (APIs) and their state now: gates, limits, rates."""
+    return _default.get().keys()

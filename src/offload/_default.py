@@ -35,6 +35,8 @@ _OPTIONS = frozenset(
         "shutdown_timeout",
         "lease_timeout",
         "worker_nice",
+        "limits",
+        "adaptive",
     }
 )
 

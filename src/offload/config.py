@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from .limits import limits_from_json
 from .policy import RetryPolicy, default_stop, default_wait
 
 __all__ = [
@@ -115,6 +116,9 @@ def lease_timeout_from_env(maximum: float | None = None) -> float:
     return DEFAULT_LEASE_TIMEOUT if value is None else float(value)
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True}
+_BOOLEANS.update({"0": False, "false": False, "no": False, "off": False})
+
 # (variable, option, convert, minimum, maximum)
 _NUMBERS: tuple[tuple[str, str, Callable[[str], Any], float, float | None], ...] = (
     ("OFFLOAD_MAX_QUEUE", "max_queue", int, 1, None),
@@ -138,6 +142,14 @@ def options_from_env() -> dict[str, Any]:
     lease = env_number("OFFLOAD_LEASE_TIMEOUT", float, minimum=0, above=True)
     if lease is not None:
         options["lease_timeout"] = float(lease)
+    limits = os.environ.get("OFFLOAD_LIMITS", "").strip()
+    if limits:
+        options["limits"] = limits_from_json(limits)
+    adaptive = os.environ.get("OFFLOAD_ADAPTIVE", "").strip().lower()
+    if adaptive:
+        if adaptive not in _BOOLEANS:
+            raise ValueError(f"OFFLOAD_ADAPTIVE={adaptive!r} must be 1 or 0 (true or false)")
+        options["adaptive"] = _BOOLEANS[adaptive]
     attempts = env_number("OFFLOAD_MAX_ATTEMPTS", int, minimum=1)
     if attempts is not None:
         options["retry"] = RetryPolicy(stop=default_stop(attempts), wait=default_wait())

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
 
+from .limits import Limit
 from .scheduler import Scheduler
 
 __all__ = ["Core", "Ledger"]
@@ -49,12 +51,12 @@ class Ledger:
 class Core:
     """One offloader's runtime state in one process; a forked child makes a new one."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Mapping[str, Limit] | None = None, adaptive: bool = False) -> None:
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.work = threading.Condition(self.lock)
         self.drained = threading.Condition(self.lock)
-        self.sched = Scheduler()
+        self.sched = Scheduler(limits, adaptive)
         self.ledger = Ledger()
         self.closed = False  # no new tasks (shutdown() or configure() called)
         self.stopping = False  # workers exit after their current task

@@ -4,14 +4,17 @@ Everything runs on 127.0.0.1 in this process and ends on its own in a few second
 
 - **crm** answers 503 to the first attempt of one contact in four (and to the first two of
   one in twelve), and 422 to a contact without an email address;
-- **mail** allows 30 requests a second and answers the rest 429 with `Retry-After: 1`,
-  which closes its gate while the other APIs go on;
+- **mail** allows 20 requests a second and answers the rest 429 with `Retry-After: 1`;
+  offload paces it with the declared `Limit(rate=20)`, so it is never throttled while
+  the other APIs go on;
 - **search** is slow (0.2 s a call);
-- **legacy** is always broken (500).
+- **legacy** is down (500 to everything): offload pauses it after a second of failures,
+  its calls wait without using attempts and one probe goes now and then, until its calls
+  have waited `max_throttled` (3 s here) and become dead letters.
 
-The progress (delivered, retrying, gated keys, dead letters) is redrawn in place on a
-terminal and printed as plain lines otherwise; then a summary table and the dead letters
-with their reasons.
+The progress (delivered, retrying, gated and paced keys, dead letters) is redrawn in place
+on a terminal and printed as plain lines otherwise; then a summary table and the dead
+letters with their reasons.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import tenacity
 
 from .calls import http
 from .errors import OffloadError
+from .limits import Limit
 from .offloader import Offloader
 from .policy import RetryPolicy
 from .records import DeadLetter, Task
@@ -135,7 +139,7 @@ class LocalApi:
 def _apis(stopping: threading.Event) -> list[LocalApi]:
     lock = threading.Lock()
     crm_attempts: Counter[int] = Counter()
-    window = {"second": -1, "count": 0}
+    window = {"second": -1, "count": 0}  # the mail API's current second
 
     def crm(method: str, path: str, headers: dict[str, str], body: bytes) -> _Answer:
         contact = json.loads(body or b"{}")
@@ -168,7 +172,7 @@ def _apis(stopping: threading.Event) -> list[LocalApi]:
         LocalApi("crm", "503 on some first attempts; 422 if no email", "/contacts", crm),
         LocalApi("mail", f"{MAIL_PER_SECOND} req/s, then 429 Retry-After: 1", "/send", mail),
         LocalApi("search", f"slow: {SLOW_SECONDS:g} s a call", "/index", search),
-        LocalApi("legacy", "always 500", "/sync", legacy),
+        LocalApi("legacy", "down: always 500", "/sync", legacy),
     ]
 
 
@@ -210,16 +214,23 @@ class _Progress:
         # A durable store holds waiting tasks itself; count them with the scheduler's.
         retrying = s.delayed + (getattr(s, "stored_delayed", None) or 0)
         queued = s.queued + (getattr(s, "stored_ready", None) or 0)
+        keys = off.keys()
         gated = ", ".join(
-            f"{self.names.get(key, key)} reopens in {wait:.1f}s"
+            f"{self.names.get(key, key)}{' down,' if keys.get(key) and keys[key].down else ''}"
+            f" reopens in {wait:.1f}s"
             for key, wait in sorted(gates.items())
+        )
+        paced = ", ".join(
+            f"{self.names.get(key, key)} at {state.rate:g}/s"
+            for key, state in keys.items()
+            if state.limit is not None and state.rate is not None
         )
         if not self.tty:
             self.out.write(
                 f"[{elapsed:5.1f}s] delivered {s.succeeded}/{self.total}  "
                 f"retrying {retrying}  queued {queued}  in flight {s.in_flight}  "
                 f"gated {len(gates)}{f' ({gated})' if gates else ''}  "
-                f"dead letters {s.dead_lettered}\n"
+                f"paced {paced or 'none'}  dead letters {s.dead_lettered}\n"
             )
             self.out.flush()
             return
@@ -231,6 +242,7 @@ class _Progress:
             f"  delivered {s.succeeded:<5} retrying {retrying:<5} queued {queued:<5} "
             f"in flight {s.in_flight:<3} dead letters {s.dead_lettered}",
             f"  gated keys: {gated or 'none'}",
+            f"  paced keys: {paced or 'none'}",
         ]
         # Move up over the previous drawing and clear it, then draw again.
         prefix = f"\x1b[{self._drawn}F" if self._drawn else ""
@@ -342,11 +354,15 @@ def run(store: str | None = None, *, out: TextIO | None = None) -> int:
             delivered[names.get(task.key or "", "?")] += 1
 
     # Short waits so that the demo ends in seconds; production defaults are in RetryPolicy.
+    policy_attempts = 4
     policy = RetryPolicy(
-        stop=tenacity.stop_after_attempt(4),
+        stop=tenacity.stop_after_attempt(policy_attempts),
         wait=tenacity.wait_random_exponential(multiplier=0.1, max=1),
-        max_throttled=20,
+        max_throttled=3,
     )
+    mail_api = next(api for api in apis if api.name == "mail")
+    for api in apis:
+        api.start()  # first: the mail API's limit names its address
     try:
         off = Offloader(
             store=store if store is not None else "memory",
@@ -354,8 +370,12 @@ def run(store: str | None = None, *, out: TextIO | None = None) -> int:
             workers=WORKERS,
             idle_timeout=0.5,
             on_success=on_success,
+            # burst=1: evenly spaced, as the API counts its limit per calendar second.
+            limits={mail_api.base_url: Limit(rate=MAIL_PER_SECOND, burst=1)},
         )
     except (OffloadError, ValueError, TypeError) as exc:
+        for api in apis:
+            api.stop()
         print(f"offload demo: {exc}", file=sys.stderr)
         return 2
 
@@ -363,8 +383,6 @@ def run(store: str | None = None, *, out: TextIO | None = None) -> int:
     finished = False
     try:
         with _quiet_offload_log():
-            for api in apis:
-                api.start()
             by_name = {api.name: api for api in apis}
             names.update({api.base_url: api.name for api in apis})
             plan = _plan(by_name)
@@ -404,6 +422,11 @@ def run(store: str | None = None, *, out: TextIO | None = None) -> int:
                 f"{len(letters)} dead letters, {stats.retried} retries, {lost}.",
                 "",
                 *_summary(apis, planned, delivered_now, letters, names),
+                "",
+                f"  mail: paced at {MAIL_PER_SECOND}/s by its declared offload.Limit: "
+                f"{mail_api.answered[429]} of its {mail_api.received} requests answered 429.",
+                f"  legacy: down, so paused: {by_name['legacy'].received} requests for "
+                f"{planned['legacy']} calls (without the pause, {policy_attempts} each).",
                 "",
             ]
             if letters:

@@ -41,8 +41,9 @@ from .config import (
 )
 from .core import Core
 from .errors import OffloadError
+from .limits import Limit, check_limits
 from .policy import RetryPolicy
-from .records import DeadLetter, Stats, Task
+from .records import DeadLetter, KeyState, Stats, Task
 from .settle import Callbacks, Settler
 from .stores import DurableStore, Store, open_store
 from .worker import WorkerPool
@@ -77,6 +78,8 @@ class Offloader:
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         lease_timeout: float | None = None,
         worker_nice: int = 0,
+        limits: Mapping[str, Limit | str] | None = None,
+        adaptive: bool = True,
     ) -> None:
         if retry is None:
             retry = RetryPolicy()
@@ -92,6 +95,9 @@ class Offloader:
             check_lease_timeout("lease_timeout", lease_timeout)
         if not isinstance(consume, bool):
             raise TypeError(f"consume must be True or False, got {consume!r}")
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"adaptive must be True or False, got {adaptive!r}")
+        checked_limits = check_limits(limits)
         check_callback("on_success", on_success)
         check_callback("on_retry", on_retry)
         check_callback("on_dead_letter", on_dead_letter)
@@ -123,6 +129,10 @@ class Offloader:
         self.on_success = on_success
         self.on_retry = on_retry
         self.on_dead_letter = on_dead_letter
+        #: Declared limits per key (keys as tasks' keys are made), and whether throttled
+        #: keys learn an adaptive rate.
+        self.limits: Mapping[str, Limit] = MappingProxyType(checked_limits)
+        self.adaptive = adaptive
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._assemble()
         lifecycle.register(self)
@@ -131,7 +141,7 @@ class Offloader:
 
     def _assemble(self) -> None:
         """The pipeline's runtime parts, fresh: at construction and in a forked child."""
-        core = self._core = Core()
+        core = self._core = Core(self.limits, self.adaptive)
         clock = self._clock
         pool = self._pool = WorkerPool(
             core, clock, size=self.workers, idle_timeout=self.idle_timeout, nice=self.worker_nice
@@ -259,6 +269,34 @@ class Offloader:
             snapshot = core.sched.snapshot()
         return {key: max(0.0, open_at - now) for key, open_at in snapshot.items()}
 
+    def keys(self) -> dict[str, KeyState]:
+        """Every key (API) the scheduler knows a state of now: gated, limited, waiting or
+        running; a snapshot, for displays."""
+        core = self._core
+        with core.lock:
+            now = self._clock.monotonic()
+            sched = core.sched
+            waiting: dict[str, int] = {}
+            for task in sched.ready:
+                key = task.key
+                if key is not None:
+                    waiting[key] = waiting.get(key, 0) + 1
+            states = {}
+            for key in sched.known_keys():
+                gate = sched.gates.get(key)
+                pace = sched.paces.get(key)
+                held = sched.held.get(key)
+                states[key] = KeyState(
+                    key=key,
+                    waiting=waiting.get(key, 0) + (len(held) if held else 0),
+                    in_flight=sched.running.get(key, 0),
+                    reopens_in=None if gate is None else max(0.0, gate.open_at - now),
+                    rate=pace.rate if pace is not None else _declared_rate(self.limits.get(key)),
+                    limit=self.limits.get(key),
+                    down=sched.down(key),
+                )
+        return dict(sorted(states.items()))
+
     def dead_letters(self) -> list[DeadLetter]:
         """The dead letters the store holds, oldest first."""
         return self._store.dead_letters()
@@ -343,3 +381,7 @@ class Offloader:
         """In a forked child: start empty. The parent's tasks and threads stay the parent's."""
         self._assemble()
         self._store.after_fork()
+
+
+def _declared_rate(limit: Limit | None) -> float | None:
+    return None if limit is None else limit.per_second

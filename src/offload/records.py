@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 # Imported here, not in Task.__init__: an import statement costs a microsecond per call.
 from .calls.base import PERFORMED, default_key, describe_target
+from .limits import Limit
 from .outcome import REASONS, Outcome, Reason
 from .policy import RetryPolicy
 
 if TYPE_CHECKING:
     from tenacity import RetryCallState
 
-__all__ = ["DeadLetter", "Progress", "Stats", "Task", "TaskMeta", "new_id", "utc"]
+__all__ = ["DeadLetter", "KeyState", "Progress", "Stats", "Task", "TaskMeta", "new_id", "utc"]
 
 # Task ids: a random per-process prefix and a counter. Cheap on the enqueue path (no uuid4,
 # no os.urandom per task), unique across processes sharing a durable store, and renewed
@@ -393,3 +394,34 @@ class Stats:
 
     def to_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyState:
+    """One key (an API) as the scheduler sees it now, for displays (`Offloader.keys()`).
+
+    `waiting`: its tasks queued here, ready or held behind its gate or its pace;
+    `in_flight`: its calls running; `reopens_in`: seconds until its closed gate reopens
+    (None when open; 0.0 while a probe call decides); `rate`: calls a second it is allowed
+    now (a declared or learnt rate; None when unlimited); `limit`: its declared Limit;
+    `down`: paused for an outage (its calls keep failing, nothing succeeds).
+    """
+
+    key: str
+    waiting: int
+    in_flight: int
+    reopens_in: float | None
+    rate: float | None
+    limit: Limit | None
+    down: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "waiting": self.waiting,
+            "in_flight": self.in_flight,
+            "reopens_in": self.reopens_in,
+            "rate": self.rate,
+            "limit": None if self.limit is None else str(self.limit),
+            "down": self.down,
+        }

@@ -8,6 +8,7 @@ the task stops counting as in flight, so that `flush()` returning means they hav
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -103,6 +104,15 @@ class Settler:
             return
 
         now = self.clock.monotonic()
+        outage = False
+        if outcome.kind == "retry" and not outcome.throttled and task.key is not None:
+            with self.core.lock:
+                pause = self.core.sched.failed(task, now)
+            if pause is not None:
+                # The key is down, not this call: pause it as a throttle would (its backlog
+                # waits, using no attempts; one probe when the pause ends).
+                outage = True
+                outcome = self._outage(task, outcome, pause)
         policy = task.retry or self.policy
         try:
             decision = policy.decide(progress, outcome, attempt.exc, now)
@@ -116,7 +126,8 @@ class Settler:
             return
         if self.backlog.can_retry():
             with Guarded():
-                log.info(
+                log.log(
+                    logging.DEBUG if outage else logging.INFO,
                     "retrying %s in %.2fs (attempt %d%s): %s",
                     describe_target(task.call),
                     decision.delay,
@@ -130,6 +141,23 @@ class Settler:
                 return
         # shutdown() has begun and this backlog cannot keep a retry for later.
         self.dead_letter(task, outcome, "shutdown", error=outcome.error, in_flight=True)
+
+    def _outage(self, task: Task, outcome: Outcome, pause: float) -> Outcome:
+        """The outcome of a call to a key that is down: a throttle, "not now", for `pause`
+        seconds at least; logged once per pause."""
+        with Guarded():
+            log.warning(
+                "offload: %s is down (%s); its calls wait, next try in %.0fs",
+                task.key,
+                outcome.error,
+                pause,
+            )
+        return dataclasses.replace(
+            outcome,
+            throttled=True,
+            retry_after=max(pause, outcome.retry_after or 0.0),
+            error=f"{outcome.error} (its API is down)" if outcome.error else "its API is down",
+        )
 
     def dead_letter(
         self,
@@ -167,13 +195,18 @@ class Settler:
     def _finish(self, task: Task, *, in_flight: bool, delivered: bool) -> None:
         """The task leaves this offloader, delivered or dead-lettered: one step."""
         core = self.core
+        now = self.clock.monotonic()
         with core.lock:
             if in_flight:
-                core.sched.settle(task, None)
+                core.sched.settle(task, None, now=now, delivered=delivered)
                 core.work.notify()  # a probe's success releases its key's held tasks
+            down_for = core.sched.succeeded(task, now) if delivered else None
             self.backlog.forget(task)
             if delivered:
                 core.ledger.succeeded += 1
             else:
                 core.ledger.dead_lettered += 1
             core.notify_if_drained()
+        if down_for is not None:
+            with Guarded():
+                log.warning("offload: %s is back after %.1fs down", task.key, down_for)

@@ -228,7 +228,7 @@ class DurableBacklog:
                 core.sched.close_gate(task.key, due)
         self._store_call("hand back", self.store.release, task, self.clock.time() + delay)
         with core.lock:
-            core.sched.settle(task, due if throttled else None)
+            core.sched.settle(task, due if throttled else None, now=now)
             self.leased.pop(task.id, None)
             core.ledger.retried += 1
             core.ledger.released += 1

@@ -78,7 +78,7 @@ class MemoryBacklog:
         with core.lock:
             if core.stopping:
                 return False
-            core.sched.settle(task, due if throttled else None)
+            core.sched.settle(task, due if throttled else None, now=now)
             core.sched.delay(task, due)
             core.ledger.retried += 1
             core.work.notify()
