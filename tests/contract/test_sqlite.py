@@ -607,7 +607,7 @@ def test_a_worker_waits_for_a_delayed_task_then_exits_when_idle(
     assert off.flush(15)
     assert delivered == [1] and attempts_seen == {1: 2}
     assert wait_workers_exit(off)
-    keeper = off._backlog._keeper
+    keeper = off._backlog.keeper.thread
     if keeper is not None:
         keeper.join(5)
         assert not keeper.is_alive()

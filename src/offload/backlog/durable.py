@@ -26,6 +26,7 @@ from ..records import DeadLetter, Task
 from ..stores.base import DurableStore, StoreCounts
 from ..worker import WorkerPool
 from .base import Take
+from .leases import LeaseKeeper
 
 __all__ = ["POLL_INTERVAL", "DurableBacklog"]
 
@@ -60,8 +61,7 @@ class DurableBacklog:
         self.lease_on_put = consume and store.leases_on_put
         self.leased: dict[str, Task] = {}  # by id: ready, held or in flight here
         self._claiming = False  # one worker at a time reads the store
-        self._keeper: threading.Thread | None = None  # renews the leases of `leased`
-        self._keeper_wake = threading.Condition(core.lock)
+        self.keeper = LeaseKeeper(core, pool, store, self.leased)
 
     # -- enqueue --------------------------------------------------------------------------
 
@@ -98,7 +98,7 @@ class DurableBacklog:
                 else:
                     self.leased[task.id] = task
                     core.sched.ready.append(task)
-                    self._keep_leases()
+                    self.keeper.ensure()
             pool = self.pool
             if pool.idle:
                 core.work.notify()
@@ -212,7 +212,7 @@ class DurableBacklog:
         core.ledger.claimed += len(tasks)
         core.work.notify(len(tasks))
         self.pool.ensure(len(sched.ready) + sched.in_flight)
-        self._keep_leases()
+        self.keeper.ensure()
 
     # -- settling -------------------------------------------------------------------------
 
@@ -255,7 +255,7 @@ class DurableBacklog:
         self.leased.pop(task.id, None)
 
     def worker_left(self) -> None:
-        self._keeper_wake.notify_all()
+        self.keeper.wake()
 
     def _store_call(self, what: str, fn: Callable[..., object], task: Task, *args: Any) -> bool:
         """Run a store operation for `task` from a worker; a failure is logged, not raised:
@@ -286,42 +286,6 @@ class DurableBacklog:
             for task in tasks:
                 self.leased.pop(task.id, None)
             core.notify_if_drained()
-
-    # -- leases ---------------------------------------------------------------------------
-
-    def _keep_leases(self) -> None:
-        """Called with the lock held: make sure a lease keeper runs while leases are held."""
-        keeper = self._keeper
-        if keeper is not None and keeper.is_alive():
-            return
-        keeper = threading.Thread(target=self._renew_leases, name="offload-leases", daemon=True)
-        try:
-            keeper.start()
-        except RuntimeError:
-            return  # interpreter exit; leases then expire, and the tasks run elsewhere
-        self._keeper = keeper
-
-    def _renew_leases(self) -> None:
-        """The lease keeper: renew every lease held here, in one store call, every
-        `lease_timeout / 3` seconds, so that a long call keeps its task; exit once no
-        worker runs and nothing is held."""
-        core = self.core
-        interval = self.store.lease_timeout / 3
-        me = threading.current_thread()
-        while True:
-            with core.lock:
-                if not core.forked() and (self.pool.threads or self.leased):
-                    self._keeper_wake.wait(interval)
-                if core.forked() or not (self.pool.threads or self.leased):
-                    if self._keeper is me:
-                        self._keeper = None
-                    return
-                held = list(self.leased.values())
-            try:
-                self.store.renew(held)
-            except Exception as exc:
-                with Guarded():
-                    log.error("offload: could not renew %d lease(s): %s", len(held), exc)
 
     # -- flush and shutdown ---------------------------------------------------------------
 
@@ -367,7 +331,7 @@ class DurableBacklog:
 
     def shutting_down(self, left: list[Task]) -> None:
         self.core.ledger.released += len(left)  # handed back in close()
-        self._keeper_wake.notify_all()
+        self.keeper.wake()
 
     def close(
         self,
@@ -389,7 +353,7 @@ class DurableBacklog:
         core = self.core
         with core.lock:
             running = core.sched.in_flight
-            keeper = self._keeper
+            keeper = self.keeper.thread
         if running:
             with Guarded():
                 log.warning(

@@ -17,19 +17,23 @@ import math
 import os
 import secrets
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 from ..config import describe_range
+from ..records import DeadLetter
+from .base import LetterPage, LetterQuery
 
 __all__ = [
     "bool_option",
+    "check_page",
     "epoch",
     "json_list",
     "new_owner",
     "number_option",
     "owner_dead",
+    "page_of",
     "pid_alive",
 ]
 
@@ -117,3 +121,36 @@ def json_list(values: Iterable[Any]) -> str:
 def epoch(value: datetime | None) -> float | None:
     """A time as epoch seconds, as stores keep it."""
     return None if value is None else value.timestamp()
+
+
+def page_of(
+    letters: Sequence[DeadLetter], query: LetterQuery, limit: int, cursor: str | None
+) -> LetterPage:
+    """A page of `letters` (oldest first, as `dead_letters()` gives them), filtered and
+    newest first: for stores that list by reading every dead letter. The cursor is the
+    position in the filtered, newest-first list."""
+    check_page(limit, cursor)
+    text = query.text.lower() if query.text else None
+    matching = [
+        letter
+        for letter in reversed(letters)
+        if (query.key is None or letter.key == query.key)
+        and (query.status is None or letter.status == query.status)
+        and (query.reason is None or letter.reason == query.reason)
+        and (
+            query.since is None
+            or (letter.last_attempt_at is not None and letter.last_attempt_at >= query.since)
+        )
+        and (text is None or text in letter.description.lower() or text in letter.error.lower())
+    ]
+    start = int(cursor) if cursor else 0
+    end = start + limit
+    return LetterPage(matching[start:end], len(matching), str(end) if end < len(matching) else None)
+
+
+def check_page(limit: int, cursor: str | None) -> None:
+    """ValueError for a page size or cursor a listing cannot take."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+        raise ValueError(f"limit must be an integer from 1 to 1000, got {limit!r}")
+    if cursor is not None and not (isinstance(cursor, str) and cursor.isdigit()):
+        raise ValueError(f"not a cursor a page gave: {cursor!r}")

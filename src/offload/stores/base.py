@@ -34,12 +34,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
+from ..outcome import Reason
 from ..records import DeadLetter, Task
 
-__all__ = ["NO_KEYS", "DurableStore", "Store", "StoreCounts"]
+__all__ = ["NO_KEYS", "DurableStore", "LetterPage", "LetterQuery", "Store", "StoreCounts"]
 
 NO_KEYS: Mapping[str, float] = MappingProxyType({})
 """`claim(exclude_keys=...)` when no key is excluded."""
@@ -53,6 +55,31 @@ class StoreCounts:
     delayed: int  # due later, not leased
     leased: int  # leased to some process (this one or another)
     dead_letters: int
+
+
+@dataclass(frozen=True, slots=True)
+class LetterQuery:
+    """Which dead letters a listing wants: every field given must match.
+
+    `since`: last attempted at or after (an aware datetime); `text`: a substring of the
+    description or the error, case-insensitive.
+    """
+
+    key: str | None = None
+    status: int | None = None
+    reason: Reason | None = None
+    since: datetime | None = None
+    text: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LetterPage:
+    """One page of a listing, newest first; `total` counts every match, `cursor` fetches
+    the next page (None on the last)."""
+
+    letters: list[DeadLetter]
+    total: int
+    cursor: str | None
 
 
 @runtime_checkable
@@ -79,6 +106,14 @@ class Store(Protocol):
 
     def __len__(self) -> int:
         """How many dead letters are held."""
+        ...
+
+    def dead_letter_page(
+        self, query: LetterQuery, *, limit: int = 50, cursor: str | None = None
+    ) -> LetterPage:
+        """The dead letters matching `query`, newest first, `limit` at most, from `cursor`
+        (an opaque string a previous page gave): what the console lists, a page at a time,
+        without reading the whole store."""
         ...
 
     def revive(self, dead_letter_id: str) -> Task:

@@ -7,6 +7,8 @@ from collections import OrderedDict
 
 from ..errors import UnknownDeadLetter
 from ..records import DeadLetter, Task
+from ._shared import page_of
+from .base import LetterPage, LetterQuery
 
 __all__ = ["MemoryStore"]
 
@@ -36,6 +38,11 @@ class MemoryStore:
 
     def __len__(self) -> int:
         return len(self._letters)
+
+    def dead_letter_page(
+        self, query: LetterQuery, *, limit: int = 50, cursor: str | None = None
+    ) -> LetterPage:
+        return page_of(self.dead_letters(), query, limit, cursor)
 
     def revive(self, dead_letter_id: str) -> Task:
         with self._lock:

@@ -31,8 +31,8 @@ from ...codec.task import TaskRecord
 from ...config import check_lease_timeout, check_number, lease_timeout_from_env
 from ...errors import StoreError
 from ...records import DeadLetter, Task
-from .._shared import new_owner
-from ..base import NO_KEYS, StoreCounts
+from .._shared import new_owner, page_of
+from ..base import NO_KEYS, LetterPage, LetterQuery, StoreCounts
 from .journal import CAN_JOURNAL, Journals, JournalWriter, done_line, lease_text, task_line
 from .letters import (
     bury_task,
@@ -358,6 +358,12 @@ class SQLiteStore:
         """One dead letter by id; UnknownDeadLetter if none has it."""
         with self._use("reading a dead letter") as conn:
             return read_letter(conn, self.url, dead_letter_id)
+
+    def dead_letter_page(
+        self, query: LetterQuery, *, limit: int = 50, cursor: str | None = None
+    ) -> LetterPage:
+        """A page of the dead letters matching `query`, newest first (see Store)."""
+        return page_of(self.dead_letters(), query, limit, cursor)
 
     def __len__(self) -> int:
         with self._use("counting dead letters") as conn:

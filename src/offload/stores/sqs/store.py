@@ -42,8 +42,8 @@ from urllib.parse import parse_qsl, quote, urlsplit
 from ..._redact import redact_url
 from ...config import check_lease_timeout, lease_timeout_from_env
 from ...records import DeadLetter, Task
-from .._shared import bool_option, number_option
-from ..base import NO_KEYS, StoreCounts
+from .._shared import bool_option, number_option, page_of
+from ..base import NO_KEYS, LetterPage, LetterQuery, StoreCounts
 from .letters import DeadLetterQueue, task_of
 from .messages import (
     dumps,
@@ -370,6 +370,12 @@ class SqsStore:
     def dead_letters(self) -> list[DeadLetter]:
         """Every dead letter in the DLQ, oldest first, left as it was (see letters.py)."""
         return self._letters.letters()
+
+    def dead_letter_page(
+        self, query: LetterQuery, *, limit: int = 50, cursor: str | None = None
+    ) -> LetterPage:
+        """A page of the dead letters matching `query`, newest first (see Store)."""
+        return page_of(self.dead_letters(), query, limit, cursor)
 
     def __len__(self) -> int:
         """Messages in the DLQ, visible or being read (approximate, as SQS counts)."""
