@@ -15,6 +15,7 @@ from typing import Any
 from . import _default
 from .calls import AwsCall, HttpCall, aws, http
 from .clock import Clock, SystemClock
+from .codec.trust import register as task
 from .errors import (
     GiveUp,
     NotSerializable,
@@ -70,6 +71,7 @@ __all__ = [
     "replay",
     "shutdown",
     "stats",
+    "task",
 ]
 
 configure = _default.configure

@@ -37,6 +37,7 @@ _OPTIONS = frozenset(
         "worker_nice",
         "limits",
         "adaptive",
+        "trusted",
     }
 )
 

@@ -2,14 +2,18 @@
 
 Nothing here retries or decides: `perform` records the attempt in the task's Progress,
 runs the call (an HttpCall or AwsCall with the worker's own connections, or the user's
-callable) and classifies what it returned or raised (`outcome.py`). Settling the outcome
+callable; a coroutine function's awaitable is run to completion on the worker thread's
+own event loop) and classifies what it returned or raised (`outcome.py`). Settling the outcome
 is `settle.py`'s work.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
+import threading
+from collections.abc import Awaitable
 from typing import Any, NamedTuple
 
 from ._guard import Guarded
@@ -22,6 +26,35 @@ from .records import Task
 __all__ = ["Attempt", "perform"]
 
 log = logging.getLogger("offload")
+
+
+def _await(awaitable: Any, resources: Resources) -> Any:
+    """Run an awaitable to completion on this worker thread's own event loop; or, where
+    this thread runs a loop already (eager mode called from async code), on a loop of
+    its own thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return resources.loop().run_until_complete(_as_coroutine(awaitable))
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, asyncio.run(_as_coroutine(awaitable))))
+        except BaseException as exc:  # carried back to the caller's thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name="offload-async")
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+async def _as_coroutine(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
 
 
 class Attempt(NamedTuple):
@@ -60,12 +93,8 @@ def perform(task: Task, resources: Resources, clock: Clock) -> Attempt:
                         task.id,
                     )
             result = call(*task.args, **task.kwargs)
-            if inspect.iscoroutine(result):  # an `async def`: none of it ran
-                result.close()
-                raise TypeError(
-                    f"{describe_target(call)} returned a coroutine: offload runs plain "
-                    "functions (wrap an async one in a function that calls asyncio.run)"
-                )
+            if inspect.isawaitable(result):  # an `async def`: run it to completion here
+                result = _await(result, resources)
         return Attempt(classify_result(result, now=wall), None, result)
     except BaseException as error:
         try:

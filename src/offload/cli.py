@@ -17,6 +17,7 @@ letters are redacted when they are made, and store URLs carry no credentials.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, TextIO
 
 from . import __version__
+from .codec.trust import Trust
 from .errors import OffloadError, UnknownDeadLetter
 from .records import DeadLetter
 from .stores import DurableStore, Store, open_store
@@ -83,6 +85,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--workers", metavar="N", type=int, help="threads performing calls ($OFFLOAD_WORKERS)"
+    )
+    worker.add_argument(
+        "--trusted",
+        metavar="WHICH",
+        help="which functions a stored task may name: any (default), registered (only "
+        "@offload.task functions) or comma-separated module prefixes ($OFFLOAD_TRUSTED)",
+    )
+    worker.add_argument(
+        "--import",
+        dest="imports",
+        metavar="MODULE",
+        action="append",
+        default=[],
+        help="import the application's task module at start, so that its @offload.task "
+        "functions are registered (repeatable; $OFFLOAD_IMPORTS, comma-separated)",
     )
     worker.add_argument(
         "--log-level",
@@ -387,6 +404,16 @@ def _demo(args: argparse.Namespace) -> int:
     return result
 
 
+def _import_task_modules(given: list[str]) -> None:
+    """Import --import modules and OFFLOAD_IMPORTS ones: their @offload.task decorators run."""
+    env = [m.strip() for m in os.environ.get("OFFLOAD_IMPORTS", "").split(",") if m.strip()]
+    for module in [*env, *given]:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # one clear line, not a traceback
+            raise CommandError(f"cannot import {module}: {type(exc).__name__}: {exc}") from None
+
+
 def _worker(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from .config import options_from_env  # noqa: PLC0415
     from .offloader import Offloader  # noqa: PLC0415
@@ -394,6 +421,12 @@ def _worker(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     url = _store_url(args)
     options = options_from_env()
     options.update(store=url, consume=True, idle_timeout=_FOREVER)
+    if args.trusted is not None:
+        try:
+            options["trusted"] = Trust.parse(args.trusted, "--trusted")
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+    _import_task_modules(args.imports)
     if args.workers is not None:
         if args.workers < 1:
             raise CommandError(f"--workers must be at least 1, got {args.workers}")

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from .codec.trust import Trust
 from .limits import limits_from_json
 from .policy import RetryPolicy, default_stop, default_wait
 
@@ -150,6 +151,9 @@ def options_from_env() -> dict[str, Any]:
         if adaptive not in _BOOLEANS:
             raise ValueError(f"OFFLOAD_ADAPTIVE={adaptive!r} must be 1 or 0 (true or false)")
         options["adaptive"] = _BOOLEANS[adaptive]
+    trusted = os.environ.get("OFFLOAD_TRUSTED", "").strip()
+    if trusted:
+        options["trusted"] = Trust.parse(trusted)
     attempts = env_number("OFFLOAD_MAX_ATTEMPTS", int, minimum=1)
     if attempts is not None:
         options["retry"] = RetryPolicy(stop=default_stop(attempts), wait=default_wait())

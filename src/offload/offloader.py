@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, cast
 
@@ -31,6 +31,7 @@ from .backlog import Backlog, DurableBacklog, MemoryBacklog
 from .calls.base import PERFORMED
 from .calls.connections import Resources
 from .clock import Clock, SystemClock
+from .codec.trust import Trust
 from .config import (
     DEFAULT_SHUTDOWN_TIMEOUT,
     MAX_NICE,
@@ -80,6 +81,7 @@ class Offloader:
         worker_nice: int = 0,
         limits: Mapping[str, Limit | str] | None = None,
         adaptive: bool = True,
+        trusted: str | Sequence[str] | Trust = "any",
     ) -> None:
         if retry is None:
             retry = RetryPolicy()
@@ -98,6 +100,7 @@ class Offloader:
         if not isinstance(adaptive, bool):
             raise TypeError(f"adaptive must be True or False, got {adaptive!r}")
         checked_limits = check_limits(limits)
+        trust = Trust.of(trusted)
         check_callback("on_success", on_success)
         check_callback("on_retry", on_retry)
         check_callback("on_dead_letter", on_dead_letter)
@@ -112,6 +115,9 @@ class Offloader:
             store, max_dead_letters=max_dead_letters, lease_timeout=lease_timeout, clock=clock
         )
         self._owns_store = isinstance(store, str)  # closed at shutdown; a given one is not
+        if self._store.durable:
+            # What a stored task may name: checked before its function is imported.
+            cast("DurableStore", self._store).trust = trust
         if not consume and not self._store.durable:
             raise ValueError(
                 "consume=False needs a durable store (sqlite:// or sqs://): "
@@ -133,6 +139,8 @@ class Offloader:
         #: keys learn an adaptive rate.
         self.limits: Mapping[str, Limit] = MappingProxyType(checked_limits)
         self.adaptive = adaptive
+        #: Which functions a stored task may name ("any", "registered", module prefixes).
+        self.trusted = trust
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._assemble()
         lifecycle.register(self)
@@ -170,6 +178,7 @@ class Offloader:
                 self._clock,
                 self.max_queue,
                 consume=self.consume,
+                trust=self.trusted,
             )
         return MemoryBacklog(core, pool, store, self._clock, self.max_queue)
 
@@ -217,8 +226,7 @@ class Offloader:
             )
         if self._pid != os.getpid():
             self._after_fork()  # a server that forks without running fork hooks (uWSGI)
-        self._add(task)
-        return task
+        return self._add(task)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until nothing is queued, delayed or running; False if `timeout` ran out."""
@@ -258,6 +266,7 @@ class Offloader:
                 stored_ready=None if counts is None else counts.ready,
                 stored_delayed=None if counts is None else counts.delayed,
                 stored_leased=None if counts is None else counts.leased,
+                deduplicated=ledger.deduplicated,
             )
 
     def gates(self) -> dict[str, float]:

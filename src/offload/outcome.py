@@ -227,17 +227,34 @@ def _now(now: float | None) -> float:
 def classify_result(value: Any, *, now: float | None = None) -> Outcome:
     """The outcome of an attempt that returned `value`.
 
-    A `requests.Response` is judged by its status: < 400 success; 429, and 503 with a
-    Retry-After, throttled; 408, 425, 500, 502, 503, 504 transient; any other status
-    permanent (other 4xx, 501). Anything else returned is a success.
+    A `requests.Response` (or an httpx one, when httpx is imported) is judged by its
+    status: < 400 success; 429, and 503 with a Retry-After, throttled; 408, 425, 500, 502,
+    503, 504 transient; any other status permanent (other 4xx, 501). Anything else
+    returned is a success.
     """
-    if not isinstance(value, requests.Response):
-        return Outcome(SUCCESS, value=value)
-    status = value.status_code
+    if isinstance(value, requests.Response):
+        return _classify_status(value.status_code, value.reason, value.headers, value, now)
+    for httpx in _httpx_modules():
+        if isinstance(value, httpx.Response):
+            return _classify_status(
+                value.status_code, value.reason_phrase, value.headers, value, now
+            )
+    return Outcome(SUCCESS, value=value)
+
+
+def _httpx_modules() -> list[Any]:
+    """httpx, and httpx2 (its successor's module name), where the application imported
+    them: their types are looked at only then."""
+    return [m for m in (sys.modules.get("httpx"), sys.modules.get("httpx2")) if m is not None]
+
+
+def _classify_status(
+    status: int, reason: Any, headers: Mapping[str, str], value: Any, now: float | None
+) -> Outcome:
     if status < 400:
         return Outcome(SUCCESS, status=status, value=value)
-    error = _http_summary(status, value.reason)
-    raw = value.headers.get("Retry-After")
+    error = _http_summary(status, reason)
+    raw = headers.get("Retry-After")
     if status == 429 or (status == 503 and raw is not None and raw.strip()):
         retry_after = parse_retry_after(raw, now=_now(now))
         return Outcome(RETRY, throttled=True, retry_after=retry_after, status=status, error=error)
@@ -293,6 +310,17 @@ def classify_exception(exc: BaseException, *, now: float | None = None) -> Outco
         # As botocore's standard mode: every connection error and HTTP client error
         # (EndpointConnectionError, ConnectionClosedError, connect and read timeouts).
         if isinstance(exc, (botocore.ConnectionError, botocore.HTTPClientError)):
+            return Outcome(RETRY, error=_summary(exc))
+
+    for httpx in _httpx_modules():
+        if isinstance(exc, httpx.HTTPStatusError):  # response.raise_for_status()
+            response = exc.response
+            return _classify_status(
+                response.status_code, response.reason_phrase, response.headers, None, now
+            )
+        if isinstance(exc, httpx.UnsupportedProtocol):
+            return Outcome(PERMANENT, error=_summary(exc))
+        if isinstance(exc, (httpx.TimeoutException, httpx.TransportError)):
             return Outcome(RETRY, error=_summary(exc))
 
     if isinstance(exc, _TRANSIENT_EXCEPTIONS):

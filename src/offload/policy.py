@@ -19,7 +19,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from .codec import strategies
-from .codec.trust import callable_path, resolve_callable, resolve_task_function, task_function_path
+from .codec.trust import TRUST_ANY, Trust, callable_path, resolve_callable, task_function_path
 from .errors import NotSerializable
 from .outcome import Outcome, Reason
 
@@ -144,8 +144,9 @@ class RetryPolicy:
         return json.dumps(record, separators=(",", ":"), allow_nan=False)
 
     @classmethod
-    def from_json(cls, text: str) -> RetryPolicy:
-        """The policy `to_json` wrote; ValueError for text it did not write."""
+    def from_json(cls, text: str, trust: Trust = TRUST_ANY) -> RetryPolicy:
+        """The policy `to_json` wrote; ValueError for text it did not write, or a
+        `retry_on` predicate `trust` refuses (it is called, as a task's function is)."""
         try:
             data = json.loads(text)
         except (TypeError, ValueError) as exc:
@@ -164,7 +165,7 @@ class RetryPolicy:
                 types.append(exc_type)
             retry_on = tuple(types)
         elif isinstance(on, dict) and set(on) == {"predicate"}:
-            retry_on = resolve_task_function(on["predicate"])
+            retry_on = trust.resolve(on["predicate"])
         else:
             raise ValueError("malformed retry policy: retry_on")
         try:

@@ -11,12 +11,13 @@ hand-written queue costs.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import secrets
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 # Imported here, not in Task.__init__: an import statement costs a microsecond per call.
@@ -96,7 +97,18 @@ class Progress:
 class TaskMeta:
     """A task's identity and options; `progress` once it has made an attempt."""
 
-    __slots__ = ("enqueued", "id", "idempotency_key", "key", "progress", "retry")
+    __slots__ = (
+        "at",
+        "dedup_key",
+        "dedup_window",
+        "delay",
+        "enqueued",
+        "id",
+        "idempotency_key",
+        "key",
+        "progress",
+        "retry",
+    )
 
     def __init__(
         self,
@@ -113,6 +125,10 @@ class TaskMeta:
         self.retry = retry
         self.enqueued = enqueued  # handed to an offloader (a Task is enqueued once)
         self.progress: Progress | None = None
+        self.delay = 0.0  # seconds after the enqueue the first attempt may be made
+        self.at: float | None = None  # or: epoch seconds it may be made at
+        self.dedup_key: str | None = None
+        self.dedup_window = 0.0  # seconds the key stays taken after the task ended
 
 
 class Task:
@@ -140,6 +156,10 @@ class Task:
         *,
         retry: RetryPolicy | None = None,
         key: str | None = None,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+        dedup_key: str | None = None,
+        dedup_window: float | timedelta = 0.0,
     ) -> None:
         if isinstance(call, Task):
             raise TypeError("Task(call=...) takes the call itself, not another Task")
@@ -163,7 +183,11 @@ class Task:
         self.call = call
         self.args = args
         self.kwargs = dict(kwargs) if kwargs else {}
-        self._meta = TaskMeta(key if key is not None else default_key(call), retry)
+        meta = self._meta = TaskMeta(key if key is not None else default_key(call), retry)
+        if delay is not None or at is not None:
+            meta.delay, meta.at = _check_when(delay, at)
+        if dedup_key is not None or dedup_window:
+            meta.dedup_key, meta.dedup_window = _check_dedup(dedup_key, dedup_window)
 
     @classmethod
     def _fast(cls, call: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Task:
@@ -188,6 +212,8 @@ class Task:
         key: str | None,
         retry: RetryPolicy | None,
         progress: Progress | None,
+        dedup_key: str | None = None,
+        dedup_window: float = 0.0,
     ) -> Task:
         """A task as a store gives it back: its ids, options and attempt state."""
         self = cls.__new__(cls)
@@ -198,6 +224,7 @@ class Task:
             key, retry, task_id=task_id, idempotency_key=idempotency_key, enqueued=True
         )
         meta.progress = progress
+        meta.dedup_key, meta.dedup_window = dedup_key, dedup_window
         return self
 
     @property
@@ -235,6 +262,40 @@ class Task:
         return None if meta is None else meta.retry
 
     @property
+    def delay(self) -> float:
+        """Seconds after its enqueue the task's first attempt may be made (0.0: at once)."""
+        meta = self._meta
+        return 0.0 if meta is None else meta.delay
+
+    @property
+    def at(self) -> datetime | None:
+        """The time the task's first attempt may be made, if it was given one."""
+        meta = self._meta
+        return None if meta is None or meta.at is None else utc(meta.at)
+
+    @property
+    def dedup_key(self) -> str | None:
+        """While a task with this key is held, an enqueue of another adds nothing."""
+        meta = self._meta
+        return None if meta is None else meta.dedup_key
+
+    @property
+    def dedup_window(self) -> float:
+        """Seconds the dedup key stays taken after the task ended."""
+        meta = self._meta
+        return 0.0 if meta is None else meta.dedup_window
+
+    def due(self, now: float) -> float | None:
+        """The epoch time the task's first attempt may be made, enqueued at `now` (epoch
+        seconds); None when at once."""
+        meta = self._meta
+        if meta is None:
+            return None
+        if meta.at is not None:
+            return meta.at if meta.at > now else None
+        return now + meta.delay if meta.delay > 0 else None
+
+    @property
     def progress(self) -> Progress:
         """The task's attempt state (made on first use)."""
         meta = self.meta
@@ -263,6 +324,49 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<offload.Task {self.id} {describe_target(self.call)}>"
+
+
+def _check_when(delay: Any, at: Any) -> tuple[float, float | None]:
+    """Task(delay=..., at=...): (seconds, epoch or None); ValueError or TypeError naming it."""
+    if delay is not None and at is not None:
+        raise ValueError("give Task(delay=...) or Task(at=...), not both")
+    if at is not None:
+        if not isinstance(at, datetime):
+            raise TypeError(f"Task(at=...) must be a datetime, got {type(at).__name__}")
+        if at.tzinfo is None or at.utcoffset() is None:
+            raise ValueError(
+                "Task(at=...) must be a timezone-aware datetime "
+                "(datetime.now(timezone.utc) + timedelta(...)): a naive one is ambiguous"
+            )
+        return 0.0, at.timestamp()
+    if isinstance(delay, timedelta):
+        seconds = delay.total_seconds()
+    elif isinstance(delay, bool) or not isinstance(delay, (int, float)):
+        raise TypeError(
+            f"Task(delay=...) must be seconds or a timedelta, got {type(delay).__name__}"
+        )
+    else:
+        seconds = float(delay)
+    if not (0 <= seconds < math.inf):
+        raise ValueError(f"Task(delay=...) must be >= 0 seconds and finite, got {delay!r}")
+    return seconds, None
+
+
+def _check_dedup(key: Any, window: Any) -> tuple[str | None, float]:
+    if key is not None and not isinstance(key, str):
+        raise TypeError(f"Task(dedup_key=...) must be a str, got {type(key).__name__}")
+    if key == "":
+        raise ValueError("Task(dedup_key=...) must be a non-empty string or None")
+    seconds = window.total_seconds() if isinstance(window, timedelta) else window
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(
+            f"Task(dedup_window=...) must be seconds or a timedelta, got {type(window).__name__}"
+        )
+    if not (0 <= seconds < math.inf):
+        raise ValueError(f"Task(dedup_window=...) must be >= 0 seconds and finite, got {window!r}")
+    if seconds and key is None:
+        raise ValueError("Task(dedup_window=...) needs a dedup_key")
+    return key, float(seconds)
 
 
 def utc(ts: float | None) -> datetime | None:
@@ -391,6 +495,7 @@ class Stats:
     stored_ready: int | None = None
     stored_delayed: int | None = None
     stored_leased: int | None = None
+    deduplicated: int = 0  # enqueues that returned a task already holding the dedup key
 
     def to_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import heapq
 import re
 import threading
 import weakref
@@ -155,10 +156,12 @@ class _EagerBacklog(MemoryBacklog):
         max_queue: int,
         *,
         fail_fast: bool,
+        delays: str,
     ) -> None:
         super().__init__(core, pool, store, clock, max_queue)
         self.skip = clock
         self.fail_fast = fail_fast
+        self.delays = delays
         # Per enqueuing thread: its connections (a requests Session is not shared across
         # threads) and the due time of the retry its attempt just asked for.
         self._local = threading.local()
@@ -173,16 +176,33 @@ class _EagerBacklog(MemoryBacklog):
                 self._resources.append(res)
         return res
 
-    def add(self, task: Task) -> None:
+    def add(self, task: Task, *, dedup: bool = True) -> Task:
         core = self.core
+        meta = task._meta
         with core.lock:
             if core.closed:
                 raise ShutDown("this offloader was shut down; it takes no new tasks")
-            meta = task._meta
+            if meta is not None and meta.dedup_key is not None:
+                holder = self.dedup.holder(meta.dedup_key, self.skip.monotonic())
+                if holder is not None and dedup:
+                    core.ledger.deduplicated += 1
+                    return holder
+                self.dedup.take(meta.dedup_key, task)
             if meta is not None:
                 meta.enqueued = True
             core.ledger.enqueued += 1
+            if meta is not None and self.delays == "clock" and (meta.delay or meta.at):
+                wall = self.skip.time()
+                due = task.due(wall)
+                if due is not None:  # performed by flush() once the clock says it is due
+                    core.sched.delay(task, self.skip.monotonic() + (due - wall))
+                    return task
             core.sched.in_flight += 1  # as Scheduler.take() counts a task it hands out
+        self._run(task)
+        return task
+
+    def _run(self, task: Task) -> None:
+        """Perform `task` (counted in flight) here, its retries at once, until it settles."""
         settler = self.settler
         assert settler is not None
         resources = self._thread_resources()
@@ -197,6 +217,19 @@ class _EagerBacklog(MemoryBacklog):
         letter = task.progress.letter
         if letter is not None and self.fail_fast:
             raise DeadLettered(letter)
+
+    def flush(self, timeout: float | None) -> bool:
+        """Perform the delayed tasks that are due on the offloader's clock (delays="clock"),
+        here; True once none is left."""
+        core = self.core
+        while True:
+            with core.lock:
+                delayed = core.sched.delayed
+                if not delayed or delayed[0][0] > self.skip.monotonic():
+                    return core.sched.idle()
+                task = heapq.heappop(delayed)[2]
+                core.sched.in_flight += 1
+            self._run(task)
 
     def requeue(self, task: Task, now: float, delay: float, throttled: bool) -> bool:
         core = self.core
@@ -233,6 +266,11 @@ class EagerOffloader(Offloader):
     letters land in the store as usual; with `fail_fast=True` `enqueue_task` also raises
     `DeadLettered`. Throttle gates are not kept: there is no queue to hold back.
 
+    Delayed tasks (`Task(delay=...)`, `at=`) run at once with `delays="now"` (the
+    default), or with `delays="clock"` wait for the offloader's clock (a FakeClock the test
+    advances): `flush()` then performs those that are due. Deduplication works as in
+    production (`Task(dedup_key=...)` returns the task already holding the key).
+
     Takes the options `Offloader` takes; `workers`, `max_queue` and `idle_timeout` have
     no effect, and the store must be one that is not durable (a durable store is for
     tasks that outlive the process; eager tasks never wait).
@@ -245,10 +283,14 @@ class EagerOffloader(Offloader):
         *,
         fail_fast: bool = False,
         clock: Clock | None = None,
+        delays: str = "now",
         **options: Any,
     ) -> None:
         if not isinstance(fail_fast, bool):
             raise TypeError(f"fail_fast must be True or False, got {fail_fast!r}")
+        if delays not in ("now", "clock"):
+            raise ValueError(f"delays must be 'now' or 'clock', got {delays!r}")
+        self.delays = delays
         if options.get("consume", True) is not True:
             raise ValueError("consume=False makes no sense in eager mode: calls run inline")
         durable = store not in ("memory", "memory://") if isinstance(store, str) else None
@@ -265,7 +307,13 @@ class EagerOffloader(Offloader):
 
     def _make_backlog(self, core: Core, pool: WorkerPool) -> Backlog:
         return _EagerBacklog(
-            core, pool, self.store, self._skip, self.max_queue, fail_fast=self.fail_fast
+            core,
+            pool,
+            self.store,
+            self._skip,
+            self.max_queue,
+            fail_fast=self.fail_fast,
+            delays=self.delays,
         )
 
     def __repr__(self) -> str:
@@ -273,7 +321,9 @@ class EagerOffloader(Offloader):
 
 
 @contextlib.contextmanager
-def eager(*, fail_fast: bool = False, **options: Any) -> Iterator[EagerOffloader]:
+def eager(
+    *, fail_fast: bool = False, delays: str = "now", **options: Any
+) -> Iterator[EagerOffloader]:
     """Make the module-level offloader eager for the duration of a `with` block.
 
     Inside the block, `offload.enqueue_task(...)` performs the call inline and returns when
@@ -288,7 +338,7 @@ def eager(*, fail_fast: bool = False, **options: Any) -> Iterator[EagerOffloader
         for name, value in _default.configured().items()
         if name not in ("store", "consume", "clock")
     }
-    off = EagerOffloader(fail_fast=fail_fast, **{**inherited, **options})
+    off = EagerOffloader(fail_fast=fail_fast, delays=delays, **{**inherited, **options})
     previous = _default.swap(off)
     try:
         yield off

@@ -28,8 +28,10 @@ class Backlog(Protocol):
     """Methods marked "lock held" are called with the core's lock held; the others
     without it (they may read or write a store)."""
 
-    def add(self, task: Task) -> None:
-        """Accept a new task (the enqueue path); QueueFull, ShutDown, NotSerializable."""
+    def add(self, task: Task) -> Task:
+        """Accept a new task (the enqueue path): the task, or the one already holding its
+        dedup key (then nothing is added); QueueFull, ShutDown, NotSerializable."""
+        ...
 
     def take(self, now: float) -> Take:
         """Lock held (a durable backlog lets go of it while it reads the store): the next

@@ -20,6 +20,7 @@ from typing import Any
 
 from .._guard import Guarded
 from ..clock import Clock
+from ..codec.trust import TRUST_ANY, Trust
 from ..core import Core
 from ..errors import ShutDown, StoreError
 from ..records import DeadLetter, Task
@@ -27,6 +28,7 @@ from ..stores.base import DurableStore, StoreCounts
 from ..worker import WorkerPool
 from .base import Take
 from .leases import LeaseKeeper
+from .memory import DedupIndex
 
 __all__ = ["POLL_INTERVAL", "DurableBacklog"]
 
@@ -49,6 +51,7 @@ class DurableBacklog:
         max_queue: int,
         *,
         consume: bool,
+        trust: Trust = TRUST_ANY,
     ) -> None:
         self.core = core
         self.pool = pool
@@ -56,16 +59,18 @@ class DurableBacklog:
         self.clock = clock
         self.max_queue = max_queue
         self.consume = consume
+        self.trust = trust
         # A consuming enqueue leases its task as it writes it (when the store can, and this
         # process has room), so that no other process takes it.
         self.lease_on_put = consume and store.leases_on_put
         self.leased: dict[str, Task] = {}  # by id: ready, held or in flight here
+        self.dedup = DedupIndex()  # this process's, for a store that does not dedup
         self._claiming = False  # one worker at a time reads the store
         self.keeper = LeaseKeeper(core, pool, store, self.leased)
 
     # -- enqueue --------------------------------------------------------------------------
 
-    def add(self, task: Task) -> None:
+    def add(self, task: Task) -> Task:
         """Write `task` to the store; if this process performs it, also queue it here.
 
         NotSerializable (or StoreError) leaves nothing stored and nothing counted. The
@@ -77,19 +82,39 @@ class DurableBacklog:
         # meanwhile is seen below, and the room is a soft bound.
         if core.closed:
             raise ShutDown("this offloader was shut down; it takes no new tasks")
-        lease = self.lease_on_put and core.sched.size() < self.max_queue
+        if self.trust.mode != "any" and callable(task.call):  # refused now, not as a dead letter
+            self.trust.check(task.call)
         meta = task.meta  # the id, which the store writes
+        key = meta.dedup_key
+        if key is not None and not self.store.dedups:
+            with core.lock:
+                holder = self.dedup.holder(key, self.clock.monotonic())
+                if holder is not None:
+                    core.ledger.deduplicated += 1
+                    return holder
+        due = task.due(self.clock.time()) if meta.delay or meta.at is not None else None
+        # A delayed task waits in the store, for whichever process is there when it is due.
+        lease = self.lease_on_put and due is None and core.sched.size() < self.max_queue
         meta.enqueued = True
         try:
-            self.store.put(task, lease=lease)  # on disk (or in the queue) before we return
+            kept = self.store.put(task, lease=lease, due=due)  # stored before we return
         except BaseException:
             meta.enqueued = False
             raise
+        if kept is not task:  # the store found the key held, by any process
+            meta.enqueued = False
+            with core.lock:
+                core.ledger.deduplicated += 1
+            return kept
         hand_back = False
         with core.lock:
             core.ledger.enqueued += 1
+            if key is not None and not self.store.dedups:
+                self.dedup.take(key, task)
+                if not lease:  # another process may perform it: its window runs from now
+                    self.dedup.release(task, self.clock.monotonic())
             if not self.consume:
-                return
+                return task
             if lease:
                 core.ledger.claimed += 1
                 if core.stopping:  # shutdown() ran meanwhile: hand it back, below
@@ -108,6 +133,7 @@ class DurableBacklog:
                     pool.start()
         if hand_back:
             self._hand_back([task])
+        return task
 
     def resume(self) -> None:
         """Start a worker if the store holds a backlog (a new process over a file that a
@@ -253,6 +279,8 @@ class DurableBacklog:
 
     def forget(self, task: Task) -> None:
         self.leased.pop(task.id, None)
+        if task.dedup_key is not None and not self.store.dedups:
+            self.dedup.release(task, self.clock.monotonic())
 
     def worker_left(self) -> None:
         self.keeper.wake()

@@ -18,9 +18,50 @@ from .base import Take
 if TYPE_CHECKING:
     from ..settle import Settler
 
-__all__ = ["MemoryBacklog"]
+__all__ = ["DedupIndex", "MemoryBacklog"]
 
 log = logging.getLogger("offload")
+
+
+class DedupIndex:
+    """Which task holds each dedup key: while it is queued, delayed, running or retrying,
+    and for its `dedup_window` after it ended (then the key is free again). Called with
+    the core's lock held; times are the offloader clock's monotonic seconds."""
+
+    _PRUNE_AT = 1_000  # ended keys kept before the expired ones are swept
+
+    def __init__(self) -> None:
+        self.holders: dict[str, Task] = {}
+        self.ended: dict[str, tuple[Task, float]] = {}  # key -> (task, free again at)
+
+    def holder(self, key: str, now: float) -> Task | None:
+        """The task holding `key` now, or None."""
+        task = self.holders.get(key)
+        if task is not None:
+            return task
+        ended = self.ended.get(key)
+        if ended is None:
+            return None
+        if ended[1] > now:
+            return ended[0]
+        del self.ended[key]
+        return None
+
+    def take(self, key: str, task: Task) -> None:
+        self.ended.pop(key, None)
+        self.holders[key] = task
+
+    def release(self, task: Task, now: float) -> None:
+        """`task` ended (delivered or dead-lettered): its key is free, after its window."""
+        key = task.dedup_key
+        if key is None or self.holders.get(key) is not task:
+            return
+        del self.holders[key]
+        if task.dedup_window > 0:
+            if len(self.ended) >= self._PRUNE_AT:
+                for stale in [k for k, (_, until) in self.ended.items() if until <= now]:
+                    del self.ended[stale]
+            self.ended[key] = (task, now + task.dedup_window)
 
 
 class MemoryBacklog:
@@ -36,17 +77,24 @@ class MemoryBacklog:
         self.clock = clock
         self.max_queue = max_queue
         self.settler: Settler | None = None
+        self.dedup = DedupIndex()
 
     def bind(self, settler: Settler) -> None:
         self.settler = settler
 
-    def add(self, task: Task) -> None:
+    def add(self, task: Task, *, dedup: bool = True) -> Task:
         core = self.core
         sched = core.sched
         pool = self.pool
+        meta = task._meta
         with core.lock:
             if core.closed:
                 raise ShutDown("this offloader was shut down; it takes no new tasks")
+            if meta is not None and meta.dedup_key is not None and dedup:
+                holder = self.dedup.holder(meta.dedup_key, self.clock.monotonic())
+                if holder is not None:
+                    core.ledger.deduplicated += 1
+                    return holder
             if len(sched.ready) + sched.held_count + len(sched.delayed) >= self.max_queue:
                 core.ledger.rejected += 1
                 raise QueueFull(f"offload queue is full ({self.max_queue} tasks held)")
@@ -54,11 +102,21 @@ class MemoryBacklog:
                 core.work.notify()
             elif len(pool.threads) < pool.size:
                 pool.start()  # before the append: it may raise ShutDown
-            meta = task._meta
-            if meta is not None:  # a plain callable's task (no meta yet) is made enqueued
-                meta.enqueued = True
-            sched.ready.append(task)
             core.ledger.enqueued += 1
+            if meta is None:  # a plain callable's task (no meta yet) is made enqueued
+                sched.ready.append(task)
+                return task
+            meta.enqueued = True
+            if meta.dedup_key is not None:
+                self.dedup.take(meta.dedup_key, task)
+            if meta.delay or meta.at is not None:
+                wall = self.clock.time()
+                due = task.due(wall)
+                if due is not None:
+                    sched.delay(task, self.clock.monotonic() + (due - wall))
+                    return task
+            sched.ready.append(task)
+            return task
 
     def take(self, now: float) -> Take:
         sched = self.core.sched
@@ -92,7 +150,9 @@ class MemoryBacklog:
         return True
 
     def forget(self, task: Task) -> None:
-        pass
+        meta = task._meta
+        if meta is not None and meta.dedup_key is not None:
+            self.dedup.release(task, self.clock.monotonic())
 
     def worker_left(self) -> None:
         pass
@@ -137,7 +197,7 @@ class MemoryBacklog:
         letter = task._meta.progress.letter if task._meta and task._meta.progress else None
         task._restart()
         try:
-            self.add(task)
+            self.add(task, dedup=False)  # it takes its key again
         except (QueueFull, ShutDown):
             if letter is not None:
                 task.progress.letter = letter

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -54,6 +55,15 @@ class Resources:
         self.ca_bundle: str | None = None
         self._boto_session: Any = None
         self._clients: dict[tuple[str, str | None], Any] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """This thread's event loop for `async def` tasks, made when first needed and
+        closed with the other connections (when the worker thread exits)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.new_event_loop()
+        return loop
 
     def session(self) -> requests.Session:
         """The pooled session, made on first use, with requests' own retries off."""
@@ -108,3 +118,21 @@ class Resources:
             close = getattr(client, "close", None)
             if close is not None:
                 close()
+        loop, self._loop = self._loop, None
+        if loop is not None and not loop.is_closed():
+            _close_loop(loop)
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what a task left running, finish async generators and the default executor,
+    then close: no "unclosed loop" or "task destroyed" warnings."""
+    try:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
+    finally:
+        loop.close()

@@ -29,7 +29,7 @@ from ..calls.http_call import HttpCall
 from ..errors import GiveUp, NotSerializable
 from ..policy import RetryPolicy
 from ..records import Progress, Task
-from .trust import name_of, resolve_task_function, task_function_path
+from .trust import TRUST_ANY, Trust, name_of, task_function_path
 from .values import check_record, dumps, json_problem, loads
 
 __all__ = [
@@ -90,8 +90,11 @@ def dump_call(call: Call, args: Any, kwargs: Any) -> str:
     return f'{opening}{dumps(args) if args else "[]"},"kwargs":{dumps(kwargs)}}}'
 
 
-def load_call(text: str | bytes) -> tuple[Call, tuple[Any, ...], dict[str, Any]]:
-    """(call, args, kwargs) from `dump_call` text; ValueError for a malformed record."""
+def load_call(
+    text: str | bytes, trust: Trust = TRUST_ANY
+) -> tuple[Call, tuple[Any, ...], dict[str, Any]]:
+    """(call, args, kwargs) from `dump_call` text; ValueError for a malformed record, or
+    one naming a function `trust` refuses (then nothing is imported)."""
     try:
         record = loads(text)
     except (TypeError, ValueError, RecursionError) as exc:
@@ -113,7 +116,7 @@ def load_call(text: str | bytes) -> tuple[Call, tuple[Any, ...], dict[str, Any]]
         call = AwsCall.from_json(target)
     elif kind == "function":
         check_record(target, "function", {"path"})
-        call = resolve_task_function(target["path"])
+        call = trust.resolve(target["path"])
     else:
         raise ValueError(f"malformed task record: unknown target type {kind!r}")
     if not callable(call) and (args or kwargs):
@@ -237,7 +240,7 @@ class TaskRecord(NamedTuple):
             progress.last_attempt_at,
         )
 
-    def load(self) -> Task:
+    def load(self, trust: Trust = TRUST_ANY) -> Task:
         """The Task this record describes, with its ids and attempt state.
 
         Never raises for a bad record: the Task then performs an `Unreadable` call (its
@@ -248,8 +251,8 @@ class TaskRecord(NamedTuple):
             task_id = _text(self.id, "task id")
             idempotency_key = _text(self.idempotency_key, "idempotency key")
             key = _text(self.key, "task key", optional=True)
-            call, args, kwargs = load_call(self.call)
-            policy = None if self.retry is None else RetryPolicy.from_json(self.retry)
+            call, args, kwargs = load_call(self.call, trust)
+            policy = None if self.retry is None else RetryPolicy.from_json(self.retry, trust)
             progress = None
             if self.attempts or self.failures or self.first_attempt_at is not None:
                 progress = Progress(

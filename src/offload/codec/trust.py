@@ -5,7 +5,9 @@ write the store can write any path. JSON instead of pickle stops arbitrary objec
 arbitrary functions; so a stored task may not name a function of Python's standard
 library (`os:system`, `subprocess:run`, `builtins:exec` and their like), nor reach one
 through another module (the module a loaded function says it is defined in is checked
-too). Functions of the application and of installed packages remain nameable.
+too). Functions of the application and of installed packages remain nameable, unless the
+offloader trusts fewer (`Trust`): only functions registered with `@offload.task`, or only
+those of given modules, checked before anything is imported.
 """
 
 from __future__ import annotations
@@ -24,8 +26,12 @@ from typing import Any, cast
 from ..errors import NotSerializable
 
 __all__ = [
+    "TRUST_ANY",
+    "Trust",
     "callable_path",
     "name_of",
+    "register",
+    "registered",
     "resolve_callable",
     "resolve_task_function",
     "task_function_path",
@@ -178,3 +184,145 @@ def resolve_callable(path: str) -> Callable[..., Any]:
     if not callable(target):
         raise ValueError(f"{path!r} is not callable")
     return cast("Callable[..., Any]", target)
+
+
+# -- the registry, and what an offloader trusts -----------------------------------------
+
+_registry: dict[str, Callable[..., Any]] = {}
+
+
+def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`@offload.task`: register a module-level function by its path, for offloaders that
+    perform only registered functions (`trusted="registered"`); returns it unchanged."""
+    if not callable(fn):
+        raise TypeError(f"@offload.task decorates a function, got {fn!r}")
+    _registry[_registered_path(fn)] = fn
+    return fn
+
+
+def _registered_path(fn: Callable[..., Any]) -> str:
+    """`module:qualname` of a function being defined (not importable back yet: the
+    decorator runs before its module binds the name); NotSerializable as callable_path."""
+    name = name_of(fn)
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if (
+        not isinstance(module, str)
+        or not isinstance(qualname, str)
+        or isinstance(fn, functools.partial)
+    ):
+        raise NotSerializable(f"@offload.task registers module-level functions, not {name}")
+    if "<lambda>" in qualname or "<locals>" in qualname:
+        raise NotSerializable(
+            f"@offload.task registers module-level functions; {name} is defined inside a "
+            "function or is a lambda"
+        )
+    if module == "__main__":
+        spec_name = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+        if not spec_name or spec_name.rpartition(".")[2] == "__main__":
+            raise NotSerializable(
+                f"{qualname} is defined in the __main__ script, which a worker cannot import; "
+                "move it into a module"
+            )
+        module = spec_name
+    path = f"{module}:{qualname}"
+    if _in_standard_library(module):
+        raise NotSerializable(f"{path!r} is in Python's standard library; wrap it")
+    return path
+
+
+def registered() -> dict[str, Callable[..., Any]]:
+    """A copy of the registry: path -> function."""
+    return dict(_registry)
+
+
+class Trust:
+    """Which functions a stored task may name, for one offloader and its store.
+
+    `"any"` (the default): any importable function outside the standard library.
+    `"registered"`: only functions registered with `@offload.task` in this process; a
+    stored task naming another is refused without importing anything. A tuple of module
+    prefixes (`("myapp.tasks",)`): only functions of those modules (and their
+    submodules), checked before the module is imported.
+    """
+
+    __slots__ = ("mode", "prefixes")
+
+    def __init__(self, trusted: Any = "any") -> None:
+        self.mode: str = "any"
+        self.prefixes: tuple[str, ...] = ()
+        if trusted in ("any", "registered"):
+            self.mode = trusted
+            return
+        if isinstance(trusted, str) or not isinstance(trusted, (tuple, list, frozenset, set)):
+            raise ValueError(
+                "trusted must be 'any', 'registered' or a sequence of module prefixes "
+                f"('myapp.tasks', ...), got {trusted!r}"
+            )
+        prefixes = tuple(trusted)
+        bad = [p for p in prefixes if not isinstance(p, str) or not _MODULE.match(p)]
+        if not prefixes or bad:
+            raise ValueError(
+                f"trusted: module prefixes must be dotted module names, got {bad or prefixes!r}"
+            )
+        self.mode, self.prefixes = "prefixes", prefixes
+
+    @classmethod
+    def of(cls, value: Any) -> Trust:
+        return value if isinstance(value, Trust) else cls(value)
+
+    @classmethod
+    def parse(cls, text: str, what: str = "OFFLOAD_TRUSTED") -> Trust:
+        """'any', 'registered' or comma-separated module prefixes; ValueError naming `what`."""
+        text = text.strip()
+        try:
+            if text in ("any", "registered"):
+                return cls(text)
+            return cls(tuple(p.strip() for p in text.split(",") if p.strip()))
+        except ValueError as exc:
+            raise ValueError(f"{what}={text!r}: {exc}") from None
+
+    def allows(self, path: str) -> bool:
+        """True if a stored task may name `path` (`module:qualname`); imports nothing."""
+        if self.mode == "any":
+            return True
+        if self.mode == "registered":
+            return path in _registry
+        module = path.partition(":")[0]
+        return any(module == p or module.startswith(p + ".") for p in self.prefixes)
+
+    def refusal(self, path: str) -> str:
+        if self.mode == "registered":
+            return (
+                f"{path!r} is not registered with @offload.task, and this offloader performs "
+                "only registered functions (trusted='registered'); its module was not imported"
+            )
+        return (
+            f"{path!r} is outside the trusted modules {', '.join(self.prefixes)}; its module "
+            "was not imported"
+        )
+
+    def resolve(self, path: str) -> Callable[..., Any]:
+        """The function a stored task names, if it is trusted; ValueError otherwise (and
+        nothing imported)."""
+        if not self.allows(path):
+            raise ValueError(self.refusal(path))
+        if self.mode == "registered":
+            return _registry[path]
+        return resolve_task_function(path)
+
+    def check(self, fn: Callable[..., Any]) -> None:
+        """NotSerializable when an enqueue names a function this offloader would refuse to
+        perform (found now rather than as a dead letter later)."""
+        if self.mode == "any":
+            return
+        path = task_function_path(fn)
+        if not self.allows(path):
+            raise NotSerializable(self.refusal(path))
+
+    def __repr__(self) -> str:
+        return f"Trust({self.prefixes!r})" if self.mode == "prefixes" else f"Trust({self.mode!r})"
+
+
+_MODULE = re.compile(r"^[^\W\d]\w*(\.[^\W\d]\w*)*$")
+TRUST_ANY = Trust()

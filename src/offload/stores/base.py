@@ -38,6 +38,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
+from ..codec.trust import Trust
 from ..outcome import Reason
 from ..records import DeadLetter, Task
 
@@ -142,13 +143,24 @@ class DurableStore(Store, Protocol):
     lease_timeout: float
     #: False when `put(lease=True)` is impossible (see the module docstring).
     leases_on_put: bool
+    #: True when `put` deduplicates by the task's dedup key for every process on the
+    #: store; otherwise the offloader does, for its own process.
+    dedups: bool
+    #: Which functions a stored task may name: a store loads each task through it, so
+    #: that a function it refuses is never imported (the Offloader sets its own).
+    trust: Trust
     #: Seconds between flush()'s looks at what other processes changed (each look is a
     #: request to a remote store).
     flush_poll: float
 
-    def put(self, task: Task, *, lease: bool) -> None:
+    def put(self, task: Task, *, lease: bool, due: float | None = None) -> Task:
         """Write a new task durably before returning (NotSerializable if it cannot be
-        stored). `lease=True`: leased to this process, which will perform it."""
+        stored), due at `due` (epoch seconds; now if None). `lease=True` (never with a
+        `due`): leased to this process, which will perform it.
+
+        Returns the task; or, for a store that `dedups`, the task already holding its
+        dedup key, when one does (then nothing is written)."""
+        ...
 
     def claim(self, limit: int, *, exclude_keys: Mapping[str, float] = NO_KEYS) -> list[Task]:
         """Lease up to `limit` tasks that are due now, oldest first, skipping the keys

@@ -13,6 +13,7 @@ import sqlite3
 from typing import Any
 
 from ...codec.task import TaskRecord, Unreadable
+from ...codec.trust import TRUST_ANY, Trust
 from ...errors import StoreError, UnknownDeadLetter
 from ...records import DeadLetter, Task
 from .._shared import epoch
@@ -94,11 +95,11 @@ def count_letters(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0])
 
 
-def revive_letter(conn: sqlite3.Connection, dead_letter_id: str) -> Task:
+def revive_letter(conn: sqlite3.Connection, dead_letter_id: str, trust: Trust = TRUST_ANY) -> Task:
     """Remove a dead letter and return its task, in one transaction; StoreError, and the
     dead letter kept, when its task cannot be loaded in this process."""
     with transaction(conn):
-        task = TaskRecord(*_stored_letter(conn, dead_letter_id)).load()
+        task = TaskRecord(*_stored_letter(conn, dead_letter_id)).load(trust)
         if isinstance(task.call, Unreadable):
             raise StoreError(
                 f"dead letter {dead_letter_id} cannot be revived here: {task.call.error}"
@@ -107,7 +108,9 @@ def revive_letter(conn: sqlite3.Connection, dead_letter_id: str) -> Task:
     return task
 
 
-def replay_letter(conn: sqlite3.Connection, dead_letter_id: str, now: float) -> Task:
+def replay_letter(
+    conn: sqlite3.Connection, dead_letter_id: str, now: float, trust: Trust = TRUST_ANY
+) -> Task:
     """Move a dead letter's task back to the queue, due `now`, with a fresh attempt budget
     (same id and idempotency key), in one transaction; return the task (only a handle:
     this process may not even be able to import it)."""
@@ -127,7 +130,7 @@ def replay_letter(conn: sqlite3.Connection, dead_letter_id: str, now: float) -> 
             ),
         )
         conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
-    return TaskRecord(task_id, idempotency_key, key, call, retry).load()
+    return TaskRecord(task_id, idempotency_key, key, call, retry).load(trust)
 
 
 def discard_letter(conn: sqlite3.Connection, dead_letter_id: str) -> None:

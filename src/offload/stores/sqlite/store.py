@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from ...clock import Clock, SystemClock
 from ...codec.task import TaskRecord
+from ...codec.trust import TRUST_ANY, Trust
 from ...config import check_lease_timeout, check_number, lease_timeout_from_env
 from ...errors import StoreError
 from ...records import DeadLetter, Task
@@ -76,6 +77,9 @@ class SQLiteStore:
     """A durable store in one SQLite file (see the package docstring)."""
 
     durable = True
+    dedups = False  # (yet): the offloader deduplicates per process
+    #: Which functions a stored task may name (the Offloader sets its own).
+    trust: Trust = TRUST_ANY
     leases_on_put = True
     #: flush() looks at the file this often for what other processes changed.
     flush_poll = 0.05
@@ -220,12 +224,12 @@ class SQLiteStore:
 
     # -- tasks -----------------------------------------------------------------------------
 
-    def put(self, task: Task, *, lease: bool) -> None:
-        """Write a new task before returning: one line appended to this process's journal
-        (one write(), no fsync), or with synchronous=full one fsync'd INSERT. The enqueue
-        path: kept short on purpose."""
+    def put(self, task: Task, *, lease: bool, due: float | None = None) -> Task:
+        """Write a new task before returning, due at `due` (epoch seconds; now if None):
+        one line appended to this process's journal (one write(), no fsync), or with
+        synchronous=full one fsync'd INSERT. The enqueue path: kept short on purpose."""
         record = TaskRecord.of(task)  # NotSerializable before touching the file
-        now = self._clock.time()
+        now = self._clock.time() if due is None else due
         if self._pid != os.getpid():
             self._check_pid()
         if not self._opened:
@@ -243,7 +247,7 @@ class SQLiteStore:
                 raise StoreError(f"{self.url}: enqueue failed: {exc}") from exc
             if lease:
                 self._journaled_here[record.id] = name
-            return
+            return task
         task_id, idempotency_key = record.id, record.idempotency_key
         owner, until = (self._owner, now + self.lease_timeout) if lease else (None, None)
         stored_key = None if idempotency_key == task_id else idempotency_key
@@ -258,6 +262,7 @@ class SQLiteStore:
                 cursor.execute(PUT, row)
             except sqlite3.Error as exc:
                 raise StoreError(f"{self.url}: enqueue failed: {exc}") from exc
+        return task
 
     def claim(self, limit: int, *, exclude_keys: Mapping[str, float] = NO_KEYS) -> list[Task]:
         """Lease up to `limit` due tasks, oldest due first, skipping `exclude_keys`."""
@@ -275,6 +280,7 @@ class SQLiteStore:
                 until=now + self.lease_timeout,
                 limit=limit,
                 exclude_keys=exclude_keys,
+                trust=self.trust,
             )
 
     def _sweep(self, conn: sqlite3.Connection, now: float) -> None:
@@ -377,7 +383,7 @@ class SQLiteStore:
         into the queue in the same transaction.
         """
         with self._use("reviving a dead letter") as conn:
-            return revive_letter(conn, dead_letter_id)
+            return revive_letter(conn, dead_letter_id, self.trust)
 
     def replay(self, dead_letter_id: str) -> Task:
         """Move a dead letter's task back to the queue, due now, with a fresh attempt budget
@@ -387,7 +393,7 @@ class SQLiteStore:
         `offload` command, say) can replay it for the workers that can."""
         now = self._clock.time()
         with self._use("replaying a dead letter") as conn:
-            return replay_letter(conn, dead_letter_id, now)
+            return replay_letter(conn, dead_letter_id, now, self.trust)
 
     def discard(self, dead_letter_id: str) -> None:
         """Delete one dead letter; UnknownDeadLetter if none has that id."""

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ...codec.task import TaskRecord, attempt_state
+from ...codec.trust import TRUST_ANY, Trust
 from ...records import Task
 from .._shared import json_list, owner_dead
 from .schema import TASK_COLUMNS, transaction
@@ -41,6 +42,7 @@ def claim_due(
     until: float,
     limit: int,
     exclude_keys: Mapping[str, float],
+    trust: Trust = TRUST_ANY,
 ) -> list[Task]:
     """Lease up to `limit` tasks due at `now` to `owner` until `until`, oldest due first,
     none of the keys in `exclude_keys`."""
@@ -67,7 +69,7 @@ def claim_due(
                 "WHERE seq IN (SELECT value FROM json_each(?))",
                 (owner, until, json_list(r[0] for r in rows)),
             )
-    return [_task_from_row(row) for row in rows]
+    return [_task_from_row(row, trust) for row in rows]
 
 
 def take_back(conn: sqlite3.Connection, *, owner: str, now: float) -> None:
@@ -160,7 +162,7 @@ def count_tasks(conn: sqlite3.Connection, now: float) -> tuple[int, int, int]:
     return ready, delayed, leased
 
 
-def _task_from_row(row: tuple[Any, ...]) -> Task:
+def _task_from_row(row: tuple[Any, ...], trust: Trust) -> Task:
     _, task_id, idempotency_key, key, call, retry, attempts, failures, first, last = row
     return TaskRecord(
         task_id,
@@ -172,4 +174,4 @@ def _task_from_row(row: tuple[Any, ...]) -> Task:
         failures,
         first,
         last,
-    ).load()
+    ).load(trust)

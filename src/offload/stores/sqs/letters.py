@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ...codec.trust import TRUST_ANY, Trust
 from ...errors import StoreError, UnknownDeadLetter
 from ...records import DeadLetter, Task
 from .messages import Entry, read_entry
@@ -132,13 +133,13 @@ class DeadLetterQueue:
             removed += len(messages)
 
 
-def task_of(entry: Entry) -> Task:
+def task_of(entry: Entry, trust: Trust = TRUST_ANY) -> Task:
     """The task a dead letter holds, to revive or replay; StoreError when it holds none."""
     if entry.task is None:
         raise StoreError(
             f"dead letter {entry.letter.id} holds no task offload can replay "
             f"({entry.letter.error}); discard it"
         )
-    task = entry.task.load()  # an unreadable one dead-letters itself again
+    task = entry.task.load(trust)  # an unreadable one dead-letters itself again
     task.progress.letter = entry.letter
     return task

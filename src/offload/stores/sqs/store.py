@@ -40,6 +40,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from ..._redact import redact_url
+from ...codec.trust import TRUST_ANY, Trust
 from ...config import check_lease_timeout, lease_timeout_from_env
 from ...records import DeadLetter, Task
 from .._shared import bool_option, number_option, page_of
@@ -79,6 +80,9 @@ class SqsStore:
     """
 
     durable = True
+    dedups = False  # standard queues keep no deduplication: the sending process does
+    #: Which functions a stored task may name (the Offloader sets its own).
+    trust: Trust = TRUST_ANY
     dropped = 0  # the DLQ keeps every dead letter (for its retention period)
     #: SQS cannot lease a message as it is sent: put(lease=True) is refused, and a
     #: consuming process claims its own tasks back like any worker.
@@ -210,8 +214,10 @@ class SqsStore:
         with self._lock:
             return self._held.pop(task.id, None)
 
-    def put(self, task: Task, *, lease: bool) -> None:
-        """Send a new task (NotSerializable if it cannot be stored or is too large).
+    def put(self, task: Task, *, lease: bool, due: float | None = None) -> Task:
+        """Send a new task (NotSerializable if it cannot be stored or is too large), due at
+        `due` (epoch seconds) if given: DelaySeconds up to SQS's 900, and beyond that the
+        due time in the message, which a worker that receives it early sends on again.
 
         `lease=True` is refused: SQS cannot lease a message as it is sent. Send with
         `lease=False` and claim it like any worker.
@@ -221,7 +227,13 @@ class SqsStore:
                 "the SQS store cannot lease a task as it sends it (leases_on_put is False); "
                 "put it with lease=False and claim it like any worker"
             )
-        self._queues.send(self._queue_url, self._body(task))
+        if due is None:
+            self._queues.send(self._queue_url, self._body(task))
+            return task
+        delay = max(0, math.ceil(due - time.time()))  # rounded up: never earlier
+        body = self._body(task, due if delay > MAX_DELAY else None)
+        self._queues.send(self._queue_url, body, min(delay, MAX_DELAY))
+        return task
 
     def claim(self, limit: int, *, exclude_keys: Mapping[str, float] = NO_KEYS) -> list[Task]:
         """Lease up to `limit` tasks now visible, skipping the keys given (see the module doc).
@@ -247,7 +259,7 @@ class SqsStore:
                 try:
                     record = load_message(message["Body"])
                     stored, due = task_message(record)
-                    task = stored.load()
+                    task = stored.load(self.trust)
                 except ValueError as exc:
                     task = unreadable_task(message, str(exc))
                 if due is not None and due > now:
@@ -389,7 +401,7 @@ class SqsStore:
         before it deletes the dead letter.
         """
         with self._letters.find(dead_letter_id) as (scan, entry):
-            task = task_of(entry)
+            task = task_of(entry, self.trust)
             self._letters.delete(scan, entry)
         return task
 
@@ -397,7 +409,7 @@ class SqsStore:
         """Send a dead letter's task to the queue with a fresh attempt budget, then delete
         the dead letter; returns the task. A crash in between leaves both, never neither."""
         with self._letters.find(dead_letter_id) as (scan, entry):
-            task = task_of(entry)
+            task = task_of(entry, self.trust)
             task._restart()
             self._queues.send(self._queue_url, self._body(task))
             self._letters.delete(scan, entry)
