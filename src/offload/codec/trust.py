@@ -12,6 +12,7 @@ those of given modules, checked before anything is imported.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import importlib.util
@@ -275,6 +276,9 @@ class Trust:
     def parse(cls, text: str, what: str = "OFFLOAD_TRUSTED") -> Trust:
         """'any', 'registered' or comma-separated module prefixes; ValueError naming `what`."""
         text = text.strip()
+        close = difflib.get_close_matches(text, ("any", "registered"), 1, 0.75)
+        if close and text != close[0]:
+            raise ValueError(f"{what}={text!r}: did you mean {close[0]!r}?")
         try:
             if text in ("any", "registered"):
                 return cls(text)
