@@ -155,7 +155,10 @@ class Unreadable:
         self.error = error
         # Read by describe_target(): the dead letter names what it can without the record.
         self.__module__ = None  # type: ignore[assignment]
-        self.__qualname__ = f"<unreadable task {task_id}>"
+        what = describe_call(raw)
+        self.__qualname__ = (
+            f"<unreadable task {task_id}>" if what == "(unreadable task)" else f"{what} (refused)"
+        )
 
     def __call__(self) -> None:
         raise GiveUp(f"unreadable task record: {self.error}")
