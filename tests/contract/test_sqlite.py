@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import stat
@@ -675,3 +676,25 @@ def test_many_openers_of_a_new_file_all_get_a_store(tmp_path: Path) -> None:
             assert reader.counts().ready == 8
         finally:
             reader.close()
+
+
+def test_no_lease_is_reported_lost_when_a_shutdown_hands_tasks_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 17: a lease keeper renewing while a shutdown hands tasks back used to renew
+    them after their hand-back and report them "lost ... may run twice"; they were not
+    (handed back, each once). A short lease makes the keeper renew often."""
+    caplog.set_level(logging.INFO, logger="offload")
+    url = url_of(tmp_path / "q.db")
+    off = Offloader(store=url, workers=4, lease_timeout=0.3)
+    for i in range(2_000):
+        off.enqueue_task(offload.http("POST", "http://127.0.0.1:9/closed", json={"i": i}))
+    off.shutdown(timeout=0.1)
+    assert not [r for r in caplog.records if "were lost" in r.getMessage()]
+    store = SQLiteStore(tmp_path / "q.db")
+    try:
+        counts = store.counts()
+        # Every task is in the file exactly once, none leased: each was handed back.
+        assert counts.ready + counts.delayed == 2_000 and counts.leased == 0
+    finally:
+        store.close()

@@ -252,10 +252,10 @@ class DurableBacklog:
         if throttled and task.key is not None:
             with core.lock:  # before the store has it back: other workers must wait now
                 core.sched.close_gate(task.key, due)
+        self.keeper.let_go([task])  # no longer renewed once the store has it back
         self._store_call("hand back", self.store.release, task, self.clock.time() + delay)
         with core.lock:
             core.sched.settle(task, due if throttled else None, now=now)
-            self.leased.pop(task.id, None)
             core.ledger.retried += 1
             core.ledger.released += 1
             core.work.notify()
@@ -306,13 +306,12 @@ class DurableBacklog:
         """Release tasks this process will not perform (lock not held; the caller counts
         them): due now, for any process. A task that cannot be released comes back when
         its lease expires."""
+        self.keeper.let_go(tasks)  # not renewed once the store has them back
         wall = self.clock.time()
         for task in tasks:
             self._store_call("hand back", self.store.release, task, wall)
         core = self.core
         with core.lock:
-            for task in tasks:
-                self.leased.pop(task.id, None)
             core.notify_if_drained()
 
     # -- flush and shutdown ---------------------------------------------------------------

@@ -30,6 +30,16 @@ class LeaseKeeper:
         self.leased = leased  # the durable backlog's own dict: it adds and removes
         self.thread: threading.Thread | None = None
         self._wake = threading.Condition(core.lock)
+        # Held while a renewal is under way, so that a task handed back meanwhile is not
+        # renewed after its hand-back (and then reported lost): see `let_go`.
+        self._renewing = threading.Lock()
+
+    def let_go(self, tasks: list[Task]) -> None:
+        """Lock not held: stop holding `tasks` here before the store has them back, with no
+        renewal of them under way."""
+        with self._renewing, self.core.lock:
+            for task in tasks:
+                self.leased.pop(task.id, None)
 
     def ensure(self) -> None:
         """Called with the lock held: make sure the keeper runs (leases are held)."""
@@ -59,9 +69,11 @@ class LeaseKeeper:
                     if self.thread is me:
                         self.thread = None
                     return
-                held = list(self.leased.values())
-            try:
-                self.store.renew(held)
-            except Exception as exc:
-                with Guarded():
-                    log.error("offload: could not renew %d lease(s): %s", len(held), exc)
+            with self._renewing:
+                with core.lock:
+                    held = list(self.leased.values())
+                try:
+                    self.store.renew(held)
+                except Exception as exc:
+                    with Guarded():
+                        log.error("offload: could not renew %d lease(s): %s", len(held), exc)
