@@ -120,3 +120,8 @@ def gates() -> dict[str, float]:
 def keys() -> dict[str, KeyState]:
     """The default offloader's keys (APIs) and their state now: gates, limits, rates."""
     return _default.get().keys()
+
+
+def __dir__() -> list[str]:
+    """The public names only (not the modules and helpers imported to make them)."""
+    return sorted(__all__)

@@ -8,6 +8,8 @@ later on a worker or in the exit hook, where an error could only be logged.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -29,6 +31,8 @@ __all__ = [
     "options_from_env",
     "shutdown_timeout_from_env",
 ]
+
+log = logging.getLogger("offload")
 
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 DEFAULT_LEASE_TIMEOUT = 60.0
@@ -130,8 +134,49 @@ _NUMBERS: tuple[tuple[str, str, Callable[[str], Any], float, float | None], ...]
 )
 
 
+KNOWN_VARIABLES = frozenset(
+    {
+        "OFFLOAD_STORE",
+        "OFFLOAD_MAX_QUEUE",
+        "OFFLOAD_IDLE_TIMEOUT",
+        "OFFLOAD_WORKERS",
+        "OFFLOAD_MAX_ATTEMPTS",
+        "OFFLOAD_SHUTDOWN_TIMEOUT",
+        "OFFLOAD_LEASE_TIMEOUT",
+        "OFFLOAD_WORKER_NICE",
+        "OFFLOAD_LIMITS",
+        "OFFLOAD_ADAPTIVE",
+        "OFFLOAD_TRUSTED",
+        "OFFLOAD_IMPORTS",
+        "OFFLOAD_CONSOLE_TOKEN",
+    }
+)
+_checked_environment = False
+
+
+def check_environment() -> None:
+    """Warn once per process of an OFFLOAD_* variable that is not one offload reads but
+    looks like one (OFFLOAD_WROKERS): it would be ignored without a word."""
+    global _checked_environment
+    if _checked_environment:
+        return
+    _checked_environment = True
+    for name in sorted(os.environ):
+        if not name.startswith("OFFLOAD_") or name in KNOWN_VARIABLES:
+            continue
+        close = difflib.get_close_matches(name, KNOWN_VARIABLES, 1, 0.8)
+        if close:
+            log.warning(
+                "offload: the environment variable %s is not one offload reads (did you mean "
+                "%s?); it is ignored",
+                name,
+                close[0],
+            )
+
+
 def options_from_env() -> dict[str, Any]:
     """Offloader options set by OFFLOAD_* environment variables; ValueError names a bad one."""
+    check_environment()
     options: dict[str, Any] = {}
     store = os.environ.get("OFFLOAD_STORE")
     if store:

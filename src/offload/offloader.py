@@ -36,6 +36,7 @@ from .config import (
     DEFAULT_SHUTDOWN_TIMEOUT,
     MAX_NICE,
     check_callback,
+    check_environment,
     check_lease_timeout,
     check_number,
     shutdown_timeout_from_env,
@@ -111,6 +112,7 @@ class Offloader:
                 f"clock must be an offload.Clock (monotonic, time, wait), got {clock!r}"
             )
         shutdown_timeout_from_env()  # a bad variable is refused now, not in the exit hook
+        check_environment()
         self._store = open_store(
             store, max_dead_letters=max_dead_letters, lease_timeout=lease_timeout, clock=clock
         )

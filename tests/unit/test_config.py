@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -210,3 +211,64 @@ def test_worker_nice_lowers_the_worker_threads_priority_only() -> None:
             off.shutdown(1)
     assert seen == [main, min(19, main + 3)]
     assert _my_priority() == main  # the caller's thread is untouched
+
+
+# -- issue 17: what a new user ran into -------------------------------------------------------
+
+
+def test_a_bad_shutdown_timeout_is_refused_where_it_is_first_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OFFLOAD_SHUTDOWN_TIMEOUT", "5s")
+    with pytest.raises(ValueError, match="OFFLOAD_SHUTDOWN_TIMEOUT"):
+        Offloader()
+
+
+def test_the_exit_hook_never_raises_for_a_variable_changed_after_use() -> None:
+    from procs import run_python
+
+    result = run_python(
+        """
+        import atexit, os
+        delivered = []
+        atexit.register(lambda: print("delivered", len(delivered)))  # runs after offload's
+        import offload
+        off = offload.Offloader()
+        for i in range(20):
+            off.enqueue_task(delivered.append, i)
+        os.environ["OFFLOAD_SHUTDOWN_TIMEOUT"] = "5s"  # set after the offloader was made
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr
+    assert "OFFLOAD_SHUTDOWN_TIMEOUT" in result.stderr  # one warning, naming it
+    assert "delivered 20" in result.stdout
+
+
+def test_a_misspelt_variable_is_named_once_with_the_likely_name(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from offload import config
+
+    monkeypatch.setattr(config, "_checked_environment", False)
+    monkeypatch.setenv("OFFLOAD_WROKERS", "4")
+    monkeypatch.setenv("OFFLOAD_TEST_SOMETHING", "1")  # not like any of offload's: quiet
+    with caplog.at_level(logging.WARNING, logger="offload"):
+        offload.stats()
+        Offloader().shutdown(0)
+    warned = [r.getMessage() for r in caplog.records if "not one offload reads" in r.getMessage()]
+    assert len(warned) == 1 and "OFFLOAD_WROKERS" in warned[0] and "OFFLOAD_WORKERS" in warned[0]
+
+
+@pytest.mark.parametrize("text", ["maybe", "false", "True", "0", "", " /etc/ca.pem"])
+def test_verify_takes_a_bool_or_a_bundle_path_not_a_word(text: str) -> None:
+    assert offload.http("GET", "https://h/x", verify="/etc/ca.pem").kwargs["verify"]
+    with pytest.raises(ValueError, match="CA bundle"):
+        offload.http("GET", "https://h/x", verify=text)
+
+
+def test_dir_shows_the_public_names_only() -> None:
+    names = dir(offload)
+    assert names == sorted(offload.__all__)
+    assert not {"Any", "annotations", "PackageNotFoundError", "_default"} & set(names)
+    assert {"keys", "gates", "Limit", "KeyState", "task"} <= set(names)

@@ -555,3 +555,28 @@ def test_flush_from_a_task_on_its_own_offloader_raises(make_offloader: MakeOfflo
     off.enqueue_task(task)
     assert off.flush(5)
     assert len(errors) == 1 and "own tasks" in str(errors[0])
+
+
+def test_the_shutdown_warning_names_the_calls_the_memory_store_lets_go(
+    make_offloader: MakeOffloader, caplog: pytest.LogCaptureFixture
+) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def busy() -> None:
+        started.set()
+        release.wait(5)
+
+    off = make_offloader()
+    off.enqueue_task(busy)
+    assert started.wait(5)  # the worker is busy: what follows stays queued
+    tasks = [
+        off.enqueue_task(offload.http("POST", f"https://api.example.com/n{i}?token=s3cr3t"))
+        for i in range(12)
+    ]
+    with caplog.at_level(logging.WARNING, logger="offload"):
+        off.shutdown(timeout=0)
+    release.set()
+    [line] = [r.getMessage() for r in caplog.records if "shut down with" in r.getMessage()]
+    assert tasks[0].id in line and "POST https://api.example.com/n0?token=***" in line
+    assert tasks[9].id in line and tasks[10].id not in line and "and 2 more" in line
+    assert "s3cr3t" not in line and "on_dead_letter" in line

@@ -7,6 +7,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from .._guard import Guarded
+from ..calls.base import describe_target
 from ..clock import Clock
 from ..core import Core
 from ..errors import QueueFull, ShutDown
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 __all__ = ["DedupIndex", "MemoryBacklog"]
 
 log = logging.getLogger("offload")
+
+_SHOWN = 10  # undelivered tasks named in the shutdown warning
 
 
 class DedupIndex:
@@ -181,13 +184,19 @@ class MemoryBacklog:
             running = core.sched.in_flight
         lost = len(left) + running
         if lost:
+            shown = ", ".join(f"{t.id} {describe_target(t.call)}" for t in left[:_SHOWN])
+            more = f", and {len(left) - _SHOWN} more" if len(left) > _SHOWN else ""
             with Guarded():
                 log.warning(
                     "offload shut down with %d task(s) undelivered: %d dead-lettered (reason "
-                    "'shutdown'), %d still running",
+                    "'shutdown'), %d still running%s",
                     lost,
                     len(left),
                     running,
+                    f"; dead-lettered: {shown}{more}. The memory store's dead letters end "
+                    "with the process: keep them with on_dead_letter, or use a durable store"
+                    if left
+                    else "",
                 )
         self.pool.join(threads, deadline)
         return ok and not lost

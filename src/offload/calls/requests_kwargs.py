@@ -320,7 +320,18 @@ def _check_bool(value: Any) -> bool:
 def _check_verify(value: Any) -> bool | str:
     if not isinstance(value, (bool, str)):
         raise TypeError(f"verify must be a bool or a CA bundle path, got {_type_name(value)}")
+    if isinstance(value, str) and (
+        value.strip().lower() in _NOT_PATHS or not value.strip() or value != value.strip()
+    ):
+        # requests would take the text as a file name, and fail on the worker (or, for
+        # "false", check certificates the caller meant to skip).
+        raise ValueError(f"verify must be True, False or the path of a CA bundle, got {value!r}")
     return value
+
+
+_NOT_PATHS = frozenset(
+    {"true", "false", "yes", "no", "on", "off", "0", "1", "none", "maybe", "y", "n"}
+)
 
 
 def _check_cert(value: Any) -> str | tuple[str, str]:
