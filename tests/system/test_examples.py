@@ -4,6 +4,7 @@ test client against a real local server, in eager mode and in the background."""
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import subprocess
@@ -208,6 +209,68 @@ def test_fastapi_order_in_eager_mode(server: ScriptedServer, fastapi_app: Module
     assert response.status_code == 202 and response.json()["order"] == "A7"
     assert received.headers["Idempotency-Key"] == "order-A7"
     assert b'"quantity": 2' in received.body
+
+
+def run_uvicorn(server: ScriptedServer, app: str, app_dir: Path, calls: int) -> set[str]:
+    """`uvicorn app` (a real process), `calls` orders posted to it, then SIGTERM; the order
+    ids the stand-in warehouse received once it exited."""
+    import signal
+    import socket
+
+    import requests
+
+    server.script("/shipments", Answer(202, delay=0.004))  # slower than the requests come
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}
+    env.update(WAREHOUSE_URL=server.base_url, PYTHONPATH=str(EXAMPLES.parent / "src"))
+    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), app]
+    proc = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "Uvicorn running on" in line:
+                break
+        else:
+            pytest.fail("uvicorn did not start")
+        with requests.Session() as session:
+            for n in range(calls):
+                answer = session.post(
+                    f"http://127.0.0.1:{port}/orders",
+                    json={"id": f"U{n}", "sku": "tea", "quantity": 1},
+                    timeout=10,
+                )
+                assert answer.status_code == 202
+        assert len(server.requests_to("/shipments")) < calls, "all sent already: no test"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "Traceback" not in err
+    return {json.loads(r.body)["id"] for r in server.requests_to("/shipments")}
+
+
+def test_fastapi_under_uvicorn_delivers_every_call_on_sigterm(server: ScriptedServer) -> None:
+    """uvicorn raises SIGTERM again after its own shutdown, so exit hooks never run: the
+    example's lifespan shuts offload down, and every call of 500 requests is sent."""
+    assert len(run_uvicorn(server, "fastapi_app:app", EXAMPLES, 500)) == 500
+
+
+def test_without_the_lifespan_uvicorn_loses_what_is_queued(server: ScriptedServer) -> None:
+    """Why the recipe shuts offload down in the lifespan: without it, the calls still
+    queued at SIGTERM are never sent (the README names uvicorn among such servers)."""
+    from procs import SUPPORT
+
+    assert len(run_uvicorn(server, "uvicorn_bare_app:app", Path(SUPPORT), 500)) < 500
 
 
 def test_fastapi_lifespan_flushes_on_shutdown(
