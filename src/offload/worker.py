@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,10 @@ from .records import Task
 if TYPE_CHECKING:
     from .backlog.base import Backlog
 
-__all__ = ["WorkerPool"]
+__all__ = ["STALL_WARNING", "WorkerPool"]
+
+STALL_WARNING = 5.0
+"""Seconds a started worker thread may not have run before an enqueue says so."""
 
 log = logging.getLogger("offload")
 
@@ -64,6 +68,11 @@ class WorkerPool:
         self.nice = nice
         self.threads: set[threading.Thread] = set()
         self.idle = 0  # workers waiting on core.work
+        # A worker thread that was started but never ran: a server that does not run the
+        # application's threads (uWSGI without enable-threads). Checked on enqueue, cheaply.
+        self.ran = False
+        self._started_at: float | None = None
+        self._warned = False
         self._backlog: Backlog | None = None
         self._run_one: Callable[[Task, Resources], None] | None = None
 
@@ -102,6 +111,32 @@ class WorkerPool:
         except RuntimeError as exc:  # 3.12+: "can't create new thread at interpreter shutdown"
             raise ShutDown(f"cannot start offload's worker thread: {exc}") from exc
         self.threads.add(thread)
+        if not self.ran and self._started_at is None:
+            self._started_at = time.monotonic()
+
+    def check_running(self) -> None:
+        """Warn once when a worker thread started a while ago has still not run: the
+        server does not run the application's threads, and calls would wait silently."""
+        started = self._started_at
+        if self.ran or started is None or self._warned:
+            return
+        waited = time.monotonic() - started
+        if waited < STALL_WARNING:
+            return
+        self._warned = True
+        hint = (
+            "uWSGI runs the application's threads only with `enable-threads = true` "
+            "(--enable-threads): set it"
+            if "uwsgi" in sys.modules
+            else "does this server run the application's threads?"
+        )
+        with Guarded():
+            log.warning(
+                "offload: the worker thread started %.0fs ago has not run yet, so calls are "
+                "waiting; %s",
+                waited,
+                hint,
+            )
 
     def join(self, threads: list[threading.Thread], deadline: float | None) -> None:
         """Wait (lock not held) for `threads` to exit, until `deadline` (the clock's
@@ -115,6 +150,7 @@ class WorkerPool:
     # -- the worker thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        self.ran = True
         if self.nice:
             _be_nicer(self.nice)
         run_one = self._run_one

@@ -580,3 +580,27 @@ def test_the_shutdown_warning_names_the_calls_the_memory_store_lets_go(
     assert tasks[0].id in line and "POST https://api.example.com/n0?token=***" in line
     assert tasks[9].id in line and tasks[10].id not in line and "and 2 more" in line
     assert "s3cr3t" not in line and "on_dead_letter" in line
+
+
+def test_a_worker_thread_that_never_runs_is_reported_once(
+    make_offloader: MakeOffloader,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A server that does not run the application's threads (uWSGI without
+    enable-threads): the worker is started but never runs; an enqueue says so, once."""
+    from offload import worker
+
+    started: list[threading.Thread] = []
+    monkeypatch.setattr(threading.Thread, "start", lambda self: started.append(self))
+    monkeypatch.setattr(worker, "STALL_WARNING", 0.0)
+    off = make_offloader()
+    with caplog.at_level(logging.WARNING, logger="offload"):
+        for _ in range(3):
+            off.enqueue_task(print)
+    monkeypatch.undo()
+    warned = [r.getMessage() for r in caplog.records if "has not run yet" in r.getMessage()]
+    assert len(started) == 1 and len(warned) == 1
+    assert "calls are waiting" in warned[0]
+    off._pool.threads.clear()  # never started: nothing to join
+    assert off.shutdown(0) is False  # the three calls were never made

@@ -131,6 +131,8 @@ class DurableBacklog:
                 # On failure (interpreter exit) the task is stored: a later process does it.
                 with contextlib.suppress(ShutDown):
                     pool.start()
+            elif not pool.ran:
+                pool.check_running()
         if hand_back:
             self._hand_back([task])
         return task

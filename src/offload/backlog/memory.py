@@ -105,6 +105,8 @@ class MemoryBacklog:
                 core.work.notify()
             elif len(pool.threads) < pool.size:
                 pool.start()  # before the append: it may raise ShutDown
+            elif not pool.ran:
+                pool.check_running()
             core.ledger.enqueued += 1
             if meta is None:  # a plain callable's task (no meta yet) is made enqueued
                 sched.ready.append(task)
