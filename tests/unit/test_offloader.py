@@ -592,7 +592,7 @@ def test_a_worker_thread_that_never_runs_is_reported_once(
     from offload import worker
 
     started: list[threading.Thread] = []
-    monkeypatch.setattr(threading.Thread, "start", lambda self: started.append(self))
+    monkeypatch.setattr(threading.Thread, "start", lambda self: started.append(self))  # noqa: PLW0108 - a method: it gets the thread
     monkeypatch.setattr(worker, "STALL_WARNING", 0.0)
     off = make_offloader()
     with caplog.at_level(logging.WARNING, logger="offload"):
