@@ -32,6 +32,7 @@ from typing import Any, TextIO
 from . import __version__
 from .codec.trust import Trust
 from .errors import OffloadError, UnknownDeadLetter
+from .limits import normalise_key
 from .records import DeadLetter
 from .stores import DurableStore, Store, open_store
 
@@ -43,6 +44,10 @@ _FOREVER = 365 * 24 * 3600.0
 
 class CommandError(Exception):
     """A one-line error for the user (exit status 1)."""
+
+
+class UsageError(Exception):
+    """A command given the wrong arguments (exit status 2, as argparse's own errors)."""
 
 
 # -- the parser -------------------------------------------------------------------------
@@ -85,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--workers", metavar="N", type=int, help="threads performing calls ($OFFLOAD_WORKERS)"
+    )
+    worker.add_argument(
+        "--create",
+        action="store_true",
+        help="make the SQLite store file if it is missing (without it, a missing file is "
+        "an error: a typo must not make an empty store that nothing writes to)",
     )
     worker.add_argument(
         "--trusted",
@@ -185,7 +196,7 @@ def _store_url(args: argparse.Namespace) -> str:
 
 def _open(args: argparse.Namespace, *, must_exist: bool = True) -> DurableStore:
     """The durable store `--store` names. A SQLite file that is not there is an error (a
-    typo must not make an empty store), except for the worker."""
+    typo must not make an empty store), unless the worker is told to `--create` it."""
     from .stores.sqlite import SQLiteStore  # noqa: PLC0415
 
     store: Store = open_store(_store_url(args))  # a SQLite file is opened on first use
@@ -222,12 +233,13 @@ def _table(letters: Sequence[DeadLetter], out: TextIO) -> None:
             "-" if letter.status is None else str(letter.status),
             str(letter.attempts),
             _when(letter.last_attempt_at),
+            letter.key or "-",
             _clip(letter.description, 60),
             _clip(letter.error, 60),
         )
         for letter in letters
     ]
-    header = ("ID", "REASON", "STATUS", "ATTEMPTS", "LAST ATTEMPT (UTC)", "CALL", "ERROR")
+    header = ("ID", "REASON", "STATUS", "ATTEMPTS", "LAST ATTEMPT (UTC)", "KEY", "CALL", "ERROR")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         out.write(
@@ -236,8 +248,30 @@ def _table(letters: Sequence[DeadLetter], out: TextIO) -> None:
         out.write("\n")
 
 
+def _key_of(given: str, letters: list[DeadLetter]) -> str:
+    """The key `--key` names, as a user types it: the key itself, a URL of the API
+    (https://api.example.com/v1 is https://api.example.com:443), or host:port. A key no
+    dead letter has is an error that lists those they have."""
+    keys = {letter.key for letter in letters if letter.key is not None}
+    if given in keys:
+        return given
+    candidates = [given]
+    if "://" not in given:
+        candidates += [f"http://{given}", f"https://{given}"]
+    for candidate in candidates:
+        try:
+            key = normalise_key(candidate)
+        except ValueError:
+            continue
+        if key in keys:
+            return key
+    listed = ", ".join(sorted(keys)) if keys else "none"
+    raise CommandError(f"no dead letter has the key {given!r}; their keys: {listed}")
+
+
 def _matching(letters: list[DeadLetter], args: argparse.Namespace) -> list[DeadLetter]:
-    key, status, since = args.key, args.status, args.since
+    status, since = args.status, args.since
+    key = None if args.key is None else _key_of(args.key, letters)
     chosen = []
     for letter in letters:
         if key is not None and letter.key != key:
@@ -316,9 +350,9 @@ def _each(
 
 def _replay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if bool(args.ids) == bool(args.all):
-        raise CommandError("give dead letter IDs or --all (not both)")
+        raise UsageError("give dead letter IDs or --all (not both)")
     if args.ids and (args.key is not None or args.status is not None or args.since is not None):
-        raise CommandError("--key, --status and --since go with --all")
+        raise UsageError("--key, --status and --since go with --all")
     store = _open(args)
     try:
         if args.all:
@@ -419,6 +453,8 @@ def _worker(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from .offloader import Offloader  # noqa: PLC0415
 
     url = _store_url(args)
+    if not args.create:
+        _open(args).close()  # a missing SQLite file is an error here too
     options = options_from_env()
     options.update(store=url, consume=True, idle_timeout=_FOREVER)
     if args.trusted is not None:
@@ -527,6 +563,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.write("offload: interrupted\n")
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): end quietly, and keep Python from complaining
+        # again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except UsageError as exc:
+        err.write(f"offload: usage error: {exc} (see offload {args.command} --help)\n")
+        return 2
     except (CommandError, OffloadError, ValueError, OSError) as exc:
         # StoreError and UnknownDeadLetter are OffloadErrors: a store that cannot be
         # reached, a record it cannot read, an id it does not hold.

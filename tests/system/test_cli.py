@@ -23,6 +23,7 @@ import pytest
 import offload
 from offload import DeadLetter, Task
 from offload.records import new_id
+from offload.settle import dead_letter_for
 from offload.stores.sqlite import SQLiteStore
 from procs import IMPORTABLE
 from server import Answer, ScriptedServer
@@ -149,8 +150,10 @@ def test_list_filters(store_url: str, letters: list[DeadLetter]) -> None:
     assert ids("--key", "crm", "--since", "1h") == [letters[1].id]
     future = (datetime.now(timezone.utc) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%MZ")
     assert ids("--since", future) == []
-    empty = cli("dead-letters", "list", "--store", store_url, "--key", "nobody")
-    assert empty.stdout == "no dead letters\n"
+    unknown = cli("dead-letters", "list", "--store", store_url, "--key", "nobody")
+    assert unknown.returncode == 1 and unknown.stdout == ""
+    assert "no dead letter has the key 'nobody'; their keys: billing, crm" in unknown.stderr
+    assert cli("dead-letters", "list", "--store", store_url, "--key", "crm").returncode == 0
 
 
 def test_show_one(store_url: str, letters: list[DeadLetter]) -> None:
@@ -357,7 +360,7 @@ def enqueue(url: str, code: str) -> None:
 def test_worker_performs_calls_until_a_signal_then_exits_0(
     store_url: str, server: ScriptedServer, spawn: Any, sig: signal.Signals
 ) -> None:
-    worker = spawn("worker", "--store", store_url, "--workers", "3")
+    worker = spawn("worker", "--store", store_url, "--workers", "3", "--create")
     started(worker)
     enqueue(
         store_url,
@@ -400,7 +403,7 @@ def test_worker_stopped_during_a_hung_call_keeps_the_task(
 
     hang = threading.Event()
     server.script("/hang", Answer.hang(hang))
-    worker = spawn("worker", "--store", store_url, OFFLOAD_SHUTDOWN_TIMEOUT="0.5")
+    worker = spawn("worker", "--store", store_url, "--create", OFFLOAD_SHUTDOWN_TIMEOUT="0.5")
     started(worker)
     enqueue(
         store_url,
@@ -426,3 +429,52 @@ def test_demo_runs_through_the_command(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "delivered" in result.stdout
     assert (tmp_path / "demo.db").exists()
+
+
+# -- issue 17: what a new user ran into ---------------------------------------------------
+
+
+def test_the_worker_refuses_a_missing_sqlite_file_unless_told_to_create_it(
+    tmp_path: Path, spawn: Any
+) -> None:
+    typo = f"sqlite:///{tmp_path / 'typo.db'}"
+    result = cli("worker", "--store", typo)
+    failed_with_one_line(result, "does not exist")
+    assert not (tmp_path / "typo.db").exists()
+    worker = spawn("worker", "--store", typo, "--create")
+    started(worker)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0 and (tmp_path / "typo.db").exists()
+
+
+def test_a_closed_pipe_ends_the_output_quietly(store_url: str, letters: list[DeadLetter]) -> None:
+    command = f"{sys.executable} -m offload dead-letters list --json --store {store_url} | head -1"
+    result = subprocess.run(
+        command, shell=True, capture_output=True, text=True, timeout=60, env=env(), check=False
+    )
+    assert result.stdout.strip() == "["
+    assert result.stderr == "", result.stderr
+
+
+def test_replay_needs_ids_or_all_as_a_usage_error(
+    store_url: str, letters: list[DeadLetter]
+) -> None:
+    result = cli("dead-letters", "replay", "--store", store_url)
+    assert result.returncode == 2 and "give dead letter IDs or --all" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_key_takes_the_host_as_a_user_types_it(store_url: str) -> None:
+    store = SQLiteStore(store_url.removeprefix("sqlite:///"))
+    try:
+        task = Task(offload.http("POST", "http://127.0.0.1:34907/v1/contacts"))
+        store.put(task, lease=True)
+        store.bury(task, dead_letter_for(task, "HTTP 503", None, "exhausted"))
+    finally:
+        store.close()
+    for typed in ("127.0.0.1:34907", "http://127.0.0.1:34907/v1"):
+        result = cli("dead-letters", "list", "--store", store_url, "--json", "--key", typed)
+        assert result.returncode == 0, result.stderr
+        assert [x["key"] for x in json.loads(result.stdout)] == ["http://127.0.0.1:34907"]
+    table = cli("dead-letters", "list", "--store", store_url)
+    assert "KEY" in table.stdout and "http://127.0.0.1:34907" in table.stdout
