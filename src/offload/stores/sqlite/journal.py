@@ -316,15 +316,17 @@ class Journals:
 
     def copy(
         self, conn: sqlite3.Connection, journal: JournalWriter | None, *, everyone: bool
-    ) -> None:
+    ) -> bool:
         """Copy journal lines not yet in the tasks table into it: every process's
         (`everyone`), or only those of `journal`, this store's writer, so that its tasks
         have rows. With the store's lock held, outside a transaction; takes the write lock
-        only when a file has grown."""
+        only when a file has grown. True when it stopped at its budget with more to copy
+        (one transaction copies at most _COPY_BUDGET bytes)."""
+        more = False
         if fcntl is None:
-            return
+            return more
         if not everyone and (journal is None or not journal.behind()):
-            return
+            return more
         current, retired = "", []
         if journal is not None:
             with journal.lock:
@@ -351,10 +353,12 @@ class Journals:
                 budget = _COPY_BUDGET
                 for name in behind:
                     if budget <= 0:
-                        break  # the rest in the next transaction: the write lock is shared
+                        more = True  # the rest in the next transaction: the lock is shared
+                        break
                     start = copied.get(name, 0)
                     copied[name] = self._copy_file(conn, name, start, budget)
                     budget -= copied[name] - start
+                    more = more or budget <= 0
                 gone = [n for n in stale if not os.path.exists(os.path.join(self.directory, n))]
                 if gone:
                     conn.execute(
@@ -362,7 +366,7 @@ class Journals:
                         (json_list(gone),),
                     )
         if journal is None:
-            return
+            return more
         with journal.lock:
             if journal.name == current and current in copied:
                 journal.copied = max(journal.copied, copied[current])
@@ -371,6 +375,7 @@ class Journals:
             journal.retired = [n for n in journal.retired if n not in done]
         if done:
             self.delete(conn, done)
+        return more
 
     def _copy_file(self, conn: sqlite3.Connection, name: str, start: int, most: int) -> int:
         """Copy the whole lines of journal `name` from byte `start`, about `most` bytes of

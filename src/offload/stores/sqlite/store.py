@@ -196,9 +196,14 @@ class SQLiteStore:
             except sqlite3.Error as exc:
                 raise StoreError(f"{self.url}: {what} failed: {exc}") from exc
 
-    def _copy_journals(self, conn: sqlite3.Connection, *, everyone: bool) -> None:
-        """Copy journal lines into the tasks table: every process's, or this one's own."""
-        self._journals.copy(conn, self._journal, everyone=everyone)
+    def _copy_journals(
+        self, conn: sqlite3.Connection, *, everyone: bool, all_of_it: bool = False
+    ) -> None:
+        """Copy journal lines into the tasks table: every process's, or this one's own;
+        `all_of_it`: every line there is, a transaction per budget's worth (counts must
+        count every task on disk), rather than one budget's worth."""
+        while self._journals.copy(conn, self._journal, everyone=everyone) and all_of_it:
+            pass
 
     def close(self) -> None:
         """Close this process's connection; a later use opens a new one."""
@@ -340,7 +345,7 @@ class SQLiteStore:
         """Tasks ready, delayed and leased (by anyone), and dead letters, now."""
         now = self._clock.time()
         with self._use("counting") as conn:
-            self._copy_journals(conn, everyone=True)
+            self._copy_journals(conn, everyone=True, all_of_it=True)
             ready, delayed, leased = count_tasks(conn, now)
             letters = count_letters(conn)
         return StoreCounts(ready=ready, delayed=delayed, leased=leased, dead_letters=letters)
