@@ -27,6 +27,7 @@ from ..records import DeadLetter, Task
 from ..stores.base import DurableStore, StoreCounts
 from ..worker import WorkerPool
 from .base import Take
+from .claims import Claims
 from .leases import LeaseKeeper
 from .memory import DedupIndex
 
@@ -65,7 +66,7 @@ class DurableBacklog:
         self.lease_on_put = consume and store.leases_on_put
         self.leased: dict[str, Task] = {}  # by id: ready, held or in flight here
         self.dedup = DedupIndex()  # this process's, for a store that does not dedup
-        self._claiming = False  # one worker at a time reads the store
+        self.claims = Claims(self, POLL_INTERVAL)
         self.keeper = LeaseKeeper(core, pool, store, self.leased)
 
     # -- enqueue --------------------------------------------------------------------------
@@ -134,7 +135,7 @@ class DurableBacklog:
             elif not pool.ran:
                 pool.check_running()
         if hand_back:
-            self._hand_back([task])
+            self.hand_back([task])
         return task
 
     def resume(self) -> None:
@@ -157,7 +158,7 @@ class DurableBacklog:
         task = sched.take(now)
         if task is not None:
             return Take(task)
-        claimed, store_wait = self._poll(now)
+        claimed, store_wait = self.claims.poll(now)
         if core.stopping or core.forked():
             return Take(None, 0.0)
         now = self.clock.monotonic()
@@ -170,77 +171,6 @@ class DurableBacklog:
             return Take(None, POLL_INTERVAL, idle=True)
         waits = [w for w in (store_wait, sched.next_wake(now)) if w is not None]
         return Take(None, min([POLL_INTERVAL, *waits]))
-
-    def _poll(self, now: float) -> tuple[bool, float | None]:
-        """Called with the lock held, which it lets go while it reads the store: claim due
-        tasks into the scheduler. Returns (claimed some, seconds until the store has a task
-        due, or None when it holds none this worker could take)."""
-        core = self.core
-        sched = core.sched
-        if self._claiming:
-            return False, POLL_INTERVAL  # another worker is reading; it notifies on success
-        if core.closed:
-            return False, None  # shutting down: take nothing new
-        room = self.max_queue - sched.size()
-        if room <= 0:
-            return False, POLL_INTERVAL  # a settling task notifies
-        clock = self.clock
-        wall = clock.time()
-        # Keys whose gates are closed here, with their reopening (epoch) times: their
-        # tasks stay in the store for other processes, or for later.
-        exclude = {key: wall + max(0.0, at - now) for key, at in sched.closed_until(now).items()}
-        self._claiming = True
-        core.lock.release()
-        tasks: list[Task] = []
-        due: float | None = None
-        try:
-            tasks = self.store.claim(min(room, 2 * self.pool.size), exclude_keys=exclude)
-            if not tasks:
-                due = self.store.next_due()
-        except Exception as exc:
-            with Guarded():
-                log.error("offload: could not read %s: %s", self.store.url, exc)
-            due = wall + POLL_INTERVAL
-        finally:
-            core.lock.acquire()
-            self._claiming = False
-            core.drained.notify_all()  # flush() waits for claims in progress
-        if tasks:
-            if core.stopping or core.closed or core.forked():
-                core.lock.release()
-                try:
-                    self._hand_back(tasks)
-                finally:
-                    core.lock.acquire()
-                return False, None
-            self._adopt(tasks)
-            return True, 0.0
-        if due is None:
-            return False, None
-        wait = due - clock.time()
-        if wait <= 0:
-            # Due, but not for us: its key is gated here, or another process took it.
-            opening = sched.next_opening(clock.monotonic())
-            wait = opening if opening is not None else POLL_INTERVAL
-        return False, wait
-
-    def _adopt(self, tasks: list[Task]) -> None:
-        """Called with the lock held: queue claimed tasks here, leased to this process."""
-        core = self.core
-        sched = core.sched
-        now, wall = self.clock.monotonic(), self.clock.time()
-        for task in tasks:
-            progress = task.meta.progress
-            if progress is not None and progress.first_attempt_at is not None:
-                # The policy's time bounds run on the monotonic clock from the first
-                # attempt, which may have been made by another process, or before a crash.
-                progress.started = now - max(0.0, wall - progress.first_attempt_at)
-            self.leased[task.id] = task
-            sched.ready.append(task)
-        core.ledger.claimed += len(tasks)
-        core.work.notify(len(tasks))
-        self.pool.ensure(len(sched.ready) + sched.in_flight)
-        self.keeper.ensure()
 
     # -- settling -------------------------------------------------------------------------
 
@@ -304,7 +234,7 @@ class DurableBacklog:
             return False
         return True
 
-    def _hand_back(self, tasks: list[Task]) -> None:
+    def hand_back(self, tasks: list[Task]) -> None:
         """Release tasks this process will not perform (lock not held; the caller counts
         them): due now, for any process. A task that cannot be released comes back when
         its lease expires."""
@@ -330,7 +260,7 @@ class DurableBacklog:
 
         def idle() -> bool:
             # A claim in progress has leased tasks not yet in the scheduler.
-            return core.sched.idle() and not self._claiming
+            return core.sched.idle() and not self.claims.claiming
 
         with core.lock:
             while True:
@@ -372,7 +302,7 @@ class DurableBacklog:
         """The end of shutdown: hand back, join, close."""
         store = self.store
         if left:
-            self._hand_back(left)
+            self.hand_back(left)
             with Guarded():
                 log.info(
                     "offload shut down: %d undelivered task(s) handed back to %s",

@@ -216,12 +216,8 @@ class SqsStore:
 
     def put(self, task: Task, *, lease: bool, due: float | None = None) -> Task:
         """Send a new task (NotSerializable if it cannot be stored or is too large), due at
-        `due` (epoch seconds) if given: DelaySeconds up to SQS's 900, and beyond that the
-        due time in the message, which a worker that receives it early sends on again.
-
-        `lease=True` is refused: SQS cannot lease a message as it is sent. Send with
-        `lease=False` and claim it like any worker.
-        """
+        `due` if given (DelaySeconds up to 900; beyond, the due time goes in the message).
+        `lease=True` is refused: SQS cannot lease a message as it is sent."""
         if lease:
             raise ValueError(
                 "the SQS store cannot lease a task as it sends it (leases_on_put is False); "
