@@ -386,7 +386,7 @@ def test_a_format_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     try:
         assert [t.id for t in store.claim(1)] == [task.id]
         conn = sqlite3.connect(db)
-        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         assert {"journals", "meta", "tasks_id"} <= names
         conn.close()

@@ -217,3 +217,111 @@ def test_an_untrusted_message_sent_to_sqs_is_refused_without_import(
 def _no_marker_leak(tmp_path: Path) -> Iterator[None]:
     yield
     assert not (tmp_path / "imported.txt").exists()
+
+
+# -- deduplication over SQLite: every process on the file -------------------------------------
+
+
+def test_two_processes_on_one_file_make_one_call_for_a_dedup_key(
+    store_url: str, server: ScriptedServer
+) -> None:
+    code = f"""
+        import threading, offload
+        off = offload.Offloader(store={store_url!r}, consume=False)
+        start = threading.Barrier(8)
+        ids = set()
+
+        def enqueue():
+            start.wait()
+            for _ in range(25):
+                task = off.enqueue_task(offload.Task(
+                    offload.http("POST", {server.url("/sync")!r}), dedup_key="crm-sync:42"))
+                ids.add(task.id)
+
+        threads = [threading.Thread(target=enqueue) for _ in range(8)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        s = off.stats()
+        print(sorted(ids), s.enqueued, s.deduplicated)
+        """
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=python_env(),
+        )
+        for _ in range(2)
+    ]
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        outputs.append(out.strip())
+    ids = {text.split("]")[0] for text in outputs}
+    assert len(ids) == 1, outputs  # both processes were handed the one task
+    enqueued = sum(int(text.split("]")[1].split()[0]) for text in outputs)
+    assert enqueued == 1
+    off = Offloader(store=store_url)
+    try:
+        assert off.flush(20)
+    finally:
+        off.shutdown(5)
+    assert len(server.requests_to("/sync")) == 1
+
+
+def test_a_dedup_window_and_a_replay_over_sqlite(store_url: str, server: ScriptedServer) -> None:
+    from server import Answer
+
+    server.script("/sync", Answer(422), Answer(200))
+    off = Offloader(store=store_url)
+    try:
+        first = off.enqueue_task(
+            Task(offload.http("POST", server.url("/sync")), dedup_key="k", dedup_window=3600)
+        )
+        assert off.flush(10)
+        [letter] = off.dead_letters()  # 422: permanent
+        again = off.enqueue_task(Task(offload.http("POST", server.url("/sync")), dedup_key="k"))
+        assert again.id == first.id, "within the window the key stays taken"
+        replayed = off.replay(letter.id)
+        assert replayed.id == first.id and replayed.dedup_key == "k"
+        assert off.flush(10)
+        assert len(server.requests_to("/sync")) == 2 and off.dead_letters() == []
+        later = off.enqueue_task(Task(offload.http("POST", server.url("/sync")), dedup_key="j"))
+        assert later.id != first.id and off.flush(10)
+        assert off.stats().deduplicated == 1
+    finally:
+        off.shutdown(5)
+
+
+def test_a_format_2_file_is_upgraded_to_hold_dedup_keys(tmp_path: Path) -> None:
+    import sqlite3
+
+    from offload.stores.sqlite import SQLiteStore
+    from offload.stores.sqlite.schema import PUT, SCHEMA
+
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db)
+    for statement in SCHEMA:  # the format-2 tables, as an older offload made them
+        conn.execute(statement)
+    conn.execute("INSERT INTO meta (name, value) VALUES ('store_id', 'abcd')")
+    record = Task(offload.http("POST", "http://127.0.0.1:9/x"))
+    from offload.codec.task import TaskRecord
+
+    stored = TaskRecord.of(record)
+    conn.execute(PUT, (stored.id, None, stored.key, stored.call, None, 1.0, None, None))
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(db)
+    try:
+        [task] = store.claim(5)
+        assert task.id == record.id and task.dedup_key is None
+        check = sqlite3.connect(db)
+        assert check.execute("PRAGMA user_version").fetchone() == (3,)
+        columns = {row[1] for row in check.execute("PRAGMA table_info(tasks)")}
+        assert {"dedup_key", "dedup_window"} <= columns
+        check.close()
+    finally:
+        store.close()

@@ -196,6 +196,13 @@ def _stamp(value: Any, what: str) -> float | None:
     return float(value)
 
 
+def _window(value: Any) -> float:
+    seconds = _stamp(value, "dedup window")
+    if seconds is None or seconds < 0:
+        raise ValueError(f"bad dedup window {value!r}")
+    return seconds
+
+
 def _text(value: Any, what: str, optional: bool = False) -> Any:
     if not (isinstance(value, str) or (optional and value is None)):
         raise ValueError(f"{what} must be text")
@@ -215,6 +222,8 @@ class TaskRecord(NamedTuple):
     failures: int = 0
     first_attempt_at: float | None = None  # epoch seconds
     last_attempt_at: float | None = None
+    dedup_key: str | None = None  # held while the task lives, for dedup_window after
+    dedup_window: float = 0.0
 
     @classmethod
     def of(cls, task: Task) -> TaskRecord:
@@ -230,7 +239,17 @@ class TaskRecord(NamedTuple):
         meta = task.meta
         progress = meta.progress
         if progress is None:
-            return cls(meta.id, meta.idempotency_key, meta.key, text, retry)
+            if meta.dedup_key is None:
+                return cls(meta.id, meta.idempotency_key, meta.key, text, retry)
+            return cls(
+                meta.id,
+                meta.idempotency_key,
+                meta.key,
+                text,
+                retry,
+                dedup_key=meta.dedup_key,
+                dedup_window=meta.dedup_window,
+            )
         return cls(
             meta.id,
             meta.idempotency_key,
@@ -241,6 +260,8 @@ class TaskRecord(NamedTuple):
             progress.failures,
             progress.first_attempt_at,
             progress.last_attempt_at,
+            meta.dedup_key,
+            meta.dedup_window,
         )
 
     def load(self, trust: Trust = TRUST_ANY) -> Task:
@@ -275,6 +296,8 @@ class TaskRecord(NamedTuple):
             key=key,
             retry=policy,
             progress=progress,
+            dedup_key=_text(self.dedup_key, "dedup key", optional=True),
+            dedup_window=_window(self.dedup_window),
         )
 
     def unreadable(self, error: str) -> Task:
@@ -316,6 +339,8 @@ class TaskRecord(NamedTuple):
                 failures=_count(data.get("failures", 0), "failures"),
                 first_attempt_at=_stamp(data.get("first_attempt_at"), "first_attempt_at"),
                 last_attempt_at=_stamp(data.get("last_attempt_at"), "last_attempt_at"),
+                dedup_key=_text(data.get("dedup_key"), "dedup_key", optional=True),
+                dedup_window=_window(data.get("dedup_window", 0.0)),
             )
         except ValueError as exc:
             raise ValueError(f"malformed offload task record: {exc}") from None

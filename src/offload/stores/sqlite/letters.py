@@ -17,7 +17,8 @@ from ...codec.trust import TRUST_ANY, Trust
 from ...errors import StoreError, UnknownDeadLetter
 from ...records import DeadLetter, Task
 from .._shared import epoch
-from .schema import LETTER_COLUMNS, LETTER_FIELDS, PUT, transaction
+from . import dedup
+from .schema import LETTER_COLUMNS, LETTER_FIELDS, PUT_UNIQUE, transaction
 
 __all__ = [
     "bury_task",
@@ -33,7 +34,7 @@ __all__ = [
 _INSERT = (
     "INSERT INTO dead_letters (id, task_id, idempotency_key, description, key, "
     "attempts, error, status, reason, first_attempt_at, last_attempt_at, buried_at, "
-    "call, retry) "
+    "call, retry, dedup_key, dedup_window) "
 )
 
 
@@ -55,17 +56,18 @@ def bury_task(conn: sqlite3.Connection, task: Task, letter: DeadLetter, now: flo
     )
     with transaction(conn):
         copied = conn.execute(
-            _INSERT + "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, call, retry "
-            "FROM tasks WHERE id = ? LIMIT 1",
+            _INSERT + "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, call, retry, dedup_key, "
+            "dedup_window FROM tasks WHERE id = ? LIMIT 1",
             (*values, task.id),
         ).rowcount
         if not copied:  # the row is gone (a lease lost): store the call from memory
             record = TaskRecord.of(task)
             conn.execute(
-                _INSERT + "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (*values, record.call, record.retry),
+                _INSERT + "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*values, record.call, record.retry, record.dedup_key, record.dedup_window),
             )
         conn.execute("DELETE FROM tasks WHERE id = ?", (task.id,))
+        dedup.let_go(conn, task, now)
 
 
 def read_letters(conn: sqlite3.Connection, url: str) -> list[DeadLetter]:
@@ -99,7 +101,12 @@ def revive_letter(conn: sqlite3.Connection, dead_letter_id: str, trust: Trust = 
     """Remove a dead letter and return its task, in one transaction; StoreError, and the
     dead letter kept, when its task cannot be loaded in this process."""
     with transaction(conn):
-        task = TaskRecord(*_stored_letter(conn, dead_letter_id)).load(trust)
+        task_id, idempotency_key, key, call, retry, dedup_key, window = _stored_letter(
+            conn, dead_letter_id
+        )
+        task = TaskRecord(
+            task_id, idempotency_key, key, call, retry, dedup_key=dedup_key, dedup_window=window
+        ).load(trust)
         if isinstance(task.call, Unreadable):
             raise StoreError(
                 f"dead letter {dead_letter_id} cannot be revived here: {task.call.error}"
@@ -115,9 +122,10 @@ def replay_letter(
     (same id and idempotency key), in one transaction; return the task (only a handle:
     this process may not even be able to import it)."""
     with transaction(conn):
-        task_id, idempotency_key, key, call, retry = _stored_letter(conn, dead_letter_id)
+        stored = _stored_letter(conn, dead_letter_id)
+        task_id, idempotency_key, key, call, retry, dedup_key, window = stored
         conn.execute(
-            PUT,
+            PUT_UNIQUE,
             (
                 task_id,
                 None if idempotency_key == task_id else idempotency_key,
@@ -127,10 +135,17 @@ def replay_letter(
                 now,
                 None,
                 None,
+                dedup_key,
+                window,
             ),
         )
+        record = TaskRecord(
+            task_id, idempotency_key, key, call, retry, dedup_key=dedup_key, dedup_window=window
+        )
+        if dedup_key is not None:
+            dedup.take(conn, record)  # a replayed dead letter takes its key again
         conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
-    return TaskRecord(task_id, idempotency_key, key, call, retry).load(trust)
+    return record.load(trust)
 
 
 def discard_letter(conn: sqlite3.Connection, dead_letter_id: str) -> None:
@@ -146,10 +161,11 @@ def purge_letters(conn: sqlite3.Connection) -> int:
 
 
 def _stored_letter(conn: sqlite3.Connection, dead_letter_id: str) -> tuple[Any, ...]:
-    """(task id, idempotency key, key, call, retry) as a dead letter keeps its task;
-    UnknownDeadLetter if none has that id."""
+    """(task id, idempotency key, key, call, retry, dedup key, dedup window) as a dead
+    letter keeps its task; UnknownDeadLetter if none has that id."""
     row = conn.execute(
-        "SELECT task_id, idempotency_key, key, call, retry FROM dead_letters WHERE id = ?",
+        "SELECT task_id, idempotency_key, key, call, retry, dedup_key, dedup_window "
+        "FROM dead_letters WHERE id = ?",
         (dead_letter_id,),
     ).fetchone()
     if row is None:

@@ -27,7 +27,9 @@ from .._shared import number_option
 __all__ = [
     "LETTER_COLUMNS",
     "LETTER_FIELDS",
+    "MIGRATIONS",
     "PUT",
+    "PUT_UNIQUE",
     "SCHEMA",
     "SCHEMA_VERSION",
     "SYNCHRONOUS",
@@ -40,7 +42,7 @@ __all__ = [
 
 log = logging.getLogger("offload")
 
-SCHEMA_VERSION = 2  # 2: the journals and meta tables, the index on tasks.id
+SCHEMA_VERSION = 3  # 2: the journals and meta tables, the index on tasks.id; 3: dedup
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS tasks (
         seq INTEGER PRIMARY KEY,      -- insertion order, and the handle of a leased row
@@ -88,13 +90,37 @@ SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
 
+# Statements that take a file from the format before to theirs, in the transaction that
+# sets user_version ("ADD COLUMN" ones are skipped where the column is there already).
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    3: (
+        # Dedup keys: held in `dedup` while their task lives, and `until` a time after it
+        # ended (its window); the task rows carry them, so any process that settles one
+        # can let its key go.
+        "ALTER TABLE tasks ADD COLUMN dedup_key TEXT",
+        "ALTER TABLE tasks ADD COLUMN dedup_window REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE dead_letters ADD COLUMN dedup_key TEXT",
+        "ALTER TABLE dead_letters ADD COLUMN dedup_window REAL NOT NULL DEFAULT 0",
+        """CREATE TABLE IF NOT EXISTS dedup (
+            key TEXT PRIMARY KEY,
+            task_id TEXT NOT NULL,
+            idempotency_key TEXT NOT NULL,
+            until REAL                -- NULL while its task lives
+        )""",
+    ),
+}
+
 PUT = (
     "INSERT INTO tasks (id, idempotency_key, key, call, retry, due, owner, lease_until) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+PUT_UNIQUE = (
+    "INSERT INTO tasks (id, idempotency_key, key, call, retry, due, owner, lease_until, "
+    "dedup_key, dedup_window) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 TASK_COLUMNS = (
     "seq, id, idempotency_key, key, call, retry, attempts, failures, "
-    "first_attempt_at, last_attempt_at"
+    "first_attempt_at, last_attempt_at, dedup_key, dedup_window"
 )
 LETTER_FIELDS = (
     "id",
@@ -272,21 +298,35 @@ def _ensure_schema(conn: sqlite3.Connection, url: str) -> None:
             others = {
                 row[0]
                 for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            } - {"tasks", "dead_letters", "journals", "meta"}
+            } - {"tasks", "dead_letters", "journals", "meta", "dedup"}
             if others:
                 raise StoreError(f"{url}: not an offload store (it has tables {sorted(others)})")
-        if version < SCHEMA_VERSION:  # new, or format 1: every statement is IF NOT EXISTS
-            for statement in SCHEMA:
-                conn.execute(statement)
-            conn.execute(
-                "INSERT OR IGNORE INTO meta (name, value) VALUES ('store_id', ?)",
-                (secrets.token_hex(8),),
-            )
+        if version < SCHEMA_VERSION:
+            if version < 2:  # new, or format 1: every statement is IF NOT EXISTS
+                for statement in SCHEMA:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta (name, value) VALUES ('store_id', ?)",
+                    (secrets.token_hex(8),),
+                )
+            for step in range(max(version, 2) + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[step]:
+                    if not _has_column_already(conn, statement):
+                        conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _has_column_already(conn: sqlite3.Connection, statement: str) -> bool:
+    """True for an `ALTER TABLE t ADD COLUMN c ...` whose column t has."""
+    words = statement.split()
+    if words[:2] != ["ALTER", "TABLE"] or words[3:5] != ["ADD", "COLUMN"]:
+        return False
+    table, column = words[2], words[5]
+    return any(row[1] == column for row in conn.execute(f"PRAGMA table_info({table})"))
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ from ...errors import StoreError
 from ...records import DeadLetter, Task
 from .._shared import new_owner, page_of
 from ..base import NO_KEYS, LetterPage, LetterQuery, StoreCounts
+from . import dedup
 from .journal import CAN_JOURNAL, Journals, JournalWriter, done_line, lease_text, task_line
 from .letters import (
     bury_task,
@@ -45,7 +46,7 @@ from .letters import (
     replay_letter,
     revive_letter,
 )
-from .schema import PUT, SYNCHRONOUS, connect, store_options
+from .schema import PUT, PUT_UNIQUE, SYNCHRONOUS, connect, store_options, transaction
 from .tasks import (
     claim_due,
     count_tasks,
@@ -77,7 +78,7 @@ class SQLiteStore:
     """A durable store in one SQLite file (see the package docstring)."""
 
     durable = True
-    dedups = False  # (yet): the offloader deduplicates per process
+    dedups = True  # for every process on the file: a table of keys (see dedup.py)
     #: Which functions a stored task may name (the Offloader sets its own).
     trust: Trust = TRUST_ANY
     leases_on_put = True
@@ -242,6 +243,8 @@ class SQLiteStore:
                 if self._journaled and self._journal is None:
                     self._journal = self._journals.writer()
                 self._opened = True  # last: a thread that sees it sees the journal
+        if record.dedup_key is not None:
+            return self._put_unique(task, record, lease, now)
         journal = self._journal
         if journal is not None and (
             (line := task_line(record, now, self._lease_text if lease else None)) is not None
@@ -267,6 +270,33 @@ class SQLiteStore:
                 cursor.execute(PUT, row)
             except sqlite3.Error as exc:
                 raise StoreError(f"{self.url}: enqueue failed: {exc}") from exc
+        return task
+
+    def _put_unique(self, task: Task, record: TaskRecord, lease: bool, due: float) -> Task:
+        """A task with a dedup key: one transaction that finds the key held (and returns
+        the task holding it) or takes it and inserts the task. Not through the journal: the
+        key must be seen by every process at once."""
+        owner, until = (self._owner, due + self.lease_timeout) if lease else (None, None)
+        stored_key = None if record.idempotency_key == record.id else record.idempotency_key
+        row = (
+            record.id,
+            stored_key,
+            record.key,
+            record.call,
+            record.retry,
+            due,
+            owner,
+            until,
+            record.dedup_key,
+            record.dedup_window,
+        )
+        assert record.dedup_key is not None
+        with self._use("enqueue") as conn, transaction(conn):
+            held = dedup.holder(conn, record.dedup_key, self._clock.time())
+            if held is not None:
+                return dedup.handle(task, held)
+            dedup.take(conn, record)
+            conn.execute(PUT_UNIQUE, row)
         return task
 
     def claim(self, limit: int, *, exclude_keys: Mapping[str, float] = NO_KEYS) -> list[Task]:
@@ -330,7 +360,12 @@ class SQLiteStore:
                 log.warning("offload: %s: marking a task done in its journal: %s", self.url, exc)
         with self._use("completing a task") as conn:
             self._copy_journals(conn, everyone=False)
-            delete_task(conn, task.id)
+            if task.dedup_key is None:
+                delete_task(conn, task.id)
+                return
+            with transaction(conn):
+                delete_task(conn, task.id)
+                dedup.let_go(conn, task, self._clock.time())
 
     def next_due(self) -> float | None:
         """When the earliest claimable task is due (after sweeping dead leases); None if none."""

@@ -163,7 +163,20 @@ def count_tasks(conn: sqlite3.Connection, now: float) -> tuple[int, int, int]:
 
 
 def _task_from_row(row: tuple[Any, ...], trust: Trust) -> Task:
-    _, task_id, idempotency_key, key, call, retry, attempts, failures, first, last = row
+    (
+        _,
+        task_id,
+        idempotency_key,
+        key,
+        call,
+        retry,
+        attempts,
+        failures,
+        first,
+        last,
+        dkey,
+        window,
+    ) = row
     return TaskRecord(
         task_id,
         task_id if idempotency_key is None else idempotency_key,
@@ -174,4 +187,6 @@ def _task_from_row(row: tuple[Any, ...], trust: Trust) -> Task:
         failures,
         first,
         last,
+        dkey,
+        window,
     ).load(trust)
