@@ -98,3 +98,39 @@ def sqs_store_url(moto_endpoint: str, aws_credentials: dict[str, str]) -> str:
     import uuid
 
     return f"sqs://q{uuid.uuid4().hex[:12]}?region=eu-west-1&endpoint_url={moto_endpoint}"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A throwaway PostgreSQL server of the session's own (see tests/support/pgserver.py).
+
+    Under CI (CI=true) a server that cannot start fails the tests that need it; elsewhere
+    they are skipped, saying why."""
+    from contextlib import ExitStack
+
+    from pgserver import PgServer, PgUnavailable
+
+    with ExitStack() as stack:
+        try:
+            import psycopg  # noqa: F401
+
+            server = stack.enter_context(PgServer.start())
+        except (PgUnavailable, ImportError) as exc:
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail(f"PostgreSQL is needed under CI and could not start: {exc}")
+            pytest.skip(f"no PostgreSQL server here: {exc}")
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres: Any) -> Iterator[str]:
+    """A `postgresql://` store URL on the session's server, in a schema no other test uses
+    (dropped afterwards)."""
+    import uuid
+
+    import psycopg
+
+    schema = f"t{uuid.uuid4().hex[:12]}"
+    yield postgres.url(query=f"schema={schema}")
+    with psycopg.connect(postgres.url(), autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

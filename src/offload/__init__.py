@@ -9,6 +9,7 @@ fail as dead letters to inspect and replay. See the README for the whole contrac
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -72,6 +73,7 @@ __all__ = [
     "shutdown",
     "stats",
     "task",
+    "transaction",
 ]
 
 configure = _default.configure
@@ -80,6 +82,12 @@ configure = _default.configure
 def enqueue_task(call: Any, /, *args: Any, **kwargs: Any) -> Task:
     """Queue a call on the default offloader and return at once (see Offloader.enqueue_task)."""
     return _default.get().enqueue_task(call, *args, **kwargs)
+
+
+def transaction(connection: Any) -> AbstractContextManager[Any]:
+    """A block in which this thread's enqueues to the default offloader write through the
+    application's `connection`, in its open transaction (see Offloader.transaction)."""
+    return _default.get().transaction(connection)
 
 
 def dead_letters() -> list[DeadLetter]:

@@ -24,6 +24,7 @@ __all__ = [
     "REDACTED",
     "RedactingFilter",
     "is_secret_name",
+    "redact_dsn",
     "redact_headers",
     "redact_text",
     "redact_third_party_logs",
@@ -108,6 +109,27 @@ def redact_url(url: str) -> str:
         fragment = _redact_pairs(fragment)
     return urlunsplit(
         (split.scheme, _redact_netloc(split), split.path, _redact_pairs(split.query), fragment)
+    )
+
+
+def redact_dsn(url: str) -> str:
+    """A database URL (`postgresql://user:password@host/db?...`) with its password, and the
+    values of secret query parameters (`password=`, `sslpassword=`), as `***`.
+
+    Unlike `redact_url`, a user name alone is kept: a database role names who connects,
+    it is not the credential that an HTTP URL's lone user name often is.
+    """
+    try:
+        split = urlsplit(url)
+    except ValueError:
+        return redact_url(url)
+    userinfo, at, hostport = split.netloc.rpartition("@")
+    netloc = split.netloc
+    if at:
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:{REDACTED}@{hostport}" if colon else f"{user}@{hostport}"
+    return urlunsplit(
+        (split.scheme, netloc, split.path, _redact_pairs(split.query), split.fragment)
     )
 
 

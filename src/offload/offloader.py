@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from types import MappingProxyType
 from typing import Any, cast
 
@@ -28,6 +29,7 @@ from . import lifecycle
 from ._guard import guard
 from .attempt import perform
 from .backlog import Backlog, DurableBacklog, MemoryBacklog
+from .backlog.transaction import joined
 from .calls.base import PERFORMED
 from .calls.connections import Resources
 from .clock import Clock, SystemClock
@@ -47,7 +49,7 @@ from .limits import Limit, check_limits
 from .policy import RetryPolicy
 from .records import DeadLetter, KeyState, Stats, Task
 from .settle import Callbacks, Settler
-from .stores import DurableStore, Store, open_store
+from .stores import DurableStore, Store, TransactionalStore, open_store
 from .worker import WorkerPool
 
 __all__ = ["Offloader"]
@@ -229,6 +231,27 @@ class Offloader:
         if self._pid != os.getpid():
             self._after_fork()  # a server that forks without running fork hooks (uWSGI)
         return self._add(task)
+
+    def transaction(self, connection: Any) -> AbstractContextManager[Any]:
+        """A block in which this thread's (or asyncio task's) enqueues write through the
+        application's `connection`, inside the transaction it has open: each task then
+        exists if and only if that transaction commits, and workers hear of it at the
+        commit. `connection`: a psycopg 3 connection, Django's `django.db.connection`, or
+        SQLAlchemy's `session.connection()`. Needs a store that can join a transaction
+        (PostgreSQL), on the same database; TypeError or ValueError otherwise. Outside
+        the block, enqueues use the store's own connection.
+
+            with off.transaction(conn):
+                conn.execute("INSERT INTO orders ...")
+                off.enqueue_task(offload.http("POST", crm, json=order))
+        """
+        store = self._store
+        if not isinstance(store, TransactionalStore):
+            raise TypeError(
+                f"transaction() needs a store that can join the application's transaction "
+                f"(postgresql://...); this offloader's store is {store.url}"
+            )
+        return joined(store, connection)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until nothing is queued, delayed or running; False if `timeout` ran out."""

@@ -26,8 +26,8 @@ from offload.stores.sqs import SqsStore
 
 MakeStore = Callable[[], Any]
 
-STORES = ["memory", "sqlite", "sqs"]
-DURABLE = ["sqlite", "sqs"]
+STORES = ["memory", "sqlite", "sqs", "postgres"]
+DURABLE = ["sqlite", "sqs", "postgres"]
 
 
 def greet(name: str, *, punctuation: str = "!") -> str:
@@ -68,6 +68,24 @@ def sqs_stores(sqs_store_url: str) -> Iterator[MakeStore]:
 
     def make() -> SqsStore:
         store = SqsStore.from_url(sqs_store_url)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def postgres_stores(postgres_url: str) -> Iterator[MakeStore]:
+    """Handles on one schema of the session's PostgreSQL server (see conftest.py); each has
+    its own connection and lease owner, as a process has."""
+    from offload.stores.postgres import PostgresStore
+
+    opened: list[PostgresStore] = []
+
+    def make() -> PostgresStore:
+        store = PostgresStore.from_url(postgres_url)
         opened.append(store)
         return store
 

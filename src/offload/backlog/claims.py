@@ -44,6 +44,9 @@ class Claims:
         # Keys whose gates are closed here, with their reopening (epoch) times: their
         # tasks stay in the store for other processes, or for later.
         exclude = {key: wall + max(0.0, at - now) for key, at in sched.closed_until(now).items()}
+        wakeups = backlog.wakeups
+        wakeups.ensure()  # the first idle look asks the store to wake us from now on
+        heard = wakeups.heard
         self.claiming = True
         core.lock.release()
         tasks: list[Task] = []
@@ -70,6 +73,8 @@ class Claims:
                 return False, None
             self._adopt(tasks)
             return True, 0.0
+        if wakeups.heard != heard:
+            return False, 0.0  # woken while reading: what woke us may not have been seen
         if due is None:
             return False, None
         wait = due - clock.time()

@@ -6,7 +6,13 @@ has none; a retry goes back to the store with its attempt state, for any process
 continue; a success or a dead letter removes it. A lease keeper thread renews the leases
 held here every `lease_timeout / 3` seconds. An idle worker looks for tasks that other
 processes put every POLL_INTERVAL seconds (a worker that has tasks, or knows when the next
-one is due, does not wait for that).
+one is due, does not wait for that), unless the store can tell it (`DurableStore.watch`:
+PostgreSQL's LISTEN/NOTIFY; see wakeups.py).
+
+Inside `Offloader.transaction(connection)` an enqueue writes through the application's
+connection instead (see transaction.py): the task is not leased here, nor queued here,
+since it does not exist until that transaction commits; the commit's NOTIFY wakes the
+workers, this process's among them.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from .._guard import Guarded
 from ..clock import Clock
@@ -24,20 +30,18 @@ from ..codec.trust import TRUST_ANY, Trust
 from ..core import Core
 from ..errors import ShutDown, StoreError
 from ..records import DeadLetter, Task
-from ..stores.base import DurableStore, StoreCounts
+from ..stores.base import DurableStore, StoreCounts, TransactionalStore
 from ..worker import WorkerPool
 from .base import Take
 from .claims import Claims
 from .leases import LeaseKeeper
 from .memory import DedupIndex
+from .transaction import joined_connection
+from .wakeups import POLL_INTERVAL, Wakeups
 
 __all__ = ["POLL_INTERVAL", "DurableBacklog"]
 
 log = logging.getLogger("offload")
-
-POLL_INTERVAL = 0.5
-"""Seconds between an idle worker's looks at a durable store for tasks other processes
-put."""
 
 
 class DurableBacklog:
@@ -68,6 +72,9 @@ class DurableBacklog:
         self.dedup = DedupIndex()  # this process's, for a store that does not dedup
         self.claims = Claims(self, POLL_INTERVAL)
         self.keeper = LeaseKeeper(core, pool, store, self.leased)
+        self.wakeups = Wakeups(core, pool, store, consume=consume)
+        # Enqueues inside the application's transaction: only a store that can join one.
+        self._joins = isinstance(store, TransactionalStore)
 
     # -- enqueue --------------------------------------------------------------------------
 
@@ -94,6 +101,10 @@ class DurableBacklog:
                     core.ledger.deduplicated += 1
                     return holder
         due = task.due(self.clock.time()) if meta.delay or meta.at is not None else None
+        if self._joins:
+            connection = joined_connection(self.store)
+            if connection is not None:
+                return self._add_joined(task, connection, due)
         # A delayed task waits in the store, for whichever process is there when it is due.
         lease = self.lease_on_put and due is None and core.sched.size() < self.max_queue
         meta.enqueued = True
@@ -138,6 +149,23 @@ class DurableBacklog:
             self.hand_back([task])
         return task
 
+    def _add_joined(self, task: Task, connection: Any, due: float | None) -> Task:
+        """Write `task` through the application's connection, in its open transaction: not
+        leased, not queued here (it exists once that transaction commits)."""
+        meta = task.meta
+        meta.enqueued = True
+        try:
+            cast("TransactionalStore", self.store).put_in(connection, task, due=due)
+        except BaseException:
+            meta.enqueued = False
+            raise
+        core = self.core
+        with core.lock:
+            core.ledger.enqueued += 1
+            # Its dedup key is not taken here: a rollback would leave it taken for nothing.
+            self.wakeups.ensure()  # so that this process hears of the commit
+        return task
+
     def resume(self) -> None:
         """Start a worker if the store holds a backlog (a new process over a file that a
         crashed or stopped one left)."""
@@ -167,10 +195,11 @@ class DurableBacklog:
             return Take(task)
         if claimed:
             return Take(None, 0.0)  # another worker took them meanwhile: look again
+        look = self.wakeups.look()
         if store_wait is None and sched.size() == 0:
-            return Take(None, POLL_INTERVAL, idle=True)
+            return Take(None, look, idle=True)
         waits = [w for w in (store_wait, sched.next_wake(now)) if w is not None]
-        return Take(None, min([POLL_INTERVAL, *waits]))
+        return Take(None, min([look, *waits]))
 
     # -- settling -------------------------------------------------------------------------
 
@@ -301,6 +330,7 @@ class DurableBacklog:
     ) -> bool:
         """The end of shutdown: hand back, join, close."""
         store = self.store
+        self.wakeups.stop()
         if left:
             self.hand_back(left)
             with Guarded():

@@ -1,12 +1,20 @@
-"""Stores: memory (default), SQLite and SQS, all behind the small Store protocol."""
+"""Stores: memory (default), SQLite, SQS and PostgreSQL, all behind the small Store protocol."""
 
 from __future__ import annotations
 
+from .._redact import redact_dsn
 from ..clock import Clock
-from .base import DurableStore, Store, StoreCounts
+from .base import DurableStore, Store, StoreCounts, TransactionalStore
 from .memory import MemoryStore
 
-__all__ = ["DurableStore", "MemoryStore", "Store", "StoreCounts", "open_store"]
+__all__ = [
+    "DurableStore",
+    "MemoryStore",
+    "Store",
+    "StoreCounts",
+    "TransactionalStore",
+    "open_store",
+]
 
 
 def open_store(
@@ -16,8 +24,8 @@ def open_store(
     lease_timeout: float | None = None,
     clock: Clock | None = None,
 ) -> Store:
-    """The store a URL names ("memory", "sqlite:///path.db", "sqs://name?region=..."),
-    or `spec` itself when it already is a Store.
+    """The store a URL names ("memory", "sqlite:///path.db", "sqs://name?region=...",
+    "postgresql://user@host/db"), or `spec` itself when it already is a Store.
 
     `lease_timeout` (seconds) is for durable stores (a URL option wins over it; otherwise
     OFFLOAD_LEASE_TIMEOUT, else 60). `clock` gives a SQLite store its wall-clock time
@@ -39,7 +47,11 @@ def open_store(
         from .sqs import SqsStore  # noqa: PLC0415 - boto3 is an optional extra
 
         return SqsStore.from_url(spec, lease_timeout=lease_timeout)
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresStore  # noqa: PLC0415 - psycopg is an optional extra
+
+        return PostgresStore.from_url(spec, lease_timeout=lease_timeout)
     raise ValueError(
-        f"store: unknown or unsupported store URL {spec!r} "
-        "(expected 'memory', 'sqlite:///path.db' or 'sqs://queue-name?region=...')"
+        f"store: unknown or unsupported store URL {redact_dsn(spec)!r} (expected 'memory', "
+        "'sqlite:///path.db', 'sqs://queue-name?region=...' or 'postgresql://user@host/db')"
     )

@@ -28,21 +28,38 @@ it writes it (SQS) sets `leases_on_put = False`: the offloader then puts with
 
 A store keeps tasks as `codec.task.TaskRecord`s (JSON only); the offloader's stages never
 see its rows or messages.
+
+Wake-ups. An idle worker of a durable backlog looks at the store for what other processes
+put every `backlog.durable.POLL_INTERVAL` seconds, unless the store can tell it: `watch`
+(PostgreSQL: LISTEN/NOTIFY) calls back when a task may be due, and the worker then waits
+for that (and for lease expiries) instead of polling. A store that cannot returns None.
+
+The application's transaction. A `TransactionalStore` (PostgreSQL) also writes tasks
+through a connection of the application's, inside the transaction it has open, so that a
+task exists if and only if that transaction commits (`Offloader.transaction`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..codec.trust import Trust
 from ..outcome import Reason
 from ..records import DeadLetter, Task
 
-__all__ = ["NO_KEYS", "DurableStore", "LetterPage", "LetterQuery", "Store", "StoreCounts"]
+__all__ = [
+    "NO_KEYS",
+    "DurableStore",
+    "LetterPage",
+    "LetterQuery",
+    "Store",
+    "StoreCounts",
+    "TransactionalStore",
+]
 
 NO_KEYS: Mapping[str, float] = MappingProxyType({})
 """`claim(exclude_keys=...)` when no key is excluded."""
@@ -198,3 +215,28 @@ class DurableStore(Store, Protocol):
     def purge(self) -> int:
         """Remove every dead letter; returns how many."""
         ...
+
+    def watch(self, wake: Callable[[], None]) -> Callable[[], None] | None:
+        """Call `wake()` (from a thread of the store's own, never holding a lock of the
+        caller's) whenever tasks may have become due for this process: another process
+        put or handed back a task, or leases were taken back; once when watching begins;
+        and, while the store cannot tell, every few seconds. Returns the function that
+        stops it, or None when the store cannot watch (SQLite, SQS): the caller then polls.
+        Must not block: the caller may hold its own lock."""
+        ...
+
+
+@runtime_checkable
+class TransactionalStore(DurableStore, Protocol):
+    """A DurableStore that writes tasks inside the application's own transactions."""
+
+    def join(self, connection: Any) -> Any:
+        """The driver connection to write through, from what the application passed (a
+        psycopg connection, Django's or SQLAlchemy's), checked against the store and with
+        the store's tables made; TypeError or ValueError when it cannot be used."""
+        ...
+
+    def put_in(self, connection: Any, task: Task) -> None:
+        """Write a new task, due now and not leased, through `connection` (from `join`),
+        in the transaction it has open: nothing is committed here, and the task (with its
+        wake-up for the workers) exists once, and only if, that transaction commits."""

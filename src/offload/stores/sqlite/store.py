@@ -24,7 +24,7 @@ import math
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from ...clock import Clock, SystemClock
 from ...codec.task import TaskRecord
@@ -375,6 +375,10 @@ class SQLiteStore:
             if now >= self._next_sweep:
                 self._sweep(conn, now)
             return earliest_due(conn)
+
+    def watch(self, wake: Callable[[], None]) -> Callable[[], None] | None:
+        """None: a file says nothing of new rows: idle workers poll (see DurableStore.watch)."""
+        return None
 
     def counts(self) -> StoreCounts:
         """Tasks ready, delayed and leased (by anyone), and dead letters, now."""

@@ -34,7 +34,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -346,6 +346,11 @@ class SqsStore:
             attrs.get("ApproximateNumberOfMessagesNotVisible", 0)
         ):
             return now + max(1.0, self.wait)
+        return None
+
+    def watch(self, wake: Callable[[], None]) -> Callable[[], None] | None:
+        """None: SQS says nothing of new messages; idle workers long-poll `claim` (see
+        DurableStore.watch)."""
         return None
 
     def counts(self) -> StoreCounts:

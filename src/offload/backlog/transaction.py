@@ -1,0 +1,53 @@
+"""Enqueues inside the application's transaction: which connection, if any, an enqueue of
+this thread (or asyncio task) writes through, store by store.
+
+`Offloader.transaction(connection)` opens a block with `joined`; while it is open, the
+durable backlog's `add` asks `joined_connection(store)` and, when the block is for its
+store, writes the task through the application's connection (`TransactionalStore.put_in`)
+instead of its own. The binding lives in a ContextVar: it belongs to the thread or the
+asyncio task that opened the block (a new thread starts with none; each task has its own
+copy), so concurrent requests never write through each other's connections. Blocks nest:
+an inner block for another store adds to the outer, one for the same store replaces it
+until it closes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from types import MappingProxyType
+from typing import Any
+
+from ..stores.base import TransactionalStore
+
+__all__ = ["joined", "joined_connection"]
+
+_NONE: MappingProxyType[int, tuple[TransactionalStore, Any]] = MappingProxyType({})
+# id(store) -> (store, the driver connection to write through); the store is kept so that
+# its id cannot be reused by another object while the block is open.
+_joined: ContextVar[MappingProxyType[int, tuple[TransactionalStore, Any]]] = ContextVar(
+    "offload_transaction", default=_NONE
+)
+
+
+@contextmanager
+def joined(store: TransactionalStore, connection: Any) -> Iterator[Any]:
+    """While the block runs, this context's enqueues to `store` write through
+    `connection`; yields the driver connection they use."""
+    driver = store.join(connection)  # TypeError/ValueError before anything is bound
+    token = _joined.set(MappingProxyType({**_joined.get(), id(store): (store, driver)}))
+    try:
+        yield driver
+    finally:
+        _joined.reset(token)
+
+
+def joined_connection(store: object) -> Any:
+    """The application's connection this context's enqueues to `store` write through, or
+    None outside such a block."""
+    bound = _joined.get()
+    if not bound:
+        return None
+    entry = bound.get(id(store))
+    return entry[1] if entry is not None and entry[0] is store else None

@@ -1,0 +1,63 @@
+"""The application's connection, for enqueues inside its transaction: what `transaction()`
+accepts, and the psycopg connection it writes through.
+
+Accepted, without importing any framework:
+
+- a psycopg 3 `Connection` (plain psycopg; `with conn.transaction():` or autocommit off);
+- Django's `django.db.connection` (or `connections["name"]`): its psycopg 3 connection,
+  opened if it is not yet; inside `transaction.atomic()` the enqueue joins that block;
+- SQLAlchemy's `session.connection()` or `engine.connect()` (a `Connection` over the
+  `postgresql+psycopg` dialect): the DBAPI connection it holds, in its transaction.
+
+psycopg 2, an async connection and anything else are refused with TypeError: a task
+written outside the application's transaction would break the promise of the block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["psycopg_connection"]
+
+
+def psycopg_connection(connection: Any) -> Any:
+    """The psycopg 3 (sync) connection behind what the application passed; TypeError when
+    there is none."""
+    import psycopg  # noqa: PLC0415 - the store's own import; an optional extra
+
+    if isinstance(connection, psycopg.AsyncConnection):
+        raise TypeError(
+            "offload.transaction takes a sync psycopg connection; an enqueue never awaits "
+            "(open the block around a sync connection of the same database)"
+        )
+    if isinstance(connection, psycopg.Connection):
+        return connection
+    module = type(connection).__module__ or ""
+    if module.startswith("django.") and hasattr(connection, "ensure_connection"):
+        if getattr(connection, "vendor", None) != "postgresql":
+            raise TypeError(
+                f"offload.transaction needs a PostgreSQL database; Django's "
+                f"{getattr(connection, 'alias', '?')!r} is {connection.vendor!r}"
+            )
+        connection.ensure_connection()
+        return _checked(connection.connection, "Django's database connection")
+    if module.startswith("sqlalchemy."):
+        # A Connection holds a pool proxy; the proxy holds the DBAPI connection.
+        proxy = getattr(connection, "connection", connection)
+        return _checked(getattr(proxy, "driver_connection", None), "SQLAlchemy's connection")
+    raise TypeError(
+        "offload.transaction takes a psycopg 3 connection, Django's django.db.connection or "
+        f"SQLAlchemy's session.connection(); got {type(connection).__name__}"
+    )
+
+
+def _checked(driver: Any, what: str) -> Any:
+    import psycopg  # noqa: PLC0415
+
+    if isinstance(driver, psycopg.Connection):
+        return driver
+    raise TypeError(
+        f"{what} is not a psycopg 3 connection ({type(driver).__name__}): offload writes "
+        "through psycopg 3 (Django 4.2+ uses it when installed; SQLAlchemy: "
+        "postgresql+psycopg://)"
+    )

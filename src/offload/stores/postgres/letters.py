@@ -1,0 +1,136 @@
+"""The PostgreSQL store's dead letters, on a connection the store hands over (its lock held).
+
+Each change is one statement, so one transaction: `bury` deletes the task and keeps its
+stored call with the letter; `replay` deletes the letter and puts its task back (without
+loading it: a process that cannot import the task's function, the `offload` command say,
+replays it for the workers that can) and NOTIFYs. A page of the console's listing is
+filtered and cut in SQL, newest first, with the last row's `seq` as the cursor, so a page
+costs the same at the start of 100,000 letters as at their end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...codec.task import TaskRecord, Unreadable
+from ...errors import StoreError, UnknownDeadLetter
+from ...records import DeadLetter, Task
+from .._shared import check_page, epoch
+from ..base import LetterPage, LetterQuery
+from .schema import LETTER_FIELDS, Sql
+
+__all__ = [
+    "bury_task",
+    "letter_page",
+    "read_letter",
+    "read_letters",
+    "replay_letter",
+    "revive_letter",
+]
+
+
+def bury_task(cur: Any, sql: Sql, task: Task, letter: DeadLetter, now: float) -> None:
+    """Keep `letter` with the task's stored call, and delete the task (one statement)."""
+    record = TaskRecord.of(task)  # the call as this process has it, if the row is gone
+    cur.execute(
+        sql.bury,
+        (
+            task.id,
+            record.call,
+            record.retry,
+            letter.id,
+            letter.task_id,
+            task.idempotency_key,
+            letter.description,
+            letter.key,
+            letter.attempts,
+            letter.error,
+            letter.status,
+            letter.reason,
+            epoch(letter.first_attempt_at),
+            epoch(letter.last_attempt_at),
+            now,
+        ),
+    )
+
+
+def read_letters(cur: Any, sql: Sql, shown: str) -> list[DeadLetter]:
+    """Every dead letter, oldest first."""
+    return [_letter(row, shown) for row in cur.execute(sql.letters).fetchall()]
+
+
+def read_letter(cur: Any, sql: Sql, shown: str, dead_letter_id: str) -> DeadLetter:
+    """One dead letter by id; UnknownDeadLetter if none has it."""
+    row = cur.execute(sql.letter, (dead_letter_id,)).fetchone()
+    if row is None:
+        raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
+    return _letter(row, shown)
+
+
+def letter_page(
+    cur: Any, sql: Sql, shown: str, query: LetterQuery, limit: int, cursor: str | None
+) -> LetterPage:
+    """The dead letters matching `query`, newest first, `limit` at most, after `cursor`
+    (the `seq` of the previous page's last letter)."""
+    check_page(limit, cursor)
+    where = ["TRUE"]
+    params: list[Any] = []
+    if query.key is not None:
+        where.append("key = %s")
+        params.append(query.key)
+    if query.status is not None:
+        where.append("status = %s")
+        params.append(query.status)
+    if query.reason is not None:
+        where.append("reason = %s")
+        params.append(query.reason)
+    if query.since is not None:
+        where.append("last_attempt_at >= %s")
+        params.append(query.since.timestamp())
+    if query.text:
+        # A substring, case-insensitive, with no LIKE pattern characters to escape.
+        where.append("(strpos(lower(description), %s) > 0 OR strpos(lower(error), %s) > 0)")
+        params += [query.text.lower()] * 2
+    matching = " AND ".join(where)
+    total = int(cur.execute(sql.page_total.format(where=matching), params).fetchone()[0])
+    if cursor is not None:
+        matching += " AND seq < %s"
+        params.append(int(cursor))
+    rows = cur.execute(sql.page.format(where=matching), [*params, limit + 1]).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    letters = [_letter(row[1:], shown) for row in rows]
+    return LetterPage(letters, total, str(rows[-1][0]) if more and rows else None)
+
+
+def revive_letter(conn: Any, sql: Sql, dead_letter_id: str) -> Task:
+    """Remove a dead letter and return its task, in one transaction; StoreError, and the
+    dead letter kept, when its task cannot be loaded in this process."""
+    with conn.transaction():
+        row = conn.execute(sql.revive, (dead_letter_id,)).fetchone()
+        if row is None:
+            raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
+        task = TaskRecord(*row).load()
+        if isinstance(task.call, Unreadable):  # raised inside: the DELETE is rolled back
+            raise StoreError(
+                f"dead letter {dead_letter_id} cannot be revived here: {task.call.error}"
+            )
+    return task
+
+
+def replay_letter(cur: Any, sql: Sql, dead_letter_id: str, now: float) -> Task:
+    """Move a dead letter's task back to the queue, due `now`, with a fresh attempt budget
+    (same id and idempotency key), in one statement; return the task (only a handle: this
+    process may not even be able to import it)."""
+    row = cur.execute(sql.replay, (dead_letter_id, now, sql.channel)).fetchone()
+    if row is None:
+        raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
+    task_id, idempotency_key, key, call, retry, _ = row
+    return TaskRecord(task_id, idempotency_key, key, call, retry).load()
+
+
+def _letter(row: tuple[Any, ...], shown: str) -> DeadLetter:
+    try:
+        return DeadLetter.from_json(dict(zip(LETTER_FIELDS, row, strict=True)))
+    except ValueError as exc:
+        raise StoreError(f"{shown}: dead letter {row[0]!r} is unreadable: {exc}") from None

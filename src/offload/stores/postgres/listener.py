@@ -1,0 +1,190 @@
+"""Wake-ups without polling: a thread that LISTENs on the store's channel with a connection
+of its own and calls every watcher's `wake()` when a NOTIFY arrives.
+
+The thread waits in `select()` on its connection's socket and on a pipe that `close()`
+writes to, so it sleeps until there is something to read, and stops at once. It calls
+`wake()` once as soon as it listens (what was put before that was not heard of), on each
+batch of notifications, and, while it cannot listen (the server restarting, a network
+cut), once per RETRY seconds as it tries to connect again: the watchers then look at the
+store as a polling one would, until it listens again.
+
+Fork: the thread does not exist in a child; its connection is the parent's and is never
+used nor closed there (closing it would end the parent's session), only forgotten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ..._guard import Guarded
+
+__all__ = ["Listener"]
+
+log = logging.getLogger("offload")
+
+RETRY = 1.0
+"""Seconds between attempts to listen again after the connection was lost."""
+
+# Inherited over fork(): never used again and never closed (see the module docstring).
+_orphans: list[Any] = []
+
+
+class Listener:
+    """LISTEN on `channel` through connections from `connect`, and wake the watchers."""
+
+    def __init__(
+        self, connect: Callable[[], Any], channel: str, shown: str, scrub: Callable[[str], str]
+    ) -> None:
+        self._connect = connect
+        self._channel = channel
+        self._shown = shown
+        self._scrub = scrub
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._watchers: dict[int, Callable[[], None]] = {}
+        self._next = 0
+        self._thread: threading.Thread | None = None
+        self._conn: Any = None
+        self._stop_r, self._stop_w = -1, -1
+
+    def add(self, wake: Callable[[], None]) -> Callable[[], None]:
+        """Call `wake()` on every notification from now on (the thread starts with the first
+        watcher); returns the function that stops it."""
+        with self._lock:
+            number = self._next
+            self._next += 1
+            self._watchers[number] = wake
+            if self._thread is None or not self._thread.is_alive():
+                self._start()
+
+        def remove() -> None:
+            with self._lock:
+                self._watchers.pop(number, None)
+
+        return remove
+
+    def _start(self) -> None:
+        """Called with the lock held."""
+        if self._stop_r < 0:
+            self._stop_r, self._stop_w = os.pipe()
+        thread = threading.Thread(target=self._run, name="offload-listen", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # interpreter exit: the watchers poll as they would without it
+            return
+        self._thread = thread
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            watchers = list(self._watchers.values())
+        for wake in watchers:
+            try:
+                wake()
+            except Exception as exc:  # one watcher's failure must not silence the others
+                with Guarded():
+                    log.error("offload: a wake-up callback failed: %s", exc)
+
+    def _run(self) -> None:
+        complained = False
+        while True:
+            try:
+                conn = self._connect()
+                conn.execute(f'LISTEN "{self._channel}"')
+            except Exception as exc:
+                if not complained:
+                    with Guarded():
+                        log.warning(
+                            "offload: %s: cannot listen for new tasks (%s); looking every "
+                            "%gs until it can",
+                            self._shown,
+                            self._scrub(str(exc)),
+                            RETRY,
+                        )
+                    complained = True
+                self._wake_all()
+                if self._stopped(RETRY):
+                    return
+                continue
+            with self._lock:
+                self._conn = conn
+            if complained:
+                with Guarded():
+                    log.info("offload: %s: listening for new tasks again", self._shown)
+                complained = False
+            self._wake_all()  # what was put before LISTEN took effect
+            try:
+                if self._listen(conn):
+                    return
+            except Exception as exc:  # the connection broke: listen again
+                with Guarded():
+                    log.warning(
+                        "offload: %s: lost the connection that listens for new tasks: %s",
+                        self._shown,
+                        self._scrub(str(exc)),
+                    )
+                complained = True
+            finally:
+                with self._lock:
+                    self._conn = None
+                _close_quietly(conn)
+            if self._stopped(0):
+                return
+
+    def _listen(self, conn: Any) -> bool:
+        """Wake the watchers on each batch of notifications; True once told to stop."""
+        fd = conn.fileno()
+        while True:
+            readable, _, _ = select.select([fd, self._stop_r], [], [])
+            if self._stop_r in readable:
+                return True
+            if list(conn.notifies(timeout=0)):
+                self._wake_all()
+
+    def _stopped(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for close(); True if it came."""
+        readable, _, _ = select.select([self._stop_r], [], [], timeout)
+        return bool(readable)
+
+    def close(self) -> None:
+        """Stop the thread and close its connection (in the process that made them)."""
+        if self._pid != os.getpid():
+            self.after_fork()
+            return
+        with self._lock:
+            self._watchers.clear()
+            thread = self._thread
+            self._thread = None
+        if self._stop_w >= 0:
+            os.write(self._stop_w, b"x")
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5)
+        for fd in (self._stop_r, self._stop_w):
+            if fd >= 0:
+                os.close(fd)
+        self._stop_r, self._stop_w = -1, -1
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's thread and connection; a new watcher
+        starts a thread of this process."""
+        if self._conn is not None:
+            _orphans.append(self._conn)
+        for fd in (self._stop_r, self._stop_w):
+            if fd >= 0:
+                os.close(fd)  # the child's copies only; the parent's pipe is untouched
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._watchers = {}
+        self._thread = None
+        self._conn = None
+        self._stop_r, self._stop_w = -1, -1
+
+
+def _close_quietly(conn: Any) -> None:
+    with contextlib.suppress(Exception):  # a broken connection: nothing left to close
+        conn.close()

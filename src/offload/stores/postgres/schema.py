@@ -1,0 +1,221 @@
+"""The PostgreSQL store's tables, in a schema of their own (`?schema=offload`), and making
+them: every statement names its tables with the schema, so that an application's
+connection (whatever its search_path) writes the same tables as offload's own.
+
+Making the tables takes a transaction-scoped advisory lock first, so that processes
+starting at once (gunicorn workers) do not race each other's CREATEs; `create=false`
+refuses a database without them instead. The `meta` table holds the format version: a
+newer one is refused, never changed.
+
+Columns follow the SQLite store's (`codec.task.TaskRecord`'s fields; the call and its
+policy as JSON text, never pickle; times as epoch seconds, as the Store protocol has
+them). Room to grow: a task's first due time is `due` already (a delay is a later
+`due`); a deduplication key is one column and one unique partial index more.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...errors import StoreError
+
+__all__ = ["LETTER_FIELDS", "SCHEMA_VERSION", "Sql", "channel", "ensure_tables"]
+
+SCHEMA_VERSION = 1
+
+LETTER_FIELDS = (
+    "id",
+    "task_id",
+    "description",
+    "key",
+    "attempts",
+    "error",
+    "status",
+    "reason",
+    "first_attempt_at",
+    "last_attempt_at",
+)
+_LETTER_COLUMNS = ", ".join(LETTER_FIELDS)
+TASK_FIELDS = (
+    "seq",
+    "due",
+    "id",
+    "idempotency_key",
+    "key",
+    "call",
+    "retry",
+    "attempts",
+    "failures",
+    "first_attempt_at",
+    "last_attempt_at",
+)
+_TASK_COLUMNS = ", ".join(f"t.{name}" for name in TASK_FIELDS)
+
+
+def channel(schema: str) -> str:
+    """The LISTEN/NOTIFY channel of the store in `schema` (channels are per database)."""
+    return f"offload:{schema}"
+
+
+def _ddl(s: str) -> tuple[str, ...]:
+    return (
+        f"CREATE SCHEMA IF NOT EXISTS {s}",
+        f"""CREATE TABLE IF NOT EXISTS {s}.tasks (
+            seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- insertion order
+            id text NOT NULL UNIQUE,
+            idempotency_key text,              -- NULL when it is the id (the usual case)
+            key text,                          -- throttle key
+            call text NOT NULL,                -- JSON (codec.task.TaskRecord)
+            retry text,                        -- JSON RetryPolicy, NULL: the consumer's
+            due double precision NOT NULL,     -- epoch seconds
+            owner text,                        -- host:pid:token while leased
+            lease_until double precision,
+            attempts integer NOT NULL DEFAULT 0,
+            failures integer NOT NULL DEFAULT 0,
+            first_attempt_at double precision,
+            last_attempt_at double precision
+        )""",
+        # Claims read waiting rows in due order; sweeps read leased rows by owner.
+        f"CREATE INDEX IF NOT EXISTS tasks_waiting ON {s}.tasks (due, seq) WHERE owner IS NULL",
+        f"CREATE INDEX IF NOT EXISTS tasks_leased ON {s}.tasks (owner) WHERE owner IS NOT NULL",
+        f"""CREATE TABLE IF NOT EXISTS {s}.dead_letters (
+            seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            id text NOT NULL UNIQUE,
+            task_id text NOT NULL,
+            idempotency_key text NOT NULL,
+            description text NOT NULL,
+            key text,
+            attempts integer NOT NULL,
+            error text NOT NULL,
+            status integer,
+            reason text NOT NULL,
+            first_attempt_at double precision,
+            last_attempt_at double precision,
+            buried_at double precision NOT NULL,
+            call text NOT NULL,                -- as the task stored it, for replay
+            retry text
+        )""",
+        # The console's filters, newest first (seq descending), a page at a time.
+        f"CREATE INDEX IF NOT EXISTS dead_letters_key ON {s}.dead_letters (key, seq)",
+        f"CREATE INDEX IF NOT EXISTS dead_letters_status ON {s}.dead_letters (status, seq)",
+        f"CREATE INDEX IF NOT EXISTS dead_letters_reason ON {s}.dead_letters (reason, seq)",
+        f"CREATE INDEX IF NOT EXISTS dead_letters_last ON {s}.dead_letters (last_attempt_at)",
+        f"CREATE TABLE IF NOT EXISTS {s}.meta (name text PRIMARY KEY, value text NOT NULL)",
+        f"INSERT INTO {s}.meta (name, value) VALUES ('version', '{SCHEMA_VERSION}') "
+        "ON CONFLICT (name) DO NOTHING",
+    )
+
+
+class Sql:
+    """Every statement of the store in one schema, made once per store object."""
+
+    def __init__(self, schema: str) -> None:
+        s = self.schema = f'"{schema}"'  # a plain identifier (url.py checked it), quoted
+        tasks, letters = f"{s}.tasks", f"{s}.dead_letters"
+        self.ddl = _ddl(s)
+        self.channel = channel(schema)
+        self.version = f"SELECT to_regclass('{s}.meta') IS NOT NULL"
+        self.read_version = f"SELECT value FROM {s}.meta WHERE name = 'version'"
+        self.tables = (
+            f"SELECT to_regclass('{s}.tasks') IS NOT NULL "
+            f"AND to_regclass('{s}.dead_letters') IS NOT NULL"
+        )
+        # -- tasks ----------------------------------------------------------------------
+        insert = (
+            f"INSERT INTO {tasks} (id, idempotency_key, key, call, retry, due, owner, "
+            "lease_until) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+        )
+        #: A task this process leased as it wrote it: no one else needs to hear of it.
+        self.put_leased = insert
+        #: A waiting task: the NOTIFY wakes the listening workers (at the commit).
+        self.put_waiting = f"WITH t AS ({insert}) SELECT pg_notify(%s, '')"
+        self.claim = (
+            f"WITH picked AS (SELECT seq FROM {tasks} WHERE owner IS NULL AND due <= %s "
+            "{keys}ORDER BY due, seq LIMIT %s FOR UPDATE SKIP LOCKED) "
+            f"UPDATE {tasks} t SET owner = %s, lease_until = %s FROM picked "
+            f"WHERE t.seq = picked.seq RETURNING {_TASK_COLUMNS}"
+        )
+        self.claim_all = self.claim.format(keys="")
+        self.claim_some = self.claim.format(keys="AND (key IS NULL OR key <> ALL(%s)) ")
+        self.owners = (
+            f"SELECT owner, MIN(lease_until) FROM {tasks} WHERE owner IS NOT NULL GROUP BY owner"
+        )
+        self.take_back = (
+            f"WITH t AS (UPDATE {tasks} SET owner = NULL, lease_until = NULL "
+            "WHERE owner IS NOT NULL AND (owner = ANY(%s) OR lease_until <= %s) "
+            "RETURNING owner) SELECT owner, count(*), pg_notify(%s, '') FROM t GROUP BY owner"
+        )
+        self.renew = f"UPDATE {tasks} SET lease_until = %s WHERE owner = %s AND id = ANY(%s)"
+        self.lost = (
+            f"SELECT count(*) FROM {tasks} WHERE id = ANY(%s) AND (owner IS NULL OR owner <> %s)"
+        )
+        self.release = (
+            f"WITH t AS (UPDATE {tasks} SET owner = NULL, lease_until = NULL, due = %s, "
+            "attempts = %s, failures = %s, first_attempt_at = %s, last_attempt_at = %s "
+            "WHERE id = %s AND owner = %s) SELECT pg_notify(%s, '')"
+        )
+        self.complete = f"DELETE FROM {tasks} WHERE id = %s"
+        self.next_due = f"SELECT MIN(due) FROM {tasks} WHERE owner IS NULL"
+        self.counts = (
+            "SELECT count(*) FILTER (WHERE owner IS NULL AND due <= %(now)s), "
+            "count(*) FILTER (WHERE owner IS NULL AND due > %(now)s), "
+            f"count(*) FILTER (WHERE owner IS NOT NULL), (SELECT count(*) FROM {letters}) "
+            f"FROM {tasks}"
+        )
+        # -- dead letters ---------------------------------------------------------------
+        self.bury = (
+            f"WITH gone AS (DELETE FROM {tasks} WHERE id = %s RETURNING call, retry), "
+            # The row is gone when its lease was lost: then the call as this process has it.
+            "stored AS (SELECT call, retry FROM gone UNION ALL "
+            "SELECT %s, %s WHERE NOT EXISTS (SELECT 1 FROM gone)) "
+            f"INSERT INTO {letters} (id, task_id, idempotency_key, description, key, "
+            "attempts, error, status, reason, first_attempt_at, last_attempt_at, buried_at, "
+            "call, retry) SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, call, retry "
+            "FROM stored"
+        )
+        self.letters = f"SELECT {_LETTER_COLUMNS} FROM {letters} ORDER BY seq"
+        self.letter = f"SELECT {_LETTER_COLUMNS} FROM {letters} WHERE id = %s"
+        self.page = (
+            f"SELECT seq, {_LETTER_COLUMNS} FROM {letters} WHERE {{where}} "
+            "ORDER BY seq DESC LIMIT %s"
+        )
+        self.page_total = f"SELECT count(*) FROM {letters} WHERE {{where}}"
+        self.count_letters = f"SELECT count(*) FROM {letters}"
+        self.revive = (
+            f"DELETE FROM {letters} WHERE id = %s "
+            "RETURNING task_id, idempotency_key, key, call, retry"
+        )
+        self.replay = (
+            f"WITH letter AS (DELETE FROM {letters} WHERE id = %s "
+            "RETURNING task_id, idempotency_key, key, call, retry), "
+            f"put AS (INSERT INTO {tasks} (id, idempotency_key, key, call, retry, due) "
+            "SELECT task_id, NULLIF(idempotency_key, task_id), key, call, retry, %s "
+            "FROM letter) "
+            "SELECT task_id, idempotency_key, key, call, retry, pg_notify(%s, '') FROM letter"
+        )
+        self.discard = f"DELETE FROM {letters} WHERE id = %s"
+        self.purge = f"DELETE FROM {letters}"
+
+
+def ensure_tables(conn: Any, sql: Sql, *, create: bool, shown: str) -> None:
+    """Make the store's tables if they are missing (or refuse, with `create=false`), and
+    check their format. `conn` is an autocommit psycopg connection."""
+    if not conn.execute(sql.tables).fetchone()[0] or not conn.execute(sql.version).fetchone()[0]:
+        if not create:
+            raise StoreError(
+                f"{shown}: no offload tables in schema {sql.schema} (create=false: "
+                "make them with create=true, or point the URL at the right database)"
+            )
+        with conn.transaction():
+            # Serialise the CREATEs of processes that start at once; released at commit.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (sql.channel,))
+            for statement in sql.ddl:
+                conn.execute(statement)
+    row = conn.execute(sql.read_version).fetchone()
+    version = int(row[0]) if row is not None else 0
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{shown}: written by a newer offload (store format {version}); upgrade offload"
+        )
+    if version < SCHEMA_VERSION:
+        raise StoreError(f"{shown}: not a usable offload store (format {version!r})")

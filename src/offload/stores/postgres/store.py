@@ -1,0 +1,427 @@
+"""PostgresStore: one store object per process and database schema, over its parts: the URL
+(url.py), the tables (schema.py), the tasks (tasks.py), the dead letters (letters.py), the
+LISTEN thread (listener.py) and the application's connection (joining.py). What it keeps
+itself is a process's state: its connection and lock, its lease owner, its listener, and
+starting over in a forked child.
+
+Connections. Each process opens one connection (autocommit: every statement is its own
+transaction) on first use, shared by its threads under a lock, and checks the tables
+then (making them unless `create=false`); a second one LISTENs once a worker waits for
+tasks (`watch`). A broken connection is dropped and the next use opens a new one; a
+psycopg error becomes a StoreError whose text never holds the password. A connection is
+never used across fork(): the child opens its own, and the parent's is left alone.
+
+Leases. As in the SQLite store: a claimed row is leased to this store object's owner
+('host:pid:token') until `lease_until`, renewed while held; a claim or `next_due` first
+takes back expired leases, and at once those of processes of this host that are gone
+(at most every SWEEP_EVERY seconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from ..._redact import REDACTED, redact_text
+from ...codec.task import TaskRecord
+from ...config import check_lease_timeout, lease_timeout_from_env
+from ...errors import StoreError, UnknownDeadLetter
+from ...records import DeadLetter, Task
+from .._shared import new_owner
+from ..base import NO_KEYS, LetterPage, LetterQuery, StoreCounts
+from .joining import psycopg_connection
+from .letters import (
+    bury_task,
+    letter_page,
+    read_letter,
+    read_letters,
+    replay_letter,
+    revive_letter,
+)
+from .listener import Listener
+from .schema import Sql, ensure_tables
+from .tasks import (
+    claim_due,
+    count_tasks,
+    earliest_due,
+    release_task,
+    renew_leases,
+    take_back,
+    task_row,
+)
+from .url import parse_postgres_url
+
+__all__ = ["PostgresStore"]
+
+log = logging.getLogger("offload")
+
+SWEEP_EVERY = 2.0
+"""Seconds between a store object's looks for leases to take back (each reads every
+leased row's owner)."""
+
+# Connections inherited over fork(): never used again and never closed, since closing one
+# in the child sends the server a Terminate for the parent's session.
+_orphans: list[Any] = []
+_fork_locks: dict[int, threading.Lock] = {}
+
+
+class PostgresStore:
+    """A durable store in a PostgreSQL database (see the package docstring)."""
+
+    durable = True
+    leases_on_put = True
+    #: flush() looks at the tables this often for what other processes changed.
+    flush_poll = 0.05
+    dropped = 0  # every dead letter is kept
+
+    def __init__(self, url: str, *, lease_timeout: float | None = None) -> None:
+        """`url`: postgresql://user@host:port/db?schema=offload&lease_timeout=60&create=true
+        (its lease_timeout wins over the argument's; OFFLOAD_LEASE_TIMEOUT, else 60)."""
+        parsed = parse_postgres_url(url)
+        if parsed.lease_timeout is not None:
+            lease_timeout = parsed.lease_timeout
+        elif lease_timeout is None:
+            lease_timeout = lease_timeout_from_env()
+        check_lease_timeout("lease_timeout", lease_timeout)
+        self.lease_timeout = float(lease_timeout)
+        #: The URL as given, with the password as ***: what reprs, logs and errors show.
+        self.url = parsed.shown
+        self.schema = parsed.schema
+        self.create = parsed.create
+        self._conninfo = parsed.conninfo
+        self._password = parsed.password
+        self._dbname = _dbname(parsed.conninfo)
+        self._sql = Sql(parsed.schema)
+        self._init_process_state()
+
+    @classmethod
+    def from_url(cls, url: str, *, lease_timeout: float | None = None) -> PostgresStore:
+        """The store a `postgresql://` URL names; nothing is connected until first use."""
+        return cls(url, lease_timeout=lease_timeout)
+
+    def _init_process_state(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._listen_lock = threading.Lock()
+        self._owner = new_owner()
+        self._conn: Any = None
+        self._cur: Any = None
+        self._ready = False  # the tables were checked in this process
+        self._next_sweep = -math.inf
+        self._listener: Listener | None = None
+
+    @property
+    def owner(self) -> str:
+        """The lease owner this store object writes: 'host:pid:token'."""
+        self._check_pid()
+        return self._owner
+
+    # -- connections ----------------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        """`text` (a psycopg error, say) with the password hidden, and any other secret."""
+        if self._password:
+            text = text.replace(self._password, REDACTED)
+        return redact_text(text)
+
+    def _connect(self) -> Any:
+        """A new autocommit connection; StoreError (password hidden) if none can be made."""
+        try:
+            import psycopg  # noqa: PLC0415 - an optional extra
+
+            return psycopg.connect(self._conninfo, autocommit=True)
+        except ImportError:
+            raise StoreError(
+                "the PostgreSQL store needs psycopg 3: pip install 'offload[postgres]'"
+            ) from None
+        except Exception as exc:
+            raise StoreError(f"{self.url}: cannot connect: {self._scrub(str(exc))}") from None
+
+    def _check_pid(self) -> None:
+        if self._pid != os.getpid():
+            with _fork_locks.setdefault(os.getpid(), threading.Lock()):
+                if self._pid != os.getpid():
+                    self._start_over()
+
+    def _start_over(self) -> None:
+        """In a forked child: a new lock, owner, listener and (on first use) connection."""
+        if self._conn is not None:
+            _orphans.append(self._conn)  # never touched again, never closed
+        if self._listener is not None:
+            self._listener.after_fork()
+        self._init_process_state()
+
+    def after_fork(self) -> None:
+        """In a forked child: its own connection and owner, opened on first use."""
+        self._check_pid()
+
+    def _cursor(self) -> Any:
+        """This process's cursor, connecting (and checking the tables) first if need be;
+        the lock is held."""
+        cur = self._cur
+        if cur is None:
+            conn = self._connect()
+            try:
+                if not self._ready:
+                    ensure_tables(conn, self._sql, create=self.create, shown=self.url)
+                    self._ready = True
+            except BaseException:
+                conn.close()
+                raise
+            self._conn, self._cur = conn, conn.cursor()
+            cur = self._cur
+        return cur
+
+    @contextlib.contextmanager
+    def _use(self, what: str) -> Iterator[Any]:
+        """A cursor, under the lock; psycopg errors become StoreError naming `what`, and a
+        broken connection is dropped for the next use to replace."""
+        self._check_pid()
+        with self._lock:
+            try:
+                yield self._cursor()
+            except StoreError:
+                raise
+            except Exception as exc:
+                if not _is_psycopg_error(exc):
+                    raise
+                conn = self._conn
+                if conn is not None and (conn.broken or conn.closed):
+                    self._conn = self._cur = None
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                raise StoreError(f"{self.url}: {what} failed: {self._scrub(str(exc))}") from None
+
+    def exists(self) -> bool:
+        """True when the database holds this store's tables (never makes them): for the
+        `offload` command, which must not make an empty store out of a typo."""
+        self._check_pid()
+        with self._lock:
+            conn = self._connect()
+            try:
+                return bool(conn.execute(self._sql.tables).fetchone()[0])
+            except Exception as exc:
+                raise StoreError(f"{self.url}: cannot read: {self._scrub(str(exc))}") from None
+            finally:
+                conn.close()
+
+    def close(self) -> None:
+        """Stop listening and close this process's connection; a later use opens a new one."""
+        if self._pid != os.getpid():
+            self._check_pid()
+            return
+        with self._listen_lock:
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        with self._lock:
+            conn, self._conn, self._cur = self._conn, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    # -- wake-ups ---------------------------------------------------------------------------
+
+    def watch(self, wake: Callable[[], None]) -> Callable[[], None] | None:
+        """Call `wake()` from a thread of the store's own when tasks may be due for this
+        process: on every NOTIFY of the store's channel (a put without a lease, a release,
+        a replay, a take-back, by any process: heard at their commit), once as soon as it
+        listens, and while it cannot listen, every few seconds. Returns the function that
+        stops it."""
+        self._check_pid()
+        with self._listen_lock:  # not the connection's lock: a query may hold that one
+            listener = self._listener
+            if listener is None:
+                listener = self._listener = Listener(
+                    self._connect, self._sql.channel, self.url, self._scrub
+                )
+        return listener.add(wake)
+
+    # -- the application's transaction ----------------------------------------------------
+
+    def join(self, connection: Any) -> Any:
+        """The psycopg connection to write through for `connection` (psycopg, Django's or
+        SQLAlchemy's; see joining.py), checked: the same database as the store's, and the
+        store's tables made first (so an enqueue cannot fail the application's transaction
+        for want of them). TypeError or ValueError when it cannot be used."""
+        driver = psycopg_connection(connection)
+        dbname = driver.info.dbname
+        if self._dbname is not None and dbname != self._dbname:
+            raise ValueError(
+                f"offload.transaction: the connection is to database {dbname!r}, but the "
+                f"store is {self.url}"
+            )
+        with self._use("opening the store"):
+            pass
+        return driver
+
+    def put_in(self, connection: Any, task: Task) -> None:
+        """Write a new task, due now and not leased, through the application's
+        `connection` (from `join`), in the transaction it has open; nothing is committed
+        here. Its NOTIFY goes out at that transaction's commit, and with it, the task."""
+        record = TaskRecord.of(task)  # NotSerializable before touching the connection
+        sql = self._sql
+        row = task_row(record, time.time(), None, None)
+        try:
+            connection.execute(sql.put_waiting, (*row, sql.channel))
+        except Exception as exc:
+            if not _is_psycopg_error(exc):
+                raise
+            raise StoreError(
+                f"{self.url}: enqueue in the application's transaction failed (that "
+                f"transaction is now aborted; roll it back): {self._scrub(str(exc))}"
+            ) from None
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    def put(self, task: Task, *, lease: bool) -> None:
+        """Write a new task before returning: one INSERT, committed (autocommit). A task
+        not leased here NOTIFYs the listening workers."""
+        record = TaskRecord.of(task)  # NotSerializable before touching the database
+        now = time.time()
+        sql = self._sql
+        with self._use("enqueue") as cur:
+            if lease:
+                cur.execute(
+                    sql.put_leased, task_row(record, now, self._owner, now + self.lease_timeout)
+                )
+            else:
+                cur.execute(sql.put_waiting, (*task_row(record, now, None, None), sql.channel))
+
+    def claim(self, limit: int, *, exclude_keys: Mapping[str, float] = NO_KEYS) -> list[Task]:
+        """Lease up to `limit` due tasks, oldest due first, skipping `exclude_keys`."""
+        if limit <= 0:
+            return []
+        now = time.time()
+        with self._use("claim") as cur:
+            if now >= self._next_sweep:
+                self._sweep(cur, now)
+            return claim_due(
+                cur,
+                self._sql,
+                owner=self._owner,
+                now=now,
+                until=now + self.lease_timeout,
+                limit=limit,
+                exclude_keys=exclude_keys,
+            )
+
+    def _sweep(self, cur: Any, now: float) -> None:
+        self._next_sweep = now + min(SWEEP_EVERY, self.lease_timeout / 4)
+        take_back(cur, self._sql, owner=self._owner, now=now)
+
+    def renew(self, tasks: Sequence[Task]) -> None:
+        """Extend the leases of `tasks` (one UPDATE)."""
+        if not tasks:
+            return
+        with self._use("renewing leases") as cur:
+            until = time.time() + self.lease_timeout
+            lost = renew_leases(cur, self._sql, tasks, owner=self._owner, until=until)
+        if lost:
+            log.warning(
+                "offload: %d lease(s) were lost before renewal (taken back after expiry); "
+                "those tasks may run twice",
+                lost,
+            )
+
+    def release(self, task: Task, due: float) -> None:
+        """Hand `task` back, due at `due`, with its attempt state."""
+        with self._use("releasing a task") as cur:
+            release_task(cur, self._sql, task, owner=self._owner, due=due)
+
+    def complete(self, task: Task) -> None:
+        """Forget a delivered task."""
+        with self._use("completing a task") as cur:
+            cur.execute(self._sql.complete, (task.id,))
+
+    def next_due(self) -> float | None:
+        """When the earliest task not leased is due (leases of dead processes and expired
+        ones are taken back first)."""
+        now = time.time()
+        with self._use("reading the queue") as cur:
+            if now >= self._next_sweep:
+                self._sweep(cur, now)
+            return earliest_due(cur, self._sql)
+
+    def counts(self) -> StoreCounts:
+        """Tasks ready, delayed and leased (by anyone), and dead letters, now."""
+        with self._use("counting") as cur:
+            ready, delayed, leased, letters = count_tasks(cur, self._sql, time.time())
+        return StoreCounts(ready=ready, delayed=delayed, leased=leased, dead_letters=letters)
+
+    # -- dead letters -----------------------------------------------------------------------
+
+    def bury(self, task: Task, letter: DeadLetter) -> None:
+        """Keep `letter` with the task's stored call, and delete the task, in one statement."""
+        with self._use("storing a dead letter") as cur:
+            bury_task(cur, self._sql, task, letter, time.time())
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Every dead letter, oldest first."""
+        with self._use("listing dead letters") as cur:
+            return read_letters(cur, self._sql, self.url)
+
+    def dead_letter(self, dead_letter_id: str) -> DeadLetter:
+        """One dead letter by id; UnknownDeadLetter if none has it."""
+        with self._use("reading a dead letter") as cur:
+            return read_letter(cur, self._sql, self.url, dead_letter_id)
+
+    def dead_letter_page(
+        self, query: LetterQuery, *, limit: int = 50, cursor: str | None = None
+    ) -> LetterPage:
+        """A page of the dead letters matching `query`, newest first, filtered and cut in
+        SQL (see letters.py)."""
+        with self._use("listing dead letters") as cur:
+            return letter_page(cur, self._sql, self.url, query, limit, cursor)
+
+    def __len__(self) -> int:
+        with self._use("counting dead letters") as cur:
+            return int(cur.execute(self._sql.count_letters).fetchone()[0])
+
+    def revive(self, dead_letter_id: str) -> Task:
+        """Remove a dead letter and return its task (fresh attempt budget, same ids).
+
+        StoreError, and the dead letter kept, when its task cannot be loaded in this
+        process. Prefer `replay`, which moves the task back into the queue at once."""
+        with self._use("reviving a dead letter"):
+            return revive_letter(self._conn, self._sql, dead_letter_id)
+
+    def replay(self, dead_letter_id: str) -> Task:
+        """Move a dead letter's task back to the queue, due now, with a fresh attempt budget
+        (same id and idempotency key), in one statement; return the task."""
+        with self._use("replaying a dead letter") as cur:
+            return replay_letter(cur, self._sql, dead_letter_id, time.time())
+
+    def discard(self, dead_letter_id: str) -> None:
+        """Delete one dead letter; UnknownDeadLetter if none has that id."""
+        with self._use("discarding a dead letter") as cur:
+            if not cur.execute(self._sql.discard, (dead_letter_id,)).rowcount:
+                raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
+
+    def purge(self) -> int:
+        """Delete every dead letter; returns how many there were."""
+        with self._use("purging dead letters") as cur:
+            return int(cur.execute(self._sql.purge).rowcount)
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.url!r}, lease_timeout={self.lease_timeout:g})"
+
+
+def _is_psycopg_error(exc: BaseException) -> bool:
+    import psycopg  # noqa: PLC0415
+
+    return isinstance(exc, psycopg.Error)
+
+
+def _dbname(conninfo: str) -> str | None:
+    """The database a connection string names, if it names one (else libpq's default)."""
+    from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415
+
+    name = conninfo_to_dict(conninfo).get("dbname")
+    return None if name is None else str(name)
