@@ -11,7 +11,7 @@
 
 `--store` defaults to OFFLOAD_STORE. Errors are one line on stderr and a non-zero exit
 status (1; 2 for a usage error), never a traceback. Nothing printed holds a secret: dead
-letters are redacted when they are made, and store URLs carry no credentials.
+letters are redacted when they are made, and store URLs are shown without passwords.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
         "--store",
         metavar="URL",
         default=None,
-        help="store URL, e.g. sqlite:////var/lib/app/offload.db (default: $OFFLOAD_STORE)",
+        help="store URL, e.g. sqlite:////var/lib/app/offload.db or "
+        "postgresql://app@db/app (default: $OFFLOAD_STORE)",
     )
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON")
@@ -189,19 +190,24 @@ def _store_url(args: argparse.Namespace) -> str:
     if url.strip().lower() in ("memory", "memory://"):
         raise CommandError(
             "the memory store lives inside one process; the offload command needs a durable "
-            "store (sqlite:///path.db or sqs://queue-name?region=...)"
+            "store (sqlite:///path.db, sqs://queue-name?region=... or postgresql://user@host/db)"
         )
     return url
 
 
 def _open(args: argparse.Namespace, *, must_exist: bool = True) -> DurableStore:
-    """The durable store `--store` names. A SQLite file that is not there is an error (a
-    typo must not make an empty store), unless the worker is told to `--create` it."""
+    """The durable store `--store` names. A SQLite file that is not there, or a database
+    without the store's tables, is an error (a typo must not make an empty store), unless
+    the worker is told to `--create` it."""
     from .stores.sqlite import SQLiteStore  # noqa: PLC0415
 
     store: Store = open_store(_store_url(args))  # a SQLite file is opened on first use
     if must_exist and isinstance(store, SQLiteStore) and not os.path.exists(store.path):
         raise CommandError(f"no store at {store.path}: the file does not exist")
+    exists = getattr(store, "exists", None)  # a database: are the store's tables there?
+    if must_exist and exists is not None and not exists():
+        store.close()
+        raise CommandError(f"no store at {store.url}: the database has no offload tables")
     if not store.durable:
         store.close()
         raise CommandError(f"{store.url} is not a durable store")

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 __all__ = ["PASSWORD", "PASSWORD_USER", "PgServer", "PgUnavailable", "find_bin_dir"]
@@ -44,11 +44,9 @@ def find_bin_dir() -> Path | None:
     found = shutil.which("initdb")
     if found and shutil.which("pg_ctl"):
         return Path(os.path.realpath(found)).parent
-    candidates = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-        key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0,
-    )
-    return Path(candidates[-1]).parent if candidates else None
+    versions = [Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/initdb")]
+    versions.sort(key=lambda d: int(d.parent.name) if d.parent.name.isdigit() else 0)
+    return versions[-1] if versions else None
 
 
 def _free_port() -> int:
@@ -160,16 +158,26 @@ class PgServer:
             ]
         )
         log = str(self.directory / "server.log")
-        self._run("pg_ctl", "-D", str(self.data), "-l", log, "-w", "-t", "60", "-o", options, "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            log,
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            "start",
+        )
         self.psql(f"CREATE ROLE {PASSWORD_USER} LOGIN PASSWORD '{PASSWORD}'")
         self.psql(f"CREATE DATABASE {PASSWORD_USER} OWNER {PASSWORD_USER}")
 
     def _stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
-            try:
+            with suppress(PgUnavailable):  # already gone: nothing to stop
                 self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
-            except PgUnavailable:
-                pass
 
     # -- using it -------------------------------------------------------------------------
 

@@ -28,8 +28,8 @@ def open_store(
     "postgresql://user@host/db"), or `spec` itself when it already is a Store.
 
     `lease_timeout` (seconds) is for durable stores (a URL option wins over it; otherwise
-    OFFLOAD_LEASE_TIMEOUT, else 60). `clock` gives a SQLite store its wall-clock time
-    (tests); stores shared by several machines use the real time."""
+    OFFLOAD_LEASE_TIMEOUT, else 60). `clock` gives a SQLite or PostgreSQL store its
+    wall-clock time (tests); SQS uses the real time."""
     if not isinstance(spec, str):
         if isinstance(spec, Store):
             return spec
@@ -50,7 +50,7 @@ def open_store(
     if scheme in ("postgresql", "postgres"):
         from .postgres import PostgresStore  # noqa: PLC0415 - psycopg is an optional extra
 
-        return PostgresStore.from_url(spec, lease_timeout=lease_timeout)
+        return PostgresStore.from_url(spec, lease_timeout=lease_timeout, clock=clock)
     raise ValueError(
         f"store: unknown or unsupported store URL {redact_dsn(spec)!r} (expected 'memory', "
         "'sqlite:///path.db', 'sqs://queue-name?region=...' or 'postgresql://user@host/db')"

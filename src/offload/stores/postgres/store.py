@@ -24,11 +24,11 @@ import logging
 import math
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ..._redact import REDACTED, redact_text
+from ...clock import Clock, SystemClock
 from ...codec.task import TaskRecord
 from ...config import check_lease_timeout, lease_timeout_from_env
 from ...errors import StoreError, UnknownDeadLetter
@@ -80,9 +80,13 @@ class PostgresStore:
     flush_poll = 0.05
     dropped = 0  # every dead letter is kept
 
-    def __init__(self, url: str, *, lease_timeout: float | None = None) -> None:
+    def __init__(
+        self, url: str, *, lease_timeout: float | None = None, clock: Clock | None = None
+    ) -> None:
         """`url`: postgresql://user@host:port/db?schema=offload&lease_timeout=60&create=true
-        (its lease_timeout wins over the argument's; OFFLOAD_LEASE_TIMEOUT, else 60)."""
+        (its lease_timeout wins over the argument's; OFFLOAD_LEASE_TIMEOUT, else 60).
+        `clock` gives the wall-clock time (tests); processes sharing the database must
+        agree on the time, as with any lease."""
         parsed = parse_postgres_url(url)
         if parsed.lease_timeout is not None:
             lease_timeout = parsed.lease_timeout
@@ -98,12 +102,15 @@ class PostgresStore:
         self._password = parsed.password
         self._dbname = _dbname(parsed.conninfo)
         self._sql = Sql(parsed.schema)
+        self._clock: Clock = clock if clock is not None else SystemClock()
         self._init_process_state()
 
     @classmethod
-    def from_url(cls, url: str, *, lease_timeout: float | None = None) -> PostgresStore:
+    def from_url(
+        cls, url: str, *, lease_timeout: float | None = None, clock: Clock | None = None
+    ) -> PostgresStore:
         """The store a `postgresql://` URL names; nothing is connected until first use."""
-        return cls(url, lease_timeout=lease_timeout)
+        return cls(url, lease_timeout=lease_timeout, clock=clock)
 
     def _init_process_state(self) -> None:
         self._pid = os.getpid()
@@ -267,7 +274,7 @@ class PostgresStore:
         here. Its NOTIFY goes out at that transaction's commit, and with it, the task."""
         record = TaskRecord.of(task)  # NotSerializable before touching the connection
         sql = self._sql
-        row = task_row(record, time.time(), None, None)
+        row = task_row(record, self._clock.time(), None, None)
         try:
             connection.execute(sql.put_waiting, (*row, sql.channel))
         except Exception as exc:
@@ -284,7 +291,7 @@ class PostgresStore:
         """Write a new task before returning: one INSERT, committed (autocommit). A task
         not leased here NOTIFYs the listening workers."""
         record = TaskRecord.of(task)  # NotSerializable before touching the database
-        now = time.time()
+        now = self._clock.time()
         sql = self._sql
         with self._use("enqueue") as cur:
             if lease:
@@ -298,7 +305,7 @@ class PostgresStore:
         """Lease up to `limit` due tasks, oldest due first, skipping `exclude_keys`."""
         if limit <= 0:
             return []
-        now = time.time()
+        now = self._clock.time()
         with self._use("claim") as cur:
             if now >= self._next_sweep:
                 self._sweep(cur, now)
@@ -321,7 +328,7 @@ class PostgresStore:
         if not tasks:
             return
         with self._use("renewing leases") as cur:
-            until = time.time() + self.lease_timeout
+            until = self._clock.time() + self.lease_timeout
             lost = renew_leases(cur, self._sql, tasks, owner=self._owner, until=until)
         if lost:
             log.warning(
@@ -343,7 +350,7 @@ class PostgresStore:
     def next_due(self) -> float | None:
         """When the earliest task not leased is due (leases of dead processes and expired
         ones are taken back first)."""
-        now = time.time()
+        now = self._clock.time()
         with self._use("reading the queue") as cur:
             if now >= self._next_sweep:
                 self._sweep(cur, now)
@@ -352,7 +359,7 @@ class PostgresStore:
     def counts(self) -> StoreCounts:
         """Tasks ready, delayed and leased (by anyone), and dead letters, now."""
         with self._use("counting") as cur:
-            ready, delayed, leased, letters = count_tasks(cur, self._sql, time.time())
+            ready, delayed, leased, letters = count_tasks(cur, self._sql, self._clock.time())
         return StoreCounts(ready=ready, delayed=delayed, leased=leased, dead_letters=letters)
 
     # -- dead letters -----------------------------------------------------------------------
@@ -360,7 +367,7 @@ class PostgresStore:
     def bury(self, task: Task, letter: DeadLetter) -> None:
         """Keep `letter` with the task's stored call, and delete the task, in one statement."""
         with self._use("storing a dead letter") as cur:
-            bury_task(cur, self._sql, task, letter, time.time())
+            bury_task(cur, self._sql, task, letter, self._clock.time())
 
     def dead_letters(self) -> list[DeadLetter]:
         """Every dead letter, oldest first."""
@@ -396,7 +403,7 @@ class PostgresStore:
         """Move a dead letter's task back to the queue, due now, with a fresh attempt budget
         (same id and idempotency key), in one statement; return the task."""
         with self._use("replaying a dead letter") as cur:
-            return replay_letter(cur, self._sql, dead_letter_id, time.time())
+            return replay_letter(cur, self._sql, dead_letter_id, self._clock.time())
 
     def discard(self, dead_letter_id: str) -> None:
         """Delete one dead letter; UnknownDeadLetter if none has that id."""

@@ -1,0 +1,504 @@
+"""The PostgreSQL store on a real server: the session's throwaway one (conftest.py), a schema
+of its own per test.
+
+Multi-process, kill -9, wake-up and transaction tests with real workers are in
+tests/system/test_postgres_e2e.py; the contract shared with the other stores is in
+test_store_contract.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import psycopg
+import pytest
+
+import offload
+from offload import DeadLetter, NotSerializable, StoreError, Task, UnknownDeadLetter
+from offload.records import new_id
+from offload.stores import open_store
+from offload.stores._shared import page_of
+from offload.stores.base import LetterQuery
+from offload.stores.postgres import PostgresStore, parse_postgres_url
+from offload.testing import FakeClock
+from pgserver import PASSWORD, PASSWORD_USER
+from procs import run_python
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def record(value: Any) -> None:
+    """A module-level function a worker can import."""
+
+
+MakeStore = Callable[..., PostgresStore]
+
+
+@pytest.fixture
+def make_store(postgres_url: str) -> Iterator[MakeStore]:
+    """Open PostgresStores on this test's schema (extra URL options appended)."""
+    opened: list[PostgresStore] = []
+
+    def make(options: str = "", **kwargs: Any) -> PostgresStore:
+        store = PostgresStore.from_url(postgres_url + options, **kwargs)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+def schema_of(url: str) -> str:
+    return parse_postgres_url(url).schema
+
+
+@contextlib.contextmanager
+def raw(postgres: Any) -> Iterator[psycopg.Connection[Any]]:
+    """A plain autocommit connection, to look behind the store's back."""
+    with psycopg.connect(postgres.url(), autocommit=True) as conn:
+        yield conn
+
+
+def letter_for(task: Task, **fields: Any) -> DeadLetter:
+    when = datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
+    values: dict[str, Any] = {
+        "id": new_id(),
+        "task_id": task.id,
+        "description": "tests.record",
+        "key": task.key,
+        "attempts": 3,
+        "error": "HTTP 503 Service Unavailable",
+        "status": 503,
+        "reason": "exhausted",
+        "first_attempt_at": when,
+        "last_attempt_at": when + timedelta(seconds=5),
+    }
+    values.update(fields)
+    return DeadLetter(**values)
+
+
+# -- the URL ------------------------------------------------------------------------------
+
+
+def test_the_url_options_and_libpq_parameters() -> None:
+    url = (
+        "postgresql://app:s3cret@db.example:6543/shop?schema=jobs&lease_timeout=12.5"
+        "&create=false&sslmode=disable&application_name=web"
+    )
+    parsed = parse_postgres_url(url)
+    assert (parsed.schema, parsed.lease_timeout, parsed.create) == ("jobs", 12.5, False)
+    assert parsed.password == "s3cret"
+    assert "s3cret" not in parsed.shown and "app:***@db.example:6543/shop" in parsed.shown
+    assert "schema=" not in parsed.conninfo and "sslmode=disable" in parsed.conninfo
+    assert "connect_timeout=10" in parsed.conninfo  # an enqueue never waits forever
+    assert "s3cret" not in repr(parsed)
+    store = PostgresStore(url)  # nothing is connected yet
+    assert store.lease_timeout == 12.5 and store.schema == "jobs"
+    assert "s3cret" not in repr(store) and "s3cret" not in store.url
+    assert isinstance(open_store("postgres://app@db.example/shop"), PostgresStore)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://u@h/db?schema=no-dashes", "schema= must be a plain identifier"),
+        ("postgresql://u@h/db?lease_timeout=0", "lease_timeout= must be a number > 0"),
+        ("postgresql://u@h/db?create=perhaps", "create= must be true or false"),
+        ("postgresql://u@h/db?schema=a&schema=b", "gives schema twice"),
+        ("postgresql://u:pw0rd@h/db?bogus=1", 'invalid URI query parameter: "bogus"'),
+        ("postgresql://u@h/db#frag", "takes none"),
+    ],
+)
+def test_bad_urls_name_the_problem_and_never_the_password(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        PostgresStore(url)
+    assert "pw0rd" not in str(info.value)
+
+
+def test_the_password_may_come_from_the_environment(
+    postgres: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = postgres.url(PASSWORD_USER, user=PASSWORD_USER, query="schema=from_env")
+    without = PostgresStore(url)
+    with pytest.raises(StoreError, match="password") as info:
+        without.counts()
+    assert PASSWORD not in str(info.value)
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    store = PostgresStore(url)
+    try:
+        assert store.counts().ready == 0
+    finally:
+        store.close()
+
+
+def test_an_unreachable_server_is_one_store_error(postgres: Any) -> None:
+    store = PostgresStore(f"postgresql://u:hidden99@127.0.0.1:{postgres.port + 1}/x")
+    with pytest.raises(StoreError, match="cannot connect") as info:
+        store.put(Task(record, (1,)), lease=False)
+    assert "hidden99" not in str(info.value)
+
+
+# -- the tables ---------------------------------------------------------------------------
+
+
+def test_tables_are_made_once_by_processes_opening_at_once(make_store: MakeStore) -> None:
+    stores = [make_store() for _ in range(8)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(stores))
+
+    def open_one(store: PostgresStore) -> None:
+        start.wait()
+        try:
+            store.counts()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one, args=(s,)) for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+
+
+def test_create_false_refuses_a_database_without_the_tables(make_store: MakeStore) -> None:
+    store = make_store("&create=false")
+    assert not store.exists()
+    with pytest.raises(StoreError, match="no offload tables"):
+        store.put(Task(record, (1,)), lease=False)
+    make_store().counts()  # create=true (the default) makes them
+    assert store.exists()
+    assert store.counts().ready == 0
+
+
+def test_a_store_written_by_a_newer_offload_is_refused(
+    make_store: MakeStore, postgres: Any, postgres_url: str
+) -> None:
+    make_store().counts()
+    with raw(postgres) as conn:
+        conn.execute(f"UPDATE \"{schema_of(postgres_url)}\".meta SET value = '99'")
+    with pytest.raises(StoreError, match="newer offload"):
+        make_store().counts()
+
+
+def test_no_pickle_in_any_table(
+    make_store: MakeStore, postgres: Any, postgres_url: str, make_offloader: Any
+) -> None:
+    off = make_offloader(store=make_store(), consume=False)
+    off.enqueue_task(offload.http("POST", "http://127.0.0.1:9/x", json={"a": [1, 2]}))
+    off.enqueue_task(Task(record, ({"nested": True},), key="k"))
+    worker = make_store()
+    (task, _) = worker.claim(2)
+    worker.bury(task, letter_for(task))
+    schema = schema_of(postgres_url)
+    with raw(postgres) as conn:
+        kinds = conn.execute(
+            "SELECT DISTINCT data_type FROM information_schema.columns WHERE table_schema = %s",
+            (schema,),
+        ).fetchall()
+        assert {kind for (kind,) in kinds} <= {"text", "bigint", "integer", "double precision"}
+        texts = conn.execute(
+            f'SELECT call FROM "{schema}".tasks UNION ALL SELECT call FROM "{schema}".dead_letters'
+        ).fetchall()
+    assert len(texts) == 2
+    for (text,) in texts:
+        assert text.startswith('{"offload":1,') and "pickle" not in text
+
+
+# -- leases -------------------------------------------------------------------------------
+
+
+def test_an_expired_lease_is_taken_back(make_store: MakeStore) -> None:
+    clock = FakeClock()
+    first, second = make_store(lease_timeout=10, clock=clock), make_store(clock=clock)
+    task = Task(record, (1,))
+    first.put(task, lease=True)
+    clock.advance(8)
+    first.renew([task])  # now good until 18
+    clock.advance(8)
+    assert second.claim(5) == []
+    clock.advance(3)
+    (taken,) = second.claim(5)
+    assert taken.id == task.id
+    assert second.counts().leased == 1
+
+
+def test_leases_of_a_dead_process_are_taken_back_at_once(postgres_url: str) -> None:
+    code = f"""
+        import os, sys
+        sys.path[:0] = [{HERE!r}]
+        from offload import Task
+        from offload.stores.postgres import PostgresStore
+        import test_postgres
+        store = PostgresStore({postgres_url!r}, lease_timeout=3600)
+        for i in range(3):
+            store.put(Task(test_postgres.record, (i,)), lease=True)
+        os._exit(0)  # gone without releasing anything
+    """
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    store = PostgresStore(postgres_url, lease_timeout=3600)
+    try:
+        assert store.counts().leased == 3
+        taken = store.claim(10)
+        assert sorted(t.args[0] for t in taken) == [0, 1, 2]
+    finally:
+        store.close()
+
+
+def test_a_lost_lease_is_reported_at_renewal(
+    make_store: MakeStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    first, second = make_store(lease_timeout=10, clock=clock), make_store(clock=clock)
+    task = Task(record, (1,))
+    first.put(task, lease=True)
+    clock.advance(11)
+    assert [t.id for t in second.claim(5)] == [task.id]
+    first.renew([task])
+    assert "1 lease(s) were lost" in caplog.text
+
+
+def test_claims_of_many_threads_never_share_a_task(make_store: MakeStore) -> None:
+    producer = make_store()
+    for i in range(200):
+        producer.put(Task(record, (i,)), lease=False)
+    claimers = [make_store() for _ in range(4)]
+    got: list[list[Task]] = [[] for _ in claimers]
+
+    def drain(index: int) -> None:
+        while batch := claimers[index].claim(7):
+            got[index] += batch
+
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(claimers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    ids = [t.id for batch in got for t in batch]
+    assert len(ids) == 200 and len(set(ids)) == 200
+
+
+def test_a_broken_connection_is_replaced(make_store: MakeStore, postgres: Any) -> None:
+    store = make_store()
+    store.put(Task(record, (1,)), lease=False)
+    backend = store._conn.info.backend_pid
+    with raw(postgres) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (backend,))
+    with pytest.raises(StoreError):
+        store.counts()  # the first use finds it broken, and drops it
+    assert store.counts().ready == 1
+    assert store._conn.info.backend_pid != backend
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_opens_its_own_connection(postgres_url: str) -> None:
+    code = f"""
+        import os, sys
+        sys.path[:0] = [{HERE!r}]
+        from offload import Task
+        from offload.stores.postgres import PostgresStore
+        import test_postgres
+        store = PostgresStore({postgres_url!r})
+        store.put(Task(test_postgres.record, ("parent",)), lease=False)
+        parent_conn, parent_owner = store._conn, store.owner
+        pid = os.fork()
+        if pid == 0:
+            ok = True
+            try:
+                store.put(Task(test_postgres.record, ("child",)), lease=False)
+                ok = store._conn is not parent_conn and store.owner != parent_owner
+            except BaseException:
+                ok = False
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child could not use the store"
+        assert store._conn is parent_conn
+        print(sorted(t.args[0] for t in store.claim(10)))  # the parent's session still works
+        store.close()
+    """
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['child', 'parent']"
+
+
+def test_not_serializable_is_raised_before_the_database_is_touched(make_store: MakeStore) -> None:
+    store = make_store()
+    with pytest.raises(NotSerializable):
+        store.put(Task(record, ((1, 2),)), lease=False)
+    assert store._conn is None  # never connected
+
+
+# -- wake-ups -----------------------------------------------------------------------------
+
+
+class Woken:
+    """A watcher's wake(): counts calls, and lets a test wait for the next one."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.cond = threading.Condition()
+
+    def __call__(self) -> None:
+        with self.cond:
+            self.calls += 1
+            self.cond.notify_all()
+
+    def wait_for(self, calls: int, timeout: float = 10) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: self.calls >= calls, timeout)
+
+
+def test_a_watcher_is_woken_by_another_process_put(make_store: MakeStore) -> None:
+    worker, web = make_store(), make_store()
+    woken = Woken()
+    stop = worker.watch(woken)
+    assert stop is not None
+    assert woken.wait_for(1), "no wake-up once listening"
+    web.put(Task(record, (1,)), lease=True)  # leased by the web process: nobody to wake
+    web.put(Task(record, (2,)), lease=False)
+    assert woken.wait_for(2)
+    stop()
+    web.put(Task(record, (3,)), lease=False)
+    assert worker.claim(10)  # the notification has been sent by now
+    assert woken.calls == 2
+
+
+def test_an_enqueue_in_a_transaction_wakes_at_the_commit_only(
+    make_store: MakeStore, postgres: Any
+) -> None:
+    worker = make_store()
+    store = make_store()
+    woken = Woken()
+    worker.watch(woken)
+    assert woken.wait_for(1)
+    with psycopg.connect(postgres.url()) as app:
+        conn = store.join(app)
+        store.put_in(conn, Task(record, ("kept",)))
+        assert worker.counts().ready == 0  # not visible before the commit
+        app.commit()
+        assert woken.wait_for(2)
+        assert worker.counts().ready == 1
+        calls = woken.calls
+        store.put_in(conn, Task(record, ("dropped",)))
+        app.rollback()
+    (only,) = worker.claim(10)
+    assert only.args == ("kept",) and woken.calls == calls
+
+
+def test_the_listener_listens_again_after_its_connection_is_cut(
+    make_store: MakeStore, postgres: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker, web = make_store(), make_store()
+    woken = Woken()
+    worker.watch(woken)
+    assert woken.wait_for(1)
+    with raw(postgres) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE query LIKE 'LISTEN %%' AND pid <> pg_backend_pid()"
+        )
+    assert woken.wait_for(2), "no wake-up after listening again"
+    web.put(Task(record, (1,)), lease=False)
+    assert woken.wait_for(3)
+    assert "lost the connection that listens" in caplog.text
+
+
+def test_sqlite_and_sqs_do_not_watch(tmp_path: Any) -> None:
+    from offload.stores.sqlite import SQLiteStore
+
+    assert SQLiteStore(tmp_path / "q.db").watch(lambda: None) is None
+
+
+# -- the application's connection ---------------------------------------------------------
+
+
+def test_join_refuses_what_it_cannot_write_through(make_store: MakeStore, postgres: Any) -> None:
+    store = make_store()
+    with pytest.raises(TypeError, match="psycopg 3 connection"):
+        store.join(object())
+    other = postgres.create_database(f"other{new_id()[:8]}")
+    with psycopg.connect(other) as conn, pytest.raises(ValueError, match="database"):
+        store.join(conn)
+
+
+def test_the_offloaders_transaction_needs_a_store_that_can_join(make_offloader: Any) -> None:
+    off = make_offloader()
+    with pytest.raises(TypeError, match="postgresql"):
+        off.transaction(object())
+
+
+# -- dead letters -------------------------------------------------------------------------
+
+
+def test_pages_are_filtered_and_cut_in_sql_as_page_of_does(make_store: MakeStore) -> None:
+    store = make_store()
+    base = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    for i in range(23):
+        task = Task(record, (i,), key=f"k{i % 3}")
+        store.put(task, lease=True)
+        store.bury(
+            task,
+            letter_for(
+                task,
+                status=None if i % 4 == 0 else 500 + i % 2,
+                reason="permanent" if i % 5 == 0 else "exhausted",
+                error=f"Boom {i} <b>",
+                last_attempt_at=None if i == 7 else base + timedelta(hours=i),
+            ),
+        )
+    every = store.dead_letters()
+    queries = [
+        LetterQuery(),
+        LetterQuery(key="k1"),
+        LetterQuery(status=501),
+        LetterQuery(reason="permanent"),
+        LetterQuery(since=base + timedelta(hours=10)),
+        LetterQuery(text="BOOM 1"),
+        LetterQuery(key="k2", status=500, text="<b>"),
+        LetterQuery(key="nothing"),
+    ]
+    for query in queries:
+        for limit in (1, 4, 50):
+            expected = page_of(every, query, limit, None)
+            page = store.dead_letter_page(query, limit=limit)
+            assert page.total == expected.total, query
+            seen = list(page.letters)
+            while page.cursor is not None:
+                page = store.dead_letter_page(query, limit=limit, cursor=page.cursor)
+                seen += page.letters
+            everything = page_of(every, query, 1000, None).letters
+            assert seen == everything, (query, limit)
+    with pytest.raises(ValueError, match="cursor"):
+        store.dead_letter_page(LetterQuery(), cursor="not-a-cursor")
+
+
+def test_revive_keeps_an_unreadable_letter(
+    make_store: MakeStore, postgres: Any, postgres_url: str
+) -> None:
+    store = make_store()
+    task = Task(record, (1,))
+    store.put(task, lease=True)
+    letter = letter_for(task)
+    store.bury(task, letter)
+    with raw(postgres) as conn:
+        conn.execute(
+            f'UPDATE "{schema_of(postgres_url)}".dead_letters SET call = %s',
+            (
+                '{"offload":1,"target":{"type":"function","path":"nosuch.mod:fn"},'
+                '"args":[],"kwargs":{}}',
+            ),
+        )
+    with pytest.raises(StoreError, match="cannot be revived"):
+        store.revive(letter.id)
+    assert [dl.id for dl in store.dead_letters()] == [letter.id]
+    replayed = store.replay(letter.id)  # replay moves it without loading it
+    assert replayed.id == task.id
+    with pytest.raises(UnknownDeadLetter):
+        store.discard(letter.id)
