@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -39,22 +40,31 @@ def example(name: str) -> ModuleType:
 SCRIPTS = ("flask_app", "fastapi_app", "django_app", "glue_jobs", "stripe_like", "web_and_worker")
 
 
+# The PostgreSQL recipes: each gets a database of its own on the session's server.
+PG_SCRIPTS = ("postgres_psycopg", "postgres_sqlalchemy", "postgres_django")
+
+
 class Runs:
     """Every example started at once as `python examples/NAME.py` (they mostly wait on
-    imports and on local servers, so together they take about as long as the slowest)."""
+    imports and on local servers, so together they take about as long as the slowest).
+    `databases`: name -> DATABASE_URL, for the examples that need one."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, scripts: tuple[str, ...] = SCRIPTS, databases: dict[str, str] | None = None
+    ) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "AWS_"))}
+        env.pop("DATABASE_URL", None)
+        databases = databases or {}
         self.procs = {
             name: subprocess.Popen(
                 [sys.executable, str(EXAMPLES / f"{name}.py")],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
-                env=env,
+                env={**env, **({"DATABASE_URL": databases[name]} if name in databases else {})},
                 cwd=EXAMPLES.parent,
             )
-            for name in SCRIPTS
+            for name in scripts
         }
 
     def output(self, name: str, timeout: float = 60) -> str:
@@ -74,6 +84,16 @@ class Runs:
 @pytest.fixture(scope="module")
 def runs() -> Iterator[Runs]:
     started = Runs()
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+@pytest.fixture(scope="module")
+def pg_runs(postgres: Any) -> Iterator[Runs]:
+    databases = {name: postgres.create_database(f"{name}_{os.getpid()}") for name in PG_SCRIPTS}
+    started = Runs(PG_SCRIPTS, databases)
     try:
         yield started
     finally:
@@ -122,6 +142,15 @@ def test_web_and_worker_example_delivers_what_a_killed_web_process_enqueued(runs
     assert "delivered by the worker: 20 of 20, each once: True" in out
     assert "worker exit code: 0" in out
     assert "dead letters 0" in out
+
+
+@pytest.mark.parametrize("name", PG_SCRIPTS)
+def test_postgres_transaction_recipes_run(pg_runs: Runs, name: str) -> None:
+    out = pg_runs.output(name)
+    assert "orders in the table: ['order-1', 'order-3']" in out
+    received = [line for line in out.splitlines() if line.startswith("CRM received")]
+    assert sorted(received) == ["CRM received order-1", "CRM received order-3"]  # not order-2
+    assert "delivered 2, dead letters 0" in out
 
 
 def test_stripe_like_example_charges_once_per_key(runs: Runs) -> None:
