@@ -37,7 +37,16 @@ if str(HERE) not in sys.path:
 from _harness import TIMES, Row, Scale  # noqa: E402
 
 # In the order of the table in issue 6.
-BENCHES = ["enqueue", "durable_enqueue", "drain", "scaling", "throttle", "memory", "idle"]
+BENCHES = [
+    "enqueue",
+    "durable_enqueue",
+    "drain",
+    "scaling",
+    "throttle",
+    "memory",
+    "idle",
+    "postgres",
+]
 EXTERNAL = {"durable_enqueue", "handler_latency"}  # written by other engineers
 OPTIONAL = ["handler_latency"]  # run when present, listed after the rest
 CHILD_TIMEOUT = 300.0

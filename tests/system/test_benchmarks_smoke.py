@@ -11,6 +11,7 @@ import math
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -53,8 +54,20 @@ def test_benchmark_runs_and_returns_rows(bench_run: ModuleType, name: str) -> No
     assert any(r.target for r in rows), f"bench_{name} checks no target"
 
 
+def test_the_postgres_benchmark_runs_and_returns_rows(bench_run: ModuleType, postgres: Any) -> None:
+    """Its own server, as `run.py` starts it (the session's `postgres` fixture says whether
+    one can start here: under CI it must)."""
+    rows = bench_run.run_in_process("postgres", bench_run.Scale(**TINY))["rows"]
+    assert all(row.bench == "postgres" for row in rows)
+    measured = {row.figure for row in rows if row.value is not None}
+    assert any("transaction" in figure for figure in measured), rows
+    assert any("4 worker processes" in figure for figure in measured), rows
+    assert any("wake-up" in figure for figure in measured), rows
+    assert all(isinstance(row.met, bool) for row in rows if row.target)
+
+
 def test_every_own_benchmark_is_listed(bench_run: ModuleType) -> None:
-    assert set(OWN) <= set(bench_run.BENCHES)
+    assert {*OWN, "postgres"} <= set(bench_run.BENCHES)
     for name in OWN:
         assert (BENCHMARKS / f"bench_{name}.py").exists()
 
