@@ -333,13 +333,22 @@ class Workers:
                 proc.stderr.close()
 
 
-def _held(store: Any) -> int:
-    counts = store.counts()
-    return int(counts.ready + counts.delayed + counts.leased)
+def _cpu() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine so far, in ticks (Linux; else zeros)."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(t) for t in stat.readline().split()[1:9]]
+    except OSError:
+        return 0, 0
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # less idle and iowait
+
+
+BUSY: Samples = Samples()  # the machine's busy share during each drain, by processes
 
 
 def drain(server: Any, api: str, n: int, processes: int, run_index: int) -> float:
-    """Calls a second that `processes` idle workers deliver of `n` stored at once."""
+    """Calls a second that `processes` idle workers deliver of `n` stored at once (and,
+    in BUSY, how busy the machine's cores were meanwhile)."""
     import psycopg
 
     from offload.stores.postgres import PostgresStore
@@ -358,11 +367,18 @@ def drain(server: Any, api: str, n: int, processes: int, run_index: int) -> floa
             with web.transaction(conn):
                 for call in calls:
                     web.enqueue_task(call)
+            busy0, total0 = _cpu()
             t0 = time.perf_counter()
             conn.commit()  # the workers hear of all n at once
-        while _held(store):  # a look every 5 ms: the drain takes seconds
-            time.sleep(0.005)
-        rate = n / (time.perf_counter() - t0)
+            # Until the table is empty: a look every 5 ms (the drain takes seconds), each
+            # one index probe, so as to take little of the cores the drain needs.
+            while conn.execute('SELECT 1 FROM "offload".tasks LIMIT 1').fetchone():
+                conn.rollback()
+                time.sleep(0.005)
+            rate = n / (time.perf_counter() - t0)
+        busy1, total1 = _cpu()
+        if total1 > total0:
+            BUSY.add(f"{processes}", 100 * (busy1 - busy0) / (total1 - total0))
         web.shutdown(5)
         return rate
     finally:
@@ -400,7 +416,12 @@ def drain_rows(server: Any, scale: Scale) -> list[Row]:
                 "calls/s",
                 baseline="the bare requests loop",
                 ratio=rates.ratio(f"{processes}", "requests loop"),
-                note=rates.spread(f"{processes}", "requests loop"),
+                note=rates.spread(f"{processes}", "requests loop")
+                + (
+                    f"; cores {BUSY.median(str(processes)):.0f} % busy"
+                    if BUSY.count(str(processes))
+                    else ""
+                ),
                 runs=rates.count(f"{processes}"),
             )
         )
