@@ -219,10 +219,12 @@ class DurableStore(Store, Protocol):
     def watch(self, wake: Callable[[], None]) -> Callable[[], None] | None:
         """Call `wake()` (from a thread of the store's own, never holding a lock of the
         caller's) whenever tasks may have become due for this process: another process
-        put or handed back a task, or leases were taken back; once when watching begins;
-        and, while the store cannot tell, every few seconds. Returns the function that
-        stops it, or None when the store cannot watch (SQLite, SQS): the caller then polls.
-        Must not block: the caller may hold its own lock."""
+        put or handed back a task, or leases were taken back; and once whenever watching
+        (re)starts, for what it may have missed. Returns the function that stops it, or
+        None when the store cannot watch (SQLite, SQS): the caller then polls. Must not
+        block: the caller may hold its own lock. A caller that watches still looks on its
+        own now and then, for expired leases (which nobody announces) and for the time the
+        store could not watch."""
         ...
 
 

@@ -3,10 +3,10 @@ of its own and calls every watcher's `wake()` when a NOTIFY arrives.
 
 The thread waits in `select()` on its connection's socket and on a pipe that `close()`
 writes to, so it sleeps until there is something to read, and stops at once. It calls
-`wake()` once as soon as it listens (what was put before that was not heard of), on each
-batch of notifications, and, while it cannot listen (the server restarting, a network
-cut), once per RETRY seconds as it tries to connect again: the watchers then look at the
-store as a polling one would, until it listens again.
+`wake()` once as soon as it listens (what was put before that was not heard of, or while
+it could not listen), and on each batch of notifications. While it cannot listen (the
+server restarting, a network cut) it tries again every RETRY seconds; meanwhile the
+watchers' idle workers still look at the store on their own, every few seconds.
 
 Fork: the thread does not exist in a child; its connection is the parent's and is never
 used nor closed there (closing it would end the parent's session), only forgotten.
@@ -107,7 +107,6 @@ class Listener:
                             RETRY,
                         )
                     complained = True
-                self._wake_all()
                 if self._stopped(RETRY):
                     return
                 continue

@@ -238,9 +238,9 @@ class PostgresStore:
     def watch(self, wake: Callable[[], None]) -> Callable[[], None] | None:
         """Call `wake()` from a thread of the store's own when tasks may be due for this
         process: on every NOTIFY of the store's channel (a put without a lease, a release,
-        a replay, a take-back, by any process: heard at their commit), once as soon as it
-        listens, and while it cannot listen, every few seconds. Returns the function that
-        stops it."""
+        a replay, a take-back, by any process: heard at their commit), and once each time
+        it starts listening (after a lost connection too). Returns the function that stops
+        it."""
         self._check_pid()
         with self._listen_lock:  # not the connection's lock: a query may hold that one
             listener = self._listener
