@@ -502,3 +502,22 @@ def test_revive_keeps_an_unreadable_letter(
     assert replayed.id == task.id
     with pytest.raises(UnknownDeadLetter):
         store.discard(letter.id)
+
+
+def test_a_delayed_task_waits_until_due(make_store: MakeStore, postgres: Any) -> None:
+    clock = FakeClock()
+    web, worker = make_store(clock=clock), make_store(clock=clock)
+    woken = Woken()
+    worker.watch(woken)
+    assert woken.wait_for(1)
+    web.put(Task(record, ("later",)), lease=False, due=clock.time() + 60)
+    assert woken.wait_for(2)  # told, so that it learns when the task is due
+    assert worker.claim(5) == []
+    assert worker.counts().delayed == 1 and worker.next_due() == clock.time() + 60
+    with psycopg.connect(postgres.url()) as app:
+        web.put_in(web.join(app), Task(record, ("in a transaction",)), due=clock.time() + 30)
+        app.commit()
+    clock.advance(31)
+    assert [t.args for t in worker.claim(5)] == [("in a transaction",)]
+    clock.advance(30)
+    assert [t.args for t in worker.claim(5)] == [("later",)]

@@ -30,7 +30,7 @@ A store keeps tasks as `codec.task.TaskRecord`s (JSON only); the offloader's sta
 see its rows or messages.
 
 Wake-ups. An idle worker of a durable backlog looks at the store for what other processes
-put every `backlog.durable.POLL_INTERVAL` seconds, unless the store can tell it: `watch`
+put every `backlog.wakeups.POLL_INTERVAL` seconds, unless the store can tell it: `watch`
 (PostgreSQL: LISTEN/NOTIFY) calls back when a task may be due, and the worker then waits
 for that (and for lease expiries) instead of polling. A store that cannot returns None.
 
@@ -238,7 +238,8 @@ class TransactionalStore(DurableStore, Protocol):
         the store's tables made; TypeError or ValueError when it cannot be used."""
         ...
 
-    def put_in(self, connection: Any, task: Task) -> None:
-        """Write a new task, due now and not leased, through `connection` (from `join`),
-        in the transaction it has open: nothing is committed here, and the task (with its
-        wake-up for the workers) exists once, and only if, that transaction commits."""
+    def put_in(self, connection: Any, task: Task, *, due: float | None = None) -> None:
+        """Write a new task, due at `due` (now if None) and not leased, through
+        `connection` (from `join`), in the transaction it has open: nothing is committed
+        here, and the task (with its wake-up for the workers) exists once, and only if,
+        that transaction commits."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...codec.task import TaskRecord, Unreadable
+from ...codec.trust import TRUST_ANY, Trust
 from ...errors import StoreError, UnknownDeadLetter
 from ...records import DeadLetter, Task
 from .._shared import check_page, epoch
@@ -103,14 +104,14 @@ def letter_page(
     return LetterPage(letters, total, str(rows[-1][0]) if more and rows else None)
 
 
-def revive_letter(conn: Any, sql: Sql, dead_letter_id: str) -> Task:
+def revive_letter(conn: Any, sql: Sql, dead_letter_id: str, trust: Trust = TRUST_ANY) -> Task:
     """Remove a dead letter and return its task, in one transaction; StoreError, and the
     dead letter kept, when its task cannot be loaded in this process."""
     with conn.transaction():
         row = conn.execute(sql.revive, (dead_letter_id,)).fetchone()
         if row is None:
             raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
-        task = TaskRecord(*row).load()
+        task = TaskRecord(*row).load(trust)
         if isinstance(task.call, Unreadable):  # raised inside: the DELETE is rolled back
             raise StoreError(
                 f"dead letter {dead_letter_id} cannot be revived here: {task.call.error}"
@@ -118,7 +119,9 @@ def revive_letter(conn: Any, sql: Sql, dead_letter_id: str) -> Task:
     return task
 
 
-def replay_letter(cur: Any, sql: Sql, dead_letter_id: str, now: float) -> Task:
+def replay_letter(
+    cur: Any, sql: Sql, dead_letter_id: str, now: float, trust: Trust = TRUST_ANY
+) -> Task:
     """Move a dead letter's task back to the queue, due `now`, with a fresh attempt budget
     (same id and idempotency key), in one statement; return the task (only a handle: this
     process may not even be able to import it)."""
@@ -126,7 +129,7 @@ def replay_letter(cur: Any, sql: Sql, dead_letter_id: str, now: float) -> Task:
     if row is None:
         raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
     task_id, idempotency_key, key, call, retry, _ = row
-    return TaskRecord(task_id, idempotency_key, key, call, retry).load()
+    return TaskRecord(task_id, idempotency_key, key, call, retry).load(trust)
 
 
 def _letter(row: tuple[Any, ...], shown: str) -> DeadLetter:

@@ -30,6 +30,7 @@ from typing import Any
 from ..._redact import REDACTED, redact_text
 from ...clock import Clock, SystemClock
 from ...codec.task import TaskRecord
+from ...codec.trust import TRUST_ANY, Trust
 from ...config import check_lease_timeout, lease_timeout_from_env
 from ...errors import StoreError, UnknownDeadLetter
 from ...records import DeadLetter, Task
@@ -76,6 +77,9 @@ class PostgresStore:
 
     durable = True
     leases_on_put = True
+    dedups = False  # (yet): the offloader deduplicates per process; a unique index would
+    #: Which functions a stored task may name (the Offloader sets its own).
+    trust: Trust = TRUST_ANY
     #: flush() looks at the tables this often for what other processes changed.
     flush_poll = 0.05
     dropped = 0  # every dead letter is kept
@@ -268,13 +272,14 @@ class PostgresStore:
             pass
         return driver
 
-    def put_in(self, connection: Any, task: Task) -> None:
-        """Write a new task, due now and not leased, through the application's
-        `connection` (from `join`), in the transaction it has open; nothing is committed
-        here. Its NOTIFY goes out at that transaction's commit, and with it, the task."""
+    def put_in(self, connection: Any, task: Task, *, due: float | None = None) -> None:
+        """Write a new task, due at `due` (now if None) and not leased, through the
+        application's `connection` (from `join`), in the transaction it has open; nothing
+        is committed here. Its NOTIFY goes out at that transaction's commit, and with it,
+        the task."""
         record = TaskRecord.of(task)  # NotSerializable before touching the connection
         sql = self._sql
-        row = task_row(record, self._clock.time(), None, None)
+        row = task_row(record, self._clock.time() if due is None else due, None, None)
         try:
             connection.execute(sql.put_waiting, (*row, sql.channel))
         except Exception as exc:
@@ -287,9 +292,10 @@ class PostgresStore:
 
     # -- tasks ------------------------------------------------------------------------------
 
-    def put(self, task: Task, *, lease: bool) -> None:
-        """Write a new task before returning: one INSERT, committed (autocommit). A task
-        not leased here NOTIFYs the listening workers."""
+    def put(self, task: Task, *, lease: bool, due: float | None = None) -> Task:
+        """Write a new task before returning, due at `due` (epoch seconds; now if None):
+        one INSERT, committed (autocommit). A task not leased here NOTIFYs the listening
+        workers (a delayed one too: they learn when it is due)."""
         record = TaskRecord.of(task)  # NotSerializable before touching the database
         now = self._clock.time()
         sql = self._sql
@@ -299,7 +305,9 @@ class PostgresStore:
                     sql.put_leased, task_row(record, now, self._owner, now + self.lease_timeout)
                 )
             else:
-                cur.execute(sql.put_waiting, (*task_row(record, now, None, None), sql.channel))
+                row = task_row(record, now if due is None else due, None, None)
+                cur.execute(sql.put_waiting, (*row, sql.channel))
+        return task
 
     def claim(self, limit: int, *, exclude_keys: Mapping[str, float] = NO_KEYS) -> list[Task]:
         """Lease up to `limit` due tasks, oldest due first, skipping `exclude_keys`."""
@@ -317,6 +325,7 @@ class PostgresStore:
                 until=now + self.lease_timeout,
                 limit=limit,
                 exclude_keys=exclude_keys,
+                trust=self.trust,
             )
 
     def _sweep(self, cur: Any, now: float) -> None:
@@ -397,13 +406,13 @@ class PostgresStore:
         StoreError, and the dead letter kept, when its task cannot be loaded in this
         process. Prefer `replay`, which moves the task back into the queue at once."""
         with self._use("reviving a dead letter"):
-            return revive_letter(self._conn, self._sql, dead_letter_id)
+            return revive_letter(self._conn, self._sql, dead_letter_id, self.trust)
 
     def replay(self, dead_letter_id: str) -> Task:
         """Move a dead letter's task back to the queue, due now, with a fresh attempt budget
         (same id and idempotency key), in one statement; return the task."""
         with self._use("replaying a dead letter") as cur:
-            return replay_letter(cur, self._sql, dead_letter_id, self._clock.time())
+            return replay_letter(cur, self._sql, dead_letter_id, self._clock.time(), self.trust)
 
     def discard(self, dead_letter_id: str) -> None:
         """Delete one dead letter; UnknownDeadLetter if none has that id."""

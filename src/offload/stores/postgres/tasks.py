@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ...codec.task import TaskRecord, attempt_state
+from ...codec.trust import TRUST_ANY, Trust
 from ...records import Task
 from .._shared import owner_dead
 from .schema import Sql
@@ -53,6 +54,7 @@ def claim_due(
     until: float,
     limit: int,
     exclude_keys: Mapping[str, float],
+    trust: Trust = TRUST_ANY,
 ) -> list[Task]:
     """Lease up to `limit` tasks due at `now` to `owner` until `until`, oldest due first,
     none of the keys in `exclude_keys`."""
@@ -62,7 +64,7 @@ def claim_due(
         cur.execute(sql.claim_all, (now, limit, owner, until))
     rows = cur.fetchall()
     rows.sort(key=lambda row: (row[1], row[0]))  # RETURNING keeps no order: due, then seq
-    return [_task(row) for row in rows]
+    return [_task(row, trust) for row in rows]
 
 
 def take_back(cur: Any, sql: Sql, *, owner: str, now: float) -> int:
@@ -120,7 +122,7 @@ def count_tasks(cur: Any, sql: Sql, now: float) -> tuple[int, int, int, int]:
     return int(ready), int(delayed), int(leased), int(letters)
 
 
-def _task(row: tuple[Any, ...]) -> Task:
+def _task(row: tuple[Any, ...], trust: Trust) -> Task:
     _, _, task_id, idempotency_key, key, call, retry, attempts, failures, first, last = row
     return TaskRecord(
         task_id,
@@ -132,4 +134,4 @@ def _task(row: tuple[Any, ...]) -> Task:
         failures,
         first,
         last,
-    ).load()
+    ).load(trust)
