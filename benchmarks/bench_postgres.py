@@ -113,6 +113,9 @@ def _quiet_shutdown(off: offload.Offloader) -> None:
     logger.setLevel(logging.ERROR)  # the tasks handed back at shutdown are expected
     try:
         off.shutdown(timeout=0)
+        # Again, now that nothing is left: waits for the call in flight (the blocking one,
+        # released), then closes the store's connections.
+        off.shutdown(timeout=10)
     finally:
         logger.setLevel(level)
 

@@ -81,7 +81,11 @@ class PgServer:
         # reach its directory.
         directory = Path(tempfile.mkdtemp(prefix="offload-pg-"))
         if user is not None:
-            entry = pwd.getpwnam(user)
+            try:
+                entry = pwd.getpwnam(user)
+            except KeyError:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise PgUnavailable(f"running as root, and there is no user {user!r}") from None
             os.chown(directory, entry.pw_uid, entry.pw_gid)
         server = cls(bin_dir, directory, _free_port(), user)
         try:
