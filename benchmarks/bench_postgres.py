@@ -295,9 +295,10 @@ class Workers:
         src = str(HERE.parent / "src")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
         env["OFFLOAD_SHUTDOWN_TIMEOUT"] = "5"
+        command = [sys.executable, "-m", "offload", "worker", "--store", url, "--create"]
         self.procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "offload", "worker", "--store", url, "--workers", "1"],
+                [*command, "--workers", "1"],
                 stderr=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 text=True,

@@ -95,8 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--create",
         action="store_true",
-        help="make the SQLite store file if it is missing (without it, a missing file is "
-        "an error: a typo must not make an empty store that nothing writes to)",
+        help="make the SQLite store file, or the PostgreSQL store's tables, if missing "
+        "(without it, a missing store is an error: a typo must not make an empty store that "
+        "nothing writes to)",
     )
     worker.add_argument(
         "--trusted",
@@ -460,7 +461,7 @@ def _worker(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     url = _store_url(args)
     if not args.create:
-        _open(args).close()  # a missing SQLite file is an error here too
+        _open(args).close()  # a missing SQLite file or tables are an error here too
     options = options_from_env()
     options.update(store=url, consume=True, idle_timeout=_FOREVER)
     if args.trusted is not None:

@@ -44,9 +44,10 @@ class Workers:
         self.procs: list[subprocess.Popen[str]] = []
 
     def start(self, url: str, *args: str) -> subprocess.Popen[str]:
-        """Start one and wait until it says it performs calls."""
+        """Start one (making the tables, `--create`, on a new schema) and wait until it says
+        it performs calls."""
         proc = subprocess.Popen(
-            [sys.executable, "-m", "offload", "worker", "--store", url, *args],
+            [sys.executable, "-m", "offload", "worker", "--store", url, "--create", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
