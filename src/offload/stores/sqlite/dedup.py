@@ -13,11 +13,12 @@ import sqlite3
 
 from ...codec.task import TaskRecord
 from ...records import Task
+from .schema import PUT_UNIQUE, transaction
 
-__all__ = ["holder", "let_go", "take"]
+__all__ = ["holder_handle", "key_holder", "let_key_go", "put_unique", "take_key"]
 
 
-def holder(conn: sqlite3.Connection, key: str, now: float) -> tuple[str, str] | None:
+def key_holder(conn: sqlite3.Connection, key: str, now: float) -> tuple[str, str] | None:
     """(task id, idempotency key) of the task holding `key` at `now`, or None."""
     row = conn.execute(
         "SELECT task_id, idempotency_key FROM dedup WHERE key = ? AND (until IS NULL OR until > ?)",
@@ -26,7 +27,7 @@ def holder(conn: sqlite3.Connection, key: str, now: float) -> tuple[str, str] | 
     return None if row is None else (str(row[0]), str(row[1]))
 
 
-def take(conn: sqlite3.Connection, record: TaskRecord) -> None:
+def take_key(conn: sqlite3.Connection, record: TaskRecord) -> None:
     """`record`'s task holds its key from now on (in the caller's transaction)."""
     conn.execute(
         "INSERT OR REPLACE INTO dedup (key, task_id, idempotency_key, until) "
@@ -35,7 +36,7 @@ def take(conn: sqlite3.Connection, record: TaskRecord) -> None:
     )
 
 
-def let_go(conn: sqlite3.Connection, task: Task, now: float) -> None:
+def let_key_go(conn: sqlite3.Connection, task: Task, now: float) -> None:
     """`task` ended (delivered or dead-lettered): its key is free, after its window."""
     key = task.dedup_key
     if key is None:
@@ -49,7 +50,7 @@ def let_go(conn: sqlite3.Connection, task: Task, now: float) -> None:
         conn.execute("DELETE FROM dedup WHERE key = ? AND task_id = ?", (key, task.id))
 
 
-def handle(task: Task, held_by: tuple[str, str]) -> Task:
+def holder_handle(task: Task, held_by: tuple[str, str]) -> Task:
     """A handle on the task holding the key: its ids, this enqueue's call."""
     task_id, idempotency_key = held_by
     return Task._restore(
@@ -64,3 +65,38 @@ def handle(task: Task, held_by: tuple[str, str]) -> Task:
         dedup_key=task.dedup_key,
         dedup_window=task.dedup_window,
     )
+
+
+def put_unique(
+    conn: sqlite3.Connection,
+    task: Task,
+    record: TaskRecord,
+    due: float,
+    owner: str | None,
+    until: float | None,
+    now: float,
+) -> Task:
+    """One transaction that finds `record`'s key held (and returns a handle on the task
+    holding it) or takes it and inserts the task: the key is seen by every process at
+    once, which a journal line would not be."""
+    assert record.dedup_key is not None
+    stored_key = None if record.idempotency_key == record.id else record.idempotency_key
+    row = (
+        record.id,
+        stored_key,
+        record.key,
+        record.call,
+        record.retry,
+        due,
+        owner,
+        until,
+        record.dedup_key,
+        record.dedup_window,
+    )
+    with transaction(conn):
+        held = key_holder(conn, record.dedup_key, now)
+        if held is not None:
+            return holder_handle(task, held)
+        take_key(conn, record)
+        conn.execute(PUT_UNIQUE, row)
+    return task

@@ -40,6 +40,7 @@ import secrets
 import sqlite3
 import threading
 import weakref
+from collections.abc import Callable
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
@@ -49,6 +50,7 @@ except ImportError:  # Windows: no flock(), so no journal; every enqueue writes 
     fcntl = None  # type: ignore[assignment]
 
 from ...codec.task import TaskRecord
+from ...errors import StoreError
 from .._shared import json_list, pid_alive
 from .schema import transaction
 
@@ -376,6 +378,18 @@ class Journals:
         if done:
             self.delete(conn, done)
         return more
+
+    def hand_over(self, connect: Callable[[], sqlite3.Connection], journal: JournalWriter) -> None:
+        """A store closing: copy its process's lines while it can, so that its files can
+        go; those left are copied and deleted by the next process that reads tasks."""
+        journal.close()
+        mine = list(journal.retired)
+        try:
+            conn = connect()
+            self.copy(conn, journal, everyone=False)
+            self.delete(conn, mine)
+        except (sqlite3.Error, StoreError, OSError) as exc:
+            log.warning("offload: %s: journal left for the next process: %s", self.url, exc)
 
     def _copy_file(self, conn: sqlite3.Connection, name: str, start: int, most: int) -> int:
         """Copy the whole lines of journal `name` from byte `start`, about `most` bytes of

@@ -17,7 +17,7 @@ from ...codec.trust import TRUST_ANY, Trust
 from ...errors import StoreError, UnknownDeadLetter
 from ...records import DeadLetter, Task
 from .._shared import epoch
-from . import dedup
+from .dedup import let_key_go, take_key
 from .schema import LETTER_COLUMNS, LETTER_FIELDS, PUT_UNIQUE, transaction
 
 __all__ = [
@@ -67,7 +67,7 @@ def bury_task(conn: sqlite3.Connection, task: Task, letter: DeadLetter, now: flo
                 (*values, record.call, record.retry, record.dedup_key, record.dedup_window),
             )
         conn.execute("DELETE FROM tasks WHERE id = ?", (task.id,))
-        dedup.let_go(conn, task, now)
+        let_key_go(conn, task, now)
 
 
 def read_letters(conn: sqlite3.Connection, url: str) -> list[DeadLetter]:
@@ -143,7 +143,7 @@ def replay_letter(
             task_id, idempotency_key, key, call, retry, dedup_key=dedup_key, dedup_window=window
         )
         if dedup_key is not None:
-            dedup.take(conn, record)  # a replayed dead letter takes its key again
+            take_key(conn, record)  # a replayed dead letter takes its key again
         conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
     return record.load(trust)
 

@@ -34,7 +34,7 @@ from ...errors import StoreError
 from ...records import DeadLetter, Task
 from .._shared import new_owner, page_of
 from ..base import NO_KEYS, LetterPage, LetterQuery, StoreCounts
-from . import dedup
+from .dedup import let_key_go, put_unique
 from .journal import CAN_JOURNAL, Journals, JournalWriter, done_line, lease_text, task_line
 from .letters import (
     bury_task,
@@ -46,7 +46,7 @@ from .letters import (
     replay_letter,
     revive_letter,
 )
-from .schema import PUT, PUT_UNIQUE, SYNCHRONOUS, connect, store_options, transaction
+from .schema import PUT, SYNCHRONOUS, connect, store_options, transaction
 from .tasks import (
     claim_due,
     count_tasks,
@@ -214,16 +214,7 @@ class SQLiteStore:
         with self._lock:
             journal = self._journal
             if journal is not None and (journal.fd >= 0 or journal.retired):
-                # Copy this process's lines while it can, so that its files can go; those
-                # left are copied and deleted by the next process that reads tasks.
-                journal.close()
-                mine = list(journal.retired)
-                try:
-                    db = self._conn()
-                    self._copy_journals(db, everyone=False)
-                    self._journals.delete(db, mine)
-                except (sqlite3.Error, StoreError, OSError) as exc:
-                    log.warning("offload: %s: journal left for the next process: %s", self.url, exc)
+                self._journals.hand_over(self._conn, journal)
             conn, self._connection, self._cursor = self._connection, None, None
             if conn is not None:
                 conn.close()
@@ -273,31 +264,10 @@ class SQLiteStore:
         return task
 
     def _put_unique(self, task: Task, record: TaskRecord, lease: bool, due: float) -> Task:
-        """A task with a dedup key: one transaction that finds the key held (and returns
-        the task holding it) or takes it and inserts the task. Not through the journal: the
-        key must be seen by every process at once."""
+        """A task with a dedup key: written to the database, not the journal (see dedup.py)."""
         owner, until = (self._owner, due + self.lease_timeout) if lease else (None, None)
-        stored_key = None if record.idempotency_key == record.id else record.idempotency_key
-        row = (
-            record.id,
-            stored_key,
-            record.key,
-            record.call,
-            record.retry,
-            due,
-            owner,
-            until,
-            record.dedup_key,
-            record.dedup_window,
-        )
-        assert record.dedup_key is not None
-        with self._use("enqueue") as conn, transaction(conn):
-            held = dedup.holder(conn, record.dedup_key, self._clock.time())
-            if held is not None:
-                return dedup.handle(task, held)
-            dedup.take(conn, record)
-            conn.execute(PUT_UNIQUE, row)
-        return task
+        with self._use("enqueue") as conn:
+            return put_unique(conn, task, record, due, owner, until, self._clock.time())
 
     def claim(self, limit: int, *, exclude_keys: Mapping[str, float] = NO_KEYS) -> list[Task]:
         """Lease up to `limit` due tasks, oldest due first, skipping `exclude_keys`."""
@@ -365,7 +335,7 @@ class SQLiteStore:
                 return
             with transaction(conn):
                 delete_task(conn, task.id)
-                dedup.let_go(conn, task, self._clock.time())
+                let_key_go(conn, task, self._clock.time())
 
     def next_due(self) -> float | None:
         """When the earliest claimable task is due (after sweeping dead leases); None if none."""
