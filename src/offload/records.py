@@ -1,5 +1,7 @@
 """The records users see: Task (what to perform, and the handle enqueue_task returns),
-DeadLetter (a call that failed for good) and Stats (counters and a snapshot of the queue).
+DeadLetter (a call that failed for good), Stats (counters and a snapshot of the queue),
+KeyState (one API as the scheduler sees it), Health (is this offloader well) and CallView
+(what a dead letter's task calls, for a page that shows it).
 
 A Task is four slots: `call`, `args`, `kwargs`, and `_meta`, its identity and options
 (`TaskMeta`), which holds its attempt state (`Progress`) once it has made an attempt. A
@@ -29,7 +31,18 @@ from .policy import RetryPolicy
 if TYPE_CHECKING:
     from tenacity import RetryCallState
 
-__all__ = ["DeadLetter", "KeyState", "Progress", "Stats", "Task", "TaskMeta", "new_id", "utc"]
+__all__ = [
+    "CallView",
+    "DeadLetter",
+    "Health",
+    "KeyState",
+    "Progress",
+    "Stats",
+    "Task",
+    "TaskMeta",
+    "new_id",
+    "utc",
+]
 
 # Task ids: a random per-process prefix and a counter. Cheap on the enqueue path (no uuid4,
 # no os.urandom per task), unique across processes sharing a durable store, and renewed
@@ -529,4 +542,65 @@ class KeyState:
             "rate": self.rate,
             "limit": None if self.limit is None else str(self.limit),
             "down": self.down,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """Whether an offloader (or a store) is well, for probes: `Offloader.health()`.
+
+    `ok` is True when `problems` is empty. `worker_running`: a worker thread of this
+    process is alive (None when no offloader of this process is asked: a store alone);
+    `store_ok`: the store answered; `oldest_waiting_s`: seconds the oldest task that is due
+    has waited to start (None when none is due; see `Offloader.health`); `dead_letters`:
+    held now (None when the store did not answer); `problems`: one line each.
+    """
+
+    ok: bool
+    worker_running: bool | None
+    store_ok: bool
+    oldest_waiting_s: float | None
+    dead_letters: int | None
+    problems: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "worker_running": self.worker_running,
+            "store_ok": self.store_ok,
+            "oldest_waiting_s": self.oldest_waiting_s,
+            "dead_letters": self.dead_letters,
+            "problems": list(self.problems),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CallView:
+    """What a dead letter's task calls, for people to read: never a body or a secret.
+
+    `kind` is "http", "aws", "function" or "unreadable"; `target` the call in one line
+    (`POST https://api.example.com/v1/charges?token=***`, `glue.start_job_run`,
+    `myapp.tasks.send_welcome`). For HTTP: `method`, `url` (redacted) and `headers` (secret
+    values as `***`, the Idempotency-Key the call sends among them); for AWS: `region`.
+    `fields` names what else the call sends (`json`, `params`, `auth`, an AWS call's
+    parameters, a function's keyword arguments), never their values.
+    """
+
+    kind: str
+    target: str
+    method: str | None = None
+    url: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    region: str | None = None
+    fields: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "target": self.target,
+            "method": self.method,
+            "url": self.url,
+            "headers": [list(pair) for pair in self.headers],
+            "region": self.region,
+            "fields": list(self.fields),
         }

@@ -15,6 +15,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,10 @@ import offload
 from offload import NotSerializable, Offloader, RetryPolicy, StoreError, Task, UnknownDeadLetter
 from offload.settle import dead_letter_for
 from offload.stores import open_store
+from offload.stores.base import LetterQuery
 from offload.stores.sqlite import SQLiteStore, parse_sqlite_url
+from offload.stores.sqlite.listing import _where
+from offload.stores.sqlite.schema import SCHEMA, SCHEMA_VERSION
 from offload.testing import FakeClock
 from procs import run_python
 from server import Answer, ScriptedServer
@@ -167,6 +171,62 @@ def test_a_store_written_by_a_newer_offload_is_refused(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "new.db")
     with pytest.raises(StoreError, match="newer offload"):
         store.next_due()
+    store.close()
+
+
+def test_a_store_of_format_2_gains_the_dead_letter_indexes_and_keeps_its_letters(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    store = SQLiteStore(path)
+    task = Task(record, (1,))
+    store.put(task, lease=True)
+    store.bury(task, dead_letter_for(task, "boom", None, "permanent"))
+    store.close()
+    with raw(path) as conn:  # as offload wrote it before the console: format 2
+        for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'dead_letters_%'"
+        ).fetchall():
+            conn.execute(f"DROP INDEX {name}")
+        conn.execute("PRAGMA user_version = 2")
+    again = SQLiteStore(path)
+    page = again.dead_letter_page(LetterQuery(key=None), limit=5)
+    assert [letter.task_id for letter in page.letters] == [task.id] and page.total == 1
+    again.close()
+    with raw(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        indexes = {
+            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+        }
+    wanted = {s.split(" ON ")[0].split()[-1] for s in SCHEMA if s.startswith("CREATE INDEX")}
+    assert {"dead_letters_key", "dead_letters_text"} <= wanted <= indexes
+
+
+def test_filtered_pages_read_an_index_not_the_table(tmp_path: Path) -> None:
+    """A page filtered by key, status or reason is a range of one index (so it costs the
+    same in a store of 100,000 letters as in one of ten); a text search reads the text
+    index, not the table with every task's call in it."""
+    store = SQLiteStore(tmp_path / "plans.db")
+    store.counts()
+    conn = store._connection
+    assert conn is not None
+    for query, index in [
+        (LetterQuery(key="crm"), "dead_letters_key"),
+        (LetterQuery(status=503), "dead_letters_status"),
+        (LetterQuery(reason="permanent"), "dead_letters_reason"),
+        (LetterQuery(since=datetime.now(timezone.utc)), "dead_letters_last_attempt"),
+        (LetterQuery(text="timeout"), "dead_letters_text"),
+    ]:
+        where, args = _where(query)
+        select = "seq" if query.text or query.since else "*"
+        order = "" if query.text or query.since else " ORDER BY seq DESC LIMIT 51"
+        plan = " ".join(
+            str(row[-1])
+            for row in conn.execute(
+                f"EXPLAIN QUERY PLAN SELECT {select} FROM dead_letters WHERE {where}{order}", args
+            )
+        )
+        assert index in plan and "TEMP B-TREE" not in plan, (query, plan)
     store.close()
 
 

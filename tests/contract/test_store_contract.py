@@ -21,6 +21,7 @@ import offload
 from offload import DeadLetter, NotSerializable, Task, UnknownDeadLetter
 from offload.records import new_id
 from offload.stores import DurableStore, MemoryStore, Store
+from offload.stores.base import LetterQuery
 from offload.stores.sqlite import SQLiteStore
 from offload.stores.sqs import SqsStore
 
@@ -127,19 +128,36 @@ def make_task(name: str = "ada", key: str | None = None) -> Task:
     return Task(greet, (name,), {"punctuation": "?"}, key=key)
 
 
-def letter_for(task: Task, reason: str = "exhausted", status: int | None = 503) -> DeadLetter:
+def letter_for(
+    task: Task,
+    reason: str = "exhausted",
+    status: int | None = 503,
+    *,
+    error: str = "HTTP 503 Service Unavailable",
+    description: str = "tests.greet",
+    last: datetime = WHEN + timedelta(seconds=42),
+) -> DeadLetter:
     return DeadLetter(
         id=new_id(),
         task_id=task.id,
-        description="tests.greet",
+        description=description,
         key=task.key,
         attempts=5,
-        error="HTTP 503 Service Unavailable",
+        error=error,
         status=status,
         reason=reason,
         first_attempt_at=WHEN,
-        last_attempt_at=WHEN + timedelta(seconds=42),
+        last_attempt_at=last,
     )
+
+
+def buried(store: Store, task: Task, **fields: Any) -> DeadLetter:
+    """Bury `task` (put first, leased, in a durable store) as a letter with `fields`."""
+    if store.durable:
+        task = put_leased(store, task)  # type: ignore[arg-type]
+    letter = letter_for(task, **fields)
+    store.bury(task, letter)
+    return letter
 
 
 def put_leased(store: DurableStore, task: Task) -> Task:
@@ -221,6 +239,156 @@ def test_unknown_ids_raise_unknown_dead_letter(store: Store) -> None:
     assert "no-such-id" in str(info.value)
     with pytest.raises(UnknownDeadLetter):
         store.discard("no-such-id")
+
+
+# -- dead letters a page at a time (the console) -------------------------------------------
+
+
+def test_pages_come_newest_first_with_the_total_and_a_cursor(stores: MakeStore) -> None:
+    store, other = stores(), stores()
+    letters = [buried(store, make_task(str(i))) for i in range(7)]
+    newest_first = [letter.id for letter in reversed(letters)]
+    seen: list[str] = []
+    cursor = None
+    sizes = []
+    for _ in range(4):
+        page = other.dead_letter_page(LetterQuery(), limit=3, cursor=cursor)
+        assert page.total == 7
+        seen += [letter.id for letter in page.letters]
+        sizes.append(len(page.letters))
+        cursor = page.cursor
+        if cursor is None:
+            break
+    assert sizes == [3, 3, 1]
+    assert seen == newest_first
+    first = other.dead_letter_page(LetterQuery(), limit=50)
+    assert first.letters == list(reversed(letters)) and first.cursor is None
+    assert other.dead_letters() == letters, "a listing must not consume dead letters"
+
+
+def test_a_letter_buried_between_pages_moves_no_other_onto_two_pages(store: Store) -> None:
+    for i in range(4):
+        buried(store, make_task(str(i)))
+    first = store.dead_letter_page(LetterQuery(), limit=2)
+    buried(store, make_task("late"))
+    second = store.dead_letter_page(LetterQuery(), limit=2, cursor=first.cursor)
+    ids = [x.id for x in first.letters + second.letters]
+    assert len(set(ids)) == 4
+
+
+def test_pages_filter_by_key_status_reason_since_and_text(stores: MakeStore) -> None:
+    store, other = stores(), stores()
+    later = WHEN + timedelta(hours=5)
+    crm = buried(
+        store,
+        make_task("a", key="crm"),
+        status=400,
+        reason="permanent",
+        error="HTTP 400 Bad Request: <b>email</b> is invalid",
+    )
+    crm_old = buried(store, make_task("b", key="crm"), status=503, reason="exhausted")
+    mail = buried(
+        store,
+        make_task("c", key="mail"),
+        status=503,
+        reason="exhausted",
+        error="HTTP 503 100%_Unavailable",
+        last=later,
+    )
+    plain = buried(
+        store,
+        make_task("d"),
+        status=None,
+        reason="shutdown",
+        error="undelivered at shutdown",
+        description="myapp.Tasks.send_welcome",
+    )
+
+    def ids(**query: Any) -> tuple[list[str], int]:
+        page = other.dead_letter_page(LetterQuery(**query), limit=50)
+        return [x.id for x in page.letters], page.total
+
+    assert ids(key="crm") == ([crm_old.id, crm.id], 2)
+    assert ids(key="nobody") == ([], 0)
+    assert ids(status=503) == ([mail.id, crm_old.id], 2)
+    assert ids(reason="shutdown") == ([plain.id], 1)
+    assert ids(key="crm", status=400) == ([crm.id], 1)
+    assert ids(since=later) == ([mail.id], 1)
+    assert ids(since=later + timedelta(seconds=1)) == ([], 0)
+    assert ids(text="<B>EMAIL</b>") == ([crm.id], 1), "text is a substring, in either case"
+    assert ids(text="tasks.send") == ([plain.id], 1), "text matches the description too"
+    assert ids(text="100%_") == ([mail.id], 1), "% and _ are plain characters"
+    assert ids(text="%") == ([mail.id], 1)
+    assert ids(text="_") == ([plain.id, mail.id], 2)
+    assert ids(text="503", status=503, key="mail") == ([mail.id], 1)
+    crm_only = other.dead_letter_page(LetterQuery(key="crm"), limit=1)
+    assert crm_only.total == 2 and [x.id for x in crm_only.letters] == [crm_old.id]
+    rest = other.dead_letter_page(LetterQuery(key="crm"), limit=1, cursor=crm_only.cursor)
+    assert [x.id for x in rest.letters] == [crm.id] and rest.cursor is None
+
+
+def test_a_text_page_beyond_the_first(store: Store) -> None:
+    letters = [buried(store, make_task(str(i)), error=f"timeout {i}") for i in range(5)]
+    buried(store, make_task("other"), error="refused")
+    first = store.dead_letter_page(LetterQuery(text="TIMEOUT"), limit=2)
+    second = store.dead_letter_page(LetterQuery(text="timeout"), limit=2, cursor=first.cursor)
+    third = store.dead_letter_page(LetterQuery(text="timeout"), limit=2, cursor=second.cursor)
+    got = [x.id for x in first.letters + second.letters + third.letters]
+    assert got == [x.id for x in reversed(letters)]
+    assert (first.total, third.total, third.cursor) == (5, 5, None)
+
+
+@pytest.mark.parametrize(("limit", "cursor"), [(0, None), (1001, None), (True, None), (5, "x")])
+def test_a_page_refuses_a_bad_limit_or_cursor(store: Store, limit: Any, cursor: Any) -> None:
+    with pytest.raises(ValueError):
+        store.dead_letter_page(LetterQuery(), limit=limit, cursor=cursor)
+
+
+def test_the_tally_counts_by_key_reason_and_status(stores: MakeStore) -> None:
+    store, other = stores(), stores()
+    for name, key, status, reason in [
+        ("a", "crm", 400, "permanent"),
+        ("b", "crm", 503, "exhausted"),
+        ("c", "crm", 503, "exhausted"),
+        ("d", "mail", 503, "exhausted"),
+        ("e", None, None, "shutdown"),
+    ]:
+        buried(store, make_task(name, key=key), status=status, reason=reason)
+    tally = other.dead_letter_tally()
+    assert tally.total == 5
+    assert tally.by_key == [("crm", 3), (None, 1), ("mail", 1)]
+    assert tally.by_reason == [("exhausted", 3), ("permanent", 1), ("shutdown", 1)]
+    assert tally.by_status == [(503, 3), (None, 1), (400, 1)]
+    assert other.dead_letter_tally(limit=1).by_key == [("crm", 3)]
+
+
+def test_the_detail_shows_the_call_without_its_secrets_or_body(stores: MakeStore) -> None:
+    store, other = stores(), stores()
+    call = offload.http(
+        "POST",
+        "http://127.0.0.1:9/hook?token=s3cr3t-q&page=2",
+        headers={"Authorization": "Bearer s3cr3t-h", "X-Trace": "trace-1"},
+        json={"password": "s3cr3t-b", "email": "ada@example.com"},
+        idempotency_key=True,
+    )
+    http_letter = buried(store, Task(call))
+    fn_letter = buried(store, make_task())
+    detail = other.dead_letter_detail(http_letter.id)
+    assert detail.letter == http_letter
+    view = detail.call
+    assert (view.kind, view.method) == ("http", "POST")
+    assert view.url == "http://127.0.0.1:9/hook?token=***&page=2"
+    headers = dict(view.headers)
+    assert headers["Authorization"] == "***" and headers["X-Trace"] == "trace-1"
+    assert headers["Idempotency-Key"] == http_letter.task_id
+    assert view.fields == ("json",)
+    shown = repr(detail) + str(view.to_json())
+    assert "s3cr3t" not in shown and "ada@example.com" not in shown
+    function = other.dead_letter_detail(fn_letter.id).call
+    assert (function.kind, function.target) == ("function", f"{__name__}.greet")
+    assert function.fields == ("1 positional", "punctuation")
+    with pytest.raises(UnknownDeadLetter):
+        other.dead_letter_detail("no-such-id")
 
 
 # -- tasks: durable stores --------------------------------------------------------------
@@ -334,13 +502,13 @@ def test_bury_removes_the_task_and_replay_puts_it_back(durable_stores: MakeStore
         operator.replay(letter.id)
 
 
-def test_purge_removes_every_letter(durable_stores: MakeStore) -> None:
-    worker, operator = durable_stores(), durable_stores()
+def test_purge_removes_every_letter(stores: MakeStore) -> None:
+    worker, operator = stores(), stores()
     for name in ("a", "b"):
-        task = put_leased(worker, make_task(name))
-        worker.bury(task, letter_for(task))
+        buried(worker, make_task(name))
     assert operator.purge() == 2
     assert operator.dead_letters() == [] and len(operator) == 0
+    assert operator.purge() == 0
 
 
 def test_next_due_is_none_for_an_empty_store(durable: DurableStore) -> None:

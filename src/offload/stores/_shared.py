@@ -17,17 +17,19 @@ import math
 import os
 import secrets
 import socket
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 from ..config import describe_range
 from ..records import DeadLetter
-from .base import LetterPage, LetterQuery
+from .base import LetterPage, LetterQuery, LetterTally
 
 __all__ = [
     "bool_option",
     "check_page",
+    "check_tally",
     "epoch",
     "json_list",
     "new_owner",
@@ -35,6 +37,7 @@ __all__ = [
     "owner_dead",
     "page_of",
     "pid_alive",
+    "tally_of",
 ]
 
 
@@ -124,28 +127,68 @@ def epoch(value: datetime | None) -> float | None:
 
 
 def page_of(
-    letters: Sequence[DeadLetter], query: LetterQuery, limit: int, cursor: str | None
+    letters: Sequence[DeadLetter],
+    query: LetterQuery,
+    limit: int,
+    cursor: str | None,
+    *,
+    base: int = 0,
 ) -> LetterPage:
     """A page of `letters` (oldest first, as `dead_letters()` gives them), filtered and
-    newest first: for stores that list by reading every dead letter. The cursor is the
-    position in the filtered, newest-first list."""
+    newest first: for stores that list by reading every dead letter.
+
+    The cursor is the position of the page's last letter counted from the oldest (plus
+    `base`, the letters let go before the first of `letters`), so that letters buried
+    meanwhile (at the newest end) move nothing from one page onto the next."""
     check_page(limit, cursor)
     text = query.text.lower() if query.text else None
-    matching = [
-        letter
-        for letter in reversed(letters)
-        if (query.key is None or letter.key == query.key)
-        and (query.status is None or letter.status == query.status)
-        and (query.reason is None or letter.reason == query.reason)
-        and (
-            query.since is None
-            or (letter.last_attempt_at is not None and letter.last_attempt_at >= query.since)
-        )
-        and (text is None or text in letter.description.lower() or text in letter.error.lower())
-    ]
-    start = int(cursor) if cursor else 0
-    end = start + limit
-    return LetterPage(matching[start:end], len(matching), str(end) if end < len(matching) else None)
+    below = len(letters) if cursor is None else min(len(letters), max(0, int(cursor) - base))
+    chosen: list[DeadLetter] = []
+    total = 0
+    last = 0
+    for position in range(len(letters) - 1, -1, -1):
+        letter = letters[position]
+        if not (
+            (query.key is None or letter.key == query.key)
+            and (query.status is None or letter.status == query.status)
+            and (query.reason is None or letter.reason == query.reason)
+            and (
+                query.since is None
+                or (letter.last_attempt_at is not None and letter.last_attempt_at >= query.since)
+            )
+            and (text is None or text in letter.description.lower() or text in letter.error.lower())
+        ):
+            continue
+        total += 1
+        if position < below and len(chosen) <= limit:
+            chosen.append(letter)
+            if len(chosen) == limit:
+                last = position
+    more = len(chosen) > limit
+    return LetterPage(chosen[:limit], total, str(base + last) if more else None)
+
+
+def tally_of(letters: Sequence[DeadLetter], limit: int) -> LetterTally:
+    """The tally of `letters`: for stores that count by reading every dead letter."""
+    check_tally(limit)
+    return LetterTally(
+        len(letters),
+        _top(Counter(letter.key for letter in letters), limit),
+        _top(Counter(str(letter.reason) for letter in letters), limit),
+        _top(Counter(letter.status for letter in letters), limit),
+    )
+
+
+def _top(counts: Counter[Any], limit: int) -> list[tuple[Any, int]]:
+    """The most frequent first; ties by value, None first (as SQL's ORDER BY n DESC, v)."""
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0] is not None, item[0]))
+    return ordered[:limit]
+
+
+def check_tally(limit: int) -> None:
+    """ValueError for a tally size a store cannot take."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+        raise ValueError(f"limit must be an integer from 1 to 1000, got {limit!r}")
 
 
 def check_page(limit: int, cursor: str | None) -> None:

@@ -49,13 +49,15 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..codec.trust import Trust
 from ..outcome import Reason
-from ..records import DeadLetter, Task
+from ..records import CallView, DeadLetter, Task
 
 __all__ = [
     "NO_KEYS",
     "DurableStore",
+    "LetterDetail",
     "LetterPage",
     "LetterQuery",
+    "LetterTally",
     "Store",
     "StoreCounts",
     "TransactionalStore",
@@ -100,6 +102,25 @@ class LetterPage:
     cursor: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class LetterDetail:
+    """One dead letter and what its task calls (for the console's page of one letter)."""
+
+    letter: DeadLetter
+    call: CallView
+
+
+@dataclass(frozen=True, slots=True)
+class LetterTally:
+    """How many dead letters there are in all and per key, reason and status (the most
+    frequent first, `limit` of each at most): the console's overview."""
+
+    total: int
+    by_key: list[tuple[str | None, int]]
+    by_reason: list[tuple[str, int]]
+    by_status: list[tuple[int | None, int]]
+
+
 @runtime_checkable
 class Store(Protocol):
     """What an Offloader needs of a store."""
@@ -134,6 +155,17 @@ class Store(Protocol):
         without reading the whole store."""
         ...
 
+    def dead_letter_detail(self, dead_letter_id: str) -> LetterDetail:
+        """One dead letter and its task's call as a CallView (method, URL, headers with
+        secrets as `***`; never a body), without importing the function a task names.
+
+        Raises UnknownDeadLetter when no dead letter has that id."""
+        ...
+
+    def dead_letter_tally(self, *, limit: int = 20) -> LetterTally:
+        """The dead letters counted in all, and by key, reason and status."""
+        ...
+
     def revive(self, dead_letter_id: str) -> Task:
         """Remove a dead letter and return its task (ids and idempotency key kept).
 
@@ -143,6 +175,10 @@ class Store(Protocol):
 
     def discard(self, dead_letter_id: str) -> None:
         """Remove a dead letter; raises UnknownDeadLetter when none has that id."""
+
+    def purge(self) -> int:
+        """Remove every dead letter; returns how many."""
+        ...
 
     def close(self) -> None:
         """Release connections and files. The store is not used afterwards."""
@@ -210,10 +246,6 @@ class DurableStore(Store, Protocol):
 
     def counts(self) -> StoreCounts:
         """What the store holds now."""
-        ...
-
-    def purge(self) -> int:
-        """Remove every dead letter; returns how many."""
         ...
 
     def watch(self, wake: Callable[[], None]) -> Callable[[], None] | None:

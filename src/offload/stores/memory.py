@@ -5,10 +5,11 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
+from ..codec.task import view_of
 from ..errors import UnknownDeadLetter
 from ..records import DeadLetter, Task
-from ._shared import page_of
-from .base import LetterPage, LetterQuery
+from ._shared import page_of, tally_of
+from .base import LetterDetail, LetterPage, LetterQuery, LetterTally
 
 __all__ = ["MemoryStore"]
 
@@ -42,7 +43,23 @@ class MemoryStore:
     def dead_letter_page(
         self, query: LetterQuery, *, limit: int = 50, cursor: str | None = None
     ) -> LetterPage:
-        return page_of(self.dead_letters(), query, limit, cursor)
+        with self._lock:
+            letters = [letter for letter, _ in self._letters.values()]
+            dropped = self.dropped
+        return page_of(letters, query, limit, cursor, base=dropped)
+
+    def dead_letter_detail(self, dead_letter_id: str) -> LetterDetail:
+        with self._lock:
+            try:
+                letter, task = self._letters[dead_letter_id]
+            except KeyError:
+                raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}") from None
+        return LetterDetail(
+            letter, view_of(task.call, task.args, task.kwargs, task.idempotency_key)
+        )
+
+    def dead_letter_tally(self, *, limit: int = 20) -> LetterTally:
+        return tally_of(self.dead_letters(), limit)
 
     def revive(self, dead_letter_id: str) -> Task:
         with self._lock:
@@ -56,6 +73,12 @@ class MemoryStore:
         with self._lock:
             if self._letters.pop(dead_letter_id, None) is None:
                 raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
+
+    def purge(self) -> int:
+        with self._lock:
+            removed = len(self._letters)
+            self._letters.clear()
+        return removed
 
     def close(self) -> None:
         pass

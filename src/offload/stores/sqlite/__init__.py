@@ -22,8 +22,9 @@ directory 0700.
 The parts, each with the design notes of its job: `store.py` (SQLiteStore: a process's
 connection, lock, lease owner and journal file, and the fork), `journal.py` (the intake
 journal), `tasks.py` (the tasks table: claims, leases, settling), `letters.py` (dead
-letters), `schema.py` (the file: tables, opening, the URL). Their names are this
-package's internals; SQLiteStore and parse_sqlite_url are its public ones.
+letters), `listing.py` (dead letters a page at a time, for the console), `schema.py`
+(the file: tables, opening, the URL). Their names are this package's internals;
+SQLiteStore and parse_sqlite_url are its public ones.
 """
 
 from .schema import parse_sqlite_url

@@ -24,6 +24,7 @@ __all__ = [
     "bury_task",
     "count_letters",
     "discard_letter",
+    "letter_of",
     "purge_letters",
     "read_letter",
     "read_letters",
@@ -73,7 +74,7 @@ def bury_task(conn: sqlite3.Connection, task: Task, letter: DeadLetter, now: flo
 def read_letters(conn: sqlite3.Connection, url: str) -> list[DeadLetter]:
     """Every dead letter, oldest first."""
     rows = conn.execute(f"SELECT {LETTER_COLUMNS} FROM dead_letters ORDER BY seq").fetchall()
-    return [_letter(row, url) for row in rows]
+    return [letter_of(row, url) for row in rows]
 
 
 def read_letter(conn: sqlite3.Connection, url: str, dead_letter_id: str) -> DeadLetter:
@@ -83,10 +84,11 @@ def read_letter(conn: sqlite3.Connection, url: str, dead_letter_id: str) -> Dead
     ).fetchone()
     if row is None:
         raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
-    return _letter(row, url)
+    return letter_of(row, url)
 
 
-def _letter(row: tuple[Any, ...], url: str) -> DeadLetter:
+def letter_of(row: tuple[Any, ...], url: str) -> DeadLetter:
+    """The dead letter a row of LETTER_COLUMNS holds; StoreError if it is unreadable."""
     try:
         return DeadLetter.from_json(dict(zip(LETTER_FIELDS, row, strict=True)))
     except ValueError as exc:

@@ -42,7 +42,8 @@ __all__ = [
 
 log = logging.getLogger("offload")
 
-SCHEMA_VERSION = 3  # 2: the journals and meta tables, the index on tasks.id; 3: dedup
+# 2: the journals and meta tables, the index on tasks.id; 3: dedup; 4: dead-letter indexes
+SCHEMA_VERSION = 4
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS tasks (
         seq INTEGER PRIMARY KEY,      -- insertion order, and the handle of a leased row
@@ -107,6 +108,18 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             idempotency_key TEXT NOT NULL,
             until REAL                -- NULL while its task lives
         )""",
+    ),
+    4: (
+        # The console lists dead letters a page at a time, newest first, filtered
+        # (listing.py): each index also orders its rows by seq, so a filtered page is a
+        # range of one index.
+        "CREATE INDEX IF NOT EXISTS dead_letters_key ON dead_letters (key)",
+        "CREATE INDEX IF NOT EXISTS dead_letters_status ON dead_letters (status)",
+        "CREATE INDEX IF NOT EXISTS dead_letters_reason ON dead_letters (reason)",
+        "CREATE INDEX IF NOT EXISTS dead_letters_last_attempt ON dead_letters (last_attempt_at)",
+        # A text search reads every description and error: from this index, a fraction of
+        # the table's size (its rows also hold each task's call).
+        "CREATE INDEX IF NOT EXISTS dead_letters_text ON dead_letters (description, error)",
     ),
 }
 

@@ -11,7 +11,8 @@ messages it holds as missing: two operators listing at the same moment may each 
 part, and a replay of a letter being listed elsewhere may answer UnknownDeadLetter; try
 again. Replay sends the task to NAME and then deletes the dead letter (moto lacks
 StartMessageMoveTask); revive/discard/purge delete. Each of these scans the DLQ, so they
-suit the hundreds, not millions.
+suit the hundreds, not millions: so does the console's listing of them, a page at a time
+(`dead_letter_page` reads the whole DLQ for each page: SQS cannot filter or seek).
 """
 
 from __future__ import annotations

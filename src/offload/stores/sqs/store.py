@@ -40,11 +40,12 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from ..._redact import redact_url
+from ...codec.task import view_call
 from ...codec.trust import TRUST_ANY, Trust
 from ...config import check_lease_timeout, lease_timeout_from_env
-from ...records import DeadLetter, Task
-from .._shared import bool_option, number_option, page_of
-from ..base import NO_KEYS, LetterPage, LetterQuery, StoreCounts
+from ...records import CallView, DeadLetter, Task
+from .._shared import bool_option, number_option, page_of, tally_of
+from ..base import NO_KEYS, LetterDetail, LetterPage, LetterQuery, LetterTally, StoreCounts
 from .letters import DeadLetterQueue, task_of
 from .messages import (
     dumps,
@@ -389,6 +390,22 @@ class SqsStore:
     ) -> LetterPage:
         """A page of the dead letters matching `query`, newest first (see Store)."""
         return page_of(self.dead_letters(), query, limit, cursor)
+
+    def dead_letter_detail(self, dead_letter_id: str) -> LetterDetail:
+        """One dead letter and its task's call, read from offload's record in the message
+        (a scan of the DLQ, as every look-up of one letter is)."""
+        with self._letters.find(dead_letter_id) as (_, entry):
+            record = entry.task
+            call = (
+                view_call(record.call, record.idempotency_key)
+                if record is not None
+                else CallView("unreadable", "(no task record: moved by the redrive policy?)")
+            )
+            return LetterDetail(entry.letter, call)
+
+    def dead_letter_tally(self, *, limit: int = 20) -> LetterTally:
+        """The dead letters counted (a scan of the DLQ, as `dead_letters()`)."""
+        return tally_of(self.dead_letters(), limit)
 
     def __len__(self) -> int:
         """Messages in the DLQ, visible or being read (approximate, as SQS counts)."""

@@ -1,0 +1,122 @@
+"""The SQLite store's dead letters as the console lists them: a page at a time, newest
+first, filtered in SQL, on a connection the store hands over (its lock held).
+
+Pages are keyset pages: a page's cursor is the `seq` of its last row, and the next page
+is the rows below it, so a page costs the same at the end of the list as at its start,
+and a letter that arrives meanwhile never shifts one onto two pages.
+
+How a page is found depends on the filter (the indexes are in schema.py):
+- none, or key, status and reason: each is a range of one index in `seq` order, so the
+  page is its first rows below the cursor and the total a count of that range;
+- a text (a substring of the description or the error, ASCII letters in either case) or
+  a time (`since`): the matching rows are not a range in `seq` order, and the newest match
+  may be the last row read, so one pass collects every matching `seq` (from the text index,
+  a fraction of the table's size, or the time index): its length is the total, its
+  largest below the cursor the page. One pass either way, never a sort of whole rows.
+"""
+
+from __future__ import annotations
+
+import heapq
+import sqlite3
+from typing import Any
+
+from ...codec.task import view_call
+from ...errors import UnknownDeadLetter
+from ...records import DeadLetter
+from .._shared import check_page, check_tally, epoch, json_list
+from ..base import LetterDetail, LetterPage, LetterQuery, LetterTally
+from .letters import letter_of
+from .schema import LETTER_COLUMNS
+
+__all__ = ["letter_detail", "letter_page", "letter_tally"]
+
+
+def _where(query: LetterQuery) -> tuple[str, list[Any]]:
+    """The SQL condition `query` asks for, and its arguments."""
+    terms: list[str] = []
+    args: list[Any] = []
+    if query.key is not None:
+        terms.append("key = ?")
+        args.append(query.key)
+    if query.status is not None:
+        terms.append("status = ?")
+        args.append(query.status)
+    if query.reason is not None:
+        terms.append("reason = ?")
+        args.append(query.reason)
+    if query.since is not None:
+        terms.append("last_attempt_at >= ?")
+        args.append(epoch(query.since))
+    if query.text:
+        pattern = "%" + query.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern += "%"
+        terms.append("(description LIKE ? ESCAPE '\\' OR error LIKE ? ESCAPE '\\')")
+        args += [pattern, pattern]
+    return " AND ".join(terms) or "1", args
+
+
+def letter_page(
+    conn: sqlite3.Connection, url: str, query: LetterQuery, limit: int, cursor: str | None
+) -> LetterPage:
+    """A page of the dead letters matching `query`, newest first (see the module docstring)."""
+    check_page(limit, cursor)
+    where, args = _where(query)
+    below = int(cursor) if cursor is not None else None
+    if not query.text and query.since is None:
+        count = conn.execute(f"SELECT COUNT(*) FROM dead_letters WHERE {where}", args)
+        total = int(count.fetchone()[0])
+        page_where, page_args = where, list(args)
+        if below is not None:
+            page_where += " AND seq < ?"
+            page_args.append(below)
+        rows = conn.execute(
+            f"SELECT seq, {LETTER_COLUMNS} FROM dead_letters WHERE {page_where} "
+            "ORDER BY seq DESC LIMIT ?",
+            (*page_args, limit + 1),
+        ).fetchall()
+    else:
+        seqs = [seq for (seq,) in conn.execute(f"SELECT seq FROM dead_letters WHERE {where}", args)]
+        total = len(seqs)
+        candidates = seqs if below is None else [seq for seq in seqs if seq < below]
+        chosen = heapq.nlargest(limit + 1, candidates)
+        rows = conn.execute(
+            f"SELECT seq, {LETTER_COLUMNS} FROM dead_letters "
+            "WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq DESC",
+            (json_list(chosen),),
+        ).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    letters = [letter_of(row[1:], url) for row in rows]
+    return LetterPage(letters, total, str(rows[-1][0]) if more else None)
+
+
+def letter_detail(conn: sqlite3.Connection, url: str, dead_letter_id: str) -> LetterDetail:
+    """One dead letter and its call, read from the text the task was stored as (nothing is
+    imported); UnknownDeadLetter if none has that id."""
+    row = conn.execute(
+        f"SELECT {LETTER_COLUMNS}, idempotency_key, call FROM dead_letters WHERE id = ?",
+        (dead_letter_id,),
+    ).fetchone()
+    if row is None:
+        raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
+    letter: DeadLetter = letter_of(row[:-2], url)
+    return LetterDetail(letter, view_call(str(row[-1]), row[-2]))
+
+
+def letter_tally(conn: sqlite3.Connection, limit: int) -> LetterTally:
+    """The dead letters counted in all and by key, reason and status (each from its index)."""
+    check_tally(limit)
+
+    def top(column: str) -> list[Any]:
+        return [
+            (value, int(n))
+            for value, n in conn.execute(
+                f"SELECT {column}, COUNT(*) AS n FROM dead_letters GROUP BY {column} "
+                f"ORDER BY n DESC, {column} LIMIT ?",
+                (limit,),
+            )
+        ]
+
+    total = int(conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0])
+    return LetterTally(total, top("key"), top("reason"), top("status"))
