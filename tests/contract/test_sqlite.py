@@ -230,6 +230,35 @@ def test_filtered_pages_read_an_index_not_the_table(tmp_path: Path) -> None:
     store.close()
 
 
+def test_rare_text_matches_beyond_the_newest_window_are_paged_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from offload.stores.sqlite import listing
+
+    monkeypatch.setattr(listing, "_WINDOW", 3)  # the newest 3 rows hold fewer than a page
+    store = SQLiteStore(tmp_path / "window.db")
+    letters = []
+    for i in range(10):
+        task = Task(record, (i,))
+        store.put(task, lease=True)
+        error = "needle" if i in (0, 1, 2, 9) else "hay"
+        letters.append(dead_letter_for(task, error, None, "permanent"))
+        store.bury(task, letters[-1])
+    seen = []
+    cursor = None
+    for _ in range(3):
+        page = store.dead_letter_page(LetterQuery(text="NEEDLE"), limit=2, cursor=cursor)
+        assert page.total == 4
+        seen += [letter.id for letter in page.letters]
+        cursor = page.cursor
+        if cursor is None:
+            break
+    assert seen == [letters[i].id for i in (9, 2, 1, 0)] and cursor is None
+    since = letters[0].last_attempt_at
+    assert store.dead_letter_page(LetterQuery(since=since), limit=50).total == 10
+    store.close()
+
+
 def test_a_missing_directory_is_a_store_error(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "missing" / "q.db")
     with pytest.raises(StoreError, match="cannot create the store file"):

@@ -9,10 +9,13 @@ How a page is found depends on the filter (the indexes are in schema.py):
 - none, or key, status and reason: each is a range of one index in `seq` order, so the
   page is its first rows below the cursor and the total a count of that range;
 - a text (a substring of the description or the error, ASCII letters in either case) or
-  a time (`since`): the matching rows are not a range in `seq` order, and the newest match
-  may be the last row read, so one pass collects every matching `seq` (from the text index,
-  a fraction of the table's size, or the time index): its length is the total, its
-  largest below the cursor the page. One pass either way, never a sort of whole rows.
+  a time (`since`): the matching rows are not a range in `seq` order. A common match is
+  found among the newest rows below the cursor (a bounded window, read in `seq` order), and
+  the total is a count over the text index (a fraction of the table's size: the table's
+  rows also hold each task's call) or the time index. A rare one (fewer than a page in the
+  window) may be the last row of the table: one pass over the index collects every
+  matching `seq`, few by then: its length is the total, its largest below the cursor the
+  page. Never a sort of whole rows, never more than one pass over the text.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from .letters import letter_of
 from .schema import LETTER_COLUMNS
 
 __all__ = ["letter_detail", "letter_page", "letter_tally"]
+
+# Rows read, newest first, before a text or time filter is taken to be rare.
+_WINDOW = 5_000
 
 
 def _where(query: LetterQuery) -> tuple[str, list[Any]]:
@@ -63,9 +69,14 @@ def letter_page(
     check_page(limit, cursor)
     where, args = _where(query)
     below = int(cursor) if cursor is not None else None
-    if not query.text and query.since is None:
-        count = conn.execute(f"SELECT COUNT(*) FROM dead_letters WHERE {where}", args)
-        total = int(count.fetchone()[0])
+    rows: list[Any] | None = None
+    if query.text or query.since is not None:
+        rows = _newest_window(conn, where, args, below, limit)
+        if rows is None:
+            return _page_of_matches(conn, url, where, args, below, limit)
+    count = conn.execute(f"SELECT COUNT(*) FROM dead_letters WHERE {where}", args)
+    total = int(count.fetchone()[0])
+    if rows is None:
         page_where, page_args = where, list(args)
         if below is not None:
             page_where += " AND seq < ?"
@@ -75,16 +86,48 @@ def letter_page(
             "ORDER BY seq DESC LIMIT ?",
             (*page_args, limit + 1),
         ).fetchall()
-    else:
-        seqs = [seq for (seq,) in conn.execute(f"SELECT seq FROM dead_letters WHERE {where}", args)]
-        total = len(seqs)
-        candidates = seqs if below is None else [seq for seq in seqs if seq < below]
-        chosen = heapq.nlargest(limit + 1, candidates)
-        rows = conn.execute(
-            f"SELECT seq, {LETTER_COLUMNS} FROM dead_letters "
-            "WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq DESC",
-            (json_list(chosen),),
-        ).fetchall()
+    return _page(rows, url, total, limit)
+
+
+def _newest_window(
+    conn: sqlite3.Connection, where: str, args: list[Any], below: int | None, limit: int
+) -> list[Any] | None:
+    """The page's rows if the newest `_WINDOW` rows below the cursor hold a page of matches
+    (a common text: read in rowid order, it stops early); None if they hold fewer."""
+    if below is None:
+        below = int(
+            conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM dead_letters").fetchone()[0]
+        )
+    rows = conn.execute(
+        f"SELECT seq, {LETTER_COLUMNS} FROM dead_letters NOT INDEXED "
+        f"WHERE seq >= ? AND seq < ? AND {where} ORDER BY seq DESC LIMIT ?",
+        (below - _WINDOW, below, *args, limit + 1),
+    ).fetchall()
+    return rows if len(rows) > limit else None
+
+
+def _page_of_matches(
+    conn: sqlite3.Connection,
+    url: str,
+    where: str,
+    args: list[Any],
+    below: int | None,
+    limit: int,
+) -> LetterPage:
+    """A page of rare matches: one pass over an index collects every matching `seq` (few,
+    since the newest window held less than a page): the total, and the page's rows."""
+    seqs = [seq for (seq,) in conn.execute(f"SELECT seq FROM dead_letters WHERE {where}", args)]
+    candidates = seqs if below is None else [seq for seq in seqs if seq < below]
+    rows = conn.execute(
+        f"SELECT seq, {LETTER_COLUMNS} FROM dead_letters "
+        "WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq DESC",
+        (json_list(heapq.nlargest(limit + 1, candidates)),),
+    ).fetchall()
+    return _page(rows, url, len(seqs), limit)
+
+
+def _page(rows: list[Any], url: str, total: int, limit: int) -> LetterPage:
+    """Rows of (seq, LETTER_COLUMNS...), up to `limit` + 1 of them, as a page."""
     more = len(rows) > limit
     rows = rows[:limit]
     letters = [letter_of(row[1:], url) for row in rows]
