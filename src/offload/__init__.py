@@ -30,7 +30,7 @@ from .errors import (
 from .limits import Limit
 from .offloader import Offloader
 from .policy import RetryPolicy
-from .records import DeadLetter, KeyState, Stats, Task
+from .records import DeadLetter, Health, KeyState, Stats, Task
 from .stores import Store
 
 try:
@@ -43,6 +43,7 @@ __all__ = [
     "Clock",
     "DeadLetter",
     "GiveUp",
+    "Health",
     "HttpCall",
     "KeyState",
     "Limit",

@@ -16,17 +16,25 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Mapping
+from typing import Literal
 
 from .limits import Limit
 from .scheduler import Scheduler
 
-__all__ = ["Core", "Ledger"]
+__all__ = ["AttemptKind", "Core", "Ledger"]
+
+
+AttemptKind = Literal["success", "throttled", "transient", "permanent"]
+"""How an attempt ended, as metrics count it (`offload_attempts_total{outcome}`)."""
 
 
 class Ledger:
-    """The counters of Stats since the offloader was made (this process's, after fork)."""
+    """The counters of Stats since the offloader was made (this process's, after fork), and
+    the finer ones metrics read: attempts per key and outcome, dead letters per reason."""
 
     __slots__ = (
+        "attempts",
+        "by_reason",
         "claimed",
         "dead_lettered",
         "deduplicated",
@@ -46,6 +54,15 @@ class Ledger:
         self.deduplicated = 0  # enqueues that returned a task already held
         self.claimed = 0  # durable stores: tasks leased to this process
         self.released = 0  # durable stores: tasks handed back to the store
+        # (key, kind) -> attempts; key None for a plain callable without one
+        self.attempts: dict[tuple[str | None, AttemptKind], int] = {}
+        self.by_reason: dict[str, int] = {}  # dead letters made, per reason
+
+    def attempted(self, key: str | None, kind: AttemptKind) -> None:
+        """Count one attempt (the lock held)."""
+        attempts = self.attempts
+        slot = (key, kind)
+        attempts[slot] = attempts.get(slot, 0) + 1
 
 
 class Core:

@@ -45,9 +45,11 @@ from .config import (
 )
 from .core import Core
 from .errors import OffloadError
+from .health import HeadWatch
+from .health import check_limits as check_health_limits
 from .limits import Limit, check_limits
 from .policy import RetryPolicy
-from .records import DeadLetter, KeyState, Stats, Task
+from .records import DeadLetter, Health, KeyState, Stats, Task
 from .settle import Callbacks, Settler
 from .stores import DurableStore, Store, TransactionalStore, open_store
 from .worker import WorkerPool
@@ -170,6 +172,7 @@ class Offloader:
         pool.serve(backlog, run_one)
         self._add = backlog.add  # the enqueue path's one call into the backlog
         self._pid = core.pid
+        self._head = HeadWatch()  # health(): how long the ready queue's head has waited
 
     def _make_backlog(self, core: Core, pool: WorkerPool) -> Backlog:
         """The backlog this offloader's store calls for (offload.testing makes another)."""
@@ -330,6 +333,23 @@ class Offloader:
                     down=sched.down(key),
                 )
         return dict(sorted(states.items()))
+
+    def health(
+        self, *, max_age: float | None = None, max_dead_letters: int | None = None
+    ) -> Health:
+        """Whether this offloader is well: its store answers, a worker runs while tasks
+        are due, and no threshold is crossed (`max_age`: seconds the oldest due task may
+        wait; `max_dead_letters`; None: not checked). See health.py for what is measured."""
+        check_health_limits(max_age, max_dead_letters)
+        return self._head.health(
+            self._store,
+            self._core,
+            self._pool,
+            self._clock,
+            consume=self.consume,
+            max_age=max_age,
+            max_dead_letters=max_dead_letters,
+        )
 
     def dead_letters(self) -> list[DeadLetter]:
         """The dead letters the store holds, oldest first."""

@@ -17,7 +17,7 @@ from ._guard import Guarded
 from .attempt import Attempt
 from .calls.base import describe_target
 from .clock import Clock
-from .core import Core
+from .core import AttemptKind, Core
 from .outcome import Outcome, Reason
 from .policy import Decision, RetryPolicy
 from .records import DeadLetter, Task, new_id, utc
@@ -105,14 +105,26 @@ class Settler:
 
         now = self.clock.monotonic()
         outage = False
-        if outcome.kind == "retry" and not outcome.throttled and task.key is not None:
-            with self.core.lock:
-                pause = self.core.sched.failed(task, now)
-            if pause is not None:
-                # The key is down, not this call: pause it as a throttle would (its backlog
-                # waits, using no attempts; one probe when the pause ends).
-                outage = True
-                outcome = self._outage(task, outcome, pause)
+        kind: AttemptKind = (
+            "permanent"
+            if outcome.kind == "permanent"
+            else "throttled"
+            if outcome.throttled
+            else "transient"
+        )
+        core = self.core
+        with core.lock:
+            core.ledger.attempted(task.key, kind)  # as it ended, before an outage is seen
+            pause = (
+                core.sched.failed(task, now)
+                if kind == "transient" and task.key is not None
+                else None
+            )
+        if pause is not None:
+            # The key is down, not this call: pause it as a throttle would (its backlog
+            # waits, using no attempts; one probe when the pause ends).
+            outage = True
+            outcome = self._outage(task, outcome, pause)
         policy = task.retry or self.policy
         try:
             decision = policy.decide(progress, outcome, attempt.exc, now)
@@ -190,10 +202,13 @@ class Settler:
         callbacks = self.callbacks
         if callbacks.on_dead_letter is not None:
             callbacks.call("on_dead_letter", callbacks.on_dead_letter, task, letter)
-        self._finish(task, in_flight=in_flight, delivered=False)
+        self._finish(task, in_flight=in_flight, delivered=False, reason=reason)
 
-    def _finish(self, task: Task, *, in_flight: bool, delivered: bool) -> None:
-        """The task leaves this offloader, delivered or dead-lettered: one step."""
+    def _finish(
+        self, task: Task, *, in_flight: bool, delivered: bool, reason: Reason | None = None
+    ) -> None:
+        """The task leaves this offloader, delivered (its attempt counted a success) or
+        dead-lettered (counted by `reason`): one step."""
         core = self.core
         now = self.clock.monotonic()
         with core.lock:
@@ -202,10 +217,14 @@ class Settler:
                 core.work.notify()  # a probe's success releases its key's held tasks
             down_for = core.sched.succeeded(task, now) if delivered else None
             self.backlog.forget(task)
+            ledger = core.ledger
             if delivered:
-                core.ledger.succeeded += 1
+                ledger.succeeded += 1
+                ledger.attempted(task.key, "success")
             else:
-                core.ledger.dead_lettered += 1
+                ledger.dead_lettered += 1
+                if reason is not None:
+                    ledger.by_reason[reason] = ledger.by_reason.get(reason, 0) + 1
             core.notify_if_drained()
         if down_for is not None:
             with Guarded():

@@ -21,9 +21,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ...codec.task import view_call
 from ...codec.trust import TRUST_ANY, Trust
 from ...errors import StoreError, UnknownDeadLetter
-from ...records import DeadLetter, Task
+from ...records import CallView, DeadLetter, Task
+from ..base import LetterDetail
 from .messages import Entry, read_entry
 from .queues import BATCH, Queues
 
@@ -115,6 +117,18 @@ class DeadLetterQueue:
                     yield scan, entry
                     return
             raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r} in {self.name}")
+
+    def detail(self, dead_letter_id: str) -> LetterDetail:
+        """One dead letter and its task's call, read from offload's record in the message
+        (nothing imported); UnknownDeadLetter if none has that id."""
+        with self.find(dead_letter_id) as (_, entry):
+            record = entry.task
+            call = (
+                view_call(record.call, record.idempotency_key)
+                if record is not None
+                else CallView("unreadable", "(no task record: moved by the redrive policy?)")
+            )
+            return LetterDetail(entry.letter, call)
 
     def delete(self, scan: Scan, entry: Entry) -> None:
         """Delete a dead letter `scan` read."""

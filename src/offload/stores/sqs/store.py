@@ -40,10 +40,9 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from ..._redact import redact_url
-from ...codec.task import view_call
 from ...codec.trust import TRUST_ANY, Trust
 from ...config import check_lease_timeout, lease_timeout_from_env
-from ...records import CallView, DeadLetter, Task
+from ...records import DeadLetter, Task
 from .._shared import bool_option, number_option, page_of, tally_of
 from ..base import NO_KEYS, LetterDetail, LetterPage, LetterQuery, LetterTally, StoreCounts
 from .letters import DeadLetterQueue, task_of
@@ -392,16 +391,8 @@ class SqsStore:
         return page_of(self.dead_letters(), query, limit, cursor)
 
     def dead_letter_detail(self, dead_letter_id: str) -> LetterDetail:
-        """One dead letter and its task's call, read from offload's record in the message
-        (a scan of the DLQ, as every look-up of one letter is)."""
-        with self._letters.find(dead_letter_id) as (_, entry):
-            record = entry.task
-            call = (
-                view_call(record.call, record.idempotency_key)
-                if record is not None
-                else CallView("unreadable", "(no task record: moved by the redrive policy?)")
-            )
-            return LetterDetail(entry.letter, call)
+        """One dead letter and its task's call (a scan of the DLQ, see letters.py)."""
+        return self._letters.detail(dead_letter_id)
 
     def dead_letter_tally(self, *, limit: int = 20) -> LetterTally:
         """The dead letters counted (a scan of the DLQ, as `dead_letters()`)."""
