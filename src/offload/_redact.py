@@ -107,9 +107,10 @@ def redact_url(url: str) -> str:
     fragment = split.fragment
     if "=" in fragment:  # OAuth implicit flow puts access_token=... in the fragment
         fragment = _redact_pairs(fragment)
-    return urlunsplit(
-        (split.scheme, _redact_netloc(split), split.path, _redact_pairs(split.query), fragment)
-    )
+    netloc, query = _redact_netloc(split), _redact_pairs(split.query)
+    if (netloc, query, fragment) == (split.netloc, split.query, split.fragment):
+        return url  # nothing secret: as it was (urlunsplit would drop sqlite:////'s slashes)
+    return urlunsplit((split.scheme, netloc, split.path, query, fragment))
 
 
 def redact_dsn(url: str) -> str:

@@ -7,6 +7,8 @@
     offload dead-letters discard ID...
     offload dead-letters purge
     offload stats [--json]
+    offload console [--host H] [--port P] [--read-only]
+    offload health [--max-age S] [--max-dead-letters N]
     offload demo [--store URL]
 
 `--store` defaults to OFFLOAD_STORE. Errors are one line on stderr and a non-zero exit
@@ -152,6 +154,9 @@ def _parser() -> argparse.ArgumentParser:
         "stats", parents=[store, as_json], help="what the store holds: tasks and dead letters"
     )
     stats.set_defaults(handler=_stats)
+
+    _console_parser(commands, store)
+    _health_parser(commands, store)
 
     demo = commands.add_parser("demo", help="a local misbehaving API and a live run")
     demo.add_argument("--store", metavar="URL", default=None, help="store URL (default: memory)")
@@ -553,6 +558,58 @@ class _Signals:
             signal.signal(signum, handler)
 
 
+# -- the console and health --------------------------------------------------------------
+
+
+def _console_parser(commands: Any, store: argparse.ArgumentParser) -> None:
+    console = commands.add_parser(
+        "console",
+        parents=[store],
+        help="a web page: dead letters (inspect, replay, discard), stats, metrics, health",
+        description="Serve the console and print the URL to open, with a login token made "
+        "for this run (or log in with $OFFLOAD_CONSOLE_TOKEN), until SIGINT or SIGTERM.",
+    )
+    console.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
+    console.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0: any)")
+    console.add_argument("--read-only", action="store_true", help="show, never change")
+    console.set_defaults(handler=_console)
+
+
+def _console(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        from .console.command import serve  # noqa: PLC0415 - jinja2 is an optional extra
+    except ImportError as exc:
+        raise CommandError(f"{exc}; the console needs pip install 'offload[console]'") from None
+    store = _open(args)
+    try:
+        return serve(
+            store, host=args.host, port=args.port, read_only=args.read_only, out=out, err=err
+        )
+    finally:
+        store.close()
+
+
+def _health_parser(commands: Any, store: argparse.ArgumentParser) -> None:
+    health = commands.add_parser(
+        "health", parents=[store], help="exit 0 if the store is healthy, 1 if not (one line)"
+    )
+    health.add_argument("--max-age", metavar="S", type=float, help="seconds a due task may wait")
+    health.add_argument("--max-dead-letters", metavar="N", type=int, help="dead letters allowed")
+    health.set_defaults(handler=_health)
+
+
+def _health(args: argparse.Namespace, out: TextIO) -> int:
+    from .health import store_health, summary  # noqa: PLC0415
+
+    store = _open(args)
+    try:
+        health = store_health(store, max_age=args.max_age, max_dead_letters=args.max_dead_letters)
+    finally:
+        store.close()
+    out.write(summary(health) + "\n")
+    return 0 if health.ok else 1
+
+
 # -- main -------------------------------------------------------------------------------
 
 
@@ -562,7 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler: Callable[..., int] = args.handler
     try:
-        if handler in (_replay, _discard, _worker):
+        if handler in (_replay, _discard, _worker, _console):
             return handler(args, out, err)
         if handler is _demo:
             return handler(args)

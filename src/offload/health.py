@@ -16,6 +16,7 @@ A queue with tasks and no worker thread alive to perform them is always a proble
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, cast
 
 from .clock import Clock
@@ -152,15 +153,16 @@ class HeadWatch:
 
 def store_health(
     store: Store,
-    now: float,
+    now: float | None = None,
     *,
     max_age: float | None = None,
     max_dead_letters: int | None = None,
 ) -> Health:
-    """The health of a store alone, as a process that runs no offloader over it sees it
-    (`offload health`, the console over a store URL): `worker_running` is None."""
+    """The health of a store alone at epoch time `now` (the time now if None), as a
+    process that runs no offloader over it sees it (`offload health`, the console over a
+    store URL): `worker_running` is None."""
     check_limits(max_age, max_dead_letters)
-    look = look_at_store(store, now)
+    look = look_at_store(store, time.time() if now is None else now)
     return judge(
         look,
         worker_running=None,
