@@ -261,7 +261,7 @@ def test_the_printed_url_logs_in_with_a_strict_cookie_and_drops_the_token(
         assert attribute in cookies
     assert TOKEN not in cookies
     page = console.get("/dead-letters?key=crm")
-    assert page.status_code == 200 and "1</strong> dead letter match" in page.text
+    assert page.status_code == 200 and "1</strong> dead letter matches" in page.text
 
 
 def test_the_login_form(console_of: Callable[..., Console], store_path: Path, planted: Any) -> None:
