@@ -68,6 +68,7 @@ __all__ = [
     "enqueue_task",
     "flush",
     "gates",
+    "health",
     "http",
     "keys",
     "replay",
@@ -129,6 +130,11 @@ def gates() -> dict[str, float]:
 def keys() -> dict[str, KeyState]:
     """The default offloader's keys (APIs) and their state now: gates, limits, rates."""
     return _default.get().keys()
+
+
+def health(*, max_age: float | None = None, max_dead_letters: int | None = None) -> Health:
+    """Whether the default offloader is well (see Offloader.health)."""
+    return _default.get().health(max_age=max_age, max_dead_letters=max_dead_letters)
 
 
 def __dir__() -> list[str]:

@@ -599,7 +599,7 @@ def _health_parser(commands: Any, store: argparse.ArgumentParser) -> None:
 
 
 def _health(args: argparse.Namespace, out: TextIO) -> int:
-    from .health import store_health, summary  # noqa: PLC0415
+    from .health_check import store_health, summary  # noqa: PLC0415
 
     store = _open(args)
     try:

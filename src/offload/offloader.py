@@ -45,8 +45,8 @@ from .config import (
 )
 from .core import Core
 from .errors import OffloadError
-from .health import HeadWatch
-from .health import check_limits as check_health_limits
+from .health_check import HeadWatch
+from .health_check import check_limits as check_health_limits
 from .limits import Limit, check_limits
 from .policy import RetryPolicy
 from .records import DeadLetter, Health, KeyState, Stats, Task

@@ -37,7 +37,17 @@ def example(name: str) -> ModuleType:
     return importlib.import_module(name)
 
 
-SCRIPTS = ("flask_app", "fastapi_app", "django_app", "glue_jobs", "stripe_like", "web_and_worker")
+SCRIPTS = (
+    "flask_app",
+    "fastapi_app",
+    "django_app",
+    "glue_jobs",
+    "stripe_like",
+    "web_and_worker",
+    "console_flask",
+    "console_django",
+    "console_fastapi",
+)
 
 
 # The PostgreSQL recipes: each gets a database of its own on the session's server.
@@ -159,6 +169,32 @@ def test_stripe_like_example_charges_once_per_key(runs: Runs) -> None:
     assert "charge-1001: {'id': 'ch_1', 'amount': 2000}" in out
     assert "[permanent] HTTP 402" in out
     assert "sk_test" not in out
+
+
+def test_console_mounted_in_flask_logs_in_and_replays_every_match(runs: Runs) -> None:
+    out = runs.output("console_flask")
+    assert "login: 303 /ops/offload/dead-letters" in out
+    assert "console: <strong>2</strong> dead letters in all" in out
+    assert "replay: 303 /ops/offload/dead-letters?done=replayed&n=2" in out
+    assert "CRM accepted 2 replayed" in out and "dead letters now: 0" in out
+
+
+def test_console_wrapped_around_django_asks_the_app_who_may_see_it(runs: Runs) -> None:
+    out = runs.output("console_django")
+    assert "django: {'orders': []}" in out, "Django still serves the rest"
+    assert "stranger: 401" in out
+    assert "ops: <strong>1</strong> dead letter in all" in out
+    assert "call: POST http://127.0.0.1:" in out and "/hooks/order-paid" in out
+    assert "discard: 303 /ops/offload/dead-letters?done=discarded&n=1" in out
+    assert "dead letters now: 0" in out
+
+
+def test_console_mounted_in_fastapi_read_only_through_a2wsgi(runs: Runs) -> None:
+    out = runs.output("console_fastapi")
+    assert "app: {'ok': True}" in out
+    assert "api: total 1 status 422" in out
+    assert "replay (read-only): 403" in out and "no token: 401" in out
+    assert "metrics: offload_dead_letters 1.0" in out
 
 
 # -- Flask ----------------------------------------------------------------------------------

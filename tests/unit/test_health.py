@@ -11,7 +11,7 @@ import pytest
 
 import offload
 from offload import Health, Offloader, Task
-from offload.health import store_health, summary
+from offload.health_check import store_health, summary
 from offload.stores.sqlite import SQLiteStore
 from offload.testing import FakeClock
 

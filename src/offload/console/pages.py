@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UnknownDeadLetter
-from ..health import summary
+from ..health_check import summary
 from ..outcome import REASONS
 from .filters import Filters
 from .http import Request, Response

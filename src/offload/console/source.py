@@ -10,7 +10,7 @@ from typing import Any
 
 from .. import _default
 from .._redact import redact_url
-from ..health import store_health
+from ..health_check import store_health
 from ..offloader import Offloader
 from ..records import Health, KeyState
 from ..stores import Store, open_store
