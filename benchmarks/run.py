@@ -46,6 +46,7 @@ BENCHES = [
     "memory",
     "idle",
     "postgres",
+    "console",
 ]
 EXTERNAL = {"durable_enqueue", "handler_latency"}  # written by other engineers
 OPTIONAL = ["handler_latency"]  # run when present, listed after the rest

@@ -125,7 +125,6 @@ class Pages:
             filters=filters.given,
             active=filters.active,
             reasons=sorted(REASONS),
-            known_keys=self.source.tally().by_key,
             page=page or _EMPTY,
             cursor=cursor,
         )
