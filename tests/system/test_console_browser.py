@@ -129,53 +129,70 @@ def bury(
 
 
 def plant(store: SQLiteStore) -> None:
-    """Dead letters as an application's would look: several APIs, statuses and reasons."""
+    """Dead letters as an application's would look: several APIs, statuses and reasons,
+    buried in the order they failed (a store lists the newest buried first)."""
     bearer = {"Authorization": "Bearer sk_live_never_shown"}
+    planned: list[tuple[int, Any, dict[str, Any]]] = []
     for i in range(14):
-        bury(
-            store,
-            offload.http(
-                "POST",
-                "https://api.payments.example/v1/charges",
-                headers=bearer,
-                json={"amount": 1000 + i},
-                idempotency_key=f"order-{4100 + i}",
-            ),
-            minutes=300 - 17 * i,
-            status=402 if i % 3 else 503,
-            reason="permanent" if i % 3 else "exhausted",
-            error="HTTP 402 Payment Required: card_declined"
-            if i % 3
-            else "HTTP 503 Service Unavailable",
+        call = offload.http(
+            "POST",
+            "https://api.payments.example/v1/charges",
+            headers=bearer,
+            json={"amount": 1000 + i},
+            idempotency_key=f"order-{4100 + i}",
+        )
+        declined = bool(i % 3)
+        planned.append(
+            (
+                300 - 17 * i,
+                call,
+                {
+                    "status": 402 if declined else 503,
+                    "reason": "permanent" if declined else "exhausted",
+                    "error": "HTTP 402 Payment Required: card_declined"
+                    if declined
+                    else "HTTP 503 Service Unavailable",
+                },
+            )
         )
     for i in range(9):
-        bury(
-            store,
-            offload.http(
-                "POST",
-                f"https://crm.example/api/contacts?api_key=k{i}",
-                json={"email": f"user{i}@example.com"},
-            ),
-            minutes=250 - 23 * i,
-            status=429,
-            reason="exhausted",
-            error="HTTP 429 Too Many Requests (throttled for 900s)",
+        call = offload.http(
+            "POST",
+            f"https://crm.example/api/contacts?api_key=k{i}",
+            json={"email": f"user{i}@example.com"},
+        )
+        planned.append(
+            (
+                250 - 23 * i,
+                call,
+                {
+                    "status": 429,
+                    "reason": "exhausted",
+                    "error": "HTTP 429 Too Many Requests (throttled for 900s)",
+                },
+            )
         )
     for i in range(4):
-        bury(
-            store,
-            offload.aws(
-                "sqs",
-                "send_message",
-                region="eu-west-1",
-                QueueUrl="https://sqs.example/q",
-                MessageBody="x",
-            ),
-            minutes=200 - 31 * i,
-            status=None,
-            reason="shutdown",
-            error="undelivered at shutdown",
+        call = offload.aws(
+            "sqs",
+            "send_message",
+            region="eu-west-1",
+            QueueUrl="https://sqs.example/q",
+            MessageBody="x",
         )
+        planned.append(
+            (
+                200 - 31 * i,
+                call,
+                {
+                    "status": None,
+                    "reason": "shutdown",
+                    "error": "undelivered at shutdown",
+                },
+            )
+        )
+    for minutes, call, fields in sorted(planned, key=lambda p: -p[0]):
+        bury(store, call, minutes=minutes, **fields)
 
 
 @pytest.fixture
