@@ -558,16 +558,12 @@ class _Signals:
             signal.signal(signum, handler)
 
 
-# -- the console and health --------------------------------------------------------------
+# -- the console and health (their work is in console/command.py and health_check.py) -----
 
 
 def _console_parser(commands: Any, store: argparse.ArgumentParser) -> None:
     console = commands.add_parser(
-        "console",
-        parents=[store],
-        help="a web page: dead letters (inspect, replay, discard), stats, metrics, health",
-        description="Serve the console and print the URL to open, with a login token made "
-        "for this run (or log in with $OFFLOAD_CONSOLE_TOKEN), until SIGINT or SIGTERM.",
+        "console", parents=[store], help="a web page: dead letters, stats, metrics, health"
     )
     console.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
     console.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0: any)")
@@ -576,10 +572,8 @@ def _console_parser(commands: Any, store: argparse.ArgumentParser) -> None:
 
 
 def _console(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    try:
-        from .console.command import serve  # noqa: PLC0415 - jinja2 is an optional extra
-    except ImportError as exc:
-        raise CommandError(f"{exc}; the console needs pip install 'offload[console]'") from None
+    from .console.command import serve  # noqa: PLC0415 - jinja2 is an optional extra
+
     store = _open(args)
     try:
         return serve(
@@ -590,24 +584,20 @@ def _console(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _health_parser(commands: Any, store: argparse.ArgumentParser) -> None:
-    health = commands.add_parser(
-        "health", parents=[store], help="exit 0 if the store is healthy, 1 if not (one line)"
-    )
+    health = commands.add_parser("health", parents=[store], help="exit 0 if healthy, 1 if not")
     health.add_argument("--max-age", metavar="S", type=float, help="seconds a due task may wait")
     health.add_argument("--max-dead-letters", metavar="N", type=int, help="dead letters allowed")
     health.set_defaults(handler=_health)
 
 
 def _health(args: argparse.Namespace, out: TextIO) -> int:
-    from .health_check import store_health, summary  # noqa: PLC0415
+    from .health_check import check_command  # noqa: PLC0415
 
     store = _open(args)
     try:
-        health = store_health(store, max_age=args.max_age, max_dead_letters=args.max_dead_letters)
+        return check_command(store, args.max_age, args.max_dead_letters, out)
     finally:
         store.close()
-    out.write(summary(health) + "\n")
-    return 0 if health.ok else 1
 
 
 # -- main -------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TextIO, cast
 
 from .clock import Clock
 from .config import check_number
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HeadWatch",
     "StoreLook",
+    "check_command",
     "check_limits",
     "judge",
     "look_at_store",
@@ -170,6 +171,15 @@ def store_health(
         max_age=max_age,
         max_dead_letters=max_dead_letters,
     )
+
+
+def check_command(
+    store: Store, max_age: float | None, max_dead_letters: int | None, out: TextIO
+) -> int:
+    """`offload health`: one line on `out`; exit status 0 when healthy, 1 when not."""
+    health = store_health(store, max_age=max_age, max_dead_letters=max_dead_letters)
+    out.write(summary(health) + "\n")
+    return 0 if health.ok else 1
 
 
 def summary(health: Health) -> str:

@@ -1,7 +1,6 @@
 """The records users see: Task (what to perform, and the handle enqueue_task returns),
 DeadLetter (a call that failed for good), Stats (counters and a snapshot of the queue),
-KeyState (one API as the scheduler sees it), Health (is this offloader well) and CallView
-(what a dead letter's task calls, for a page that shows it).
+KeyState (one API as the scheduler sees it) and Health (is this offloader well).
 
 A Task is four slots: `call`, `args`, `kwargs`, and `_meta`, its identity and options
 (`TaskMeta`), which holds its attempt state (`Progress`) once it has made an attempt. A
@@ -32,7 +31,6 @@ if TYPE_CHECKING:
     from tenacity import RetryCallState
 
 __all__ = [
-    "CallView",
     "DeadLetter",
     "Health",
     "KeyState",
@@ -571,36 +569,4 @@ class Health:
             "oldest_waiting_s": self.oldest_waiting_s,
             "dead_letters": self.dead_letters,
             "problems": list(self.problems),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class CallView:
-    """What a dead letter's task calls, for people to read: never a body or a secret.
-
-    `kind` is "http", "aws", "function" or "unreadable"; `target` the call in one line
-    (`POST https://api.example.com/v1/charges?token=***`, `glue.start_job_run`,
-    `myapp.tasks.send_welcome`). For HTTP: `method`, `url` (redacted) and `headers` (secret
-    values as `***`, the Idempotency-Key the call sends among them); for AWS: `region`.
-    `fields` names what else the call sends (`json`, `params`, `auth`, an AWS call's
-    parameters, a function's keyword arguments), never their values.
-    """
-
-    kind: str
-    target: str
-    method: str | None = None
-    url: str | None = None
-    headers: tuple[tuple[str, str], ...] = ()
-    region: str | None = None
-    fields: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "target": self.target,
-            "method": self.method,
-            "url": self.url,
-            "headers": [list(pair) for pair in self.headers],
-            "region": self.region,
-            "fields": list(self.fields),
         }

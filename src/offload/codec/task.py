@@ -22,13 +22,13 @@ import json
 import math
 from typing import Any, NamedTuple
 
-from .._redact import redact_headers, redact_text
+from .._redact import redact_text
 from ..calls.aws_call import AwsCall
-from ..calls.base import PERFORMED, Call, describe_target
+from ..calls.base import PERFORMED, Call
 from ..calls.http_call import HttpCall
 from ..errors import GiveUp, NotSerializable
 from ..policy import RetryPolicy
-from ..records import CallView, Progress, Task
+from ..records import Progress, Task
 from .trust import TRUST_ANY, Trust, name_of, task_function_path
 from .values import check_record, dumps, json_problem, loads
 
@@ -40,8 +40,6 @@ __all__ = [
     "describe_call",
     "dump_call",
     "load_call",
-    "view_call",
-    "view_of",
 ]
 
 CALL_FORMAT = 1
@@ -141,77 +139,6 @@ def describe_call(text: str) -> str:
     except Exception:  # a description must never break a listing
         pass
     return "(unreadable task)"
-
-
-def view_call(text: str, idempotency_key: str | None = None) -> CallView:
-    """What a stored call performs, for display (see CallView), from `dump_call` text,
-    without importing the function it names; never raises. `idempotency_key` is the
-    task's, which an HttpCall with `idempotency_key=True` sends."""
-    try:
-        record = json.loads(text)
-        target = record["target"]
-        kind = target["type"]
-        if kind == "http":
-            return view_of(HttpCall.from_json(target), (), {}, idempotency_key)
-        if kind == "aws":
-            # Read as it is: AwsCall.from_json would load botocore's model to check it.
-            service, operation, region = target["service"], target["operation"], target["region"]
-            params = target["params"]
-            if isinstance(service, str) and isinstance(operation, str) and isinstance(params, dict):
-                return CallView(
-                    "aws",
-                    redact_text(f"{service}.{operation}"),
-                    region=region if isinstance(region, str) else None,
-                    fields=tuple(redact_text(str(name)) for name in params),
-                )
-        if kind == "function":
-            args, kwargs = record["args"], record["kwargs"]
-            return CallView(
-                "function",
-                redact_text(str(target["path"]).replace(":", ".")),
-                fields=_argument_names(args, kwargs),
-            )
-    except Exception:  # a page must never break on a record
-        pass
-    return CallView("unreadable", "(unreadable task)")
-
-
-def view_of(call: Any, args: Any, kwargs: Any, idempotency_key: str | None = None) -> CallView:
-    """What a task's call performs, for display (see CallView); never raises."""
-    try:
-        if isinstance(call, HttpCall):
-            target = call.describe()
-            kw = call.kwargs
-            headers = redact_headers(kw.get("headers") or {})
-            if call.idempotency_key is not False:
-                sent = idempotency_key if call.idempotency_key is True else call.idempotency_key
-                headers["Idempotency-Key"] = redact_text(str(sent))
-            return CallView(
-                "http",
-                target,
-                method=call.method,
-                url=target.partition(" ")[2],
-                headers=tuple(headers.items()),
-                fields=tuple(name for name in kw if name not in ("headers", "timeout")),
-            )
-        if isinstance(call, AwsCall):
-            return CallView(
-                "aws",
-                call.describe(),
-                region=call.region,
-                fields=tuple(redact_text(name) for name in call.params),
-            )
-        if isinstance(call, Unreadable):
-            return view_call(call.raw, idempotency_key)
-        return CallView("function", describe_target(call), fields=_argument_names(args, kwargs))
-    except Exception:  # a page must never break on a task
-        return CallView("unreadable", "(unreadable task)")
-
-
-def _argument_names(args: Any, kwargs: Any) -> tuple[str, ...]:
-    """A function call's arguments as names: `2 positional`, then each keyword's name."""
-    names = [f"{len(args)} positional"] if args else []
-    return (*names, *(redact_text(str(name)) for name in kwargs or {}))
 
 
 class Unreadable:

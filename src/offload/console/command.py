@@ -20,7 +20,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from .._redact import redact_url
 from ..stores import Store
-from . import make_app
+from . import make_app  # raises ImportError, naming the extra, without Jinja2
 
 __all__ = ["serve"]
 

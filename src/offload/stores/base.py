@@ -48,8 +48,9 @@ from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
 from ..codec.trust import Trust
+from ..codec.view import CallView
 from ..outcome import Reason
-from ..records import CallView, DeadLetter, Task
+from ..records import DeadLetter, Task
 
 __all__ = [
     "NO_KEYS",

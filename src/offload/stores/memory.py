@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from ..codec.task import view_of
+from ..codec.view import view_of
 from ..errors import UnknownDeadLetter
 from ..records import DeadLetter, Task
 from ._shared import page_of, tally_of

@@ -24,7 +24,7 @@ import heapq
 import sqlite3
 from typing import Any
 
-from ...codec.task import view_call
+from ...codec.view import view_call
 from ...errors import UnknownDeadLetter
 from ...records import DeadLetter
 from .._shared import check_page, check_tally, epoch, json_list

@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from ...codec.task import view_call
 from ...codec.trust import TRUST_ANY, Trust
+from ...codec.view import CallView, view_call
 from ...errors import StoreError, UnknownDeadLetter
-from ...records import CallView, DeadLetter, Task
+from ...records import DeadLetter, Task
 from ..base import LetterDetail
 from .messages import Entry, read_entry
 from .queues import BATCH, Queues
