@@ -26,6 +26,7 @@ from offload.records import DeadLetter
 from offload.stores.sqlite import SQLiteStore
 from offload.stores.sqlite import journal as sqlite_journal
 from offload.stores.sqlite import store as sqlite_store
+from offload.stores.sqlite.schema import SCHEMA_VERSION
 from offload.testing import FakeClock
 from procs import run_python
 
@@ -386,7 +387,7 @@ def test_a_format_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     try:
         assert [t.id for t in store.claim(1)] == [task.id]
         conn = sqlite3.connect(db)
-        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         assert {"journals", "meta", "tasks_id"} <= names
         conn.close()

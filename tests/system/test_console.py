@@ -37,7 +37,6 @@ SECRETS = (
     TOKEN,
 )
 MARKUP = "<img src=x onerror=\"document.title='pwned'\"><script>alert(1)</script>"
-NOW = datetime.now(timezone.utc).replace(microsecond=0)
 
 
 def secret_call(path: str, port: int = 9) -> offload.HttpCall:
@@ -63,8 +62,9 @@ def bury(
     status: int | None = 503,
     reason: str = "exhausted",
     error: str = "HTTP 503 Service Unavailable",
-    when: datetime = NOW,
+    when: datetime | None = None,
 ) -> DeadLetter:
+    when = when or datetime.now(timezone.utc)
     task = Task(call, key=key)
     store.put(task, lease=True)
     letter = DeadLetter(
@@ -98,6 +98,7 @@ def store(store_path: Path) -> Iterator[SQLiteStore]:
 @pytest.fixture
 def planted(store: SQLiteStore) -> dict[str, DeadLetter]:
     """Named dead letters: secrets, markup, and several keys, statuses and reasons."""
+    now = datetime.now(timezone.utc)
     letters = {
         "secret": bury(
             store,
@@ -105,7 +106,7 @@ def planted(store: SQLiteStore) -> dict[str, DeadLetter]:
             status=402,
             reason="permanent",
             error="HTTP 402 Payment Required",
-            when=NOW - timedelta(hours=3),
+            when=now - timedelta(hours=3),
         ),
         "markup": bury(
             store,
@@ -113,7 +114,7 @@ def planted(store: SQLiteStore) -> dict[str, DeadLetter]:
             status=400,
             reason="permanent",
             error=MARKUP,
-            when=NOW - timedelta(hours=2),
+            when=now - timedelta(hours=2),
         ),
         "crm": bury(store, offload.http("POST", "http://127.0.0.1:9/contacts"), key="crm"),
     }
@@ -458,6 +459,7 @@ def test_pages_of_fifty_newest_first_with_every_filter(
     console_of: Callable[..., Console], store_path: Path, store: SQLiteStore
 ) -> None:
     made = []
+    start = datetime.now(timezone.utc).replace(microsecond=0)
     for i in range(120):
         made.append(
             bury(
@@ -467,7 +469,7 @@ def test_pages_of_fifty_newest_first_with_every_filter(
                 status=503 if i % 2 else 429,
                 reason="exhausted" if i % 4 else "permanent",
                 error=f"HTTP error on order-{i:03d}",
-                when=NOW - timedelta(minutes=120 - i),
+                when=start - timedelta(minutes=120 - i),
             )
         )
     console = console_of(f"sqlite:///{store_path}")
@@ -498,7 +500,7 @@ def test_pages_of_fifty_newest_first_with_every_filter(
         1 for i in range(120) if i % 3 == 0 and i % 2 and i % 4
     )
     assert count("since=30.5m") == 30  # the last attempts are a minute apart
-    since = (NOW - timedelta(minutes=10)).strftime("%Y-%m-%dT%H:%M:%S")
+    since = (start - timedelta(minutes=10)).strftime("%Y-%m-%dT%H:%M:%S")
     assert count(f"since={since}") == 10
     assert count("text=ORDER-04") == 10
     assert count("text=orders/7") == 11, "text matches the call too"
