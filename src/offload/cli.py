@@ -33,6 +33,7 @@ from typing import Any, TextIO
 
 from . import __version__
 from .codec.trust import Trust
+from .console.command import add_commands
 from .errors import OffloadError, UnknownDeadLetter
 from .limits import normalise_key
 from .records import DeadLetter
@@ -155,8 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     stats.set_defaults(handler=_stats)
 
-    _console_parser(commands, store)
-    _health_parser(commands, store)
+    add_commands(commands, store, _open)  # console, health: console/command.py
 
     demo = commands.add_parser("demo", help="a local misbehaving API and a live run")
     demo.add_argument("--store", metavar="URL", default=None, help="store URL (default: memory)")
@@ -558,48 +558,6 @@ class _Signals:
             signal.signal(signum, handler)
 
 
-# -- the console and health (their work is in console/command.py and health_check.py) -----
-
-
-def _console_parser(commands: Any, store: argparse.ArgumentParser) -> None:
-    console = commands.add_parser(
-        "console", parents=[store], help="a web page: dead letters, stats, metrics, health"
-    )
-    console.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
-    console.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0: any)")
-    console.add_argument("--read-only", action="store_true", help="show, never change")
-    console.set_defaults(handler=_console)
-
-
-def _console(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from .console.command import serve  # noqa: PLC0415 - jinja2 is an optional extra
-
-    store = _open(args)
-    try:
-        return serve(
-            store, host=args.host, port=args.port, read_only=args.read_only, out=out, err=err
-        )
-    finally:
-        store.close()
-
-
-def _health_parser(commands: Any, store: argparse.ArgumentParser) -> None:
-    health = commands.add_parser("health", parents=[store], help="exit 0 if healthy, 1 if not")
-    health.add_argument("--max-age", metavar="S", type=float, help="seconds a due task may wait")
-    health.add_argument("--max-dead-letters", metavar="N", type=int, help="dead letters allowed")
-    health.set_defaults(handler=_health)
-
-
-def _health(args: argparse.Namespace, out: TextIO) -> int:
-    from .health_check import check_command  # noqa: PLC0415
-
-    store = _open(args)
-    try:
-        return check_command(store, args.max_age, args.max_dead_letters, out)
-    finally:
-        store.close()
-
-
 # -- main -------------------------------------------------------------------------------
 
 
@@ -609,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler: Callable[..., int] = args.handler
     try:
-        if handler in (_replay, _discard, _worker, _console):
+        if handler in (_replay, _discard, _worker):
             return handler(args, out, err)
         if handler is _demo:
             return handler(args)

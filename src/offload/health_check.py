@@ -19,14 +19,12 @@ import math
 import time
 from typing import TYPE_CHECKING, TextIO, cast
 
-from .clock import Clock
 from .config import check_number
-from .core import Core
 from .records import Health, Task
 from .stores.base import DurableStore, Store
 
 if TYPE_CHECKING:
-    from .worker import WorkerPool
+    from .offloader import Offloader
 
 __all__ = [
     "HeadWatch",
@@ -112,16 +110,12 @@ class HeadWatch:
         self._seen: tuple[Task, float] | None = None  # the head, when first seen there
 
     def health(
-        self,
-        store: Store,
-        core: Core,
-        pool: WorkerPool,
-        clock: Clock,
-        *,
-        consume: bool,
-        max_age: float | None,
-        max_dead_letters: int | None,
+        self, offloader: Offloader, max_age: float | None, max_dead_letters: int | None
     ) -> Health:
+        """`offloader`'s health (see the module docstring)."""
+        check_limits(max_age, max_dead_letters)
+        store, core, pool = offloader.store, offloader._core, offloader._pool
+        clock, consume = offloader._clock, offloader.consume
         look = look_at_store(store, clock.time())
         now = clock.monotonic()
         with core.lock:

@@ -46,7 +46,6 @@ from .config import (
 from .core import Core
 from .errors import OffloadError
 from .health_check import HeadWatch
-from .health_check import check_limits as check_health_limits
 from .limits import Limit, check_limits
 from .policy import RetryPolicy
 from .records import DeadLetter, Health, KeyState, Stats, Task
@@ -337,19 +336,10 @@ class Offloader:
     def health(
         self, *, max_age: float | None = None, max_dead_letters: int | None = None
     ) -> Health:
-        """Whether this offloader is well: its store answers, a worker runs while tasks
-        are due, and no threshold is crossed (`max_age`: seconds the oldest due task may
-        wait; `max_dead_letters`; None: not checked). See health.py for what is measured."""
-        check_health_limits(max_age, max_dead_letters)
-        return self._head.health(
-            self._store,
-            self._core,
-            self._pool,
-            self._clock,
-            consume=self.consume,
-            max_age=max_age,
-            max_dead_letters=max_dead_letters,
-        )
+        """Whether this offloader is well: its store answers, a worker runs while tasks are
+        due, no threshold is crossed (`max_age`: seconds the oldest due task may wait;
+        `max_dead_letters`; None: not checked). What is measured: health_check.py."""
+        return self._head.health(self, max_age, max_dead_letters)
 
     def dead_letters(self) -> list[DeadLetter]:
         """The dead letters the store holds, oldest first."""

@@ -1,5 +1,6 @@
 """`offload console --store URL`: the console served on its own, by a threaded stdlib
-WSGI server, on loopback unless told otherwise.
+WSGI server, on loopback unless told otherwise; and `offload health` (both commands'
+parsers are added to cli.py's by `add_commands`).
 
 It prints the URL to open, with a login token made for this run (as Jupyter does), unless
 OFFLOAD_CONSOLE_TOKEN gives one (then the URL goes without it: whoever set the variable
@@ -9,11 +10,14 @@ Runs until SIGINT or SIGTERM, then exits 0.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import secrets
 import signal
+import sys
 import threading
+from collections.abc import Callable
 from socketserver import ThreadingMixIn
 from typing import Any, TextIO
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -22,7 +26,7 @@ from .._redact import redact_url
 from ..stores import Store
 from . import make_app  # raises ImportError, naming the extra, without Jinja2
 
-__all__ = ["serve"]
+__all__ = ["add_commands", "serve"]
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _QUERY = re.compile(r"[^\s\"]*\?[^\s\"]*")  # a request target with a query string
@@ -98,3 +102,46 @@ def serve(
         server.server_close()
         thread.join(5)
     return 0
+
+
+def add_commands(
+    commands: Any, store: argparse.ArgumentParser, open_store: Callable[[Any], Store]
+) -> None:
+    """Add `console` and `health` to the `offload` command's subcommands; `store` is the
+    parent parser of `--store`, `open_store(args)` the CLI's way to open it. Handlers take
+    (args, out) and return the exit status."""
+
+    def console_command(args: argparse.Namespace, out: TextIO) -> int:
+        opened = open_store(args)
+        try:
+            return serve(
+                opened,
+                host=args.host,
+                port=args.port,
+                read_only=args.read_only,
+                out=out,
+                err=sys.stderr,
+            )
+        finally:
+            opened.close()
+
+    def health_command(args: argparse.Namespace, out: TextIO) -> int:
+        from ..health_check import check_command  # noqa: PLC0415
+
+        opened = open_store(args)
+        try:
+            return check_command(opened, args.max_age, args.max_dead_letters, out)
+        finally:
+            opened.close()
+
+    console = commands.add_parser(
+        "console", parents=[store], help="a web page: dead letters, stats, metrics, health"
+    )
+    console.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
+    console.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0: any)")
+    console.add_argument("--read-only", action="store_true", help="show, never change")
+    console.set_defaults(handler=console_command)
+    health = commands.add_parser("health", parents=[store], help="exit 0 if healthy, 1 if not")
+    health.add_argument("--max-age", metavar="S", type=float, help="seconds a due task may wait")
+    health.add_argument("--max-dead-letters", metavar="N", type=int, help="dead letters allowed")
+    health.set_defaults(handler=health_command)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 import sqlite3
+from contextlib import AbstractContextManager
 from typing import Any
 
 from ...codec.view import view_call
@@ -32,10 +33,37 @@ from ..base import LetterDetail, LetterPage, LetterQuery, LetterTally
 from .letters import letter_of
 from .schema import LETTER_COLUMNS
 
-__all__ = ["letter_detail", "letter_page", "letter_tally"]
+__all__ = ["LetterListing", "letter_detail", "letter_page", "letter_tally"]
 
 # Rows read, newest first, before a text or time filter is taken to be rare.
 _WINDOW = 5_000
+
+
+class LetterListing:
+    """The SQLite store's listings for the console (SQLiteStore's methods), each on the
+    store's connection under its lock."""
+
+    url: str
+
+    def _use(self, what: str) -> AbstractContextManager[sqlite3.Connection]:
+        raise NotImplementedError
+
+    def dead_letter_page(
+        self, query: LetterQuery, *, limit: int = 50, cursor: str | None = None
+    ) -> LetterPage:
+        """A page of the dead letters matching `query`, newest first, filtered in SQL."""
+        with self._use("listing dead letters") as conn:
+            return letter_page(conn, self.url, query, limit, cursor)
+
+    def dead_letter_detail(self, dead_letter_id: str) -> LetterDetail:
+        """One dead letter and its task's call, read without importing anything."""
+        with self._use("reading a dead letter") as conn:
+            return letter_detail(conn, self.url, dead_letter_id)
+
+    def dead_letter_tally(self, *, limit: int = 20) -> LetterTally:
+        """The dead letters counted in all and by key, reason and status."""
+        with self._use("counting dead letters") as conn:
+            return letter_tally(conn, limit)
 
 
 def _where(query: LetterQuery) -> tuple[str, list[Any]]:

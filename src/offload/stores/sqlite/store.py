@@ -33,7 +33,7 @@ from ...config import check_lease_timeout, check_number, lease_timeout_from_env
 from ...errors import StoreError
 from ...records import DeadLetter, Task
 from .._shared import new_owner
-from ..base import NO_KEYS, LetterDetail, LetterPage, LetterQuery, LetterTally, StoreCounts
+from ..base import NO_KEYS, StoreCounts
 from .dedup import let_key_go, put_unique
 from .journal import CAN_JOURNAL, Journals, JournalWriter, done_line, lease_text, task_line
 from .letters import (
@@ -46,7 +46,7 @@ from .letters import (
     replay_letter,
     revive_letter,
 )
-from .listing import letter_detail, letter_page, letter_tally
+from .listing import LetterListing
 from .schema import PUT, SYNCHRONOUS, connect, store_options, transaction
 from .tasks import (
     claim_due,
@@ -75,7 +75,7 @@ _orphans: list[sqlite3.Connection] = []
 _fork_locks: dict[int, threading.Lock] = {}
 
 
-class SQLiteStore:
+class SQLiteStore(LetterListing):
     """A durable store in one SQLite file (see the package docstring)."""
 
     durable = True
@@ -379,24 +379,6 @@ class SQLiteStore:
         """One dead letter by id; UnknownDeadLetter if none has it."""
         with self._use("reading a dead letter") as conn:
             return read_letter(conn, self.url, dead_letter_id)
-
-    def dead_letter_page(
-        self, query: LetterQuery, *, limit: int = 50, cursor: str | None = None
-    ) -> LetterPage:
-        """A page of the dead letters matching `query`, newest first, filtered in SQL (see
-        listing.py)."""
-        with self._use("listing dead letters") as conn:
-            return letter_page(conn, self.url, query, limit, cursor)
-
-    def dead_letter_detail(self, dead_letter_id: str) -> LetterDetail:
-        """One dead letter and its task's call, read without importing anything."""
-        with self._use("reading a dead letter") as conn:
-            return letter_detail(conn, self.url, dead_letter_id)
-
-    def dead_letter_tally(self, *, limit: int = 20) -> LetterTally:
-        """The dead letters counted in all and by key, reason and status."""
-        with self._use("counting dead letters") as conn:
-            return letter_tally(conn, limit)
 
     def __len__(self) -> int:
         with self._use("counting dead letters") as conn:

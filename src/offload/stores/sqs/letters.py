@@ -25,11 +25,12 @@ from ...codec.trust import TRUST_ANY, Trust
 from ...codec.view import CallView, view_call
 from ...errors import StoreError, UnknownDeadLetter
 from ...records import DeadLetter, Task
-from ..base import LetterDetail
+from .._shared import page_of, tally_of
+from ..base import LetterDetail, LetterPage, LetterQuery, LetterTally
 from .messages import Entry, read_entry
 from .queues import BATCH, Queues
 
-__all__ = ["DeadLetterQueue", "Scan", "task_of"]
+__all__ = ["DeadLetterQueue", "LetterViews", "Scan", "task_of"]
 
 _LIST_VISIBILITY = 30  # seconds a DLQ scan hides what it read, if it dies before unhiding
 
@@ -146,6 +147,26 @@ class DeadLetterQueue:
                 return removed
             self.queues.delete_many(self.url, [m["ReceiptHandle"] for m in messages])
             removed += len(messages)
+
+
+class LetterViews:
+    """The SQS store's listings for the console, each a scan of the DLQ (see above)."""
+
+    _letters: DeadLetterQueue
+
+    def dead_letter_page(
+        self, query: LetterQuery, *, limit: int = 50, cursor: str | None = None
+    ) -> LetterPage:
+        """A page of the dead letters matching `query`, newest first (see Store)."""
+        return page_of(self._letters.letters(), query, limit, cursor)
+
+    def dead_letter_detail(self, dead_letter_id: str) -> LetterDetail:
+        """One dead letter and its task's call."""
+        return self._letters.detail(dead_letter_id)
+
+    def dead_letter_tally(self, *, limit: int = 20) -> LetterTally:
+        """The dead letters counted in all, by key, reason and status."""
+        return tally_of(self._letters.letters(), limit)
 
 
 def task_of(entry: Entry, trust: Trust = TRUST_ANY) -> Task:

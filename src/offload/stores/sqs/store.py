@@ -43,9 +43,9 @@ from ..._redact import redact_url
 from ...codec.trust import TRUST_ANY, Trust
 from ...config import check_lease_timeout, lease_timeout_from_env
 from ...records import DeadLetter, Task
-from .._shared import bool_option, number_option, page_of, tally_of
-from ..base import NO_KEYS, LetterDetail, LetterPage, LetterQuery, LetterTally, StoreCounts
-from .letters import DeadLetterQueue, task_of
+from .._shared import bool_option, number_option
+from ..base import NO_KEYS, StoreCounts
+from .letters import DeadLetterQueue, LetterViews, task_of
 from .messages import (
     dumps,
     letter_body,
@@ -71,7 +71,7 @@ class _Held:
     message_id: str
 
 
-class SqsStore:
+class SqsStore(LetterViews):
     """A durable store on an Amazon SQS standard queue and its dead-letter queue.
 
     Open it with `open_store("sqs://NAME?region=...")` or `Offloader(store="sqs://...")`;
@@ -383,20 +383,6 @@ class SqsStore:
     def dead_letters(self) -> list[DeadLetter]:
         """Every dead letter in the DLQ, oldest first, left as it was (see letters.py)."""
         return self._letters.letters()
-
-    def dead_letter_page(
-        self, query: LetterQuery, *, limit: int = 50, cursor: str | None = None
-    ) -> LetterPage:
-        """A page of the dead letters matching `query`, newest first (see Store)."""
-        return page_of(self.dead_letters(), query, limit, cursor)
-
-    def dead_letter_detail(self, dead_letter_id: str) -> LetterDetail:
-        """One dead letter and its task's call (a scan of the DLQ, see letters.py)."""
-        return self._letters.detail(dead_letter_id)
-
-    def dead_letter_tally(self, *, limit: int = 20) -> LetterTally:
-        """The dead letters counted (a scan of the DLQ, as `dead_letters()`)."""
-        return tally_of(self.dead_letters(), limit)
 
     def __len__(self) -> int:
         """Messages in the DLQ, visible or being read (approximate, as SQS counts)."""
