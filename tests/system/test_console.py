@@ -8,6 +8,8 @@ others come from real calls that failed against the ScriptedServer.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from html.parser import HTMLParser
@@ -23,6 +25,7 @@ from offload import DeadLetter, Offloader, Task
 from offload.console import make_app
 from offload.records import new_id
 from offload.stores.sqlite import SQLiteStore
+from procs import python_env
 from server import Answer, ScriptedServer
 from wsgi import WsgiServer
 
@@ -761,3 +764,43 @@ def test_mounted_under_a_prefix_every_link_and_cookie_stays_under_it(
     hrefs = re.findall(r'(?:href|action)="([^"]+)"', body)
     assert hrefs and all(h.startswith("/ops/offload/") for h in hrefs), hrefs
     assert urljoin("https://x/ops/offload/dead-letters", hrefs[0]).startswith("https://x/ops/")
+
+
+# -- the commands -----------------------------------------------------------------------------
+
+
+def offload_command(*args: str) -> subprocess.CompletedProcess[str]:
+    env = python_env()
+    env.pop("OFFLOAD_STORE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "offload", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+
+
+def test_offload_health_exits_0_or_1_with_one_line(
+    store_path: Path, planted: dict[str, DeadLetter], tmp_path: Path
+) -> None:
+    url = f"sqlite:///{store_path}"
+    healthy = offload_command("health", "--store", url, "--max-dead-letters", "10")
+    assert healthy.returncode == 0, healthy.stderr
+    assert healthy.stdout == "healthy: no task waiting, 6 dead letter(s)\n"
+    sick = offload_command("health", "--store", url, "--max-dead-letters", "5", "--max-age", "60")
+    assert sick.returncode == 1
+    assert sick.stdout == "unhealthy: 6 dead letter(s) held (max 5)\n"
+    web = Offloader(store=url, consume=False)
+    try:
+        web.enqueue_task(offload.http("POST", "http://127.0.0.1:9/later"))
+    finally:
+        web.shutdown(0)
+    waiting = offload_command("health", "--store", url, "--max-age", "0")
+    assert waiting.returncode == 1 and waiting.stdout.startswith(
+        "unhealthy: the oldest due task has waited"
+    )
+    missing = offload_command("health", "--store", f"sqlite:///{tmp_path / 'nope.db'}")
+    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in missing.stderr
