@@ -29,7 +29,7 @@ from offload.stores import open_store
 from offload.stores.base import LetterQuery
 from offload.stores.sqlite import SQLiteStore, parse_sqlite_url
 from offload.stores.sqlite.listing import _where
-from offload.stores.sqlite.schema import SCHEMA, SCHEMA_VERSION
+from offload.stores.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
 from offload.testing import FakeClock
 from procs import run_python
 from server import Answer, ScriptedServer
@@ -194,11 +194,11 @@ def test_a_store_of_format_2_gains_the_dead_letter_indexes_and_keeps_its_letters
     assert [letter.task_id for letter in page.letters] == [task.id] and page.total == 1
     again.close()
     with raw(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         indexes = {
             row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
         }
-    wanted = {s.split(" ON ")[0].split()[-1] for s in SCHEMA if s.startswith("CREATE INDEX")}
+    wanted = {s.split(" ON ")[0].split()[-1] for s in MIGRATIONS[4]}
     assert {"dead_letters_key", "dead_letters_text"} <= wanted <= indexes
 
 

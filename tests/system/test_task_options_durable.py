@@ -20,6 +20,7 @@ import pytest
 
 import offload
 from offload import Offloader, Task
+from offload.stores.sqlite.schema import SCHEMA_VERSION
 from offload.stores.sqs import SqsStore
 from procs import python_env, reap, run_python
 from server import ScriptedServer
@@ -319,7 +320,7 @@ def test_a_format_2_file_is_upgraded_to_hold_dedup_keys(tmp_path: Path) -> None:
         [task] = store.claim(5)
         assert task.id == record.id and task.dedup_key is None
         check = sqlite3.connect(db)
-        assert check.execute("PRAGMA user_version").fetchone() == (3,)
+        assert check.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         columns = {row[1] for row in check.execute("PRAGMA table_info(tasks)")}
         assert {"dedup_key", "dedup_window"} <= columns
         check.close()
