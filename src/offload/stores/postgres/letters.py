@@ -14,15 +14,18 @@ from typing import Any
 
 from ...codec.task import TaskRecord, Unreadable
 from ...codec.trust import TRUST_ANY, Trust
+from ...codec.view import view_call
 from ...errors import StoreError, UnknownDeadLetter
 from ...records import DeadLetter, Task
-from .._shared import check_page, epoch
-from ..base import LetterPage, LetterQuery
+from .._shared import check_page, check_tally, epoch
+from ..base import LetterDetail, LetterPage, LetterQuery, LetterTally
 from .schema import LETTER_FIELDS, Sql
 
 __all__ = [
     "bury_task",
+    "letter_detail",
     "letter_page",
+    "letter_tally",
     "read_letter",
     "read_letters",
     "replay_letter",
@@ -102,6 +105,27 @@ def letter_page(
     rows = rows[:limit]
     letters = [_letter(row[1:], shown) for row in rows]
     return LetterPage(letters, total, str(rows[-1][0]) if more and rows else None)
+
+
+def letter_detail(cur: Any, sql: Sql, shown: str, dead_letter_id: str) -> LetterDetail:
+    """One dead letter and its call, read from the text the task was stored as (nothing is
+    imported); UnknownDeadLetter if none has that id."""
+    row = cur.execute(sql.letter_detail, (dead_letter_id,)).fetchone()
+    if row is None:
+        raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
+    return LetterDetail(_letter(row[:-2], shown), view_call(str(row[-1]), row[-2]))
+
+
+def letter_tally(cur: Any, sql: Sql, limit: int) -> LetterTally:
+    """The dead letters counted in all and by key, reason and status (each from its index)."""
+    check_tally(limit)
+
+    def top(column: str) -> list[Any]:
+        rows = cur.execute(sql.tally.format(column=column), (limit,)).fetchall()
+        return [(value, int(n)) for value, n in rows]
+
+    total = int(cur.execute(sql.count_letters).fetchone()[0])
+    return LetterTally(total, top("key"), top("reason"), top("status"))
 
 
 def revive_letter(conn: Any, sql: Sql, dead_letter_id: str, trust: Trust = TRUST_ANY) -> Task:

@@ -175,6 +175,14 @@ class Sql:
         )
         self.letters = f"SELECT {_LETTER_COLUMNS} FROM {letters} ORDER BY seq"
         self.letter = f"SELECT {_LETTER_COLUMNS} FROM {letters} WHERE id = %s"
+        self.letter_detail = (
+            f"SELECT {_LETTER_COLUMNS}, idempotency_key, call FROM {letters} WHERE id = %s"
+        )
+        #: The most common values of one column ({column}: key, reason or status).
+        self.tally = (
+            f"SELECT {{column}}, count(*) AS n FROM {letters} GROUP BY {{column}} "
+            "ORDER BY n DESC, {column} NULLS FIRST LIMIT %s"  # as SQLite orders NULL
+        )
         self.page = (
             f"SELECT seq, {_LETTER_COLUMNS} FROM {letters} WHERE {{where}} "
             "ORDER BY seq DESC LIMIT %s"

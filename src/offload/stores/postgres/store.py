@@ -35,11 +35,13 @@ from ...config import check_lease_timeout, lease_timeout_from_env
 from ...errors import StoreError, UnknownDeadLetter
 from ...records import DeadLetter, Task
 from .._shared import new_owner
-from ..base import NO_KEYS, LetterPage, LetterQuery, StoreCounts
+from ..base import NO_KEYS, LetterDetail, LetterPage, LetterQuery, LetterTally, StoreCounts
 from .joining import psycopg_connection
 from .letters import (
     bury_task,
+    letter_detail,
     letter_page,
+    letter_tally,
     read_letter,
     read_letters,
     replay_letter,
@@ -395,6 +397,16 @@ class PostgresStore:
         SQL (see letters.py)."""
         with self._use("listing dead letters") as cur:
             return letter_page(cur, self._sql, self.url, query, limit, cursor)
+
+    def dead_letter_detail(self, dead_letter_id: str) -> LetterDetail:
+        """One dead letter and its task's call, read without importing anything."""
+        with self._use("reading a dead letter") as cur:
+            return letter_detail(cur, self._sql, self.url, dead_letter_id)
+
+    def dead_letter_tally(self, *, limit: int = 20) -> LetterTally:
+        """The dead letters counted in all and by key, reason and status."""
+        with self._use("counting dead letters") as cur:
+            return letter_tally(cur, self._sql, limit)
 
     def __len__(self) -> int:
         with self._use("counting dead letters") as cur:
