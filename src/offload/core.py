@@ -19,7 +19,9 @@ from collections.abc import Mapping
 from typing import Literal
 
 from .limits import Limit
+from .records import KeyState, Stats
 from .scheduler import Scheduler
+from .stores import StoreCounts
 
 __all__ = ["AttemptKind", "Core", "Ledger"]
 
@@ -73,6 +75,7 @@ class Core:
         self.lock = threading.Lock()
         self.work = threading.Condition(self.lock)
         self.drained = threading.Condition(self.lock)
+        self.limits: Mapping[str, Limit] = limits if limits is not None else {}
         self.sched = Scheduler(limits, adaptive)
         self.ledger = Ledger()
         self.closed = False  # no new tasks (shutdown() or configure() called)
@@ -93,3 +96,63 @@ class Core:
         if sched.ready or sched.in_flight:
             return
         self.drained.notify_all()
+
+    def stats(
+        self, counts: StoreCounts | None, dead_letters: int, dropped: int, running: bool
+    ) -> Stats:
+        """The ledger and the scheduler's snapshot as Stats, read in one critical section
+        (so that the ledger's sum holds), with what the store said (`counts`: None for the
+        memory store)."""
+        with self.lock:
+            sched, ledger = self.sched, self.ledger
+            return Stats(
+                enqueued=ledger.enqueued,
+                succeeded=ledger.succeeded,
+                retried=ledger.retried,
+                dead_lettered=ledger.dead_lettered,
+                rejected=ledger.rejected,
+                queued=sched.queued,
+                delayed=len(sched.delayed),
+                in_flight=sched.in_flight,
+                dead_letters=dead_letters,
+                dead_letters_dropped=dropped,
+                worker_running=running,
+                claimed=ledger.claimed,
+                released=ledger.released,
+                stored_ready=None if counts is None else counts.ready,
+                stored_delayed=None if counts is None else counts.delayed,
+                stored_leased=None if counts is None else counts.leased,
+                deduplicated=ledger.deduplicated,
+            )
+
+    def key_states(self, now: float) -> dict[str, KeyState]:
+        """Every key the scheduler knows a state of at monotonic `now` (gated, limited,
+        waiting or running), sorted by key."""
+        limits = self.limits
+        with self.lock:
+            sched = self.sched
+            waiting: dict[str, int] = {}
+            for task in sched.ready:
+                key = task.key
+                if key is not None:
+                    waiting[key] = waiting.get(key, 0) + 1
+            states = {}
+            for key in sched.known_keys():
+                gate = sched.gates.get(key)
+                pace = sched.paces.get(key)
+                held = sched.held.get(key)
+                limit = limits.get(key)
+                states[key] = KeyState(
+                    key=key,
+                    waiting=waiting.get(key, 0) + (len(held) if held else 0),
+                    in_flight=sched.running.get(key, 0),
+                    reopens_in=None if gate is None else max(0.0, gate.open_at - now),
+                    rate=pace.rate if pace is not None else _declared_rate(limit),
+                    limit=limit,
+                    down=sched.down(key),
+                )
+        return dict(sorted(states.items()))
+
+
+def _declared_rate(limit: Limit | None) -> float | None:
+    return None if limit is None else limit.per_second

@@ -273,28 +273,7 @@ class Offloader:
         store = self._store
         counts = self._backlog.counts()
         held = counts.dead_letters if counts is not None else len(store)
-        core = self._core
-        with core.lock:
-            sched, ledger = core.sched, core.ledger
-            return Stats(
-                enqueued=ledger.enqueued,
-                succeeded=ledger.succeeded,
-                retried=ledger.retried,
-                dead_lettered=ledger.dead_lettered,
-                rejected=ledger.rejected,
-                queued=sched.queued,
-                delayed=len(sched.delayed),
-                in_flight=sched.in_flight,
-                dead_letters=held,
-                dead_letters_dropped=store.dropped,
-                worker_running=bool(self._pool.threads),
-                claimed=ledger.claimed,
-                released=ledger.released,
-                stored_ready=None if counts is None else counts.ready,
-                stored_delayed=None if counts is None else counts.delayed,
-                stored_leased=None if counts is None else counts.leased,
-                deduplicated=ledger.deduplicated,
-            )
+        return self._core.stats(counts, held, store.dropped, bool(self._pool.threads))
 
     def gates(self) -> dict[str, float]:
         """Throttled keys whose gates are closed, with the seconds until each reopens
@@ -308,30 +287,7 @@ class Offloader:
     def keys(self) -> dict[str, KeyState]:
         """Every key (API) the scheduler knows a state of now: gated, limited, waiting or
         running; a snapshot, for displays."""
-        core = self._core
-        with core.lock:
-            now = self._clock.monotonic()
-            sched = core.sched
-            waiting: dict[str, int] = {}
-            for task in sched.ready:
-                key = task.key
-                if key is not None:
-                    waiting[key] = waiting.get(key, 0) + 1
-            states = {}
-            for key in sched.known_keys():
-                gate = sched.gates.get(key)
-                pace = sched.paces.get(key)
-                held = sched.held.get(key)
-                states[key] = KeyState(
-                    key=key,
-                    waiting=waiting.get(key, 0) + (len(held) if held else 0),
-                    in_flight=sched.running.get(key, 0),
-                    reopens_in=None if gate is None else max(0.0, gate.open_at - now),
-                    rate=pace.rate if pace is not None else _declared_rate(self.limits.get(key)),
-                    limit=self.limits.get(key),
-                    down=sched.down(key),
-                )
-        return dict(sorted(states.items()))
+        return self._core.key_states(self._clock.monotonic())
 
     def health(
         self, *, max_age: float | None = None, max_dead_letters: int | None = None
@@ -425,7 +381,3 @@ class Offloader:
         """In a forked child: start empty. The parent's tasks and threads stay the parent's."""
         self._assemble()
         self._store.after_fork()
-
-
-def _declared_rate(limit: Limit | None) -> float | None:
-    return None if limit is None else limit.per_second

@@ -1,6 +1,6 @@
 """`offload console --store URL`: the console served on its own, by a threaded stdlib
 WSGI server, on loopback unless told otherwise; and `offload health` (both commands'
-parsers are added to cli.py's by `add_commands`).
+parsers are added to cli/parser.py's by `add_commands`).
 
 It prints the URL to open, with a login token made for this run (as Jupyter does), unless
 OFFLOAD_CONSOLE_TOKEN gives one (then the URL goes without it: whoever set the variable
@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from socketserver import ThreadingMixIn
@@ -109,9 +108,9 @@ def add_commands(
 ) -> None:
     """Add `console` and `health` to the `offload` command's subcommands; `store` is the
     parent parser of `--store`, `open_store(args)` the CLI's way to open it. Handlers take
-    (args, out) and return the exit status."""
+    (args, out, err) and return the exit status."""
 
-    def console_command(args: argparse.Namespace, out: TextIO) -> int:
+    def console_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         opened = open_store(args)
         try:
             return serve(
@@ -120,12 +119,12 @@ def add_commands(
                 port=args.port,
                 read_only=args.read_only,
                 out=out,
-                err=sys.stderr,
+                err=err,
             )
         finally:
             opened.close()
 
-    def health_command(args: argparse.Namespace, out: TextIO) -> int:
+    def health_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         from ..health_check import check_command  # noqa: PLC0415
 
         opened = open_store(args)

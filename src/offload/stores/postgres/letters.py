@@ -10,8 +10,10 @@ costs the same at the start of 100,000 letters as at their end.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+from ...clock import Clock
 from ...codec.task import TaskRecord, Unreadable
 from ...codec.trust import TRUST_ANY, Trust
 from ...codec.view import view_call
@@ -22,6 +24,7 @@ from ..base import LetterDetail, LetterPage, LetterQuery, LetterTally
 from .schema import LETTER_FIELDS, Sql
 
 __all__ = [
+    "LetterMethods",
     "bury_task",
     "letter_detail",
     "letter_page",
@@ -31,6 +34,77 @@ __all__ = [
     "replay_letter",
     "revive_letter",
 ]
+
+
+class LetterMethods:
+    """The PostgreSQL store's dead-letter methods (PostgresStore's), each on the store's
+    cursor under its lock."""
+
+    url: str
+    trust: Trust
+    _sql: Sql
+    _clock: Clock
+    _conn: Any
+
+    def _use(self, what: str) -> contextlib.AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Every dead letter, oldest first."""
+        with self._use("listing dead letters") as cur:
+            return read_letters(cur, self._sql, self.url)
+
+    def dead_letter(self, dead_letter_id: str) -> DeadLetter:
+        """One dead letter by id; UnknownDeadLetter if none has it."""
+        with self._use("reading a dead letter") as cur:
+            return read_letter(cur, self._sql, self.url, dead_letter_id)
+
+    def dead_letter_page(
+        self, query: LetterQuery, *, limit: int = 50, cursor: str | None = None
+    ) -> LetterPage:
+        """A page of the dead letters matching `query`, newest first, filtered and cut in
+        SQL (see letters.py)."""
+        with self._use("listing dead letters") as cur:
+            return letter_page(cur, self._sql, self.url, query, limit, cursor)
+
+    def dead_letter_detail(self, dead_letter_id: str) -> LetterDetail:
+        """One dead letter and its task's call, read without importing anything."""
+        with self._use("reading a dead letter") as cur:
+            return letter_detail(cur, self._sql, self.url, dead_letter_id)
+
+    def dead_letter_tally(self, *, limit: int = 20) -> LetterTally:
+        """The dead letters counted in all and by key, reason and status."""
+        with self._use("counting dead letters") as cur:
+            return letter_tally(cur, self._sql, limit)
+
+    def __len__(self) -> int:
+        with self._use("counting dead letters") as cur:
+            return int(cur.execute(self._sql.count_letters).fetchone()[0])
+
+    def revive(self, dead_letter_id: str) -> Task:
+        """Remove a dead letter and return its task (fresh attempt budget, same ids).
+
+        StoreError, and the dead letter kept, when its task cannot be loaded in this
+        process. Prefer `replay`, which moves the task back into the queue at once."""
+        with self._use("reviving a dead letter"):
+            return revive_letter(self._conn, self._sql, dead_letter_id, self.trust)
+
+    def replay(self, dead_letter_id: str) -> Task:
+        """Move a dead letter's task back to the queue, due now, with a fresh attempt budget
+        (same id and idempotency key), in one statement; return the task."""
+        with self._use("replaying a dead letter") as cur:
+            return replay_letter(cur, self._sql, dead_letter_id, self._clock.time(), self.trust)
+
+    def discard(self, dead_letter_id: str) -> None:
+        """Delete one dead letter; UnknownDeadLetter if none has that id."""
+        with self._use("discarding a dead letter") as cur:
+            if not cur.execute(self._sql.discard, (dead_letter_id,)).rowcount:
+                raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
+
+    def purge(self) -> int:
+        """Delete every dead letter; returns how many there were."""
+        with self._use("purging dead letters") as cur:
+            return int(cur.execute(self._sql.purge).rowcount)
 
 
 def bury_task(cur: Any, sql: Sql, task: Task, letter: DeadLetter, now: float) -> None:

@@ -32,21 +32,12 @@ from ...clock import Clock, SystemClock
 from ...codec.task import TaskRecord
 from ...codec.trust import TRUST_ANY, Trust
 from ...config import check_lease_timeout, lease_timeout_from_env
-from ...errors import StoreError, UnknownDeadLetter
+from ...errors import StoreError
 from ...records import DeadLetter, Task
 from .._shared import new_owner
-from ..base import NO_KEYS, LetterDetail, LetterPage, LetterQuery, LetterTally, StoreCounts
+from ..base import NO_KEYS, StoreCounts
 from .joining import psycopg_connection
-from .letters import (
-    bury_task,
-    letter_detail,
-    letter_page,
-    letter_tally,
-    read_letter,
-    read_letters,
-    replay_letter,
-    revive_letter,
-)
+from .letters import LetterMethods, bury_task
 from .listener import Listener
 from .schema import Sql, ensure_tables
 from .tasks import (
@@ -74,7 +65,7 @@ _orphans: list[Any] = []
 _fork_locks: dict[int, threading.Lock] = {}
 
 
-class PostgresStore:
+class PostgresStore(LetterMethods):
     """A durable store in a PostgreSQL database (see the package docstring)."""
 
     durable = True
@@ -379,63 +370,6 @@ class PostgresStore:
         """Keep `letter` with the task's stored call, and delete the task, in one statement."""
         with self._use("storing a dead letter") as cur:
             bury_task(cur, self._sql, task, letter, self._clock.time())
-
-    def dead_letters(self) -> list[DeadLetter]:
-        """Every dead letter, oldest first."""
-        with self._use("listing dead letters") as cur:
-            return read_letters(cur, self._sql, self.url)
-
-    def dead_letter(self, dead_letter_id: str) -> DeadLetter:
-        """One dead letter by id; UnknownDeadLetter if none has it."""
-        with self._use("reading a dead letter") as cur:
-            return read_letter(cur, self._sql, self.url, dead_letter_id)
-
-    def dead_letter_page(
-        self, query: LetterQuery, *, limit: int = 50, cursor: str | None = None
-    ) -> LetterPage:
-        """A page of the dead letters matching `query`, newest first, filtered and cut in
-        SQL (see letters.py)."""
-        with self._use("listing dead letters") as cur:
-            return letter_page(cur, self._sql, self.url, query, limit, cursor)
-
-    def dead_letter_detail(self, dead_letter_id: str) -> LetterDetail:
-        """One dead letter and its task's call, read without importing anything."""
-        with self._use("reading a dead letter") as cur:
-            return letter_detail(cur, self._sql, self.url, dead_letter_id)
-
-    def dead_letter_tally(self, *, limit: int = 20) -> LetterTally:
-        """The dead letters counted in all and by key, reason and status."""
-        with self._use("counting dead letters") as cur:
-            return letter_tally(cur, self._sql, limit)
-
-    def __len__(self) -> int:
-        with self._use("counting dead letters") as cur:
-            return int(cur.execute(self._sql.count_letters).fetchone()[0])
-
-    def revive(self, dead_letter_id: str) -> Task:
-        """Remove a dead letter and return its task (fresh attempt budget, same ids).
-
-        StoreError, and the dead letter kept, when its task cannot be loaded in this
-        process. Prefer `replay`, which moves the task back into the queue at once."""
-        with self._use("reviving a dead letter"):
-            return revive_letter(self._conn, self._sql, dead_letter_id, self.trust)
-
-    def replay(self, dead_letter_id: str) -> Task:
-        """Move a dead letter's task back to the queue, due now, with a fresh attempt budget
-        (same id and idempotency key), in one statement; return the task."""
-        with self._use("replaying a dead letter") as cur:
-            return replay_letter(cur, self._sql, dead_letter_id, self._clock.time(), self.trust)
-
-    def discard(self, dead_letter_id: str) -> None:
-        """Delete one dead letter; UnknownDeadLetter if none has that id."""
-        with self._use("discarding a dead letter") as cur:
-            if not cur.execute(self._sql.discard, (dead_letter_id,)).rowcount:
-                raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
-
-    def purge(self) -> int:
-        """Delete every dead letter; returns how many there were."""
-        with self._use("purging dead letters") as cur:
-            return int(cur.execute(self._sql.purge).rowcount)
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.url!r}, lease_timeout={self.lease_timeout:g})"
