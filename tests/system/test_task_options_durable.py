@@ -38,8 +38,9 @@ def test_a_delayed_task_outlives_its_process_and_another_performs_it_when_due(
         f"""
         import time, offload
         off = offload.Offloader(store={store_url!r}, consume=False)
+        before = time.time()  # the task is due 1.5 s after a time no earlier than this
         off.enqueue_task(offload.Task(offload.http("POST", {server.url("/later")!r}), delay=1.5))
-        print(time.time())
+        print(before)
         """
     )
     assert result.returncode == 0, result.stderr
@@ -50,7 +51,7 @@ def test_a_delayed_task_outlives_its_process_and_another_performs_it_when_due(
     assert s.stored_delayed == 1 and s.stored_ready == 0
     assert server.wait_for(1, "/later", timeout=10)
     arrived = time.time() - (time.monotonic() - server.requests_to("/later")[0].at)
-    assert arrived - enqueued_at >= 1.5 - 0.01, "not before it was due"
+    assert arrived - enqueued_at >= 1.5, "not before it was due"
     assert off.flush(5)
 
 
