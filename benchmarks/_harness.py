@@ -308,3 +308,31 @@ def busy_worker(submit: Callable[[Callable[[], None]], Any]) -> Iterator[threadi
         yield release
     finally:
         release.set()
+
+
+def standalone(
+    run: Callable[[Scale], list[Row]],
+    description: str,
+    argv: list[str] | None = None,
+    *,
+    repeats: int = 5,
+) -> int:
+    """A benchmark run as a script: `--repeats` and `--scale`, then its rows as a table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"runs (default {repeats})")
+    parser.add_argument("--scale", type=float, default=1.0, help="size factor (default 1)")
+    args = parser.parse_args(argv)
+    rows = run(Scale(factor=args.scale, repeats=args.repeats))
+    width = max(len(row.figure) for row in rows)
+    print(f"{'figure'.ljust(width)}  {'median':>12}  {'vs baseline':>11}  target  runs")
+    for row in rows:
+        value = "—" if row.value is None else f"{row.value:.2f} {row.unit}"
+        ratio = "—" if row.ratio is None else f"{row.ratio:.3g}{TIMES}"
+        met = "" if row.met is None else ("met" if row.met else "MISSED")
+        print(
+            f"{row.figure.ljust(width)}  {value:>12}  {ratio:>11}  {row.target} {met}  "
+            f"{row.runs}  {row.note}".rstrip()
+        )
+    return 0

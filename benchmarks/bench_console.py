@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from _harness import TIMES, Row, Samples, Scale  # noqa: E402
+from _harness import Row, Samples, Scale, standalone  # noqa: E402
 
 import offload  # noqa: E402
 from offload.codec.task import dump_call  # noqa: E402
@@ -189,23 +189,7 @@ def run(scale: Scale) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="runs (default 5)")
-    parser.add_argument("--scale", type=float, default=1.0, help="size factor (default 1)")
-    args = parser.parse_args(argv)
-    rows = run(Scale(factor=args.scale, repeats=args.repeats))
-    width = max(len(row.figure) for row in rows)
-    print(f"{'figure'.ljust(width)}  {'median':>10}  {'vs baseline':>11}  target  runs")
-    for row in rows:
-        value = "—" if row.value is None else f"{row.value:.2f} {row.unit}"
-        ratio = "—" if row.ratio is None else f"{row.ratio:.4f}{TIMES}"
-        met = "" if row.met is None else ("met" if row.met else "MISSED")
-        print(
-            f"{row.figure.ljust(width)}  {value:>10}  {ratio:>11}  {row.target} {met}  {row.runs}"
-        )
-    return 0
+    return standalone(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ from _harness import (  # noqa: E402
     at_least,
     gc_collected,
     percentile,
+    standalone,
     timers,
 )
 
@@ -282,23 +283,7 @@ def run(scale: Scale) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="runs (default 5)")
-    parser.add_argument("--scale", type=float, default=1.0, help="size factor (default 1)")
-    args = parser.parse_args(argv)
-    rows = run(Scale(factor=args.scale, repeats=args.repeats))
-    width = max(len(row.figure) for row in rows)
-    print(f"{'figure'.ljust(width)}  {'median':>10}  {'vs baseline':>11}  target  runs")
-    for row in rows:
-        value = "—" if row.value is None else f"{row.value:.2f} {row.unit}"
-        ratio = "—" if row.ratio is None else f"{row.ratio:.3f}{TIMES}"
-        met = "" if row.met is None else ("met" if row.met else "MISSED")
-        print(
-            f"{row.figure.ljust(width)}  {value:>10}  {ratio:>11}  {row.target} {met}  {row.runs}"
-        )
-    return 0
+    return standalone(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ from _harness import (  # noqa: E402
     at_most,
     busy_worker,
     gc_collected,
+    standalone,
     timers,
 )
 
@@ -271,20 +272,7 @@ def run(scale: Scale) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="runs (default 5)")
-    parser.add_argument("--scale", type=float, default=1.0, help="size factor (default 1)")
-    args = parser.parse_args(argv)
-    rows = run(Scale(factor=args.scale, repeats=args.repeats))
-    width = max(len(row.figure) for row in rows)
-    for row in rows:
-        value = "—" if row.value is None else f"{row.value:.2f} {row.unit}"
-        ratio = "" if row.ratio is None else f"{row.ratio:.2f}{TIMES}"
-        met = "" if row.met is None else ("met" if row.met else "MISSED")
-        print(f"{row.figure.ljust(width)}  {value:>12}  {ratio:>8}  {row.target} {met}  {row.note}")
-    return 0
+    return standalone(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

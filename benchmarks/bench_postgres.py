@@ -74,6 +74,7 @@ from _harness import (  # noqa: E402
     at_least,
     at_most,
     gc_collected,
+    standalone,
     timers,
 )
 
@@ -539,24 +540,7 @@ def run(scale: Scale) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="runs (default 3)")
-    parser.add_argument("--scale", type=float, default=1.0, help="size factor (default 1)")
-    args = parser.parse_args(argv)
-    rows = run(Scale(factor=args.scale, repeats=args.repeats))
-    width = max(len(row.figure) for row in rows)
-    print(f"{'figure'.ljust(width)}  {'median':>12}  {'vs baseline':>11}  target  runs")
-    for row in rows:
-        value = "—" if row.value is None else f"{row.value:.2f} {row.unit}"
-        ratio = "—" if row.ratio is None else f"{row.ratio:.3f}{TIMES}"
-        met = "" if row.met is None else ("met" if row.met else "MISSED")
-        print(
-            f"{row.figure.ljust(width)}  {value:>12}  {ratio:>11}  {row.target} {met}  "
-            f"{row.runs}  {row.note}"
-        )
-    return 0
+    return standalone(run, __doc__.splitlines()[0], argv, repeats=3)
 
 
 if __name__ == "__main__":
