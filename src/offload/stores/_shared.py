@@ -23,15 +23,19 @@ from datetime import datetime
 from typing import Any
 
 from ..config import describe_range
+from ..errors import StoreError
 from ..records import DeadLetter
 from .base import LetterPage, LetterQuery, LetterTally
 
 __all__ = [
+    "LETTER_FIELDS",
     "bool_option",
     "check_page",
     "check_tally",
     "epoch",
     "json_list",
+    "letter_of",
+    "letter_terms",
     "new_owner",
     "number_option",
     "owner_dead",
@@ -197,3 +201,42 @@ def check_page(limit: int, cursor: str | None) -> None:
         raise ValueError(f"limit must be an integer from 1 to 1000, got {limit!r}")
     if cursor is not None and not (isinstance(cursor, str) and cursor.isdigit()):
         raise ValueError(f"not a cursor a page gave: {cursor!r}")
+
+
+# A dead letter's columns in a SQL store, in the order `letter_of` reads them.
+LETTER_FIELDS = (
+    "id",
+    "task_id",
+    "description",
+    "key",
+    "attempts",
+    "error",
+    "status",
+    "reason",
+    "first_attempt_at",
+    "last_attempt_at",
+)
+
+
+def letter_of(row: Sequence[Any], shown: str) -> DeadLetter:
+    """The dead letter a row of LETTER_FIELDS holds; StoreError (naming the store as
+    `shown`) if it is unreadable."""
+    try:
+        return DeadLetter.from_json(dict(zip(LETTER_FIELDS, row, strict=True)))
+    except ValueError as exc:
+        raise StoreError(f"{shown}: dead letter {row[0]!r} is unreadable: {exc}") from None
+
+
+def letter_terms(query: LetterQuery) -> list[tuple[str, Any]]:
+    """The conditions of `query` but its text, as (column and operator, value) for a SQL
+    store to write with its own placeholder: [("key =", "api.example.com:443"), ...]."""
+    terms: list[tuple[str, Any]] = []
+    if query.key is not None:
+        terms.append(("key =", query.key))
+    if query.status is not None:
+        terms.append(("status =", query.status))
+    if query.reason is not None:
+        terms.append(("reason =", query.reason))
+    if query.since is not None:
+        terms.append(("last_attempt_at >=", epoch(query.since)))
+    return terms

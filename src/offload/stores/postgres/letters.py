@@ -19,9 +19,9 @@ from ...codec.trust import TRUST_ANY, Trust
 from ...codec.view import view_call
 from ...errors import StoreError, UnknownDeadLetter
 from ...records import DeadLetter, Task
-from .._shared import check_page, check_tally, epoch
+from .._shared import check_page, check_tally, epoch, letter_of, letter_terms
 from ..base import LetterDetail, LetterPage, LetterQuery, LetterTally
-from .schema import LETTER_FIELDS, Sql
+from .schema import Sql
 
 __all__ = [
     "LetterMethods",
@@ -134,7 +134,7 @@ def bury_task(cur: Any, sql: Sql, task: Task, letter: DeadLetter, now: float) ->
 
 def read_letters(cur: Any, sql: Sql, shown: str) -> list[DeadLetter]:
     """Every dead letter, oldest first."""
-    return [_letter(row, shown) for row in cur.execute(sql.letters).fetchall()]
+    return [letter_of(row, shown) for row in cur.execute(sql.letters).fetchall()]
 
 
 def read_letter(cur: Any, sql: Sql, shown: str, dead_letter_id: str) -> DeadLetter:
@@ -142,7 +142,7 @@ def read_letter(cur: Any, sql: Sql, shown: str, dead_letter_id: str) -> DeadLett
     row = cur.execute(sql.letter, (dead_letter_id,)).fetchone()
     if row is None:
         raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
-    return _letter(row, shown)
+    return letter_of(row, shown)
 
 
 def letter_page(
@@ -151,20 +151,9 @@ def letter_page(
     """The dead letters matching `query`, newest first, `limit` at most, after `cursor`
     (the `seq` of the previous page's last letter)."""
     check_page(limit, cursor)
-    where = ["TRUE"]
-    params: list[Any] = []
-    if query.key is not None:
-        where.append("key = %s")
-        params.append(query.key)
-    if query.status is not None:
-        where.append("status = %s")
-        params.append(query.status)
-    if query.reason is not None:
-        where.append("reason = %s")
-        params.append(query.reason)
-    if query.since is not None:
-        where.append("last_attempt_at >= %s")
-        params.append(query.since.timestamp())
+    terms = letter_terms(query)
+    where = ["TRUE", *(f"{term} %s" for term, _ in terms)]
+    params: list[Any] = [value for _, value in terms]
     if query.text:
         # A substring, case-insensitive, with no LIKE pattern characters to escape.
         where.append("(strpos(lower(description), %s) > 0 OR strpos(lower(error), %s) > 0)")
@@ -177,7 +166,7 @@ def letter_page(
     rows = cur.execute(sql.page.format(where=matching), [*params, limit + 1]).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]
-    letters = [_letter(row[1:], shown) for row in rows]
+    letters = [letter_of(row[1:], shown) for row in rows]
     return LetterPage(letters, total, str(rows[-1][0]) if more and rows else None)
 
 
@@ -187,7 +176,7 @@ def letter_detail(cur: Any, sql: Sql, shown: str, dead_letter_id: str) -> Letter
     row = cur.execute(sql.letter_detail, (dead_letter_id,)).fetchone()
     if row is None:
         raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
-    return LetterDetail(_letter(row[:-2], shown), view_call(str(row[-1]), row[-2]))
+    return LetterDetail(letter_of(row[:-2], shown), view_call(str(row[-1]), row[-2]))
 
 
 def letter_tally(cur: Any, sql: Sql, limit: int) -> LetterTally:
@@ -228,10 +217,3 @@ def replay_letter(
         raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
     task_id, idempotency_key, key, call, retry, _ = row
     return TaskRecord(task_id, idempotency_key, key, call, retry).load(trust)
-
-
-def _letter(row: tuple[Any, ...], shown: str) -> DeadLetter:
-    try:
-        return DeadLetter.from_json(dict(zip(LETTER_FIELDS, row, strict=True)))
-    except ValueError as exc:
-        raise StoreError(f"{shown}: dead letter {row[0]!r} is unreadable: {exc}") from None

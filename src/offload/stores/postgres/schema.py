@@ -18,23 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import StoreError
+from .._shared import LETTER_FIELDS
 
-__all__ = ["LETTER_FIELDS", "SCHEMA_VERSION", "Sql", "channel", "ensure_tables"]
+__all__ = ["SCHEMA_VERSION", "Sql", "channel", "ensure_tables"]
 
 SCHEMA_VERSION = 1
 
-LETTER_FIELDS = (
-    "id",
-    "task_id",
-    "description",
-    "key",
-    "attempts",
-    "error",
-    "status",
-    "reason",
-    "first_attempt_at",
-    "last_attempt_at",
-)
 _LETTER_COLUMNS = ", ".join(LETTER_FIELDS)
 TASK_FIELDS = (
     "seq",

@@ -16,15 +16,14 @@ from ...codec.task import TaskRecord, Unreadable
 from ...codec.trust import TRUST_ANY, Trust
 from ...errors import StoreError, UnknownDeadLetter
 from ...records import DeadLetter, Task
-from .._shared import epoch
+from .._shared import epoch, letter_of
 from .dedup import let_key_go, take_key
-from .schema import LETTER_COLUMNS, LETTER_FIELDS, PUT_UNIQUE, transaction
+from .schema import LETTER_COLUMNS, PUT_UNIQUE, transaction
 
 __all__ = [
     "bury_task",
     "count_letters",
     "discard_letter",
-    "letter_of",
     "purge_letters",
     "read_letter",
     "read_letters",
@@ -85,14 +84,6 @@ def read_letter(conn: sqlite3.Connection, url: str, dead_letter_id: str) -> Dead
     if row is None:
         raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
     return letter_of(row, url)
-
-
-def letter_of(row: tuple[Any, ...], url: str) -> DeadLetter:
-    """The dead letter a row of LETTER_COLUMNS holds; StoreError if it is unreadable."""
-    try:
-        return DeadLetter.from_json(dict(zip(LETTER_FIELDS, row, strict=True)))
-    except ValueError as exc:
-        raise StoreError(f"{url}: dead letter {row[0]!r} is unreadable: {exc}") from None
 
 
 def count_letters(conn: sqlite3.Connection) -> int:

@@ -28,9 +28,8 @@ from typing import Any
 from ...codec.view import view_call
 from ...errors import UnknownDeadLetter
 from ...records import DeadLetter
-from .._shared import check_page, check_tally, epoch, json_list
+from .._shared import check_page, check_tally, json_list, letter_of, letter_terms
 from ..base import LetterDetail, LetterPage, LetterQuery, LetterTally
-from .letters import letter_of
 from .schema import LETTER_COLUMNS
 
 __all__ = ["LetterListing", "letter_detail", "letter_page", "letter_tally"]
@@ -68,20 +67,9 @@ class LetterListing:
 
 def _where(query: LetterQuery) -> tuple[str, list[Any]]:
     """The SQL condition `query` asks for, and its arguments."""
-    terms: list[str] = []
-    args: list[Any] = []
-    if query.key is not None:
-        terms.append("key = ?")
-        args.append(query.key)
-    if query.status is not None:
-        terms.append("status = ?")
-        args.append(query.status)
-    if query.reason is not None:
-        terms.append("reason = ?")
-        args.append(query.reason)
-    if query.since is not None:
-        terms.append("last_attempt_at >= ?")
-        args.append(epoch(query.since))
+    found = letter_terms(query)
+    terms = [f"{term} ?" for term, _ in found]
+    args: list[Any] = [value for _, value in found]
     if query.text:
         pattern = "%" + query.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         pattern += "%"

@@ -22,11 +22,10 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from ...errors import StoreError
-from .._shared import number_option
+from .._shared import LETTER_FIELDS, number_option
 
 __all__ = [
     "LETTER_COLUMNS",
-    "LETTER_FIELDS",
     "MIGRATIONS",
     "PUT",
     "PUT_UNIQUE",
@@ -134,18 +133,6 @@ PUT_UNIQUE = (
 TASK_COLUMNS = (
     "seq, id, idempotency_key, key, call, retry, attempts, failures, "
     "first_attempt_at, last_attempt_at, dedup_key, dedup_window"
-)
-LETTER_FIELDS = (
-    "id",
-    "task_id",
-    "description",
-    "key",
-    "attempts",
-    "error",
-    "status",
-    "reason",
-    "first_attempt_at",
-    "last_attempt_at",
 )
 LETTER_COLUMNS = ", ".join(LETTER_FIELDS)
 SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL", "extra": "EXTRA"}
