@@ -6,6 +6,10 @@ The figure is the memory each further task holds (the slope of traced memory bet
 50,000 and about 100,000 tasks queued, everything kept alive), so that one-off allocations do
 not count. The floor is a `queue.Queue` of `(fn, kwargs)` tuples: what the hand-written
 twenty lines hold.
+
+Target: at most 1.05 times the floor. It was 1.0 (issue 6); the pipeline's layout (issue 11)
+gave a task a fourth slot, its meta (attempt state, made on first use), which costs a
+pointer on every task, and allowed 1.05 for it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any
 from _harness import Row, Samples, Scale, at_most, busy_worker
 
 import offload
+
+TARGET = 1.05  # times the floor, per task
 
 
 def send_welcome(user_id: int, email: str, plan: str) -> None:
@@ -149,8 +155,8 @@ def run(scale: Scale) -> list[Row]:
                 unit="bytes/task",
                 baseline=FLOOR if name != FLOOR else "",
                 ratio=ratio,
-                target=at_most(1.0) if ours else "",
-                met=(ratio <= 1.0) if ours else None,
+                target=at_most(TARGET) if ours else "",
+                met=(ratio <= TARGET) if ours else None,
                 runs=samples.count(name),
             )
         )

@@ -32,6 +32,8 @@ Drain: 2,000 calls to the instant local API (benchmarks/_server.py) stored first
 transaction; then `offload worker` processes (one worker thread each), already started
 and idle, are timed from the commit (their wake-up) until the store holds nothing, with 1
 and with 4 processes, against the bare `requests` loop (bench_drain's) in the same run.
+The same loop run in 1 and in 4 processes of its own, the calls shared among them, is the
+ceiling that this machine's cores put on any 4-process speedup of that work.
 
 Wake-up: one idle `offload worker`; after 0.6 s of nothing to do (longer than a polling
 store's 0.5 s between looks), one call is enqueued from another connection and timed
@@ -392,6 +394,51 @@ def drain(server: Any, api: str, n: int, processes: int, run_index: int) -> floa
         store.close()
 
 
+_LOOPER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from bench_drain import loop
+loop(sys.argv[2], 20)  # warm: its connection made, its modules imported
+print("ready", flush=True)
+sys.stdin.readline()
+loop(sys.argv[2], int(sys.argv[3]))
+"""
+
+
+def loops(url: str, n: int, processes: int) -> float:
+    """Calls a second of `processes` bare `requests` loops in processes of their own, `n`
+    calls among them: what this machine's cores allow that many processes doing a
+    delivery's work, the ceiling of the drain's speedup here."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _LOOPER, str(HERE), url, str(n // processes)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(processes)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a requests loop exited: {proc.wait()}")
+        t0 = time.perf_counter()
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        for proc in procs:
+            if proc.wait(600) != 0:
+                raise RuntimeError(f"a requests loop failed: {proc.returncode}")
+        return (n // processes) * processes / (time.perf_counter() - t0)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def drain_rows(server: Any, scale: Scale) -> list[Row]:
     from bench_drain import loop
 
@@ -403,6 +450,7 @@ def drain_rows(server: Any, scale: Scale) -> list[Row]:
             rates.add("requests loop", loop(f"{api.url}/hook", n))
             for processes in (1, 4):
                 rates.add(f"{processes}", drain(server, api.url, n, processes, run_index))
+                rates.add(f"loops {processes}", loops(f"{api.url}/hook", n, processes))
     rows = [
         Row(
             "postgres",
@@ -430,6 +478,20 @@ def drain_rows(server: Any, scale: Scale) -> list[Row]:
                 runs=rates.count(f"{processes}"),
             )
         )
+    ceiling = rates.ratio("loops 4", "loops 1")
+    rows.append(
+        Row(
+            "postgres",
+            "bare requests loops: 4 processes, times 1 (the machine's ceiling)",
+            ceiling,
+            TIMES,
+            baseline="1 loop process",
+            ratio=ceiling,
+            note=f"{os.cpu_count()} cores shared with the API server; "
+            + rates.spread("loops 4", "loops 1"),
+            runs=rates.count("loops 4"),
+        )
+    )
     speedup = rates.ratio("4", "1")
     rows.append(
         Row(
@@ -442,7 +504,8 @@ def drain_rows(server: Any, scale: Scale) -> list[Row]:
             target=at_least(2),
             met=speedup >= 2,
             note=f"{os.cpu_count()} cores shared with the API server and PostgreSQL; "
-            + rates.spread("4", "1"),
+            + rates.spread("4", "1")
+            + f"; {speedup / ceiling:.0%} of the bare loops' {ceiling:.2f}{TIMES}",
             runs=rates.count("4"),
         )
     )
