@@ -437,6 +437,9 @@ def loops(url: str, n: int, processes: int) -> float:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
 
 
 def drain_rows(server: Any, scale: Scale) -> list[Row]:
