@@ -19,7 +19,15 @@ from typing import Any
 
 from .calls.requests_kwargs import url_key
 
-__all__ = ["AdaptiveRate", "Limit", "Pace", "TokenBucket", "limits_from_json", "normalise_key"]
+__all__ = [
+    "AdaptiveRate",
+    "Limit",
+    "Pace",
+    "SharedTokens",
+    "TokenBucket",
+    "limits_from_json",
+    "normalise_key",
+]
 
 _UNITS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
 _TEXT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(?:(\d+(?:\.\d+)?)\s*)?(s|sec|min|m|h)\s*$")
@@ -265,20 +273,56 @@ class AdaptiveRate:
         return rate if self.ceiling is None else min(rate, self.ceiling)
 
 
+class SharedTokens:
+    """A declared rate's tokens from the budget that every process on a durable store
+    shares (`stores.base.BudgetStore`): the backlog takes them from the store one at a
+    time, with the core's lock let go (`backlog/budgets.py`), and a call starting spends
+    one. The process's own bucket still applies (and the adaptive rate cuts it)."""
+
+    __slots__ = ("asking", "burst", "held", "rate", "retry_at")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate  # tokens a second
+        self.burst = burst
+        self.held = 0  # taken from the store, not spent yet
+        self.asking = False  # a worker is asking the store now
+        self.retry_at = -math.inf  # (monotonic) the store had none before then
+
+    def wait(self, now: float) -> float | None:
+        """0.0 with a token in hand, the seconds until the store may have one, or None
+        while it is to be asked (or being asked)."""
+        if self.held:
+            return 0.0
+        if self.asking or now >= self.retry_at:
+            return None
+        return self.retry_at - now
+
+    def wanted(self, now: float) -> bool:
+        """No token in hand, nobody asking, and the store may have one now."""
+        return not self.held and not self.asking and now >= self.retry_at
+
+
 class Pace:
     """One key's limits: its declared Limit, its adaptive rate, and its calls in flight."""
 
-    __slots__ = ("adaptive", "bucket", "limit", "running")
+    __slots__ = ("adaptive", "bucket", "limit", "running", "shared")
 
-    def __init__(self, limit: Limit | None, adaptive: bool, now: float) -> None:
+    def __init__(
+        self, limit: Limit | None, adaptive: bool, now: float, *, shared: bool = False
+    ) -> None:
         self.limit = limit
         self.running = 0
         rate = None if limit is None else limit.per_second
         self.adaptive = AdaptiveRate(rate) if adaptive else None
         self.bucket: TokenBucket | None = None
+        #: The declared rate's budget shared with other processes (`shared`: the store
+        #: keeps one); None: this process's own bucket alone.
+        self.shared: SharedTokens | None = None
         if limit is not None and rate is not None:
             burst = limit.burst if limit.burst is not None else max(1.0, float(limit.rate or 1))
             self.bucket = TokenBucket(rate, burst, now)
+            if shared:
+                self.shared = SharedTokens(rate, burst)
 
     @property
     def rate(self) -> float | None:
@@ -288,16 +332,30 @@ class Pace:
     def wait(self, now: float) -> float | None:
         """Seconds until a call may start (0.0: now), None while every slot is taken (a
         call that settles frees one)."""
+        wait = self._own_wait(now)
+        if wait != 0.0 or self.shared is None:
+            return wait
+        return self.shared.wait(now)  # None: the shared budget is to be asked first
+
+    def _own_wait(self, now: float) -> float | None:
         limit = self.limit
         slots = None if limit is None else limit.concurrency
         if slots is not None and self.running >= slots:
             return None
         return 0.0 if self.bucket is None else self.bucket.wait(now)
 
+    def wants_token(self, now: float) -> bool:
+        """A call could start now but for a token of the shared budget, which nobody here
+        is asking the store for yet."""
+        shared = self.shared
+        return shared is not None and shared.wanted(now) and self._own_wait(now) == 0.0
+
     def start(self, now: float) -> None:
         self.running += 1
         if self.bucket is not None:
             self.bucket.take(now)
+        if self.shared is not None:
+            self.shared.held = max(0, self.shared.held - 1)
         if self.adaptive is not None:
             self.adaptive.sent(now)
 

@@ -15,7 +15,10 @@ nothing succeeding) is closed the same way: an outage is paused, not hammered.
 
 Paces (`limits.py`). A key with a declared Limit, or one the adaptive rate has learnt,
 starts a call only when its pace has a token and a free slot; until then its tasks are
-held in order, and the key's next token is among the times a worker wakes for.
+held in order, and the key's next token is among the times a worker wakes for. Over a
+store that keeps rate budgets (`shared_rates`), a declared rate's token also comes from
+the budget every process on the store shares: `wanting()` names the keys waiting for
+one, and the durable backlog asks the store for them with the lock let go.
 """
 
 from __future__ import annotations
@@ -82,6 +85,9 @@ class Scheduler:
         self.limits: Mapping[str, Limit] = dict(limits or {})
         self.adaptive = adaptive
         self.paces: dict[str, Pace] = {}
+        #: Declared rates take their tokens from the store's shared budget too (set by a
+        #: durable backlog whose store keeps one).
+        self.shared_rates = False
         self._paced: dict[str, None] = {}  # keys with held tasks waiting for their pace
         self._outages: dict[str, _Outage] = {}
         self._seq = itertools.count()  # ties on the heap keep insertion order
@@ -182,8 +188,25 @@ class Scheduler:
         paces = self.paces
         if len(paces) >= _MAX_IDLE_PACES:
             self._forget_idle_paces(now)
-        pace = paces[key] = Pace(self.limits.get(key), self.adaptive, now)
+        limit = self.limits.get(key)
+        pace = paces[key] = Pace(limit, self.adaptive, now, shared=self.shared_rates)
         return pace
+
+    def wanting(self, now: float) -> list[str]:
+        """Keys whose next held call may start at `now` but for a token of the shared
+        budget, that nobody here is asking the store for yet."""
+        if not self.shared_rates or not self.held:
+            return []
+        keys = []
+        gates = self.gates
+        for key in self.held:
+            pace = self.paces.get(key)
+            if pace is None or not pace.wants_token(now):
+                continue
+            gate = gates.get(key)
+            if gate is None or (gate.probe is None and now >= gate.open_at):
+                keys.append(key)
+        return keys
 
     def _forget_idle_paces(self, now: float) -> None:
         """Drop what the adaptive rate knows of keys that are quiet and never throttled (a

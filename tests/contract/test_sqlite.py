@@ -194,7 +194,7 @@ def test_a_store_of_format_2_gains_the_dead_letter_indexes_and_keeps_its_letters
     assert [letter.task_id for letter in page.letters] == [task.id] and page.total == 1
     again.close()
     with raw(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         indexes = {
             row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
         }

@@ -7,7 +7,8 @@ continue; a success or a dead letter removes it. A lease keeper thread renews th
 held here every `lease_timeout / 3` seconds. An idle worker looks for tasks that other
 processes put every POLL_INTERVAL seconds (a worker that has tasks, or knows when the next
 one is due, does not wait for that), unless the store can tell it (`DurableStore.watch`:
-PostgreSQL's LISTEN/NOTIFY; see wakeups.py).
+PostgreSQL's LISTEN/NOTIFY; see wakeups.py). Over a store that keeps rate budgets, a
+worker takes a limited key's tokens from the budget every process shares (budgets.py).
 
 Inside `Offloader.transaction(connection)` an enqueue writes through the application's
 connection instead (see transaction.py): the task is not leased here, nor queued here,
@@ -30,9 +31,10 @@ from ..codec.trust import TRUST_ANY, Trust
 from ..core import Core
 from ..errors import ShutDown, StoreError
 from ..records import DeadLetter, Task
-from ..stores.base import DurableStore, StoreCounts, TransactionalStore
+from ..stores.base import BudgetStore, DurableStore, StoreCounts, TransactionalStore
 from ..worker import WorkerPool
 from .base import Take
+from .budgets import Budgets
 from .claims import Claims
 from .leases import LeaseKeeper
 from .memory import DedupIndex
@@ -75,6 +77,9 @@ class DurableBacklog:
         self.wakeups = Wakeups(core, pool, store, consume=consume)
         # Enqueues inside the application's transaction: only a store that can join one.
         self._joins = isinstance(store, TransactionalStore)
+        # Declared rates shared by every process on the store: only one that keeps them.
+        self.budgets = Budgets(core, store, clock) if isinstance(store, BudgetStore) else None
+        core.sched.shared_rates = self.budgets is not None
 
     # -- enqueue --------------------------------------------------------------------------
 
@@ -186,6 +191,14 @@ class DurableBacklog:
         task = sched.take(now)
         if task is not None:
             return Take(task)
+        budgets = self.budgets
+        if budgets is not None and budgets.ask(now):  # shared tokens for limited keys
+            if core.stopping or core.forked():
+                return Take(None, 0.0)
+            now = self.clock.monotonic()
+            task = sched.take(now)
+            if task is not None:
+                return Take(task)
         claimed, store_wait = self.claims.poll(now)
         if core.stopping or core.forked():
             return Take(None, 0.0)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from .._redact import redact_dsn
 from ..clock import Clock
-from .base import DurableStore, Store, StoreCounts, TransactionalStore
+from .base import BudgetStore, DurableStore, Store, StoreCounts, TransactionalStore
 from .memory import MemoryStore
 
 __all__ = [
+    "BudgetStore",
     "DurableStore",
     "MemoryStore",
     "Store",

@@ -34,6 +34,10 @@ put every `backlog.wakeups.POLL_INTERVAL` seconds, unless the store can tell it:
 (PostgreSQL: LISTEN/NOTIFY) calls back when a task may be due, and the worker then waits
 for that (and for lease expiries) instead of polling. A store that cannot returns None.
 
+Rate budgets. A `BudgetStore` (SQLite, PostgreSQL) keeps a token bucket per key for
+every process on it (`take_token`): a key's declared rate then holds for all of them
+together. Over any other store each process paces its calls on its own.
+
 The application's transaction. A `TransactionalStore` (PostgreSQL) also writes tasks
 through a connection of the application's, inside the transaction it has open, so that a
 task exists if and only if that transaction commits (`Offloader.transaction`).
@@ -54,6 +58,7 @@ from ..records import DeadLetter, Task
 
 __all__ = [
     "NO_KEYS",
+    "BudgetStore",
     "DurableStore",
     "LetterDetail",
     "LetterPage",
@@ -258,6 +263,18 @@ class DurableStore(Store, Protocol):
         block: the caller may hold its own lock. A caller that watches still looks on its
         own now and then, for expired leases (which nobody announces) and for the time the
         store could not watch."""
+        ...
+
+
+@runtime_checkable
+class BudgetStore(DurableStore, Protocol):
+    """A DurableStore that keeps declared rates' budgets, shared by every process on it."""
+
+    def take_token(self, key: str, rate: float, burst: float) -> float:
+        """Take one token of `key`'s bucket (refilled at `rate` tokens a second, holding
+        `burst` at most, full when new), which every process on the store shares: 0.0
+        when one was taken, else the seconds until one is there (nothing taken).
+        StoreError when the store cannot be read."""
         ...
 
 

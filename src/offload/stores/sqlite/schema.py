@@ -41,8 +41,9 @@ __all__ = [
 
 log = logging.getLogger("offload")
 
-# 2: the journals and meta tables, the index on tasks.id; 3: dedup; 4: dead-letter indexes
-SCHEMA_VERSION = 4
+# 2: the journals and meta tables, the index on tasks.id; 3: dedup; 4: dead-letter indexes;
+# 5: rate budgets
+SCHEMA_VERSION = 5
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS tasks (
         seq INTEGER PRIMARY KEY,      -- insertion order, and the handle of a leased row
@@ -119,6 +120,15 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         # A text search reads every description and error: from this index, a fraction of
         # the table's size (its rows also hold each task's call).
         "CREATE INDEX IF NOT EXISTS dead_letters_text ON dead_letters (description, error)",
+    ),
+    5: (
+        # A declared rate's token bucket per key, shared by every process on the file
+        # (budgets.py).
+        """CREATE TABLE IF NOT EXISTS budgets (
+            key TEXT PRIMARY KEY,
+            tokens REAL NOT NULL,         -- left at `stamp`
+            stamp REAL NOT NULL           -- epoch seconds
+        )""",
     ),
 }
 
@@ -298,7 +308,7 @@ def _ensure_schema(conn: sqlite3.Connection, url: str) -> None:
             others = {
                 row[0]
                 for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            } - {"tasks", "dead_letters", "journals", "meta", "dedup"}
+            } - {"tasks", "dead_letters", "journals", "meta", "dedup", "budgets"}
             if others:
                 raise StoreError(f"{url}: not an offload store (it has tables {sorted(others)})")
         if version < SCHEMA_VERSION:

@@ -1,0 +1,257 @@
+"""A declared rate shared by every process on one SQLite file: the budgets table, and two
+real processes against a real server."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import offload
+from offload.stores.base import BudgetStore
+from offload.stores.sqlite import SQLiteStore
+from offload.stores.sqlite.schema import SCHEMA_VERSION
+from offload.testing import FakeClock
+from procs import python_env, reap
+from server import ScriptedServer
+
+calls: list[str] = []
+calls_lock = threading.Lock()
+
+
+def note(name: str) -> None:
+    """A task function the worker imports: records the call."""
+    with calls_lock:
+        calls.append(name)
+
+
+class SettableClock(FakeClock):
+    """A FakeClock whose wall time can also be set back, as an administrator or NTP may."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = 0.0
+
+    def time(self) -> float:
+        return super().time() + self.shift
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Iterator[tuple[SQLiteStore, SQLiteStore, FakeClock]]:
+    """Two store objects on one file (as two processes have), on one clock."""
+    clock = FakeClock()
+    one = SQLiteStore(tmp_path / "b.db", clock=clock)
+    two = SQLiteStore(tmp_path / "b.db", clock=clock)
+    try:
+        yield one, two, clock
+    finally:
+        one.close()
+        two.close()
+
+
+def test_the_sqlite_store_keeps_rate_budgets(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "b.db")
+    assert isinstance(store, BudgetStore)
+    store.close()
+
+
+def test_two_stores_on_one_file_take_at_most_the_burst_plus_the_rate(
+    stores: tuple[SQLiteStore, SQLiteStore, FakeClock],
+) -> None:
+    one, two, clock = stores
+    rate, burst = 10.0, 3.0
+    taken = {id(one): 0, id(two): 0}
+    steps = 400  # 2 seconds in steps of 5 ms, each store asking every step
+    for _ in range(steps):
+        for store in (one, two):
+            if store.take_token("api", rate, burst) == 0.0:
+                taken[id(store)] += 1
+        clock.advance(0.005)
+    elapsed = steps * 0.005
+    total = sum(taken.values())
+    # At most what the bucket allows, and all of it: the budget is one, not one each.
+    assert burst + rate * elapsed - 1 <= total <= burst + rate * elapsed
+    assert all(count > 0 for count in taken.values()), taken
+
+
+def test_an_empty_bucket_says_when_its_next_token_comes_and_refills_up_to_the_burst(
+    stores: tuple[SQLiteStore, SQLiteStore, FakeClock],
+) -> None:
+    one, two, clock = stores
+    assert [one.take_token("api", 4.0, 2.0) for _ in range(2)] == [0.0, 0.0]
+    wait = two.take_token("api", 4.0, 2.0)
+    assert wait == pytest.approx(0.25)
+    assert one.take_token("api", 4.0, 2.0) == pytest.approx(0.25)  # nothing was taken
+    clock.advance(0.125)
+    assert two.take_token("api", 4.0, 2.0) == pytest.approx(0.125)
+    clock.advance(0.125)
+    assert two.take_token("api", 4.0, 2.0) == 0.0
+    assert one.take_token("api", 4.0, 2.0) > 0
+    clock.advance(3600)  # an hour idle refills the burst, no more
+    assert [one.take_token("api", 4.0, 2.0) == 0.0 for _ in range(3)] == [True, True, False]
+
+
+def test_keys_have_budgets_of_their_own(
+    stores: tuple[SQLiteStore, SQLiteStore, FakeClock],
+) -> None:
+    one, two, _ = stores
+    assert one.take_token("stripe", 1.0, 1.0) == 0.0
+    assert two.take_token("stripe", 1.0, 1.0) > 0
+    assert two.take_token("hubspot", 1.0, 1.0) == 0.0
+    assert one.take_token("hubspot", 1.0, 1.0) > 0
+
+
+def test_a_clock_set_back_or_forward_neither_stalls_the_budget_nor_overfills_it(
+    tmp_path: Path,
+) -> None:
+    clock = SettableClock()
+    store = SQLiteStore(tmp_path / "b.db", clock=clock)
+    try:
+        assert store.take_token("api", 2.0, 1.0) == 0.0
+        clock.shift = -3600.0  # set back an hour
+        clock.advance(0.5)
+        # Not an hour's stall: the row's time restarts at the new now.
+        assert store.take_token("api", 2.0, 1.0) > 0
+        clock.advance(0.5)
+        assert store.take_token("api", 2.0, 1.0) == 0.0
+        clock.shift += 7200.0  # then forward two hours: at most the burst
+        assert [store.take_token("api", 2.0, 1.0) == 0.0 for _ in range(2)] == [True, False]
+    finally:
+        store.close()
+
+
+def test_a_format_4_store_gains_the_budgets_table(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    store = SQLiteStore(path)
+    store.counts()
+    store.close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE budgets")
+    conn.execute("PRAGMA user_version = 4")
+    conn.commit()
+    conn.close()
+    again = SQLiteStore(path)
+    try:
+        assert again.take_token("api", 1.0, 1.0) == 0.0
+    finally:
+        again.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert conn.execute("SELECT key FROM budgets").fetchall() == [("api",)]
+    finally:
+        conn.close()
+
+
+def test_only_keys_with_a_declared_rate_ask_the_shared_budget(tmp_path: Path) -> None:
+    """Unlimited keys (and a limit of concurrency alone) never touch the budgets table."""
+    path = tmp_path / "o.db"
+    off = offload.Offloader(
+        store=f"sqlite:///{path}",
+        limits={"paced": offload.Limit(rate=1000), "capped": offload.Limit(concurrency=1)},
+        idle_timeout=0.5,
+    )
+    try:
+        assert off._core.sched.shared_rates
+        for key in ("paced", "capped", "free", None):
+            for i in range(5):
+                off.enqueue_task(offload.Task(note, (f"{key}-{i}",), key=key))
+        assert off.flush(timeout=60)
+    finally:
+        off.shutdown(timeout=10)
+    assert len(calls) >= 20
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT key FROM budgets").fetchall() == [("paced",)]
+    finally:
+        conn.close()
+
+
+def test_the_memory_store_paces_each_process_on_its_own() -> None:
+    off = offload.Offloader(limits={"paced": offload.Limit(rate=10)}, idle_timeout=0.5)
+    try:
+        assert not off._core.sched.shared_rates
+    finally:
+        off.shutdown(timeout=5)
+
+
+# -- two real processes ------------------------------------------------------------------
+
+RATE, BURST, PER_PROCESS = 10, 2, 25
+
+WORKER = f"""
+import os, sys
+import offload
+
+url, target = sys.argv[1], sys.argv[2]
+limits = {{sys.argv[3]: offload.Limit(rate={RATE}, burst={BURST})}}
+off = offload.Offloader(store=url, limits=limits, workers=2)
+off.stats()  # the file opened (and made) before the race begins
+print("ready", flush=True)
+sys.stdin.readline()
+for i in range({PER_PROCESS}):
+    off.enqueue_task(offload.http("POST", target, headers={{"X-Pid": str(os.getpid())}}))
+print("done", off.flush(timeout=120), flush=True)
+off.shutdown(timeout=10)
+"""
+
+
+def test_two_processes_on_one_file_together_stay_within_the_declared_rate(
+    tmp_path: Path, server: ScriptedServer
+) -> None:
+    """Each process performs its own calls (leased as it enqueues them), both at once;
+    every window of the server's arrivals holds at most the burst and the rate's share,
+    plus the calls that were on their way when it began (two workers a process, and a
+    token each may hold): per process budgets would let twice the rate through."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(WORKER), url, server.url("/b"), server.base_url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=python_env(),
+        )
+        for _ in range(2)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line == "ready\n", line + (proc.stderr.read() if proc.stderr else "")
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        total = 2 * PER_PROCESS
+        assert server.wait_for(total, "/b", timeout=120)
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0 and "done True" in out, out + err
+    finally:
+        for proc in procs:
+            reap(proc)
+    requests = server.requests_to("/b")
+    by_pid: dict[str, int] = {}
+    for request in requests:
+        by_pid[request.headers["X-Pid"]] = by_pid.get(request.headers["X-Pid"], 0) + 1
+    assert sorted(by_pid.values()) == [PER_PROCESS, PER_PROCESS]
+    arrivals = sorted(request.at for request in requests)
+    window, on_the_way = 2.0, 2 * 2 + 2
+    allowed = BURST + RATE * window + on_the_way
+    most = max(
+        sum(1 for later in arrivals if start <= later < start + window) for start in arrivals
+    )
+    assert most <= allowed, (
+        most,
+        allowed,
+        json.dumps([round(a - arrivals[0], 3) for a in arrivals]),
+    )
