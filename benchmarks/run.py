@@ -47,6 +47,7 @@ BENCHES = [
     "idle",
     "postgres",
     "console",
+    "budgets",
 ]
 EXTERNAL = {"durable_enqueue", "handler_latency"}  # written by other engineers
 OPTIONAL = ["handler_latency"]  # run when present, listed after the rest

@@ -29,7 +29,7 @@ def bench_run() -> ModuleType:
 
 
 TINY = {"factor": 0.001, "repeats": 1}
-OWN = ["enqueue", "memory", "drain", "scaling", "throttle", "idle", "console"]
+OWN = ["enqueue", "memory", "drain", "scaling", "throttle", "idle", "console", "budgets"]
 
 
 @pytest.mark.parametrize("name", OWN)
