@@ -37,6 +37,7 @@ class Budgets:
         self.core = core
         self.store = store
         self.clock = clock
+        self.asking = 0  # workers asking the store now (each notifies when done)
 
     def ask(self, now: float) -> bool:
         """Called with the lock held, which it lets go while it asks the store: a token
@@ -54,12 +55,14 @@ class Budgets:
             shared.asking = True
             asks.append((key, shared))
         waits: list[float] = []
+        self.asking += 1
         core.lock.release()
         try:
             for key, shared in asks:
                 waits.append(self._take(key, shared))
         finally:
             core.lock.acquire()
+            self.asking -= 1
             for _, shared in asks:
                 shared.asking = False
         now = self.clock.monotonic()

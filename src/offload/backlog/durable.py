@@ -192,13 +192,18 @@ class DurableBacklog:
         if task is not None:
             return Take(task)
         budgets = self.budgets
-        if budgets is not None and budgets.ask(now):  # shared tokens for limited keys
-            if core.stopping or core.forked():
-                return Take(None, 0.0)
-            now = self.clock.monotonic()
-            task = sched.take(now)
-            if task is not None:
-                return Take(task)
+        if budgets is not None:  # shared tokens for limited keys
+            if budgets.ask(now):
+                if core.stopping or core.forked():
+                    return Take(None, 0.0)
+                now = self.clock.monotonic()
+                task = sched.take(now)
+                if task is not None:
+                    return Take(task)
+            elif budgets.asking:
+                # Another worker is taking a token, and notifies when it has: reading the
+                # store meanwhile (a claim per token) would cost more than the token.
+                return Take(None, self.wakeups.look())
         claimed, store_wait = self.claims.poll(now)
         if core.stopping or core.forked():
             return Take(None, 0.0)
