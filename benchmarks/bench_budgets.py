@@ -4,7 +4,7 @@ Over SQLite a key with a declared rate takes each call's token from the budgets 
 one write transaction per call start, run by a worker with the offloader's lock let go.
 Two figures, same run:
 
-- `SQLiteStore.take_token` alone: microseconds per token (one process, one file, WAL,
+- `SQLiteStore.take_tokens` alone: microseconds per token (one process, one file, WAL,
   synchronous=normal), against a `SELECT 1` on the same connection.
 - Delivery over a SQLite file with 4 workers: a key with `Limit(rate=1_000_000)` (every
   start takes a token from the file, none ever waits) against the same calls on a key
@@ -32,14 +32,14 @@ def nothing(i: int) -> None:
 
 
 def token_cost(n: int) -> tuple[float, float]:
-    """(µs per take_token, µs per SELECT 1) on one store object's connection."""
+    """(µs per take_tokens, µs per SELECT 1) on one store object's connection."""
     with tempfile.TemporaryDirectory(prefix="offload-budgets-") as directory:
         store = SQLiteStore(Path(directory) / "b.db")
         try:
-            store.take_token("warm", 1e9, 1e9)
+            store.take_tokenss("warm", 1e9, 1e9)
             t0 = time.perf_counter()
             for _ in range(n):
-                store.take_token("api", 1e9, 1e9)
+                store.take_tokenss("api", 1e9, 1e9)
             take = (time.perf_counter() - t0) / n * 1e6
             with store._use("benchmark") as conn:
                 t0 = time.perf_counter()
@@ -109,7 +109,7 @@ def run(scale: Scale) -> list[Row]:
     return [
         Row(
             "budgets",
-            "SQLiteStore.take_token, one token",
+            "SQLiteStore.take_tokens, one token",
             samples.median("take"),
             "µs",
             baseline="SELECT 1 on the same connection",

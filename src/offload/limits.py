@@ -344,11 +344,17 @@ class Pace:
             return None
         return 0.0 if self.bucket is None else self.bucket.wait(now)
 
-    def wants_token(self, now: float) -> bool:
-        """A call could start now but for a token of the shared budget, which nobody here
-        is asking the store for yet."""
+    def wants_tokens(self, now: float) -> int:
+        """How many calls could start now (by the concurrency cap and this process's own
+        bucket) but for tokens of the shared budget, which nobody here is asking the
+        store for yet; 0 when none."""
         shared = self.shared
-        return shared is not None and shared.wanted(now) and self._own_wait(now) == 0.0
+        if shared is None or not shared.wanted(now) or self._own_wait(now) != 0.0:
+            return 0
+        limit = self.limit
+        slots = None if limit is None else limit.concurrency
+        room = 1_000_000 if slots is None else slots - self.running
+        return max(1, min(room, int(self.bucket.tokens) if self.bucket is not None else room))
 
     def start(self, now: float) -> None:
         self.running += 1

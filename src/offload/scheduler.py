@@ -192,20 +192,24 @@ class Scheduler:
         pace = paces[key] = Pace(limit, self.adaptive, now, shared=self.shared_rates)
         return pace
 
-    def wanting(self, now: float) -> list[str]:
-        """Keys whose next held call may start at `now` but for a token of the shared
-        budget, that nobody here is asking the store for yet."""
+    def wanting(self, now: float) -> list[tuple[str, int]]:
+        """Keys whose held calls may start at `now` but for tokens of the shared budget,
+        that nobody here is asking the store for yet, with how many could start (one
+        for a gated key's probe)."""
         if not self.shared_rates or not self.held:
             return []
         keys = []
         gates = self.gates
-        for key in self.held:
+        for key, held in self.held.items():
             pace = self.paces.get(key)
-            if pace is None or not pace.wants_token(now):
+            count = 0 if pace is None else pace.wants_tokens(now)
+            if not count:
                 continue
             gate = gates.get(key)
-            if gate is None or (gate.probe is None and now >= gate.open_at):
-                keys.append(key)
+            if gate is None:
+                keys.append((key, min(count, len(held))))
+            elif gate.probe is None and now >= gate.open_at:
+                keys.append((key, 1))
         return keys
 
     def _forget_idle_paces(self, now: float) -> None:

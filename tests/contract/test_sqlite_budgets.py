@@ -43,6 +43,13 @@ class SettableClock(FakeClock):
         return super().time() + self.shift
 
 
+def take(store: SQLiteStore, key: str, rate: float, burst: float) -> float:
+    """One token: 0.0 when taken, else the seconds until one is there."""
+    taken, wait = store.take_tokens(key, rate, burst)
+    assert taken in (0, 1) and (wait == 0.0) == (taken == 1)
+    return wait
+
+
 @pytest.fixture
 def stores(tmp_path: Path) -> Iterator[tuple[SQLiteStore, SQLiteStore, FakeClock]]:
     """Two store objects on one file (as two processes have), on one clock."""
@@ -71,7 +78,7 @@ def test_two_stores_on_one_file_take_at_most_the_burst_plus_the_rate(
     steps = 400  # 2 seconds in steps of 5 ms, each store asking every step
     for _ in range(steps):
         for store in (one, two):
-            if store.take_token("api", rate, burst) == 0.0:
+            if take(store, "api", rate, burst) == 0.0:
                 taken[id(store)] += 1
         clock.advance(0.005)
     elapsed = steps * 0.005
@@ -85,27 +92,39 @@ def test_an_empty_bucket_says_when_its_next_token_comes_and_refills_up_to_the_bu
     stores: tuple[SQLiteStore, SQLiteStore, FakeClock],
 ) -> None:
     one, two, clock = stores
-    assert [one.take_token("api", 4.0, 2.0) for _ in range(2)] == [0.0, 0.0]
-    wait = two.take_token("api", 4.0, 2.0)
+    assert [take(one, "api", 4.0, 2.0) for _ in range(2)] == [0.0, 0.0]
+    wait = take(two, "api", 4.0, 2.0)
     assert wait == pytest.approx(0.25)
-    assert one.take_token("api", 4.0, 2.0) == pytest.approx(0.25)  # nothing was taken
+    assert take(one, "api", 4.0, 2.0) == pytest.approx(0.25)  # nothing was taken
     clock.advance(0.125)
-    assert two.take_token("api", 4.0, 2.0) == pytest.approx(0.125)
+    assert take(two, "api", 4.0, 2.0) == pytest.approx(0.125)
     clock.advance(0.125)
-    assert two.take_token("api", 4.0, 2.0) == 0.0
-    assert one.take_token("api", 4.0, 2.0) > 0
+    assert take(two, "api", 4.0, 2.0) == 0.0
+    assert take(one, "api", 4.0, 2.0) > 0
     clock.advance(3600)  # an hour idle refills the burst, no more
-    assert [one.take_token("api", 4.0, 2.0) == 0.0 for _ in range(3)] == [True, True, False]
+    assert [take(one, "api", 4.0, 2.0) == 0.0 for _ in range(3)] == [True, True, False]
+
+
+def test_a_process_takes_the_tokens_there_are_up_to_what_it_wants(
+    stores: tuple[SQLiteStore, SQLiteStore, FakeClock],
+) -> None:
+    one, two, clock = stores
+    assert one.take_tokens("api", 10.0, 3.0, 5) == (3, 0.0)
+    taken, wait = two.take_tokens("api", 10.0, 3.0, 5)
+    assert taken == 0 and wait == pytest.approx(0.1)
+    clock.advance(0.25)
+    assert two.take_tokens("api", 10.0, 3.0, 5) == (2, 0.0)
+    assert one.take_tokens("api", 10.0, 3.0, 1)[0] == 0
 
 
 def test_keys_have_budgets_of_their_own(
     stores: tuple[SQLiteStore, SQLiteStore, FakeClock],
 ) -> None:
     one, two, _ = stores
-    assert one.take_token("stripe", 1.0, 1.0) == 0.0
-    assert two.take_token("stripe", 1.0, 1.0) > 0
-    assert two.take_token("hubspot", 1.0, 1.0) == 0.0
-    assert one.take_token("hubspot", 1.0, 1.0) > 0
+    assert take(one, "stripe", 1.0, 1.0) == 0.0
+    assert take(two, "stripe", 1.0, 1.0) > 0
+    assert take(two, "hubspot", 1.0, 1.0) == 0.0
+    assert take(one, "hubspot", 1.0, 1.0) > 0
 
 
 def test_a_clock_set_back_or_forward_neither_stalls_the_budget_nor_overfills_it(
@@ -114,15 +133,15 @@ def test_a_clock_set_back_or_forward_neither_stalls_the_budget_nor_overfills_it(
     clock = SettableClock()
     store = SQLiteStore(tmp_path / "b.db", clock=clock)
     try:
-        assert store.take_token("api", 2.0, 1.0) == 0.0
+        assert take(store, "api", 2.0, 1.0) == 0.0
         clock.shift = -3600.0  # set back an hour
         clock.advance(0.5)
         # Not an hour's stall: the row's time restarts at the new now.
-        assert store.take_token("api", 2.0, 1.0) > 0
+        assert take(store, "api", 2.0, 1.0) > 0
         clock.advance(0.5)
-        assert store.take_token("api", 2.0, 1.0) == 0.0
+        assert take(store, "api", 2.0, 1.0) == 0.0
         clock.shift += 7200.0  # then forward two hours: at most the burst
-        assert [store.take_token("api", 2.0, 1.0) == 0.0 for _ in range(2)] == [True, False]
+        assert [take(store, "api", 2.0, 1.0) == 0.0 for _ in range(2)] == [True, False]
     finally:
         store.close()
 
@@ -139,7 +158,7 @@ def test_a_format_4_store_gains_the_budgets_table(tmp_path: Path) -> None:
     conn.close()
     again = SQLiteStore(path)
     try:
-        assert again.take_token("api", 1.0, 1.0) == 0.0
+        assert take(again, "api", 1.0, 1.0) == 0.0
     finally:
         again.close()
     conn = sqlite3.connect(path)
@@ -208,8 +227,9 @@ def test_two_processes_on_one_file_together_stay_within_the_declared_rate(
 ) -> None:
     """Each process performs its own calls (leased as it enqueues them), both at once;
     every window of the server's arrivals holds at most the burst and the rate's share,
-    plus the calls that were on their way when it began (two workers a process, and a
-    token each may hold): per process budgets would let twice the rate through."""
+    plus the calls that were on their way when it began (two workers a process, and the
+    token per worker a process may hold): budgets per process would let twice the rate
+    through."""
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     procs = [
         subprocess.Popen(
@@ -245,7 +265,7 @@ def test_two_processes_on_one_file_together_stay_within_the_declared_rate(
         by_pid[request.headers["X-Pid"]] = by_pid.get(request.headers["X-Pid"], 0) + 1
     assert sorted(by_pid.values()) == [PER_PROCESS, PER_PROCESS]
     arrivals = sorted(request.at for request in requests)
-    window, on_the_way = 2.0, 2 * 2 + 2
+    window, on_the_way = 2.0, 2 * (2 + 2)  # per process: 2 calls in flight, 2 tokens held
     allowed = BURST + RATE * window + on_the_way
     most = max(
         sum(1 for later in arrivals if start <= later < start + window) for start in arrivals

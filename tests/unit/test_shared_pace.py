@@ -25,11 +25,11 @@ def shared(**limits: Limit) -> Scheduler:
     return s
 
 
-def grant(s: Scheduler, key: str) -> None:
-    """What the backlog does when the store gave a token."""
+def grant(s: Scheduler, key: str, count: int = 1) -> None:
+    """What the backlog does when the store gave tokens."""
     tokens = s.paces[key].shared
     assert tokens is not None
-    tokens.held += 1
+    tokens.held += count
 
 
 def test_a_limited_call_waits_for_a_shared_token_and_others_flow() -> None:
@@ -39,14 +39,17 @@ def test_a_limited_call_waits_for_a_shared_token_and_others_flow() -> None:
         s.put(t)
     assert s.take(0.0) is other  # api's calls are held for a token
     assert s.take(0.0) is None
-    assert s.wanting(0.0) == ["api"]
+    assert s.wanting(0.0) == [("api", 2)]  # both could start, by the process's own limits
     assert s.next_wake(0.0) is None  # nothing to wake for: the asking worker looks again
     grant(s, "api")
     assert s.wanting(0.0) == []
     assert s.take(0.0) is a1  # in order, the token spent
-    assert s.take(0.0) is None and s.wanting(0.0) == ["api"]
-    grant(s, "api")
+    assert s.take(0.0) is None and s.wanting(0.0) == [("api", 1)]
+    grant(s, "api", 2)  # a token more than it used: kept for the next call
     assert s.take(0.0) is a2
+    a3 = task("api")
+    s.put(a3)
+    assert s.take(0.0) is a3 and s.wanting(0.0) == []
 
 
 def test_a_key_being_asked_for_or_told_to_wait_is_not_wanted_again() -> None:
@@ -61,7 +64,7 @@ def test_a_key_being_asked_for_or_told_to_wait_is_not_wanted_again() -> None:
     tokens.retry_at = 0.25  # the store had none until then
     assert s.wanting(0.1) == []
     assert s.next_wake(0.1) == pytest.approx(0.15)
-    assert s.wanting(0.25) == ["api"]
+    assert s.wanting(0.25) == [("api", 1)]
 
 
 def test_the_own_bucket_and_the_concurrency_cap_come_first() -> None:
@@ -76,7 +79,7 @@ def test_the_own_bucket_and_the_concurrency_cap_come_first() -> None:
     assert s.wanting(0.0) == []
     s.settle(first, None)
     assert s.wanting(0.5) == []  # the process's own bucket: one a second
-    assert s.wanting(1.0) == ["api"]
+    assert s.wanting(1.0) == [("api", 1)]
 
 
 def test_a_gated_key_asks_once_its_gate_opens_and_its_probe_spends_the_token() -> None:
@@ -90,7 +93,7 @@ def test_a_gated_key_asks_once_its_gate_opens_and_its_probe_spends_the_token() -
     s.put(probe)
     assert s.take(1.0) is None
     assert s.wanting(1.0) == []  # closed: nothing is asked for
-    assert s.wanting(5.0) == ["api"]
+    assert s.wanting(5.0) == [("api", 1)]
     grant(s, "api")
     assert s.take(5.0) is probe
     assert s.gates["api"].probe is probe

@@ -3,10 +3,11 @@
 Over a store that keeps them (`stores.base.BudgetStore`: SQLite, PostgreSQL), a key's
 declared rate holds for every process on the store together. The scheduler holds a
 limited key's calls until its pace has a token (`limits.SharedTokens`); a worker that
-finds keys waiting for one asks the store, a token per key, with the core's lock let go
-(the store's transaction never holds up an enqueue or another key's calls), then looks at
-the scheduler again. Keys without a declared rate never ask; the adaptive rate and
-concurrency caps stay per process.
+finds keys waiting for one asks the store with the core's lock let go (the store's
+transaction never holds up an enqueue or another key's calls), for as many tokens as it
+and the idle workers can start calls with, then looks at the scheduler again. Keys
+without a declared rate never ask; the adaptive rate and concurrency caps stay per
+process.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from ..clock import Clock
     from ..core import Core
     from ..stores.base import BudgetStore
+    from ..worker import WorkerPool
 
 __all__ = ["ASK_AGAIN", "Budgets"]
 
@@ -33,8 +35,9 @@ ASK_AGAIN = 1.0
 class Budgets:
     """Takes shared tokens from the store for the keys the scheduler holds for one."""
 
-    def __init__(self, core: Core, store: BudgetStore, clock: Clock) -> None:
+    def __init__(self, core: Core, pool: WorkerPool, store: BudgetStore, clock: Clock) -> None:
         self.core = core
+        self.pool = pool
         self.store = store
         self.clock = clock
         self.asking = 0  # workers asking the store now (each notifies when done)
@@ -48,41 +51,46 @@ class Budgets:
         keys = sched.wanting(now)
         if not keys:
             return False
-        asks: list[tuple[str, SharedTokens]] = []
-        for key in keys:
+        # Up to a token per worker thread: the calls this process starts next, so that the
+        # next few need not ask (a worker waits while another asks).
+        workers = self.pool.size
+        asks: list[tuple[str, SharedTokens, int]] = []
+        for key, count in keys:
             shared = sched.paces[key].shared
             assert shared is not None
             shared.asking = True
-            asks.append((key, shared))
-        waits: list[float] = []
+            asks.append((key, shared, min(count, workers)))
+        answers: list[tuple[int, float]] = []
         self.asking += 1
         core.lock.release()
         try:
-            for key, shared in asks:
-                waits.append(self._take(key, shared))
+            for key, shared, want in asks:
+                answers.append(self._take(key, shared, want))
         finally:
             core.lock.acquire()
             self.asking -= 1
-            for _, shared in asks:
+            for _, shared, _ in asks:
                 shared.asking = False
         now = self.clock.monotonic()
-        for (_, shared), wait in zip(asks, waits, strict=True):
-            if wait > 0:
-                shared.retry_at = now + wait
+        taken = 0
+        for (_, shared, _), (count, wait) in zip(asks, answers, strict=True):
+            if count:
+                shared.held += count
+                taken += count
             else:
-                shared.held += 1
-        core.work.notify()  # another worker may ask for the next token meanwhile
+                shared.retry_at = now + wait
+        core.work.notify(max(1, taken))  # idle workers start the calls; or ask again
         return True
 
-    def _take(self, key: str, shared: SharedTokens) -> float:
+    def _take(self, key: str, shared: SharedTokens, want: int) -> tuple[int, float]:
         try:
-            return self.store.take_token(key, shared.rate, shared.burst)
+            return self.store.take_tokens(key, shared.rate, shared.burst, want)
         except Exception as exc:
             with Guarded():
                 log.error(
-                    "offload: could not take a token of %s's rate budget from %s: %s",
+                    "offload: could not take tokens of %s's rate budget from %s: %s",
                     key,
                     self.store.url,
                     exc,
                 )
-            return ASK_AGAIN
+            return 0, ASK_AGAIN

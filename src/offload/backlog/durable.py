@@ -78,7 +78,7 @@ class DurableBacklog:
         # Enqueues inside the application's transaction: only a store that can join one.
         self._joins = isinstance(store, TransactionalStore)
         # Declared rates shared by every process on the store: only one that keeps them.
-        self.budgets = Budgets(core, store, clock) if isinstance(store, BudgetStore) else None
+        self.budgets = Budgets(core, pool, store, clock) if isinstance(store, BudgetStore) else None
         core.sched.shared_rates = self.budgets is not None
 
     # -- enqueue --------------------------------------------------------------------------

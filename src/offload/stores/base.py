@@ -35,7 +35,7 @@ put every `backlog.wakeups.POLL_INTERVAL` seconds, unless the store can tell it:
 for that (and for lease expiries) instead of polling. A store that cannot returns None.
 
 Rate budgets. A `BudgetStore` (SQLite, PostgreSQL) keeps a token bucket per key for
-every process on it (`take_token`): a key's declared rate then holds for all of them
+every process on it (`take_tokens`): a key's declared rate then holds for all of them
 together. Over any other store each process paces its calls on its own.
 
 The application's transaction. A `TransactionalStore` (PostgreSQL) also writes tasks
@@ -270,11 +270,11 @@ class DurableStore(Store, Protocol):
 class BudgetStore(DurableStore, Protocol):
     """A DurableStore that keeps declared rates' budgets, shared by every process on it."""
 
-    def take_token(self, key: str, rate: float, burst: float) -> float:
-        """Take one token of `key`'s bucket (refilled at `rate` tokens a second, holding
-        `burst` at most, full when new), which every process on the store shares: 0.0
-        when one was taken, else the seconds until one is there (nothing taken).
-        StoreError when the store cannot be read."""
+    def take_tokens(self, key: str, rate: float, burst: float, want: int = 1) -> tuple[int, float]:
+        """Take up to `want` tokens of `key`'s bucket (refilled at `rate` tokens a second,
+        holding `burst` at most, full when new), which every process on the store shares:
+        (how many were taken, 0.0), or (0, the seconds until one is there). StoreError
+        when the store cannot be read."""
         ...
 
 

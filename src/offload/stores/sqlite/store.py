@@ -34,7 +34,7 @@ from ...errors import StoreError
 from ...records import DeadLetter, Task
 from .._shared import new_owner
 from ..base import NO_KEYS, StoreCounts
-from .budgets import take_token
+from .budgets import take_tokens
 from .dedup import let_key_go, put_unique
 from .journal import CAN_JOURNAL, Journals, JournalWriter, done_line, lease_text, task_line
 from .letters import (
@@ -348,11 +348,11 @@ class SQLiteStore(LetterListing):
                 self._sweep(conn, now)
             return earliest_due(conn)
 
-    def take_token(self, key: str, rate: float, burst: float) -> float:
-        """Take a token of `key`'s rate budget, shared by every process on the file (see
-        budgets.py): 0.0 when taken, else the seconds until one is there."""
-        with self._use("taking a token of a rate budget") as conn:
-            return take_token(conn, key, rate, burst, self._clock.time)
+    def take_tokens(self, key: str, rate: float, burst: float, want: int = 1) -> tuple[int, float]:
+        """Take up to `want` tokens of `key`'s rate budget, shared by every process on the
+        file (budgets.py): (taken, 0.0), or (0, the seconds until one is there)."""
+        with self._use("taking tokens of a rate budget") as conn:
+            return take_tokens(conn, key, rate, burst, want, self._clock.time)
 
     def watch(self, wake: Callable[[], None]) -> Callable[[], None] | None:
         """None: a file says nothing of new rows: idle workers poll (see DurableStore.watch)."""
