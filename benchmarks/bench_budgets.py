@@ -36,10 +36,10 @@ def token_cost(n: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory(prefix="offload-budgets-") as directory:
         store = SQLiteStore(Path(directory) / "b.db")
         try:
-            store.take_tokenss("warm", 1e9, 1e9)
+            store.take_tokens("warm", 1e9, 1e9)
             t0 = time.perf_counter()
             for _ in range(n):
-                store.take_tokenss("api", 1e9, 1e9)
+                store.take_tokens("api", 1e9, 1e9)
             take = (time.perf_counter() - t0) / n * 1e6
             with store._use("benchmark") as conn:
                 t0 = time.perf_counter()

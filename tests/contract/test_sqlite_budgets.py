@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
-import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +16,7 @@ from offload.stores.base import BudgetStore
 from offload.stores.sqlite import SQLiteStore
 from offload.stores.sqlite.schema import SCHEMA_VERSION
 from offload.testing import FakeClock
-from procs import python_env, reap
+from paced import PER_PROCESS, allowed, busiest, run_two
 from server import ScriptedServer
 
 calls: list[str] = []
@@ -203,75 +200,18 @@ def test_the_memory_store_paces_each_process_on_its_own() -> None:
 
 # -- two real processes ------------------------------------------------------------------
 
-RATE, BURST, PER_PROCESS = 10, 2, 25
-
-WORKER = f"""
-import os, sys
-import offload
-
-url, target = sys.argv[1], sys.argv[2]
-limits = {{sys.argv[3]: offload.Limit(rate={RATE}, burst={BURST})}}
-off = offload.Offloader(store=url, limits=limits, workers=2)
-off.stats()  # the file opened (and made) before the race begins
-print("ready", flush=True)
-sys.stdin.readline()
-for i in range({PER_PROCESS}):
-    off.enqueue_task(offload.http("POST", target, headers={{"X-Pid": str(os.getpid())}}))
-print("done", off.flush(timeout=120), flush=True)
-off.shutdown(timeout=10)
-"""
-
 
 def test_two_processes_on_one_file_together_stay_within_the_declared_rate(
     tmp_path: Path, server: ScriptedServer
 ) -> None:
-    """Each process performs its own calls (leased as it enqueues them), both at once;
-    every window of the server's arrivals holds at most the burst and the rate's share,
-    plus the calls that were on their way when it began (two workers a process, and the
-    token per worker a process may hold): budgets per process would let twice the rate
-    through."""
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(WORKER), url, server.url("/b"), server.base_url],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=python_env(),
-        )
-        for _ in range(2)
-    ]
-    try:
-        for proc in procs:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            assert line == "ready\n", line + (proc.stderr.read() if proc.stderr else "")
-        for proc in procs:
-            assert proc.stdin is not None
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-        total = 2 * PER_PROCESS
-        assert server.wait_for(total, "/b", timeout=120)
-        for proc in procs:
-            out, err = proc.communicate(timeout=120)
-            assert proc.returncode == 0 and "done True" in out, out + err
-    finally:
-        for proc in procs:
-            reap(proc)
-    requests = server.requests_to("/b")
+    """Both perform their own calls at once (tests/support/paced.py); every 2-second window
+    of the server's arrivals holds at most what one budget allows."""
+    requests = run_two(f"sqlite:///{tmp_path / 'shared.db'}", server)
     by_pid: dict[str, int] = {}
     for request in requests:
         by_pid[request.headers["X-Pid"]] = by_pid.get(request.headers["X-Pid"], 0) + 1
     assert sorted(by_pid.values()) == [PER_PROCESS, PER_PROCESS]
-    arrivals = sorted(request.at for request in requests)
-    window, on_the_way = 2.0, 2 * (2 + 2)  # per process: 2 calls in flight, 2 tokens held
-    allowed = BURST + RATE * window + on_the_way
-    most = max(
-        sum(1 for later in arrivals if start <= later < start + window) for start in arrivals
-    )
-    assert most <= allowed, (
-        most,
-        allowed,
-        json.dumps([round(a - arrivals[0], 3) for a in arrivals]),
-    )
+    arrivals = [request.at for request in requests]
+    most, bound = busiest(arrivals, 2.0), allowed(2.0)
+    offsets = [round(at - min(arrivals), 3) for at in sorted(arrivals)]
+    assert most <= bound, (most, bound, json.dumps(offsets))

@@ -19,10 +19,12 @@ from typing import Any
 
 from ...errors import StoreError
 from .._shared import LETTER_FIELDS
+from .budgets import budget_statement
 
 __all__ = ["SCHEMA_VERSION", "Sql", "channel", "ensure_tables"]
 
-SCHEMA_VERSION = 1
+# 2: rate budgets
+SCHEMA_VERSION = 2
 
 _LETTER_COLUMNS = ", ".join(LETTER_FIELDS)
 TASK_FIELDS = (
@@ -89,10 +91,28 @@ def _ddl(s: str) -> tuple[str, ...]:
         f"CREATE INDEX IF NOT EXISTS dead_letters_status ON {s}.dead_letters (status, seq)",
         f"CREATE INDEX IF NOT EXISTS dead_letters_reason ON {s}.dead_letters (reason, seq)",
         f"CREATE INDEX IF NOT EXISTS dead_letters_last ON {s}.dead_letters (last_attempt_at)",
+        *_MIGRATIONS[2](s),
         f"CREATE TABLE IF NOT EXISTS {s}.meta (name text PRIMARY KEY, value text NOT NULL)",
         f"INSERT INTO {s}.meta (name, value) VALUES ('version', '{SCHEMA_VERSION}') "
         "ON CONFLICT (name) DO NOTHING",
     )
+
+
+def _budgets(s: str) -> tuple[str, ...]:
+    # A declared rate's token bucket per key, shared by every process (budgets.py).
+    return (
+        f"""CREATE TABLE IF NOT EXISTS {s}.budgets (
+            key text PRIMARY KEY,
+            tokens double precision NOT NULL,  -- left at `stamp`
+            stamp double precision NOT NULL,   -- epoch seconds, the server's clock
+            taken integer NOT NULL             -- by the statement that wrote the row
+        )""",
+    )
+
+
+# The statements that take a store from the format before to theirs (in the transaction
+# that sets the version); a new store runs them all with its tables.
+_MIGRATIONS = {2: _budgets}
 
 
 class Sql:
@@ -192,6 +212,8 @@ class Sql:
         )
         self.discard = f"DELETE FROM {letters} WHERE id = %s"
         self.purge = f"DELETE FROM {letters}"
+        # -- rate budgets (budgets.py) ------------------------------------------------------
+        self.take_tokens = budget_statement(s)
 
 
 def ensure_tables(conn: Any, sql: Sql, *, create: bool, shown: str) -> None:
@@ -214,5 +236,22 @@ def ensure_tables(conn: Any, sql: Sql, *, create: bool, shown: str) -> None:
         raise StoreError(
             f"{shown}: written by a newer offload (store format {version}); upgrade offload"
         )
-    if version < SCHEMA_VERSION:
+    if version < 1:
         raise StoreError(f"{shown}: not a usable offload store (format {version!r})")
+    if version < SCHEMA_VERSION:
+        _upgrade(conn, sql)
+
+
+def _upgrade(conn: Any, sql: Sql) -> None:
+    """Take the store's tables to this format, once, whichever process comes first."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (sql.channel,))
+        version = int(conn.execute(sql.read_version).fetchone()[0])
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[step](sql.schema):
+                conn.execute(statement)
+        if version < SCHEMA_VERSION:
+            conn.execute(
+                f"UPDATE {sql.schema}.meta SET value = %s WHERE name = 'version'",
+                (str(SCHEMA_VERSION),),
+            )

@@ -36,6 +36,7 @@ from ...errors import StoreError
 from ...records import DeadLetter, Task
 from .._shared import new_owner
 from ..base import NO_KEYS, StoreCounts
+from .budgets import take_tokens
 from .joining import psycopg_connection
 from .letters import LetterMethods, bury_task
 from .listener import Listener
@@ -363,6 +364,12 @@ class PostgresStore(LetterMethods):
         with self._use("counting") as cur:
             ready, delayed, leased, letters = count_tasks(cur, self._sql, self._clock.time())
         return StoreCounts(ready=ready, delayed=delayed, leased=leased, dead_letters=letters)
+
+    def take_tokens(self, key: str, rate: float, burst: float, want: int = 1) -> tuple[int, float]:
+        """Take up to `want` tokens of `key`'s rate budget, shared by every process on the
+        database (budgets.py): (taken, 0.0), or (0, the seconds until one is there)."""
+        with self._use("taking tokens of a rate budget") as cur:
+            return take_tokens(cur, self._sql.take_tokens, key, rate, burst, want)
 
     # -- dead letters -----------------------------------------------------------------------
 
