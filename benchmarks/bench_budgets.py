@@ -6,6 +6,9 @@ Two figures, same run:
 
 - `SQLiteStore.take_tokens` alone: microseconds per token (one process, one file, WAL,
   synchronous=normal), against a `SELECT 1` on the same connection.
+- `PostgresStore.take_tokens` alone, on the run's own PostgreSQL server (as
+  bench_postgres.py starts it; a row saying why when none can start here): one round
+  trip, against a `SELECT 1` on the same connection.
 - Delivery over a SQLite file with 4 workers: a key with `Limit(rate=1_000_000)` (every
   start takes a token from the file, none ever waits) against the same calls on a key
   without a limit (which never touch the budget), from the first `enqueue_task` to
@@ -49,6 +52,37 @@ def token_cost(n: int) -> tuple[float, float]:
             return take, select
         finally:
             store.close()
+
+
+def postgres_cost(n: int, repeats: int) -> list[tuple[float, float]] | str:
+    """Per run, (µs per take_tokens, µs per SELECT 1) on a PostgresStore's connection, on
+    one server for every run; or why there is none."""
+    from bench_postgres import postgres_server
+
+    from offload.stores.postgres import PostgresStore
+
+    try:
+        with postgres_server() as server:
+            store = PostgresStore(server.url(query="schema=budgets"))
+            try:
+                store.take_tokens("warm", 1e9, 1e9)
+                runs = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        store.take_tokens("api", 1e9, 1e9)
+                    take = (time.perf_counter() - t0) / n * 1e6
+                    with store._use("benchmark") as cur:
+                        t0 = time.perf_counter()
+                        for _ in range(n):
+                            cur.execute("SELECT 1").fetchone()
+                        select = (time.perf_counter() - t0) / n * 1e6
+                    runs.append((take, select))
+                return runs
+            finally:
+                store.close()
+    except Exception as exc:  # no server here: the row says so
+        return f"no PostgreSQL server: {type(exc).__name__}: {exc}"[:120]
 
 
 def drain(n: int, limited: bool, url: str | None = None) -> float:
@@ -104,8 +138,25 @@ def run(scale: Scale) -> list[Row]:
             shift = run_index % len(order)
             for name, count, limited, url in order[shift:] + order[:shift]:
                 samples.add(name, drain(count, limited, url))
+    pg = postgres_cost(scale.n(2_000, 20), scale.repeats)
+    for take, select in [] if isinstance(pg, str) else pg:
+        samples.add("pg take", take)
+        samples.add("pg select", select)
     ratio = samples.ratio("limited", "unlimited")
     http = samples.ratio("http limited", "http")
+    if samples.count("pg take"):
+        pg_row = Row(
+            "budgets",
+            "PostgresStore.take_tokens, one token",
+            samples.median("pg take"),
+            "µs",
+            baseline="SELECT 1 on the same connection",
+            ratio=samples.ratio("pg take", "pg select"),
+            note=samples.spread("pg take", "pg select"),
+            runs=samples.count("pg take"),
+        )
+    else:
+        pg_row = Row("budgets", "PostgresStore.take_tokens", None, "µs", note=str(pg))
     return [
         Row(
             "budgets",
@@ -117,6 +168,7 @@ def run(scale: Scale) -> list[Row]:
             note=samples.spread("take", "select"),
             runs=samples.count("take"),
         ),
+        pg_row,
         Row(
             "budgets",
             f"SQLite, 4 workers, {n:,} no-op calls, no limit",
@@ -126,7 +178,7 @@ def run(scale: Scale) -> list[Row]:
         ),
         Row(
             "budgets",
-            f"SQLite, 4 workers, {n:,} no-op calls, Limit(rate=1e6): a token each",
+            f"SQLite, 4 workers, {n:,} no-op calls, Limit(rate=1e6)",
             samples.median("limited"),
             "calls/s",
             baseline="the same calls with no limit",
