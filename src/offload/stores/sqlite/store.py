@@ -349,8 +349,7 @@ class SQLiteStore(LetterListing):
             return earliest_due(conn)
 
     def take_tokens(self, key: str, rate: float, burst: float, want: int = 1) -> tuple[int, float]:
-        """Take up to `want` tokens of `key`'s rate budget, shared by every process on the
-        file (budgets.py): (taken, 0.0), or (0, the seconds until one is there)."""
+        """Up to `want` tokens of `key`'s rate budget, for every process on the file."""
         with self._use("taking tokens of a rate budget") as conn:
             return take_tokens(conn, key, rate, burst, want, self._clock.time)
 
