@@ -275,7 +275,7 @@ class AdaptiveRate:
 
 class SharedTokens:
     """A declared rate's tokens from the budget that every process on a durable store
-    shares (`stores.base.BudgetStore`): the backlog takes them from the store one at a
+    shares (`stores.base.BudgetStore`): the backlog takes them from the store, a few at a
     time, with the core's lock let go (`backlog/budgets.py`), and a call starting spends
     one. The process's own bucket still applies (and the adaptive rate cuts it)."""
 
@@ -351,10 +351,12 @@ class Pace:
         shared = self.shared
         if shared is None or not shared.wanted(now) or self._own_wait(now) != 0.0:
             return 0
+        bucket = self.bucket
+        assert bucket is not None  # a shared budget is a declared rate's
         limit = self.limit
         slots = None if limit is None else limit.concurrency
-        room = 1_000_000 if slots is None else slots - self.running
-        return max(1, min(room, int(self.bucket.tokens) if self.bucket is not None else room))
+        room = int(bucket.tokens)  # whole tokens of its own, refilled by _own_wait
+        return max(1, room if slots is None else min(room, slots - self.running))
 
     def start(self, now: float) -> None:
         self.running += 1
