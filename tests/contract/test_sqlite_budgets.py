@@ -4,6 +4,7 @@ real processes against a real server."""
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -188,6 +189,42 @@ def test_only_keys_with_a_declared_rate_ask_the_shared_budget(tmp_path: Path) ->
         assert conn.execute("SELECT key FROM budgets").fetchall() == [("paced",)]
     finally:
         conn.close()
+
+
+def test_a_budget_the_store_cannot_read_holds_the_calls_and_is_asked_again(
+    tmp_path: Path,
+) -> None:
+    """A store error is logged and the key asks again a second later: nothing is lost,
+    nothing crashes, and the calls go once the store answers."""
+    path = tmp_path / "o.db"
+    logged = threading.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "rate budget" in record.getMessage():
+                logged.set()
+
+    handler = Seen(level=logging.ERROR)
+    logging.getLogger("offload").addHandler(handler)
+    off = offload.Offloader(
+        store=f"sqlite:///{path}", limits={"paced": offload.Limit(rate=100)}, idle_timeout=5
+    )
+    try:
+        off.stats()
+        conn = sqlite3.connect(path)
+        conn.execute("ALTER TABLE budgets RENAME TO budgets_away")
+        conn.commit()
+        off.enqueue_task(offload.Task(note, ("held",), key="paced"))
+        assert logged.wait(30)
+        assert off.stats().queued == 1 and "held" not in calls
+        conn.execute("ALTER TABLE budgets_away RENAME TO budgets")
+        conn.commit()
+        conn.close()
+        assert off.flush(timeout=60)
+        assert "held" in calls
+    finally:
+        logging.getLogger("offload").removeHandler(handler)
+        off.shutdown(timeout=10)
 
 
 def test_the_memory_store_paces_each_process_on_its_own() -> None:
