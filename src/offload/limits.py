@@ -158,7 +158,7 @@ def limits_from_json(text: str, what: str = "OFFLOAD_LIMITS") -> dict[str, Limit
         if isinstance(value, dict):
             try:
                 limits[key] = Limit(**value)
-            except TypeError as exc:
+            except (TypeError, ValueError) as exc:
                 raise ValueError(f"{what}[{key!r}]: {exc}") from None
             continue
         limits[key] = value

@@ -27,22 +27,33 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from .limits import Limit, Pace
 
 if TYPE_CHECKING:
     from .records import Task
 
-__all__ = ["OUTAGE_AFTER", "Gate", "Scheduler"]
+__all__ = ["OUTAGE_AFTER", "Gate", "Pause", "Scheduler"]
 
 OUTAGE_AFTER = 3
-"""Distinct tasks of a key failing in a row, nothing succeeding, that make it an outage..."""
+"""Distinct tasks of a key failing in a row, nothing succeeding, that make it suspect, and
+probes failing then that make it an outage..."""
 OUTAGE_SECONDS = 1.0
 """... over at least this long: a few unlucky calls in a row are not an outage."""
+SUSPECT_HOLD = 0.25
+"""Seconds a suspect key is held before each probe."""
 _MAX_IDLE_PACES = 1_000  # paces kept before quiet, unthrottled ones are dropped
 FIRST_PAUSE = 1.0
 MAX_PAUSE = 60.0
+
+
+class Pause(NamedTuple):
+    """What `Scheduler.failed` says of a key whose calls keep failing."""
+
+    seconds: float  # the key is held this long at least
+    down: bool  # an outage: its calls wait as a throttle's do (False: only suspected)
+    news: bool = False  # it has just gone down (logged once)
 
 
 class Gate:
@@ -62,13 +73,48 @@ class Gate:
 class _Outage:
     """A key's failures in a row, and its pause once they made it an outage."""
 
-    __slots__ = ("failing", "first", "pause", "since")
+    __slots__ = ("failing", "first", "pause", "probes", "since")
 
     def __init__(self, now: float) -> None:
         self.failing: set[str] = set()  # ids of the tasks that failed since the last success
         self.first = now  # the first of those failures
+        self.probes = 0  # probes failed while it was suspect
         self.pause = 0.0  # seconds; 0.0 while the key is not (yet) down
         self.since = 0.0  # when it went down
+
+    def failed(self, task_id: str, probe: bool, open_at: float | None, now: float) -> Pause | None:
+        """A transient failure of a task of the key (`probe`: the one call its gate let
+        through; `open_at`: when its gate opens, if it has one).
+
+        OUTAGE_AFTER of its tasks failing in a row, nothing succeeding, make the key
+        suspect: it is held for SUSPECT_HOLD and then tried one probe at a time (a refused
+        connection fails in a millisecond: without the hold every queued call would spend
+        an attempt at once). OUTAGE_AFTER probes failing too, OUTAGE_SECONDS after the
+        first failure or more, make it an outage, paused longer each time a probe fails.
+        Calls that were in flight when the key closed are echoes of the same failure:
+        they wait out the hold or pause without growing it.
+        """
+        echo = open_at is not None and not probe and now < open_at
+        if self.pause:
+            if echo:
+                assert open_at is not None
+                return Pause(open_at - now, down=True)
+            if probe:
+                self.pause = min(MAX_PAUSE, self.pause * 2)
+            return Pause(self.pause, down=True)
+        self.failing.add(task_id)
+        if len(self.failing) < OUTAGE_AFTER:
+            return None
+        if echo:
+            assert open_at is not None
+            return Pause(open_at - now, down=False)
+        if probe:
+            self.probes += 1
+        if self.probes < OUTAGE_AFTER or now - self.first < OUTAGE_SECONDS:
+            return Pause(SUSPECT_HOLD, down=False)
+        self.pause, self.since = FIRST_PAUSE, now
+        self.failing.clear()
+        return Pause(self.pause, down=True, news=True)
 
 
 class Scheduler:
@@ -347,26 +393,25 @@ class Scheduler:
 
     # -- outages --------------------------------------------------------------------------
 
-    def failed(self, task: Task, now: float) -> float | None:
-        """A transient failure of `task` (connection error, timeout, 5xx): the seconds to
-        pause its key for if it is down (several of its tasks failed in a row and nothing
-        succeeded, for a second or more), longer each time its probe fails; None if it is
-        not."""
+    def failed(self, task: Task, now: float) -> Pause | None:
+        """A transient failure of `task` (connection error, timeout, 5xx): how long its key
+        is held (see `_Outage.failed`), or None if nothing says it is down. The key's gate
+        is closed here, so that no other worker starts a call of it meanwhile."""
         key = task.key
         if key is None:
             return None
         outage = self._outages.get(key)
         if outage is None:
             outage = self._outages[key] = _Outage(now)
-        if outage.pause:
-            outage.pause = min(MAX_PAUSE, outage.pause * 2)
-            return outage.pause
-        outage.failing.add(task.id)
-        if len(outage.failing) < OUTAGE_AFTER or now - outage.first < OUTAGE_SECONDS:
-            return None
-        outage.pause, outage.since = FIRST_PAUSE, now
-        outage.failing.clear()
-        return outage.pause
+        gate = self.gates.get(key)
+        probe = gate is not None and gate.probe is task
+        pause = outage.failed(task.id, probe, None if gate is None else gate.open_at, now)
+        if pause is not None:
+            if probe and not pause.down:
+                assert gate is not None
+                gate.probe = None  # the hold goes on: settle() must not release its backlog
+            self.close_gate(key, now + pause.seconds)
+        return pause
 
     def succeeded(self, task: Task, now: float) -> float | None:
         """A success of `task`: how long its key had been down, if it was (None if not)."""

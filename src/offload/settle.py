@@ -21,6 +21,7 @@ from .core import AttemptKind, Core
 from .outcome import Outcome, Reason
 from .policy import Decision, RetryPolicy
 from .records import DeadLetter, Task, new_id, utc
+from .scheduler import Pause
 
 if TYPE_CHECKING:
     from .backlog.base import Backlog
@@ -121,9 +122,9 @@ class Settler:
                 else None
             )
         if pause is not None:
-            # The key is down, not this call: pause it as a throttle would (its backlog
-            # waits, using no attempts; one probe when the pause ends).
-            outage = True
+            # The key is down (or suspected), not this call: its backlog waits, one probe
+            # when the pause ends; an outage's calls wait as a throttle's do, using no attempts.
+            outage = pause.down
             outcome = self._outage(task, outcome, pause)
         policy = task.retry or self.policy
         try:
@@ -154,20 +155,25 @@ class Settler:
         # shutdown() has begun and this backlog cannot keep a retry for later.
         self.dead_letter(task, outcome, "shutdown", error=outcome.error, in_flight=True)
 
-    def _outage(self, task: Task, outcome: Outcome, pause: float) -> Outcome:
-        """The outcome of a call to a key that is down: a throttle, "not now", for `pause`
-        seconds at least; logged once per pause."""
+    def _outage(self, task: Task, outcome: Outcome, pause: Pause) -> Outcome:
+        """The outcome of a call to a key held by `pause`: "not now" for that long at least,
+        a throttle once the key is down; one log line when it goes down."""
+        if not pause.down:  # suspected: the failure counts, the retry waits out the hold
+            return dataclasses.replace(
+                outcome, retry_after=max(pause.seconds, outcome.retry_after or 0.0)
+            )
         with Guarded():
-            log.warning(
+            log.log(
+                logging.WARNING if pause.news else logging.DEBUG,
                 "offload: %s is down (%s); its calls wait, next try in %.0fs",
                 task.key,
                 outcome.error,
-                pause,
+                pause.seconds,
             )
         return dataclasses.replace(
             outcome,
             throttled=True,
-            retry_after=max(pause, outcome.retry_after or 0.0),
+            retry_after=max(pause.seconds, outcome.retry_after or 0.0),
             error=f"{outcome.error} (its API is down)" if outcome.error else "its API is down",
         )
 

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
+
 from offload.records import Task
-from offload.scheduler import Scheduler
+from offload.scheduler import (
+    FIRST_PAUSE,
+    OUTAGE_AFTER,
+    OUTAGE_SECONDS,
+    SUSPECT_HOLD,
+    Scheduler,
+)
 
 
 def noop() -> None:
@@ -132,3 +140,150 @@ def test_nothing_due_before_and_drain() -> None:
     assert not s.nothing_due_before(5.0)
     assert s.drain() == [b, a]
     assert s.size() == 0
+
+
+# -- outages: a key whose calls keep failing is held, then paused -------------------------
+
+
+def _fail(s: Scheduler, t: Task, now: float) -> object:
+    """`t` ran and failed with a transient error at `now`, as settle.py reports it."""
+    return s.failed(t, now)
+
+
+def test_failures_of_one_task_never_make_an_outage() -> None:
+    s = Scheduler()
+    t = task("k")
+    for i in range(10):
+        s.put(t)
+        assert s.take(float(i)) is t
+        assert _fail(s, t, float(i)) is None
+        s.settle(t, None)
+    assert not s.down("k") and "k" not in s.gates
+
+
+def test_three_tasks_failing_in_a_row_hold_the_key_at_once() -> None:
+    s = Scheduler()
+    a, b, c, d = (task("k") for _ in range(4))
+    for t in (a, b, c, d):
+        s.put(t)
+    assert [s.take(0.0) for _ in range(4)] == [a, b, c, d]
+    assert _fail(s, a, 0.0) is None
+    assert _fail(s, b, 0.01) is None
+    held = s.failed(c, 0.02)
+    assert held is not None and not held.down and held.seconds == SUSPECT_HOLD
+    assert s.gates["k"].open_at == pytest.approx(0.02 + SUSPECT_HOLD), "no other call starts"
+    echo = s.failed(d, 0.03)  # in flight with them: the rest of the same hold
+    assert echo is not None and not echo.down
+    assert echo.seconds == pytest.approx(SUSPECT_HOLD - 0.01)
+    assert not s.down("k")
+
+
+def _suspect(s: Scheduler, n: int = 8) -> list[Task]:
+    """Three of `n` tasks of key "k" fail at 0.0: the key is held; the others are queued."""
+    tasks = [task("k") for _ in range(n)]
+    for t in tasks:
+        s.put(t)
+    first = [s.take(0.0) for _ in range(3)]
+    for t in first:
+        assert t is not None
+        s.failed(t, 0.0)
+        s.settle(t, None)
+        s.delay(t, 60.0)  # their own backoff: out of the way
+    return tasks
+
+
+def test_a_suspect_key_is_probed_one_call_at_a_time_and_a_success_ends_it() -> None:
+    s = Scheduler()
+    tasks = _suspect(s)
+    assert s.take(0.1) is None
+    probe = s.take(SUSPECT_HOLD)
+    assert probe is tasks[3] and s.take(SUSPECT_HOLD) is None, "one probe at a time"
+    s.settle(probe, None, now=SUSPECT_HOLD, delivered=True)
+    assert s.succeeded(probe, SUSPECT_HOLD) is None  # never down: nothing to say
+    assert [s.take(SUSPECT_HOLD) for _ in range(4)] == tasks[4:]
+    assert not s.down("k") and "k" not in s.gates
+
+
+def test_probes_failing_for_a_second_make_an_outage_and_only_probes_grow_its_pause() -> None:
+    s = Scheduler()
+    _suspect(s, n=20)
+    now, pauses = 0.0, []
+    while True:
+        now = s.gates["k"].open_at
+        probe = s.take(now)
+        assert probe is not None and s.take(now) is None
+        pause = s.failed(probe, now)
+        assert pause is not None
+        pauses.append(pause)
+        s.settle(probe, now + pause.seconds if pause.down else None, now=now)
+        s.delay(probe, 60.0)
+        assert s.held_count > 0, "the backlog is still held"
+        if pause.down:
+            break
+    assert [p.down for p in pauses].count(True) == 1 and pauses[-1].news
+    assert now >= OUTAGE_SECONDS and len(pauses) >= OUTAGE_AFTER
+    assert s.down("k") and pauses[-1].seconds == FIRST_PAUSE
+    # Down: the next probe failing doubles the pause, and is no news.
+    now = s.gates["k"].open_at
+    probe = s.take(now)
+    assert probe is not None
+    again = s.failed(probe, now)
+    assert again is not None and again.down and not again.news
+    assert again.seconds == 2 * FIRST_PAUSE
+    s.settle(probe, now + again.seconds, now=now)
+    assert s.take(now + 2 * FIRST_PAUSE - 0.01) is None
+
+
+def test_echoes_of_an_outage_wait_out_its_pause_without_growing_it() -> None:
+    s = Scheduler()
+    first, second, third, echo1, echo2 = (task("k") for _ in range(5))
+    for t in (first, second, third, echo1, echo2):
+        s.put(t)
+        s.take(0.0)
+    s.failed(first, 0.0)
+    s.failed(second, 0.0)
+    held = s.failed(third, 0.0)
+    assert held is not None and not held.down
+    # Three probes fail over a second and more: down.
+    s._outages["k"].probes = OUTAGE_AFTER - 1
+    gate = s.gates["k"]
+    probe = task("k")
+    s.put(probe)
+    assert s.take(gate.open_at) is probe
+    down = s.failed(probe, 1.5)
+    assert down is not None and down.down and down.news and down.seconds == FIRST_PAUSE
+    for echo in (echo1, echo2):
+        paused = s.failed(echo, 1.6)
+        assert paused is not None and paused.down and not paused.news
+        assert paused.seconds == pytest.approx(0.9)  # the rest of the same pause
+    assert s.gates["k"].open_at == pytest.approx(2.5)
+
+
+def test_a_success_ends_an_outage_and_says_how_long_it_lasted() -> None:
+    s = Scheduler()
+    ts = [task("k") for _ in range(4)]
+    for t in ts:
+        s.put(t)
+        s.take(0.0)
+    for t in ts[:3]:
+        s.failed(t, 0.0)
+    s._outages["k"].probes = OUTAGE_AFTER  # as if its probes had failed too
+    s.gates["k"].probe = ts[2]
+    assert s.failed(ts[2], 1.0) is not None and s.down("k")
+    assert s.succeeded(ts[3], 11.0) == pytest.approx(10.0)
+    assert not s.down("k")
+    assert s.succeeded(ts[3], 12.0) is None  # over: nothing more to say
+
+
+def test_a_success_between_failures_starts_the_count_again() -> None:
+    s = Scheduler()
+    ts = [task("k") for _ in range(5)]
+    for t in ts:
+        s.put(t)
+        s.take(0.0)
+    s.failed(ts[0], 0.0)
+    s.failed(ts[1], 2.0)
+    assert s.succeeded(ts[2], 2.0) is None
+    assert s.failed(ts[3], 3.0) is None
+    assert s.failed(ts[4], 4.0) is None
+    assert not s.down("k") and "k" not in s.gates
