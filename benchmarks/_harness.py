@@ -143,7 +143,15 @@ def gc_collected() -> Iterator[None]:
 class LocalAPI:
     """benchmarks/_server.py in a child process, on 127.0.0.1; a context manager."""
 
-    def __init__(self, delay: float = 0.0, throttle: int = 0, retry_after: str = "1") -> None:
+    def __init__(
+        self,
+        delay: float = 0.0,
+        throttle: int = 0,
+        retry_after: str = "1",
+        *,
+        rate: float = 0.0,
+        burst: float = 1.0,
+    ) -> None:
         self._proc = subprocess.Popen(
             [
                 sys.executable,
@@ -154,6 +162,10 @@ class LocalAPI:
                 str(throttle),
                 "--retry-after",
                 retry_after,
+                "--rate",
+                str(rate),
+                "--burst",
+                str(burst),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -168,11 +180,22 @@ class LocalAPI:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def reset(self) -> None:
-        """Start the throttled count again (the next `throttle` requests get 429)."""
+        """Start the throttled count again (the next `throttle` requests get 429), with a
+        full bucket and the counts of `stats()` at zero."""
         import requests
 
         with requests.Session() as session:
             session.post(self.url + "/_reset", timeout=5).raise_for_status()
+
+    def stats(self) -> dict[str, int]:
+        """`{"requests": N, "throttled": N}` since the last reset (429s answered)."""
+        import requests
+
+        with requests.Session() as session:
+            answer = session.get(self.url + "/_stats", timeout=5)
+            answer.raise_for_status()
+            data: dict[str, int] = answer.json()
+            return data
 
     def close(self) -> None:
         if self._proc.stdin is not None and not self._proc.stdin.closed:

@@ -43,6 +43,7 @@ BENCHES = [
     "drain",
     "scaling",
     "throttle",
+    "limits",
     "memory",
     "idle",
     "postgres",

@@ -29,7 +29,7 @@ def bench_run() -> ModuleType:
 
 
 TINY = {"factor": 0.001, "repeats": 1}
-OWN = ["enqueue", "memory", "drain", "scaling", "throttle", "idle", "console", "budgets"]
+OWN = ["enqueue", "memory", "drain", "scaling", "throttle", "limits", "idle", "console", "budgets"]
 
 
 @pytest.mark.parametrize("name", OWN)
