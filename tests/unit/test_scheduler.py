@@ -287,3 +287,32 @@ def test_a_success_between_failures_starts_the_count_again() -> None:
     assert s.failed(ts[3], 3.0) is None
     assert s.failed(ts[4], 4.0) is None
     assert not s.down("k") and "k" not in s.gates
+
+
+def test_the_default_policy_keeps_a_probe_of_an_outage_for_about_ten_minutes() -> None:
+    """The figure the README states: a call that failed once and then probes a key that is
+    down (each failed probe a throttle, pauses doubling to MAX_PAUSE) is given up only once
+    its next try would start 600 s after its first (`stop_before_delay(600)`)."""
+    from offload.outcome import Outcome
+    from offload.policy import RetryPolicy
+    from offload.records import Progress
+    from offload.scheduler import MAX_PAUSE
+
+    policy = RetryPolicy()
+    progress = Progress(attempts=1)
+    progress.started = 0.0
+    first = policy.decide(progress, Outcome("retry", error="refused"), None, 0.0)
+    assert first.retry
+    now, pause = first.delay, FIRST_PAUSE
+    while True:
+        progress.attempts += 1
+        probe = Outcome("retry", throttled=True, retry_after=pause, error="its API is down")
+        decision = policy.decide(progress, probe, None, now)
+        if not decision.retry:
+            break
+        assert decision.delay >= pause
+        now += decision.delay
+        pause = min(MAX_PAUSE, pause * 2)
+    assert decision.reason == "exhausted"
+    assert 600 - MAX_PAUSE - 2 <= now <= 600, now
+    assert progress.failures == 1, "the probes' failures used no attempts"
