@@ -85,6 +85,22 @@ class Core:
         """True in a child process that inherited this state (it must not be used there)."""
         return self.pid != os.getpid()
 
+    def undelivered(self, wait: float, deadline: float) -> int:
+        """Wait up to `wait` seconds for nothing more to be due before `deadline` (the
+        clock's time); then how many tasks are still held or running (0 when nothing more
+        can happen before the deadline, as shutdown() would find), or 0 in a forked child."""
+        if self.forked():
+            return 0
+        with self.lock:
+            sched = self.sched
+
+            def settled() -> bool:
+                return sched.idle() or sched.nothing_due_before(deadline)
+
+            if self.drained.wait_for(settled, wait):
+                return 0
+            return sched.size() + sched.in_flight
+
     def notify_if_drained(self) -> None:
         """Called with the lock held: wake flush() and shutdown() when they may be done.
 

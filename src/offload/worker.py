@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ._guard import Guarded
+from ._uwsgi import master_thread_hazard, threads_hint
 from .calls.connections import Resources
 from .clock import Clock
 from .core import Core
@@ -111,8 +112,12 @@ class WorkerPool:
         except RuntimeError as exc:  # 3.12+: "can't create new thread at interpreter shutdown"
             raise ShutDown(f"cannot start offload's worker thread: {exc}") from exc
         self.threads.add(thread)
-        if not self.ran and self._started_at is None:
+        if self._started_at is None:  # this pool's first thread
             self._started_at = time.monotonic()
+            hazard = master_thread_hazard()
+            if hazard is not None:
+                with Guarded():
+                    log.warning("%s", hazard)
 
     def check_running(self) -> None:
         """Warn once when a worker thread started a while ago has still not run: the
@@ -124,12 +129,7 @@ class WorkerPool:
         if waited < STALL_WARNING:
             return
         self._warned = True
-        hint = (
-            "uWSGI runs the application's threads only with `enable-threads = true` "
-            "(--enable-threads): set it"
-            if "uwsgi" in sys.modules
-            else "does this server run the application's threads?"
-        )
+        hint = threads_hint() or "does this server run the application's threads?"
         with Guarded():
             log.warning(
                 "offload: the worker thread started %.0fs ago has not run yet, so calls are "

@@ -10,6 +10,7 @@ explicit Offloader's `shutdown_timeout`.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -18,7 +19,8 @@ from collections.abc import Iterator
 import pytest
 
 from chaos import Tarpit
-from procs import SRC, reap
+from offload import lifecycle
+from procs import SRC, reap, run_python
 from server import ScriptedServer
 
 CALLS = 50
@@ -141,3 +143,32 @@ def test_what_can_be_delivered_is_and_the_rest_is_reported(
     assert len(server.requests) == 20
     assert '"succeeded": 20' in out
     assert "offload shut down with 30 task(s) undelivered: 26 dead-lettered" in err
+
+
+def test_the_exit_hook_says_that_it_waits_before_it_waits(
+    tarpit: Tarpit, server: ScriptedServer
+) -> None:
+    """An API that is down at exit: one WARNING, a second into the exit hook, says how
+    many calls it waits for, for how long, and what a server's own deadline must allow."""
+    _, _, err = run_until_exit(tarpit, server, mode="env", timeout=3.0, workers=2)
+    lines = [line for line in err.splitlines() if "not delivered yet at exit" in line]
+    assert len(lines) == 1, err
+    waiting = re.search(r"offload: (\d+) call\(s\) .* waiting up to ([\d.]+)s for them", lines[0])
+    assert waiting is not None and int(waiting.group(1)) == CALLS, lines[0]
+    assert 0 < float(waiting.group(2)) <= 3.0 - lifecycle.EXIT_QUIET
+    assert "OFFLOAD_SHUTDOWN_TIMEOUT" in lines[0] and "worker-reload-mercy" in lines[0]
+    assert err.index(lines[0]) < err.index("offload shut down with")  # before, not after
+
+
+def test_calls_delivered_quickly_at_exit_are_not_announced(server: ScriptedServer) -> None:
+    result = run_python(
+        f"""
+        import offload
+        for i in range(20):
+            offload.enqueue_task(offload.http("POST", "{server.url("/ok")}", json={{"i": i}}))
+        """,
+        env={"OFFLOAD_SHUTDOWN_TIMEOUT": "30"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(server.requests) == 20
+    assert "not delivered yet" not in result.stderr and "offload" not in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -604,3 +605,39 @@ def test_a_worker_thread_that_never_runs_is_reported_once(
     assert "calls are waiting" in warned[0]
     off._pool.threads.clear()  # never started: nothing to join
     assert off.shutdown(0) is False  # the three calls were never made
+
+
+@pytest.mark.parametrize(
+    ("worker_id", "opt", "warns"),
+    [
+        (0, {"master": True, "processes": b"3"}, True),  # the master, fork after load
+        (0, {"master": True, "py-call-uwsgi-fork-hooks": True}, False),
+        (0, {"master": True, "py-call-uwsgi-fork-hooks": b"false"}, True),
+        (2, {"master": True, "lazy-apps": True}, False),  # a worker
+        (1, {"processes": b"1"}, False),  # no master: the process serves
+    ],
+)
+def test_a_worker_thread_started_in_the_uwsgi_master_is_reported_once(
+    make_offloader: MakeOffloader,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    worker_id: int,
+    opt: dict[str, object],
+    warns: bool,
+) -> None:
+    """uWSGI forks its workers from the master without CPython's fork hooks (unless told
+    to): a thread of the master's running Python at a fork hangs the worker. Said once,
+    with the options that avoid it. (tests/system/test_uwsgi.py runs the real thing.)"""
+    import types
+
+    fake = types.SimpleNamespace(worker_id=lambda: worker_id, opt=opt)
+    monkeypatch.setitem(sys.modules, "uwsgi", fake)
+    off = make_offloader()
+    with caplog.at_level(logging.WARNING, logger="offload"):
+        for _ in range(3):
+            off.enqueue_task(print)
+        assert off.flush(30)
+    warned = [r.getMessage() for r in caplog.records if "uWSGI master" in r.getMessage()]
+    assert len(warned) == (1 if warns else 0), warned
+    if warns:
+        assert "py-call-uwsgi-fork-hooks" in warned[0] and "lazy-apps" in warned[0]
