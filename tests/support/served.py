@@ -118,9 +118,12 @@ def counting_api() -> Iterator[tuple[str, Counts]]:
 class LoggedProcess:
     """`args` in a subprocess of its own session, its stderr lines collected."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = ()
+    ) -> None:
         self.proc = subprocess.Popen(
             args,
+            pass_fds=pass_fds,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
