@@ -4,7 +4,6 @@ server."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 from offload.stores.base import BudgetStore
 from offload.stores.postgres import PostgresStore, parse_postgres_url
 from offload.stores.postgres.schema import SCHEMA_VERSION
-from paced import PER_PROCESS, allowed, busiest, run_two
+from paced import assert_one_budget
 from server import ScriptedServer
 
 
@@ -87,12 +86,4 @@ def test_two_processes_on_one_database_together_stay_within_the_declared_rate(
     postgres_url: str, server: ScriptedServer
 ) -> None:
     """As over SQLite (tests/support/paced.py)."""
-    requests = run_two(postgres_url, server)
-    by_pid: dict[str, int] = {}
-    for request in requests:
-        by_pid[request.headers["X-Pid"]] = by_pid.get(request.headers["X-Pid"], 0) + 1
-    assert sorted(by_pid.values()) == [PER_PROCESS, PER_PROCESS]
-    arrivals = [request.at for request in requests]
-    most, bound = busiest(arrivals, 2.0), allowed(2.0)
-    offsets = [round(at - min(arrivals), 3) for at in sorted(arrivals)]
-    assert most <= bound, (most, bound, json.dumps(offsets))
+    assert_one_budget(postgres_url, server)

@@ -3,7 +3,6 @@ real processes against a real server."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import threading
@@ -17,7 +16,7 @@ from offload.stores.base import BudgetStore
 from offload.stores.sqlite import SQLiteStore
 from offload.stores.sqlite.schema import SCHEMA_VERSION
 from offload.testing import FakeClock
-from paced import PER_PROCESS, allowed, busiest, run_two
+from paced import assert_one_budget
 from server import ScriptedServer
 
 calls: list[str] = []
@@ -244,12 +243,4 @@ def test_two_processes_on_one_file_together_stay_within_the_declared_rate(
 ) -> None:
     """Both perform their own calls at once (tests/support/paced.py); every 2-second window
     of the server's arrivals holds at most what one budget allows."""
-    requests = run_two(f"sqlite:///{tmp_path / 'shared.db'}", server)
-    by_pid: dict[str, int] = {}
-    for request in requests:
-        by_pid[request.headers["X-Pid"]] = by_pid.get(request.headers["X-Pid"], 0) + 1
-    assert sorted(by_pid.values()) == [PER_PROCESS, PER_PROCESS]
-    arrivals = [request.at for request in requests]
-    most, bound = busiest(arrivals, 2.0), allowed(2.0)
-    offsets = [round(at - min(arrivals), 3) for at in sorted(arrivals)]
-    assert most <= bound, (most, bound, json.dumps(offsets))
+    assert_one_budget(f"sqlite:///{tmp_path / 'shared.db'}", server)

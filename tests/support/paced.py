@@ -3,6 +3,7 @@ server: what the tests of a shared rate budget run (SQLite and PostgreSQL alike)
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,16 @@ import textwrap
 from procs import python_env, reap
 from server import Recorded, ScriptedServer
 
-__all__ = ["BURST", "PER_PROCESS", "RATE", "WORKERS", "allowed", "busiest", "run_two"]
+__all__ = [
+    "BURST",
+    "PER_PROCESS",
+    "RATE",
+    "WORKERS",
+    "allowed",
+    "assert_one_budget",
+    "busiest",
+    "run_two",
+]
 
 RATE, BURST, PER_PROCESS, WORKERS = 10, 2, 25, 2
 
@@ -78,3 +88,17 @@ def allowed(window: float) -> float:
     and the token per worker it may hold). Budgets per process would let twice the rate
     through."""
     return BURST + RATE * window + 2 * (WORKERS + WORKERS)
+
+
+def assert_one_budget(url: str, server: ScriptedServer) -> None:
+    """Two processes on the store at `url` each perform their own calls at once; every
+    2-second window of the server's arrivals holds at most what one budget allows."""
+    requests = run_two(url, server)
+    by_pid: dict[str, int] = {}
+    for request in requests:
+        by_pid[request.headers["X-Pid"]] = by_pid.get(request.headers["X-Pid"], 0) + 1
+    assert sorted(by_pid.values()) == [PER_PROCESS, PER_PROCESS]
+    arrivals = [request.at for request in requests]
+    most, bound = busiest(arrivals, 2.0), allowed(2.0)
+    offsets = [round(at - min(arrivals), 3) for at in sorted(arrivals)]
+    assert most <= bound, (most, bound, json.dumps(offsets))
