@@ -141,6 +141,21 @@ class TaskMeta:
         self.dedup_key: str | None = None
         self.dedup_window = 0.0  # seconds the key stays taken after the task ended
 
+    @classmethod
+    def fresh(cls, key: str | None) -> TaskMeta:
+        """A new task's meta, as `__init__` makes it with no options: the enqueue path's."""
+        self = cls.__new__(cls)
+        self.id = self.idempotency_key = f"{_prefix}{next(_counter):08x}"
+        self.key = key
+        self.retry = None
+        self.enqueued = False
+        self.progress = None
+        self.delay = 0.0
+        self.at = None
+        self.dedup_key = None
+        self.dedup_window = 0.0
+        return self
+
 
 class Task:
     """A call to perform in the background, with its per-task options.
@@ -247,8 +262,17 @@ class Task:
         with _meta_lock:  # a worker's first attempt and a handler reading task.id, at once
             meta = self._meta
             if meta is None:
-                meta = self._meta = TaskMeta(default_key(self.call), None, enqueued=True)
+                meta = self._meta = TaskMeta.fresh(default_key(self.call))
+                meta.enqueued = True
             return meta
+
+    def _own_meta(self) -> TaskMeta:
+        """`meta` for a task no other thread can see yet (one `enqueue_task` just made):
+        made without the lock."""
+        meta = self._meta
+        if meta is None:
+            meta = self._meta = TaskMeta.fresh(default_key(self.call))
+        return meta
 
     @property
     def id(self) -> str:

@@ -1019,6 +1019,7 @@ def test_a_ca_bundle_from_the_environment_is_honoured_as_requests_would(
         {"data": b"\x00\xff", "params": [("q", "1"), ("q", "2")]},
         {"json": {"$bytes": "looks like a tag"}},
         {"json": [{"$dict": {"x": 1}}]},
+        {"headers": {"$bytes": "a header named like a tag"}},
         {"files": {"f": ("a.txt", b"body", "text/plain")}, "timeout": (1, 2)},
     ],
 )
@@ -1032,3 +1033,32 @@ def test_the_stored_text_made_once_is_the_one_walk_of_the_call(kwargs: dict[str,
     assert json.loads(call.json_text())["kwargs"] == walked
     again = HttpCall.from_json(json.loads(call.json_text()))
     assert again == call and again.json_text() == call.json_text()
+
+
+def test_a_set_of_headers_is_checked_once_and_shared_read_only_by_the_calls_built_with_it() -> None:
+    from offload.calls.requests_kwargs import _HEADERS, _MAX_HEADERS, Headers
+
+    headers = {"Authorization": "Bearer sk_live_x", "Content-Type": "application/json"}
+    first = http("POST", "https://h/x", headers=headers)
+    headers["Authorization"] = "Bearer changed"  # the handler's dict, changed after the build
+    second = http("POST", "https://h/x", headers=dict(first.kwargs["headers"]))
+    assert first.kwargs["headers"]["Authorization"] == "Bearer sk_live_x"
+    assert type(first.kwargs["headers"]) is Headers
+    assert second.kwargs["headers"] is first.kwargs["headers"]  # one copy, checked once
+    with pytest.raises(TypeError):
+        first.kwargs["headers"]["X-New"] = "1"
+    assert json.loads(first.json_text())["kwargs"]["headers"] == {
+        "Authorization": "Bearer sk_live_x",
+        "Content-Type": "application/json",
+    }
+    # A bad set is refused every time, with the same message, and never remembered.
+    for _ in range(2):
+        with pytest.raises(ValueError, match="has a line break"):
+            http("GET", "https://h/x", headers={"X-A": "a\r\nInjected: 1"})
+        with pytest.raises(TypeError, match="maps a str to a int"):
+            http("GET", "https://h/x", headers={"X-A": 1})
+    # Per-user tokens do not grow the cache without bound.
+    for i in range(_MAX_HEADERS + 10):
+        call = http("GET", "https://h/x", headers={"Authorization": f"Bearer user-{i}"})
+        assert call.kwargs["headers"] == {"Authorization": f"Bearer user-{i}"}
+    assert len(_HEADERS) <= _MAX_HEADERS

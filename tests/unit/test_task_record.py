@@ -148,3 +148,15 @@ def test_readers_racing_the_worker_for_a_new_task_id_all_see_one_id(
     assert len({t.id for t in tasks}) == len(tasks)
     s = off.stats()
     assert s.enqueued - 1 == s.succeeded - 1 == len(tasks)
+
+
+def test_a_new_tasks_record_has_the_record_defaults() -> None:
+    """The enqueue path makes a new task's record as a plain tuple: its attempt state must
+    be TaskRecord's own defaults, field for field (a field added later included)."""
+    from offload.codec.task import _NEW_STATE, TaskRecord
+
+    task = Task(send_welcome, (1, "a@example.com"))
+    record = TaskRecord.of(task)
+    assert type(record) is TaskRecord
+    assert record == TaskRecord(task.id, task.idempotency_key, None, record.call, None)
+    assert dict(zip(TaskRecord._fields[5:], _NEW_STATE, strict=True)) == TaskRecord._field_defaults

@@ -97,7 +97,7 @@ class DurableBacklog:
             raise ShutDown("this offloader was shut down; it takes no new tasks")
         if self.trust.mode != "any" and callable(task.call):  # refused now, not as a dead letter
             self.trust.check(task.call)
-        meta = task.meta  # the id, which the store writes
+        meta = task._own_meta()  # the id, which the store writes (the task is ours alone)
         key = meta.dedup_key
         if key is not None and not self.store.dedups:
             with core.lock:

@@ -134,7 +134,7 @@ class HttpCall:
 
     def _kwargs_text(self) -> str:
         kwargs = self.kwargs
-        text = kwargs.text if isinstance(kwargs, RequestKwargs) else None
+        text = kwargs.text() if isinstance(kwargs, RequestKwargs) else None
         if text is not None:
             return text
         auth = kwargs.get("auth")

@@ -158,20 +158,41 @@ _STR = frozenset({str})
 _GOOD_NAMES: set[str] = set()
 
 
+class Headers(FrozenDict):
+    """Checked headers with their JSON text. A handler sends the same few sets of headers
+    (an API's token and content type) on every call: each set is checked and encoded once,
+    and every call built with it shares the one read-only copy."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, checked: Mapping[str, str]) -> None:
+        dict.__init__(self, checked)
+        self.text = dumps_frozen(self)
+
+
+_HEADERS: dict[tuple[tuple[str, str], ...], Headers] = {}
+_MAX_HEADERS = 256
+
+
 def _check_headers(value: Any) -> FrozenDict:
-    if type(value) is dict:  # the usual case: one pass over the items
-        for name, v in value.items():
-            if type(name) is not str or type(v) is not str:
-                break
-            if name not in _GOOD_NAMES:
-                _check_header_name(name)
-            # HEADER_VALUE's rule without the regex: empty, or no leading space, one line.
-            if v and (v[0].isspace() or "\n" in v or "\r" in v):
-                raise ValueError(
-                    f"headers: the value of {name!r} has a line break or leading whitespace"
-                )
-        else:
-            return FrozenDict(value)
+    items = None
+    if type(value) is dict:  # the usual case: a set already seen costs a dict lookup
+        try:
+            items = tuple(value.items())
+            headers = _HEADERS.get(items)
+        except TypeError:  # an unhashable value: refused below
+            items = headers = None
+        if headers is not None:
+            return headers
+    headers = Headers(_checked_headers(value))
+    if items is not None:
+        if len(_HEADERS) >= _MAX_HEADERS:
+            _HEADERS.clear()  # a handler that sends per-user tokens: no unbounded growth
+        _HEADERS[items] = headers
+    return headers
+
+
+def _checked_headers(value: Any) -> dict[str, str]:
     headers = _check_str_mapping(value, "headers")
     for name, v in headers.items():
         if name not in _GOOD_NAMES:
@@ -180,7 +201,7 @@ def _check_headers(value: Any) -> FrozenDict:
             raise ValueError(
                 f"headers: the value of {name!r} has a line break or leading whitespace"
             )
-    return FrozenDict(headers)
+    return headers
 
 
 def _check_header_name(name: str) -> None:
@@ -366,63 +387,38 @@ _KWARG_CHECKS: dict[str, Callable[[Any], Any]] = {
 
 
 def _kept(name: str, value: Any) -> bool:
-    return not (name == "timeout" and value == DEFAULT_TIMEOUT)
-
-
-def _kwargs_text(kwargs: dict[str, Any]) -> str:
-    """The keywords' JSON text, keyword by keyword: the default timeout is left out (a call
-    read back gets it again), and a handler's headers, the same on every call to an API,
-    are encoded once."""
-    parts = []
-    for name, value in kwargs.items():  # names are the identifiers of _KWARG_CHECKS
-        if not _kept(name, value):
-            continue
-        if name == "headers":
-            try:
-                parts.append(f'"headers":{_headers_text(tuple(value.items()))}')
-                continue
-            except TypeError:  # not hashable: encoded as any other keyword
-                pass
-        parts.append(f'"{name}":{dumps_frozen(value)}')
-    return "{" + ",".join(parts) + "}"
-
-
-@functools.lru_cache(maxsize=256)
-def _headers_text(items: tuple[tuple[str, str], ...]) -> str:
-    return dumps_frozen(dict(items))
+    return not (name == "timeout" and (value is DEFAULT_TIMEOUT or value == DEFAULT_TIMEOUT))
 
 
 class RequestKwargs(FrozenDict):
     """The checked `requests` keywords of an HttpCall: a read-only deep copy (a handler
-    that changes its body dict after building the call changes nothing of the call), and
-    its JSON text, made once, when a durable store first asks for it.
+    that changes its body dict after building the call changes nothing of the call).
 
     Keywords that JSON cannot hold (a requests auth object) have no text: a durable store
     refuses such a call.
     """
 
-    __slots__ = ("_text",)
+    __slots__ = ()
 
-    def __init__(self, checked: dict[str, Any]) -> None:
-        """`checked`: the keywords, each value frozen already."""
-        dict.__init__(self, checked)
-        self._text: str | bool | None = None  # None: not made yet; False: not JSON
-
-    @property
     def text(self) -> str | None:
-        """The keywords as JSON text (bytes tagged, see codec.values); None when JSON
-        cannot hold them. Two threads may both make it: the same text, either one wins."""
-        text = self._text
-        if text is None:
-            try:
-                text = _kwargs_text(self)
-                if holds_tags(text):  # bytes, or a user's dict that looks like a tag
-                    kept = {k: v for k, v in self.items() if _kept(k, v)}
-                    text = dumps(encode_frozen(kept, "kwargs"))
-            except (TypeError, ValueError, RecursionError):
-                text = False
-            self._text = text
-        return text if isinstance(text, str) else None
+        """The keywords as JSON text (bytes tagged, see codec.values), keyword by keyword:
+        the default timeout left out (a call read back gets it again), a set of headers
+        encoded once (`Headers`). None when JSON cannot hold them."""
+        parts = []
+        try:
+            for name, value in self.items():  # names are the identifiers of _KWARG_CHECKS
+                if type(value) is Headers:
+                    parts.append(f'"{name}":{value.text}')
+                elif _kept(name, value):
+                    parts.append(f'"{name}":{dumps_frozen(value)}')
+            text = "{" + ",".join(parts) + "}"
+            if holds_tags(text):  # bytes, or a user's dict that looks like a tag
+                text = dumps(
+                    encode_frozen({k: v for k, v in self.items() if _kept(k, v)}, "kwargs")
+                )
+        except (TypeError, ValueError, RecursionError):
+            return None
+        return text
 
     def thawed(self) -> dict[str, Any]:
         """A fresh, mutable copy to hand to requests (arrays as tuples, as it takes them)."""

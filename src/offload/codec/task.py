@@ -209,6 +209,10 @@ def _text(value: Any, what: str, optional: bool = False) -> Any:
     return value
 
 
+_new_record = tuple.__new__
+_NEW_STATE = (0, 0, None, None, None, 0.0)  # TaskRecord's defaults, attempts onwards
+
+
 class TaskRecord(NamedTuple):
     """Every field a durable store keeps of a task (see the module docstring). A named
     tuple: made on every durable enqueue, it costs a tuple."""
@@ -239,8 +243,10 @@ class TaskRecord(NamedTuple):
         meta = task.meta
         progress = meta.progress
         if progress is None:
-            if meta.dedup_key is None:
-                return cls(meta.id, meta.idempotency_key, meta.key, text, retry)
+            if meta.dedup_key is None:  # a new task (the enqueue path): the tuple, made in C
+                return _new_record(
+                    cls, (meta.id, meta.idempotency_key, meta.key, text, retry, *_NEW_STATE)
+                )
             return cls(
                 meta.id,
                 meta.idempotency_key,
