@@ -1062,3 +1062,18 @@ def test_a_set_of_headers_is_checked_once_and_shared_read_only_by_the_calls_buil
         call = http("GET", "https://h/x", headers={"Authorization": f"Bearer user-{i}"})
         assert call.kwargs["headers"] == {"Authorization": f"Bearer user-{i}"}
     assert len(_HEADERS) <= _MAX_HEADERS
+
+
+def test_a_url_is_checked_once_and_a_bad_one_every_time() -> None:
+    from offload.calls.requests_kwargs import _MAX_URLS, GOOD_URLS
+
+    assert http("GET", "https://api.example.com/v1/a").url in GOOD_URLS
+    for _ in range(2):  # refused each time, never remembered
+        with pytest.raises(ValueError, match="has no host"):
+            http("GET", "https://:443/x")
+        with pytest.raises(TypeError, match="url must be a str"):
+            http("GET", b"https://api.example.com/")  # type: ignore[arg-type]
+    assert "https://:443/x" not in GOOD_URLS
+    for i in range(_MAX_URLS + 10):  # one URL per user: the set stays bounded
+        http("GET", f"https://api.example.com/users/{i}")
+    assert len(GOOD_URLS) <= _MAX_URLS

@@ -15,6 +15,8 @@ from ..errors import NotSerializable
 from ._frozen import thaw
 from .requests_kwargs import (
     DEFAULT_TIMEOUT,
+    GOOD_URLS,
+    HTTP_METHODS,
     RequestKwargs,
     check_http_kwargs,
     check_idempotency_key,
@@ -58,12 +60,20 @@ class HttpCall:
     ) -> None:
         # Validated here, not only in http(), so from_json and replace() are checked too;
         # each field set once (a frozen dataclass's own __init__ would set it twice).
+        # The usual case (a known method, a URL built before, no idempotency key) costs no
+        # further call: a handler pays for every one.
         checked = check_http_kwargs(kwargs)
         setattr_ = object.__setattr__
-        setattr_(self, "method", check_method(method))
-        setattr_(self, "url", check_url(url))
+        if not (type(method) is str and method in HTTP_METHODS):
+            method = check_method(method)
+        if not (type(url) is str and url in GOOD_URLS):
+            url = check_url(url)
+        if idempotency_key is not False:
+            idempotency_key = check_idempotency_key(idempotency_key, checked)
+        setattr_(self, "method", method)
+        setattr_(self, "url", url)
         setattr_(self, "kwargs", checked)
-        setattr_(self, "idempotency_key", check_idempotency_key(idempotency_key, checked))
+        setattr_(self, "idempotency_key", idempotency_key)
         setattr_(self, "_text", None)
 
     def __hash__(self) -> int:  # kwargs is a mapping; equal calls still hash alike
@@ -119,8 +129,8 @@ class HttpCall:
         return loads(self.json_text())  # type: ignore[no-any-return]
 
     def json_text(self) -> str:
-        """`to_json()` as JSON text, made from the text the keywords were encoded into when
-        the call was built: nothing is walked again. NotSerializable as `to_json`."""
+        """`to_json()` as JSON text, made once, at the first use (a frozen call's text
+        never changes), from one encoding of each keyword. NotSerializable as `to_json`."""
         text = self._text
         if text is None:
             ikey = self.idempotency_key
@@ -134,7 +144,7 @@ class HttpCall:
 
     def _kwargs_text(self) -> str:
         kwargs = self.kwargs
-        text = kwargs.text() if isinstance(kwargs, RequestKwargs) else None
+        text = kwargs.text() if type(kwargs) is RequestKwargs else None
         if text is not None:
             return text
         auth = kwargs.get("auth")

@@ -24,7 +24,9 @@ from ._frozen import FrozenDict, freeze, thaw
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "GOOD_URLS",
     "HEADER_VALUE",
+    "HTTP_METHODS",
     "RequestKwargs",
     "check_http_kwargs",
     "check_idempotency_key",
@@ -37,7 +39,7 @@ DEFAULT_TIMEOUT: tuple[float, float] = (5.0, 30.0)
 """(connect, read) seconds, applied when a call gives none: without one a request can
 hang the worker forever."""
 
-_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _REFUSED = {
     "stream": "offload reads the whole response so the connection goes back to the pool",
     "hooks": "hooks are code, which a durable store cannot hold; wrap the call in a function",
@@ -57,31 +59,38 @@ def _type_name(value: Any) -> str:
 
 
 def check_method(method: Any) -> str:
-    if method in _HTTP_METHODS and type(method) is str:
+    if method in HTTP_METHODS and type(method) is str:
         return method  # (the usual case: already upper case, no space)
     if not isinstance(method, str):
         raise TypeError(f"method must be a str such as 'POST', got {_type_name(method)}")
     upper = method.strip().upper()
-    if upper not in _HTTP_METHODS:
-        raise ValueError(
-            f"method must be one of {', '.join(sorted(_HTTP_METHODS))}, got {method!r}"
-        )
+    if upper not in HTTP_METHODS:
+        raise ValueError(f"method must be one of {', '.join(sorted(HTTP_METHODS))}, got {method!r}")
     return upper
 
 
+# Web handlers build calls to the same few endpoints over and over: the URLs that passed
+# are remembered (failures raise and are not), so that a repeated URL costs a set lookup.
+GOOD_URLS: set[str] = set()
+_MAX_URLS = 4096
+
+
 def check_url(url: Any) -> str:
+    if type(url) is str and url in GOOD_URLS:
+        return url
     if not isinstance(url, str):
         raise TypeError(f"url must be a str, got {_type_name(url)}")
-    return _check_url_text(url)
+    _check_url_text(url)
+    if len(GOOD_URLS) >= _MAX_URLS:
+        GOOD_URLS.clear()
+    GOOD_URLS.add(url)
+    return url
 
 
 _BAD_URL_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
-# Web handlers build calls to the same few endpoints over and over: remember the URLs that
-# passed (failures raise and are not cached), so a repeated URL costs a dict lookup.
-@functools.lru_cache(maxsize=4096)
-def _check_url_text(url: str) -> str:
+def _check_url_text(url: str) -> None:
     if not url:
         raise ValueError("url is empty")
     if _BAD_URL_CHARS.search(url):
@@ -102,7 +111,6 @@ def _check_url_text(url: str) -> str:
         requests.PreparedRequest().prepare_url(url, None)
     except (requests.exceptions.RequestException, ValueError, UnicodeError) as exc:
         raise ValueError(f"url is not valid for requests ({redact_text(str(exc))})") from None
-    return url
 
 
 @functools.lru_cache(maxsize=4096)

@@ -234,13 +234,13 @@ class TaskRecord(NamedTuple):
         """What a store keeps of `task`; NotSerializable if it cannot be stored. An
         Unreadable call keeps the text it was read from."""
         call = task.call
+        meta = task.meta
         if isinstance(call, Unreadable):
             text, retry = call.raw, call.raw_retry
         else:
             text = dump_call(call, task.args, task.kwargs)
-            policy = task.retry
+            policy = meta.retry
             retry = None if policy is None else policy.to_json()
-        meta = task.meta
         progress = meta.progress
         if progress is None:
             if meta.dedup_key is None:  # a new task (the enqueue path): the tuple, made in C
