@@ -32,6 +32,7 @@ enqueue, and the prebuilt call on the mean, at least 3 times as fast as Huey;
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -148,16 +149,30 @@ SQLITE = "offload sqlite: build + enqueue"
 PREBUILT = "offload sqlite: prebuilt call"
 HUEY = "huey SqliteHuey(fsync=False), same request"
 
-_CALL = f'http("POST", url, json={_BODY}, headers={_HEADERS})'
+# The same contenders with a new URL on every call (an id in the path), as handlers that
+# call `/customers/{id}` write it.
+NEW_URL = ", a new URL per call"
+FLOOR_ID, MEMORY_ID, SQLITE_ID, HUEY_ID = (
+    f"{name}{NEW_URL}" for name in (FLOOR, MEMORY, SQLITE, HUEY)
+)
+
+_URL_ID = 'f"{url}/{next(ids)}"'
 # name -> (statement timed, context, calls per batch)
-CONTENDERS: dict[str, tuple[str, Callable[[Path], Any], int]] = {
-    FLOOR: (f'put(("POST", url, {{"json": {_BODY}, "headers": {_HEADERS}}}))', _queue, 1_000),
-    BUILD: (_CALL, _build, 1_000),
-    MEMORY: (f"enqueue({_CALL})", _memory, 1_000),
-    SQLITE: (f"enqueue({_CALL})", _sqlite, 200),
-    PREBUILT: ("enqueue(call)", _sqlite, 200),
-    HUEY: (f"task(url, json={_BODY}, headers={_HEADERS})", _huey, 200),
-}
+CONTENDERS: dict[str, tuple[str, Callable[[Path], Any], int]] = {}
+for _suffix, _url in (("", "url"), (NEW_URL, _URL_ID)):
+    _call = f'http("POST", {_url}, json={_BODY}, headers={_HEADERS})'
+    CONTENDERS[FLOOR + _suffix] = (
+        f'put(("POST", {_url}, {{"json": {_BODY}, "headers": {_HEADERS}}}))',
+        _queue,
+        1_000,
+    )
+    if not _suffix:
+        CONTENDERS[BUILD] = (_call, _build, 1_000)
+    CONTENDERS[MEMORY + _suffix] = (f"enqueue({_call})", _memory, 1_000)
+    CONTENDERS[SQLITE + _suffix] = (f"enqueue({_call})", _sqlite, 200)
+    if not _suffix:
+        CONTENDERS[PREBUILT] = ("enqueue(call)", _sqlite, 200)
+    CONTENDERS[HUEY + _suffix] = (f"task({_url}, json={_BODY}, headers={_HEADERS})", _huey, 200)
 
 
 def _huey_installed() -> bool:
@@ -180,7 +195,8 @@ def _measure(names: list[str], rounds: int, run_index: int) -> dict[str, list[fl
                 folder = directory / str(len(timed))
                 folder.mkdir()
                 namespace = stack.enter_context(context(folder))
-                timed[name] = timers(stmt, dict(namespace, url=URL))[0]
+                ids = itertools.count()
+                timed[name] = timers(stmt, dict(namespace, url=URL, ids=ids))[0]
             means: dict[str, list[float]] = {name: [] for name in ["", *names]}
             for r in range(rounds):
                 shift = (r + run_index) % len(names)
@@ -195,7 +211,7 @@ def _measure(names: list[str], rounds: int, run_index: int) -> dict[str, list[fl
 
 
 def run(scale: Scale) -> list[Row]:
-    names = [n for n in CONTENDERS if _huey_installed() or n != HUEY]
+    names = [n for n in CONTENDERS if _huey_installed() or not n.startswith(HUEY)]
     # 2,000 calls of each SQLite contender per run at scale 1 (10 rounds of 200).
     rounds = scale.n(10, 2)
     p50, mean = Samples(), Samples()
@@ -216,33 +232,52 @@ def run(scale: Scale) -> list[Row]:
             runs=p50.count(FLOOR),
         )
     ]
-    for name, limit in ((BUILD, None), (MEMORY, 4.0)):
-        ratio = p50.ratio(name, FLOOR)
+    for name, limit, floor in (
+        (BUILD, None, FLOOR),
+        (MEMORY, 4.0, FLOOR),
+        (MEMORY_ID, 4.0, FLOOR_ID),
+    ):
+        if name == MEMORY_ID:
+            rows.append(
+                Row(
+                    "handler_path",
+                    f"{FLOOR_ID} p50",
+                    p50.median(FLOOR_ID),
+                    "µs",
+                    ratio=1.0,
+                    runs=p50.count(FLOOR_ID),
+                )
+            )
+        ratio = p50.ratio(name, floor)
         rows.append(
             Row(
                 "handler_path",
                 f"{name} p50",
                 p50.median(name),
                 "µs",
-                baseline=f"{FLOOR} p50",
+                baseline=f"{floor} p50",
                 ratio=ratio,
                 target=at_most(limit) if limit else "≤ 5 µs",
                 met=ratio <= limit if limit else p50.median(name) <= 5.0,
-                note=p50.spread(name, FLOOR),
+                note=p50.spread(name, floor),
                 runs=p50.count(name),
             )
         )
     if HUEY not in names:
         rows.append(Row("handler_path", HUEY, None, "µs", note="huey not installed"))
         return rows
-    for name, samples, label in (
-        (SQLITE, p50, "p50"),
-        (SQLITE, mean, "mean"),
-        (PREBUILT, mean, "mean"),
-        (HUEY, p50, "p50"),
-        (HUEY, mean, "mean"),
+    for name, samples, label, huey in (
+        (SQLITE, p50, "p50", HUEY),
+        (SQLITE, mean, "mean", HUEY),
+        (PREBUILT, mean, "mean", HUEY),
+        (SQLITE_ID, p50, "p50", HUEY_ID),
+        (SQLITE_ID, mean, "mean", HUEY_ID),
+        (HUEY, p50, "p50", None),
+        (HUEY, mean, "mean", None),
+        (HUEY_ID, p50, "p50", None),
+        (HUEY_ID, mean, "mean", None),
     ):
-        if name == HUEY:
+        if huey is None:
             rows.append(
                 Row(
                     "handler_path",
@@ -253,14 +288,14 @@ def run(scale: Scale) -> list[Row]:
                 )
             )
             continue
-        faster = samples.ratio(HUEY, name)
+        faster = samples.ratio(huey, name)
         rows.append(
             Row(
                 "handler_path",
                 f"{name} {label}: times faster than Huey",
                 faster,
                 TIMES,
-                baseline=f"{HUEY} {label}",
+                baseline=f"{huey} {label}",
                 ratio=1 / faster if faster else None,
                 target=at_least(3),
                 met=faster >= 3,

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .calls.requests_kwargs import url_key
+from .calls.urls import url_key
 
 __all__ = [
     "AdaptiveRate",

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import hypothesis
 import pytest
 import requests
 import responses
 from botocore.stub import Stubber
+from hypothesis import strategies as st
 from moto import mock_aws
 from requests.auth import AuthBase, HTTPBasicAuth
 
@@ -1065,7 +1067,8 @@ def test_a_set_of_headers_is_checked_once_and_shared_read_only_by_the_calls_buil
 
 
 def test_a_url_is_checked_once_and_a_bad_one_every_time() -> None:
-    from offload.calls.requests_kwargs import _MAX_URLS, GOOD_URLS
+    from offload.calls.urls import _MAX as _MAX_URLS
+    from offload.calls.urls import GOOD_URLS
 
     assert http("GET", "https://api.example.com/v1/a").url in GOOD_URLS
     for _ in range(2):  # refused each time, never remembered
@@ -1077,3 +1080,42 @@ def test_a_url_is_checked_once_and_a_bad_one_every_time() -> None:
     for i in range(_MAX_URLS + 10):  # one URL per user: the set stays bounded
         http("GET", f"https://api.example.com/users/{i}")
     assert len(GOOD_URLS) <= _MAX_URLS
+
+
+ORIGINS = [
+    "https://api.example.com",
+    "http://127.0.0.1:8080",
+    "https://[::1]:8443",
+    "HTTPS://API.Example.COM",
+    "https://bücher.example",
+]
+
+
+@hypothesis.given(
+    origin=st.sampled_from(ORIGINS),
+    rest=st.text(
+        alphabet=st.sampled_from("/?#%:@\\ az09-._~\t\n\x00\x7f\u00a0\u2028é"), max_size=12
+    ),
+)
+def test_a_url_of_an_origin_that_passed_is_judged_as_the_whole_check_would(
+    origin: str, rest: str
+) -> None:
+    """Only the origin's checks are remembered: any URL of a known origin is accepted or
+    refused exactly as the whole check (urlsplit, requests) would, and the key is the same."""
+    from offload.calls.urls import _check_whole, _key, check_url, url_key
+
+    check_url(origin + "/")  # the origin is known
+    url = origin + rest
+    try:
+        _check_whole(url)
+        whole: str | None = None
+    except ValueError as exc:
+        whole = str(exc)
+    try:
+        check_url(url)
+        fast: str | None = None
+    except ValueError as exc:
+        fast = str(exc)
+    assert fast == whole
+    if whole is None:
+        assert url_key(url) == _key(url)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring as quoted  # a str as JSON text, in C
 from typing import TYPE_CHECKING, Any
 
 import requests
@@ -15,25 +15,18 @@ from ..errors import NotSerializable
 from ._frozen import thaw
 from .requests_kwargs import (
     DEFAULT_TIMEOUT,
-    GOOD_URLS,
     HTTP_METHODS,
     RequestKwargs,
     check_http_kwargs,
     check_idempotency_key,
     check_method,
-    check_url,
-    url_key,
 )
+from .urls import GOOD_URLS, check_url, url_key
 
 if TYPE_CHECKING:
     from .connections import Resources
 
 __all__ = ["HttpCall", "http"]
-
-
-@functools.lru_cache(maxsize=4096)
-def _quoted(url: str) -> str:
-    return dumps(url)  # handlers call the same few URLs
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -135,7 +128,7 @@ class HttpCall:
         if text is None:
             ikey = self.idempotency_key
             text = (
-                f'{{"type":"http","method":"{self.method}","url":{_quoted(self.url)},'
+                f'{{"type":"http","method":"{self.method}","url":{quoted(self.url)},'
                 f'"kwargs":{self._kwargs_text()},'
                 f'"idempotency_key":{"false" if ikey is False else dumps(ikey)}}}'
             )

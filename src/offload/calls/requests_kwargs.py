@@ -8,31 +8,24 @@ raises in the handler that built it, not minutes later on the worker.
 from __future__ import annotations
 
 import difflib
-import functools
 import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
-import requests
 from requests.auth import AuthBase, HTTPBasicAuth
 
-from .._redact import redact_text, redact_url
 from ..codec.values import dumps, dumps_frozen, encode_frozen, holds_tags, json_problem
 from ._frozen import FrozenDict, freeze, thaw
 
 __all__ = [
     "DEFAULT_TIMEOUT",
-    "GOOD_URLS",
     "HEADER_VALUE",
     "HTTP_METHODS",
     "RequestKwargs",
     "check_http_kwargs",
     "check_idempotency_key",
     "check_method",
-    "check_url",
-    "url_key",
 ]
 
 DEFAULT_TIMEOUT: tuple[float, float] = (5.0, 30.0)
@@ -67,61 +60,6 @@ def check_method(method: Any) -> str:
     if upper not in HTTP_METHODS:
         raise ValueError(f"method must be one of {', '.join(sorted(HTTP_METHODS))}, got {method!r}")
     return upper
-
-
-# Web handlers build calls to the same few endpoints over and over: the URLs that passed
-# are remembered (failures raise and are not), so that a repeated URL costs a set lookup.
-GOOD_URLS: set[str] = set()
-_MAX_URLS = 4096
-
-
-def check_url(url: Any) -> str:
-    if type(url) is str and url in GOOD_URLS:
-        return url
-    if not isinstance(url, str):
-        raise TypeError(f"url must be a str, got {_type_name(url)}")
-    _check_url_text(url)
-    if len(GOOD_URLS) >= _MAX_URLS:
-        GOOD_URLS.clear()
-    GOOD_URLS.add(url)
-    return url
-
-
-_BAD_URL_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
-
-
-def _check_url_text(url: str) -> None:
-    if not url:
-        raise ValueError("url is empty")
-    if _BAD_URL_CHARS.search(url):
-        raise ValueError(f"url contains whitespace or control characters: {redact_url(url)!r}")
-    try:
-        split = urlsplit(url)
-        _ = split.port  # parsing the port validates it
-    except ValueError as exc:
-        raise ValueError(f"url is not a valid URL ({exc}): {redact_url(url)!r}") from None
-    if split.scheme.lower() not in ("http", "https"):
-        scheme = split.scheme or "none"
-        raise ValueError(
-            f"url must be http:// or https://, got scheme {scheme!r}: {redact_url(url)!r}"
-        )
-    if not split.hostname:
-        raise ValueError(f"url has no host: {redact_url(url)!r}")
-    try:  # requests' own checks (IDNA host labels, ...), now rather than on the worker
-        requests.PreparedRequest().prepare_url(url, None)
-    except (requests.exceptions.RequestException, ValueError, UnicodeError) as exc:
-        raise ValueError(f"url is not valid for requests ({redact_text(str(exc))})") from None
-
-
-@functools.lru_cache(maxsize=4096)
-def url_key(url: str) -> str:
-    split = urlsplit(url)
-    scheme = split.scheme.lower()
-    host = split.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = split.port or (443 if scheme == "https" else 80)
-    return f"{scheme}://{host}:{port}"
 
 
 def _timeout_part(value: Any, what: str) -> float:

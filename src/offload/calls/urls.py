@@ -1,0 +1,112 @@
+"""An HttpCall's URL: checked when the call is built, and its throttle key.
+
+A handler calls the same few APIs, but often with a different URL each time (an id in the
+path). What can be wrong with a URL (its scheme, a host that requests would refuse, a bad
+port) lies in its origin, `scheme://authority`: each origin is checked once, in full, and
+a new URL of an origin that passed needs only a look at its characters. A whole URL that
+passed costs a set lookup.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+from .._redact import redact_text, redact_url
+
+__all__ = ["GOOD_URLS", "check_url", "url_key"]
+
+GOOD_URLS: set[str] = set()  # whole URLs that passed
+_GOOD_ORIGINS: set[str] = set()  # origins whose URLs passed the whole check
+_KEYS: dict[str, str] = {}  # origin -> throttle key
+_MAX = 4096  # entries each; a set that is full is emptied, so memory stays bounded
+
+# `scheme://authority`, as urlsplit and urllib3 both cut it, for an authority without
+# userinfo (whose URLs are always checked in full) or a backslash (which urllib3 takes as
+# the end of the authority and urlsplit does not).
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\\@]*")
+_AFTER_ORIGIN = frozenset({"", "/", "?", "#"})
+_BAD_URL_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+def _origin(url: str) -> str | None:
+    """The URL's `scheme://authority`, or None when it cannot be cut without parsing."""
+    match = _ORIGIN.match(url)
+    if match is None or url[match.end() : match.end() + 1] not in _AFTER_ORIGIN:
+        return None
+    return match.group()
+
+
+def _remember(kept: set[str], value: str) -> None:
+    if len(kept) >= _MAX:
+        kept.clear()
+    kept.add(value)
+
+
+def check_url(url: Any) -> str:
+    """`url` if requests can send it: http(s), a host, no whitespace or control characters
+    (checked here, not on the worker); TypeError or ValueError, the URL redacted, if not."""
+    if type(url) is str and url in GOOD_URLS:
+        return url
+    if not isinstance(url, str):
+        raise TypeError(f"url must be a str, got {type(url).__name__}")
+    origin = _origin(url)
+    # Printable and without a space is the usual case of "no whitespace or control
+    # character" (the regex, slower, decides the rest).
+    plain = url.isprintable() and " " not in url
+    if origin is None or origin not in _GOOD_ORIGINS or not plain:
+        _check_whole(url)
+        if origin is not None:
+            _remember(_GOOD_ORIGINS, origin)
+    _remember(GOOD_URLS, url)
+    return url
+
+
+def _check_whole(url: str) -> None:
+    if not url:
+        raise ValueError("url is empty")
+    if _BAD_URL_CHARS.search(url):
+        raise ValueError(f"url contains whitespace or control characters: {redact_url(url)!r}")
+    try:
+        split = urlsplit(url)
+        _ = split.port  # parsing the port validates it
+    except ValueError as exc:
+        raise ValueError(f"url is not a valid URL ({exc}): {redact_url(url)!r}") from None
+    if split.scheme.lower() not in ("http", "https"):
+        scheme = split.scheme or "none"
+        raise ValueError(
+            f"url must be http:// or https://, got scheme {scheme!r}: {redact_url(url)!r}"
+        )
+    if not split.hostname:
+        raise ValueError(f"url has no host: {redact_url(url)!r}")
+    try:  # requests' own checks (IDNA host labels, ...), now rather than on the worker
+        requests.PreparedRequest().prepare_url(url, None)
+    except (requests.exceptions.RequestException, ValueError, UnicodeError) as exc:
+        raise ValueError(f"url is not valid for requests ({redact_text(str(exc))})") from None
+
+
+def url_key(url: str) -> str:
+    """The throttle key of a URL: `scheme://host:port`, host lowercased, the default port
+    explicit. Made once per origin."""
+    origin = _origin(url)
+    key = _KEYS.get(origin) if origin is not None else None
+    if key is None:
+        key = _key(url)
+        if origin is not None:
+            if len(_KEYS) >= _MAX:
+                _KEYS.clear()
+            _KEYS[origin] = key
+    return key
+
+
+def _key(url: str) -> str:
+    split = urlsplit(url)
+    scheme = split.scheme.lower()
+    host = split.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = split.port or (443 if scheme == "https" else 80)
+    return f"{scheme}://{host}:{port}"
