@@ -229,25 +229,17 @@ def _check_files(value: Any) -> Any:
 
 
 _NOT_PLAIN: Any = object()
-_FLAT = frozenset({str, int, bool, float, type(None)})
+_FLAT = frozenset({str, int, bool, type(None)})
 
 
 def _frozen_json(value: Any, depth: int = 0) -> Any:
     """A frozen copy of a value of exact JSON types (tuples too), or _NOT_PLAIN: one walk
     that checks and copies, before the slower one that names what is wrong."""
     kind = type(value)
-    if kind is str or kind is int or kind is bool or value is None:
-        return value
-    if kind is float:
-        return value if math.isfinite(value) else _NOT_PLAIN
-    if depth > 100:
-        return _NOT_PLAIN
-    if kind is dict:
-        for k, v in value.items():  # a flat dict of scalars (a handler's usual body)
+    if kind is dict and depth <= 100:
+        for k, v in value.items():  # flat: text, whole numbers, flags, null (a usual body)
             if type(k) is not str or type(v) not in _FLAT:
-                break
-            if type(v) is float and not math.isfinite(v):
-                return _NOT_PLAIN
+                break  # (a float, too: the walk below checks that it is finite)
         else:
             return FrozenDict(value)
         out = {}
@@ -257,6 +249,12 @@ def _frozen_json(value: Any, depth: int = 0) -> Any:
                 return _NOT_PLAIN
             out[k] = item
         return FrozenDict(out)
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is float:
+        return value if math.isfinite(value) else _NOT_PLAIN
+    if depth > 100:
+        return _NOT_PLAIN
     if kind is list or kind is tuple:
         items = []
         for v in value:
@@ -355,7 +353,7 @@ class RequestKwargs(FrozenDict):
             for name, value in self.items():  # names are the identifiers of _KWARG_CHECKS
                 if type(value) is Headers:
                     parts.append(f'"{name}":{value.text}')
-                elif _kept(name, value):
+                elif name != "timeout" or value != DEFAULT_TIMEOUT:  # (as _kept, inline)
                     parts.append(f'"{name}":{dumps_frozen(value)}')
             text = "{" + ",".join(parts) + "}"
             if holds_tags(text):  # bytes, or a user's dict that looks like a tag

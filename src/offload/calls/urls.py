@@ -21,7 +21,7 @@ __all__ = ["GOOD_URLS", "check_url", "url_key"]
 
 GOOD_URLS: set[str] = set()  # whole URLs that passed
 _GOOD_ORIGINS: set[str] = set()  # origins whose URLs passed the whole check
-_KEYS: dict[str, str] = {}  # origin -> throttle key
+_KEYS: dict[str, str] = {}  # URL or origin -> throttle key
 _MAX = 4096  # entries each; a set that is full is emptied, so memory stays bounded
 
 # `scheme://authority`, as urlsplit and urllib3 both cut it, for an authority without
@@ -90,14 +90,17 @@ def _check_whole(url: str) -> None:
 
 def url_key(url: str) -> str:
     """The throttle key of a URL: `scheme://host:port`, host lowercased, the default port
-    explicit. Made once per origin."""
-    origin = _origin(url)
-    key = _KEYS.get(origin) if origin is not None else None
+    explicit. Made once per origin, and remembered for the URL."""
+    key = _KEYS.get(url)
     if key is None:
-        key = _key(url)
+        origin = _origin(url)
+        key = _KEYS.get(origin) if origin is not None else None
+        if key is None:
+            key = _key(url)
+        if len(_KEYS) >= _MAX:
+            _KEYS.clear()
+        _KEYS[url] = key
         if origin is not None:
-            if len(_KEYS) >= _MAX:
-                _KEYS.clear()
             _KEYS[origin] = key
     return key
 
