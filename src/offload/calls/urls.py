@@ -30,6 +30,12 @@ _MAX = 4096  # entries each; a set that is full is emptied, so memory stays boun
 _ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\\@]*")
 _AFTER_ORIGIN = frozenset({"", "/", "?", "#"})
 _BAD_URL_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
+# A whole URL of that shape with no whitespace or control character anywhere: group 1 is
+# its origin. One match tells a new URL of a known origin from one that needs the whole
+# check.
+_PLAIN_URL = re.compile(
+    r"([A-Za-z][A-Za-z0-9+.-]*://[^/?#\\@\s\x00-\x1f\x7f]*)(?:[/?#][^\s\x00-\x1f\x7f]*)?"
+)
 
 
 def _origin(url: str) -> str | None:
@@ -53,15 +59,14 @@ def check_url(url: Any) -> str:
         return url
     if not isinstance(url, str):
         raise TypeError(f"url must be a str, got {type(url).__name__}")
-    origin = _origin(url)
-    # Printable and without a space is the usual case of "no whitespace or control
-    # character" (the regex, slower, decides the rest).
-    plain = url.isprintable() and " " not in url
-    if origin is None or origin not in _GOOD_ORIGINS or not plain:
+    plain = _PLAIN_URL.fullmatch(url)
+    if plain is None or plain.group(1) not in _GOOD_ORIGINS:
         _check_whole(url)
-        if origin is not None:
-            _remember(_GOOD_ORIGINS, origin)
-    _remember(GOOD_URLS, url)
+        if plain is not None:
+            _remember(_GOOD_ORIGINS, plain.group(1))
+    if len(GOOD_URLS) >= _MAX:  # (_remember, inline: every new URL comes this way)
+        GOOD_URLS.clear()
+    GOOD_URLS.add(url)
     return url
 
 
