@@ -39,6 +39,7 @@ from _harness import TIMES, Row, Scale  # noqa: E402
 # In the order of the table in issue 6.
 BENCHES = [
     "enqueue",
+    "handler_path",
     "durable_enqueue",
     "drain",
     "scaling",
