@@ -227,32 +227,24 @@ def run(scale: Scale) -> list[Row]:
             p50.add(name, max(0.0, statistics.median(means[name]) - loop) / 1000)
             mean.add(name, max(0.0, statistics.fmean(means[name]) - loop) / 1000)
 
-    rows: list[Row] = [
-        Row(
+    def floor_row(floor: str) -> Row:
+        return Row(
             "handler_path",
-            f"{FLOOR} p50",
-            p50.median(FLOOR),
+            f"{floor} p50",
+            p50.median(floor),
             "µs",
             ratio=1.0,
-            runs=p50.count(FLOOR),
+            runs=p50.count(floor),
         )
-    ]
+
+    rows: list[Row] = [floor_row(FLOOR)]
     for name, limit, floor in (
         (BUILD, None, FLOOR),
         (MEMORY, 4.0, FLOOR),
         (MEMORY_ID, 4.0, FLOOR_ID),
     ):
         if name == MEMORY_ID:
-            rows.append(
-                Row(
-                    "handler_path",
-                    f"{FLOOR_ID} p50",
-                    p50.median(FLOOR_ID),
-                    "µs",
-                    ratio=1.0,
-                    runs=p50.count(FLOOR_ID),
-                )
-            )
+            rows.append(floor_row(FLOOR_ID))
         ratio = p50.ratio(name, floor)
         rows.append(
             Row(
