@@ -29,7 +29,18 @@ def bench_run() -> ModuleType:
 
 
 TINY = {"factor": 0.001, "repeats": 1}
-OWN = ["enqueue", "memory", "drain", "scaling", "throttle", "limits", "idle", "console", "budgets"]
+OWN = [
+    "enqueue",
+    "handler_path",
+    "memory",
+    "drain",
+    "scaling",
+    "throttle",
+    "limits",
+    "idle",
+    "console",
+    "budgets",
+]
 
 
 @pytest.mark.parametrize("name", OWN)
