@@ -83,7 +83,12 @@ configure = _default.configure
 
 def enqueue_task(call: Any, /, *args: Any, **kwargs: Any) -> Task:
     """Queue a call on the default offloader and return at once (see Offloader.enqueue_task)."""
-    return _default.get().enqueue_task(call, *args, **kwargs)
+    offloader = _default._default  # (get(), inline: every handler's enqueue comes this way)
+    if offloader is None:
+        offloader = _default.get()
+    if args or kwargs:
+        return offloader.enqueue_task(call, *args, **kwargs)
+    return offloader.enqueue_task(call)
 
 
 def transaction(connection: Any) -> AbstractContextManager[Any]:
