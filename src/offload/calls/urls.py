@@ -24,26 +24,12 @@ _GOOD_ORIGINS: set[str] = set()  # origins whose URLs passed the whole check
 _KEYS: dict[str, str] = {}  # URL or origin -> throttle key
 _MAX = 4096  # entries each; a set that is full is emptied, so memory stays bounded
 
-# `scheme://authority`, as urlsplit and urllib3 both cut it, for an authority without
-# userinfo (whose URLs are always checked in full) or a backslash (which urllib3 takes as
-# the end of the authority and urlsplit does not).
-_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\\@]*")
-_AFTER_ORIGIN = frozenset({"", "/", "?", "#"})
+# `scheme://authority` of an http(s) URL, as urlsplit and urllib3 both cut it, followed
+# by the path, query, fragment or nothing. No match for an authority with userinfo (whose
+# URLs are always checked in full) or a backslash (which urllib3 takes as the end of the
+# authority and urlsplit does not).
+_ORIGIN = re.compile(r"[hH][tT][tT][pP][sS]?://[^/?#\\@]*(?=[/?#]|\Z)")
 _BAD_URL_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
-# A whole URL of that shape with no whitespace or control character anywhere: group 1 is
-# its origin. One match tells a new URL of a known origin from one that needs the whole
-# check.
-_PLAIN_URL = re.compile(
-    r"([A-Za-z][A-Za-z0-9+.-]*://[^/?#\\@\s\x00-\x1f\x7f]*)(?:[/?#][^\s\x00-\x1f\x7f]*)?"
-)
-
-
-def _origin(url: str) -> str | None:
-    """The URL's `scheme://authority`, or None when it cannot be cut without parsing."""
-    match = _ORIGIN.match(url)
-    if match is None or url[match.end() : match.end() + 1] not in _AFTER_ORIGIN:
-        return None
-    return match.group()
 
 
 def _remember(kept: set[str], value: str) -> None:
@@ -59,11 +45,13 @@ def check_url(url: Any) -> str:
         return url
     if not isinstance(url, str):
         raise TypeError(f"url must be a str, got {type(url).__name__}")
-    plain = _PLAIN_URL.fullmatch(url)
-    if plain is None or plain.group(1) not in _GOOD_ORIGINS:
+    origin = _ORIGIN.match(url)
+    # Printable and without a space is the usual case of "no whitespace or control
+    # character" (the whole check's regex decides the rest).
+    if origin is None or origin.group() not in _GOOD_ORIGINS or not url.isprintable() or " " in url:
         _check_whole(url)
-        if plain is not None:
-            _remember(_GOOD_ORIGINS, plain.group(1))
+        if origin is not None:
+            _remember(_GOOD_ORIGINS, origin.group())
     if len(GOOD_URLS) >= _MAX:  # (_remember, inline: every new URL comes this way)
         GOOD_URLS.clear()
     GOOD_URLS.add(url)
@@ -98,8 +86,9 @@ def url_key(url: str) -> str:
     explicit. Made once per origin, and remembered for the URL."""
     key = _KEYS.get(url)
     if key is None:
-        origin = _origin(url)
-        key = _KEYS.get(origin) if origin is not None else None
+        match = _ORIGIN.match(url)
+        origin = None if match is None else match.group()
+        key = None if origin is None else _KEYS.get(origin)
         if key is None:
             key = _key(url)
         if len(_KEYS) >= _MAX:
