@@ -105,15 +105,22 @@ _GOOD_NAMES: set[str] = set()
 
 
 class Headers(FrozenDict):
-    """Checked headers with their JSON text. A handler sends the same few sets of headers
-    (an API's token and content type) on every call: each set is checked and encoded once,
-    and every call built with it shares the one read-only copy."""
+    """Checked headers. A handler sends the same few sets of headers (an API's token and
+    content type) on every call: each set is checked once, encoded once (when a durable
+    store first asks), and every call built with it shares the one read-only copy."""
 
-    __slots__ = ("text",)
+    __slots__ = ("_text",)
 
     def __init__(self, checked: Mapping[str, str]) -> None:
         dict.__init__(self, checked)
-        self.text = dumps_frozen(self)
+        self._text: str | None = None
+
+    def text(self) -> str:
+        """The headers as JSON text, made once."""
+        text = self._text
+        if text is None:
+            text = self._text = dumps_frozen(self)
+        return text
 
 
 _HEADERS: dict[tuple[tuple[str, str], ...], Headers] = {}
@@ -139,6 +146,19 @@ def _check_headers(value: Any) -> FrozenDict:
 
 
 def _checked_headers(value: Any) -> dict[str, str]:
+    if type(value) is dict:  # the usual case: one pass over the items
+        for name, v in value.items():
+            if type(name) is not str or type(v) is not str:
+                break
+            if name not in _GOOD_NAMES:
+                _check_header_name(name)
+            # HEADER_VALUE's rule without the regex: empty, or no leading space, one line.
+            if v and (v[0].isspace() or "\n" in v or "\r" in v):
+                raise ValueError(
+                    f"headers: the value of {name!r} has a line break or leading whitespace"
+                )
+        else:
+            return value
     headers = _check_str_mapping(value, "headers")
     for name, v in headers.items():
         if name not in _GOOD_NAMES:
@@ -352,7 +372,7 @@ class RequestKwargs(FrozenDict):
         try:
             for name, value in self.items():  # names are the identifiers of _KWARG_CHECKS
                 if type(value) is Headers:
-                    parts.append(f'"{name}":{value.text}')
+                    parts.append(f'"{name}":{value.text()}')
                 elif name != "timeout" or value != DEFAULT_TIMEOUT:  # (as _kept, inline)
                     parts.append(f'"{name}":{dumps_frozen(value)}')
             text = "{" + ",".join(parts) + "}"
