@@ -1119,3 +1119,15 @@ def test_a_url_of_an_origin_that_passed_is_judged_as_the_whole_check_would(
     assert fast == whole
     if whole is None:
         assert url_key(url) == _key(url)
+
+
+def test_headers_of_a_str_subclass_are_not_shared_with_plain_ones() -> None:
+    class Text(str):  # as an enum.StrEnum value is
+        pass
+
+    first = http("POST", "https://h/x", headers={"Content-Type": Text("application/json")})
+    plain = http("POST", "https://h/y", headers={"Content-Type": "application/json"}, data=b"\x00")
+    assert type(plain.kwargs["headers"]["Content-Type"]) is str
+    assert plain.kwargs["headers"] is not first.kwargs["headers"]
+    stored = json.loads(plain.json_text())["kwargs"]["headers"]
+    assert stored == {"Content-Type": "application/json"}

@@ -137,8 +137,11 @@ def _check_headers(value: Any) -> FrozenDict:
             items = headers = None
         if headers is not None:
             return headers
-    headers = Headers(_checked_headers(value))
-    if items is not None:
+    checked = _checked_headers(value)
+    headers = Headers(checked)
+    # Only a set of exact str (the one-pass check returned it as it is): an equal set of a
+    # str subclass (a StrEnum value) must not be handed to later calls of plain str.
+    if items is not None and checked is value:
         if len(_HEADERS) >= _MAX_HEADERS:
             _HEADERS.clear()  # a handler that sends per-user tokens: no unbounded growth
         _HEADERS[items] = headers
