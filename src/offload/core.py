@@ -6,9 +6,11 @@ columns in the same critical section in which it moves in the scheduler, so that
 `enqueued == succeeded + dead_lettered + queued + delayed + in_flight` holds for every
 reader of `stats()`, not only at rest.
 
-Two Conditions on the lock: `work` (workers wait here for a task) and `drained` (flush
-and shutdown wait here). Separate conditions matter: a `notify()` for new work must wake
-a worker, not a thread blocked in `flush()`.
+Idle workers wait on Conditions of their own, over the lock, listed in `waiting` until
+one is woken (`wake`): a worker woken is at once no longer idle, so that a burst of tasks
+wakes as many workers as it needs, and starts the rest, rather than sending every wake-up
+to the one worker that has not run yet. `drained` is where flush and shutdown wait: a
+wake-up for new work goes to a worker, never to a thread blocked in `flush()`.
 """
 
 from __future__ import annotations
@@ -73,7 +75,9 @@ class Core:
     def __init__(self, limits: Mapping[str, Limit] | None = None, adaptive: bool = False) -> None:
         self.pid = os.getpid()
         self.lock = threading.Lock()
-        self.work = threading.Condition(self.lock)
+        # An idle worker's own Condition, from when it waits until it is woken (the most
+        # recently idle last: woken first, so that the others may reach their idle timeout).
+        self.waiting: dict[threading.Condition, None] = {}
         self.drained = threading.Condition(self.lock)
         self.limits: Mapping[str, Limit] = limits if limits is not None else {}
         self.sched = Scheduler(limits, adaptive)
@@ -100,6 +104,22 @@ class Core:
             if self.drained.wait_for(settled, wait):
                 return 0
             return sched.size() + sched.in_flight
+
+    def wake(self, count: int = 1) -> int:
+        """Called with the lock held: wake up to `count` idle workers, each once; returns
+        how many were woken."""
+        waiting = self.waiting
+        woken = 0
+        while woken < count and waiting:
+            waiting.popitem()[0].notify()
+            woken += 1
+        return woken
+
+    def wake_all(self) -> None:
+        """Called with the lock held: wake every idle worker (shutdown)."""
+        waiting, self.waiting = self.waiting, {}
+        for cond in waiting:
+            cond.notify()
 
     def notify_if_drained(self) -> None:
         """Called with the lock held: wake flush() and shutdown() when they may be done.

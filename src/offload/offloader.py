@@ -351,7 +351,7 @@ class Offloader:
             core.stopping = True
             left = sched.drain()
             self._backlog.shutting_down(left)
-            core.work.notify_all()
+            core.wake_all()
             threads = list(self._pool.threads)
         ok = self._backlog.close(left, ok, threads, deadline)
         if self._owns_store and not any(t.is_alive() for t in threads):

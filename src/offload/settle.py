@@ -220,7 +220,7 @@ class Settler:
         with core.lock:
             if in_flight:
                 core.sched.settle(task, None, now=now, delivered=delivered)
-                core.work.notify()  # a probe's success releases its key's held tasks
+                core.wake()  # a probe's success releases its key's held tasks
             down_for = core.sched.succeeded(task, now) if delivered else None
             self.backlog.forget(task)
             ledger = core.ledger

@@ -3,10 +3,11 @@
 - The first enqueue starts a worker thread; a worker that has had nothing to do for
   `idle_timeout` seconds exits. Both happen under the core's one lock, and a worker
   removes itself from the pool before letting go of it: a producer either sees an idle
-  worker to notify, or starts a new one. The lost wake-up of the hand-written version
-  cannot happen.
-- A worker never sleeps through a backoff: with nothing it may take, it waits on the
-  `work` Condition until the backlog's next due time (or a notify), never polls.
+  worker to wake, or starts a new one. The lost wake-up of the hand-written version
+  cannot happen, and a worker woken counts as busy from then (`Core.wake`), so a burst
+  starts the workers it needs.
+- A worker never sleeps through a backoff: with nothing it may take, it waits on its own
+  Condition until the backlog's next due time (or a wake-up), never polls.
 
 The pool knows threads and waiting, not what a task is: it takes the next task from the
 backlog and hands it to `run` (an attempt, then settling it).
@@ -68,7 +69,6 @@ class WorkerPool:
         self.idle_timeout = idle_timeout
         self.nice = nice
         self.threads: set[threading.Thread] = set()
-        self.idle = 0  # workers waiting on core.work
         # A worker thread that was started but never ran: a server that does not run the
         # application's threads (uWSGI without enable-threads). Checked on enqueue, cheaply.
         self.ran = False
@@ -82,12 +82,15 @@ class WorkerPool:
         self._backlog = backlog
         self._run_one = run_one
 
+    @property
+    def idle(self) -> int:
+        """Workers waiting for a task that no one has woken yet."""
+        return len(self.core.waiting)
+
     def wake_or_start(self) -> None:
         """A task was added: wake an idle worker, or start one if the pool has room.
         Raises ShutDown when the interpreter is exiting (no thread can start)."""
-        if self.idle:
-            self.core.work.notify()
-        elif len(self.threads) < self.size:
+        if not self.core.wake() and len(self.threads) < self.size:
             self.start()
 
     def ensure(self, want: int = 1) -> None:
@@ -156,16 +159,17 @@ class WorkerPool:
         run_one = self._run_one
         assert run_one is not None
         resources = Resources()
+        wake = threading.Condition(self.core.lock)  # this worker's, while it is idle
         try:
             while True:
-                task = self._next()
+                task = self._next(wake)
                 if task is None:
                     return
                 run_one(task, resources)
         finally:
             resources.close()
 
-    def _next(self) -> Task | None:
+    def _next(self, wake: threading.Condition) -> Task | None:
         """Block until a task may run, or return None when this worker should exit."""
         core = self.core
         clock = self.clock
@@ -195,11 +199,11 @@ class WorkerPool:
                     timeout = left if wait is None else min(left, wait)
                 else:
                     idle_since = None
-                self.idle += 1
+                core.waiting[wake] = None
                 try:
-                    clock.wait(core.work, timeout)
-                finally:
-                    self.idle -= 1
+                    clock.wait(wake, timeout)
+                finally:  # woken (and so already off the list), timed out, or interrupted
+                    core.waiting.pop(wake, None)
 
     def _leave(self) -> None:
         """Called with the lock held: this thread leaves the pool."""

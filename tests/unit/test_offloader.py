@@ -523,6 +523,42 @@ def test_workers_run_calls_concurrently(make_offloader: MakeOffloader) -> None:
     assert off.dead_letters() == []
 
 
+_burst = threading.Barrier(4, timeout=10)
+
+
+def _nothing() -> None:
+    """A stored task's function (a module-level one)."""
+
+
+def _meet() -> None:
+    _burst.wait()
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_a_burst_while_a_worker_is_idle_starts_the_workers_it_needs(
+    make_offloader: MakeOffloader, tmp_path: Any, durable: bool
+) -> None:
+    """One worker waits idle; a burst of four tasks arrives before it wakes. A worker that
+    was woken is no longer idle, so the burst starts three more: all four run at once.
+    (Counting it idle until it woke sent the burst's wake-ups to nobody, and the pool
+    stayed at one worker until the next enqueue.)"""
+    _burst.reset()
+    store = {"store": f"sqlite:///{tmp_path / 'burst.db'}"} if durable else {}
+    off = make_offloader(workers=4, idle_timeout=60, **store)
+    off.enqueue_task(_nothing)
+    assert off.flush(10)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(30)  # the woken worker gets no turn unless the burst blocks
+    try:
+        for _ in range(4):
+            off.enqueue_task(_meet)
+    finally:
+        sys.setswitchinterval(interval)
+    assert off.flush(15)
+    s = off.stats()
+    assert (s.succeeded, s.dead_lettered) == (5, 0), off.dead_letters()
+
+
 def test_cannot_start_thread_at_interpreter_shutdown_raises_shutdown(
     make_offloader: MakeOffloader, monkeypatch: pytest.MonkeyPatch
 ) -> None:

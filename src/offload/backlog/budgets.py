@@ -79,7 +79,7 @@ class Budgets:
                 taken += count
             else:
                 shared.retry_at = now + wait
-        core.work.notify(max(1, taken))  # idle workers start the calls; or ask again
+        core.wake(max(1, taken))  # idle workers start the calls; or ask again
         return True
 
     def _take(self, key: str, shared: SharedTokens, want: int) -> tuple[int, float]:

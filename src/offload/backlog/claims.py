@@ -99,6 +99,6 @@ class Claims:
             backlog.leased[task.id] = task
             sched.ready.append(task)
         core.ledger.claimed += len(tasks)
-        core.work.notify(len(tasks))
+        core.wake(len(tasks))
         backlog.pool.ensure(len(sched.ready) + sched.in_flight)
         backlog.keeper.ensure()

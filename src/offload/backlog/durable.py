@@ -142,8 +142,8 @@ class DurableBacklog:
                     core.sched.ready.append(task)
                     self.keeper.ensure()
             pool = self.pool
-            if pool.idle:
-                core.work.notify()
+            if core.waiting:
+                core.wake()
             elif len(pool.threads) < pool.size and not core.stopping:
                 # On failure (interpreter exit) the task is stored: a later process does it.
                 with contextlib.suppress(ShutDown):
@@ -237,7 +237,7 @@ class DurableBacklog:
             core.sched.settle(task, due if throttled else None, now=now)
             core.ledger.retried += 1
             core.ledger.released += 1
-            core.work.notify()
+            core.wake()
             core.notify_if_drained()
         return True
 
@@ -250,7 +250,7 @@ class DurableBacklog:
         core = self.core
         with core.lock:  # not buried: the store keeps the task, as a hand-back would
             core.sched.settle(task, None)
-            core.work.notify()
+            core.wake()
             self.leased.pop(task.id, None)
             core.ledger.released += 1
             core.notify_if_drained()
@@ -383,11 +383,8 @@ class DurableBacklog:
         task = self.store.replay(dead_letter_id)
         with core.lock:
             core.ledger.enqueued += 1
-            if self.consume:
-                if self.pool.idle:
-                    core.work.notify()
-                else:
-                    self.pool.ensure()
+            if self.consume and not core.wake():
+                self.pool.ensure()
         return task
 
     def counts(self) -> StoreCounts | None:

@@ -101,8 +101,8 @@ class MemoryBacklog:
             if len(sched.ready) + sched.held_count + len(sched.delayed) >= self.max_queue:
                 core.ledger.rejected += 1
                 raise QueueFull(f"offload queue is full ({self.max_queue} tasks held)")
-            if pool.idle:
-                core.work.notify()
+            if core.waiting:
+                core.wake()
             elif len(pool.threads) < pool.size:
                 pool.start()  # before the append: it may raise ShutDown
             elif not pool.ran:
@@ -144,7 +144,7 @@ class MemoryBacklog:
             core.sched.settle(task, due if throttled else None, now=now)
             core.sched.delay(task, due)
             core.ledger.retried += 1
-            core.work.notify()
+            core.wake()
         return True
 
     def complete(self, task: Task) -> None:

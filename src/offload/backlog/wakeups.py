@@ -73,9 +73,7 @@ class Wakeups:
             if core.closed or core.stopping or core.forked():
                 return
             pool = self.pool
-            if pool.idle:
-                core.work.notify()
-            elif not pool.threads:
+            if not core.wake() and not pool.threads:
                 pool.ensure()
 
     def stop(self) -> None:
