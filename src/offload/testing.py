@@ -262,7 +262,9 @@ class EagerOffloader(Offloader):
     `enqueue_task` returns once the call was delivered or dead-lettered. Retries happen at
     once: the backoff and `Retry-After` are skipped, not waited for, but the retry policy
     decides as it would in production (the same attempts, the same dead letters, an
-    endless throttle still ends after `max_throttled` seconds of skipped time). Dead
+    endless throttle still ends after `max_throttled` seconds of skipped time). The
+    skipped time is the offloader's, not a thread's: with calls enqueued from many threads
+    at once, one call's time bounds also count the backoffs skipped for the others. Dead
     letters land in the store as usual; with `fail_fast=True` `enqueue_task` also raises
     `DeadLettered`. Throttle gates are not kept: there is no queue to hold back.
 
