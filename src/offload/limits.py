@@ -202,9 +202,10 @@ class TokenBucket:
 
 class AdaptiveRate:
     """The rate a key is allowed, learnt from its throttles, as botocore's adaptive retry
-    mode learns one client's (a cut to `BETA` of the rate actually sent at a throttle,
-    then CUBIC growth back), but per key, and cut once per throttle event: the throttles
-    of calls already in flight when the key closed are the same event.
+    mode learns one client's (a cut to `BETA` of the rate actually sent at the first
+    throttle, of the rate allowed at later ones, then CUBIC growth back), but per key,
+    and cut once per throttle event: the throttles of calls already in flight when the
+    key closed are the same event.
 
     The send rate is measured over the last second (calls started, counted over the whole
     second), so that the first throttle of a burst cuts from a rate that means something;
@@ -247,12 +248,17 @@ class AdaptiveRate:
         return self.rate is None and self.measured(now) == 0
 
     def throttled(self, now: float) -> bool:
-        """A throttle event: cut to BETA of what was sent (or of the rate, if higher);
-        False when it engaged nothing (too few calls to tell a rate)."""
-        sent = self.measured(now)
-        if self.rate is None and len(self._starts) < self.MIN_SAMPLES:
+        """A throttle event: cut to BETA of what was sent at the first, of the rate allowed
+        at a later one; False when it engaged nothing (too few calls to tell a rate).
+
+        A later cut is from the rate, never from what was sent: the window still holds
+        calls sent before the last cut (a burst), and cutting from those raised the rate
+        at a throttle (41 to 50 calls a second, against an API allowing 40).
+        """
+        rate = self.rate
+        if rate is None and len(self._starts) < self.MIN_SAMPLES:
             return False
-        peak = max(sent, self.rate or 0.0)
+        peak = self.measured(now) if rate is None else rate
         self.last_max = max(peak, self.MIN_RATE)
         self.last_throttle = now
         self._k = (self.last_max * (1 - self.BETA) / self.SCALE) ** (1 / 3)
@@ -382,6 +388,10 @@ class Pace:
         adaptive = self.adaptive
         if adaptive is not None and adaptive.throttled(now):
             self._apply(now)
+            # No burst after any cut, not only the first: tokens saved up at the old rate
+            # (a second's worth, at most) would all go out when the gate reopens.
+            assert self.bucket is not None
+            self.bucket.tokens = min(self.bucket.tokens, 1.0)
 
     def succeeded(self, now: float) -> None:
         adaptive = self.adaptive

@@ -112,8 +112,12 @@ def test_the_adaptive_rate_stays_between_its_floor_and_the_declared_rate(
                 assert not engaged and adaptive.rate is None, "too few calls to tell a rate"
             else:
                 assert engaged and adaptive.rate is not None
-                cut = max(AdaptiveRate.BETA * max(measured, before or 0.0), AdaptiveRate.MIN_RATE)
-                assert adaptive.rate <= cut + EPS, "a throttle cuts to a fraction of what was sent"
+                # The first cut is from what was sent; a later one from the rate allowed.
+                base = measured if before is None else before
+                cut = max(AdaptiveRate.BETA * base, AdaptiveRate.MIN_RATE)
+                assert adaptive.rate <= cut + EPS, "a throttle cuts to a fraction of the rate"
+                if before is not None:
+                    assert adaptive.rate <= before + EPS, "a throttle never raises the rate"
         else:
             adaptive.succeeded(now)
             if before is None:
@@ -168,6 +172,10 @@ def test_a_pace_never_exceeds_its_declared_rate_or_concurrency(
             pace.finish()
         elif event == "throttle":
             pace.throttled(now)
+            learnt = pace.adaptive
+            if learnt is not None and learnt.rate is not None and learnt.last_throttle == now:
+                # Tokens saved up before the cut would all go out when the gate reopens.
+                assert pace.bucket is not None and pace.bucket.tokens <= 1.0 + EPS, "no burst"
         elif event == "success":
             pace.succeeded(now)
         if concurrency is not None:
