@@ -354,7 +354,8 @@ _KWARG_CHECKS: dict[str, Callable[[Any], Any]] = {
 
 
 def _kept(name: str, value: Any) -> bool:
-    return not (name == "timeout" and (value is DEFAULT_TIMEOUT or value == DEFAULT_TIMEOUT))
+    """False for the default timeout, which a stored call leaves out (it gets it back)."""
+    return name != "timeout" or value != DEFAULT_TIMEOUT
 
 
 class RequestKwargs(FrozenDict):
