@@ -218,9 +218,9 @@ class Settler:
         core = self.core
         now = self.clock.monotonic()
         with core.lock:
-            if in_flight:
-                core.sched.settle(task, None, now=now, delivered=delivered)
-                core.wake()  # a probe's success releases its key's held tasks
+            released = in_flight and core.sched.settle(task, None, now=now, delivered=delivered)
+            if released:
+                core.wake()  # a probe's success released its key's held tasks
             down_for = core.sched.succeeded(task, now) if delivered else None
             self.backlog.forget(task)
             ledger = core.ledger

@@ -61,18 +61,24 @@ class FakeClock:
         self._epoch = float(epoch) - float(start)  # time() = epoch at `start`
         self._lock = threading.Lock()
         self._waiting: weakref.WeakSet[threading.Condition] = weakref.WeakSet()
+        # The time each thread last read: a wait that starts after an advance() it has not
+        # seen returns at once (that advance() did not know its Condition to wake).
+        self._seen: dict[int, float] = {}
 
     def monotonic(self) -> float:
-        return self._now
+        now = self._seen[threading.get_ident()] = self._now
+        return now
 
     def time(self) -> float:
-        return self._epoch + self._now
+        return self._epoch + self.monotonic()
 
     def wait(self, cond: threading.Condition, timeout: float | None) -> None:
         if timeout is not None and timeout <= 0:
             return
         with self._lock:
             self._waiting.add(cond)
+            if self._seen.get(threading.get_ident(), self._now) != self._now:
+                return  # time moved since this thread looked: it must look again
         cond.wait()  # woken by a notify, or by advance()
 
     def advance(self, seconds: float) -> None:

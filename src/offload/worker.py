@@ -15,6 +15,7 @@ backlog and hands it to `run` (an attempt, then settling it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -168,6 +169,9 @@ class WorkerPool:
                 run_one(task, resources)
         finally:
             resources.close()
+            with self.core.lock:  # ended by an exception: leave, so that enqueues start another
+                if threading.current_thread() in self.threads:
+                    self._leave()
 
     def _next(self, wake: threading.Condition) -> Task | None:
         """Block until a task may run, or return None when this worker should exit."""
@@ -184,6 +188,8 @@ class WorkerPool:
                 now = clock.monotonic()
                 task, wait, idle = backlog.take(now)  # may let go of the lock meanwhile
                 if task is not None:
+                    if core.sched.ready:  # more may run now (come due, or released at once)
+                        self._another()
                     return task
                 if core.stopping or core.forked():
                     continue
@@ -199,11 +205,23 @@ class WorkerPool:
                     timeout = left if wait is None else min(left, wait)
                 else:
                     idle_since = None
+                if timeout is not None and timeout > threading.TIMEOUT_MAX:
+                    timeout = threading.TIMEOUT_MAX  # a task due in the year 2400
                 core.waiting[wake] = None
                 try:
                     clock.wait(wake, timeout)
                 finally:  # woken (and so already off the list), timed out, or interrupted
                     core.waiting.pop(wake, None)
+
+    def _another(self) -> None:
+        """Called with the lock held: wake an idle worker for the tasks left, or start one.
+        Tasks that come due or are released together wake one worker; each worker that
+        takes one and leaves more passes the word on, so that the pool grows to them."""
+        core = self.core
+        if core.wake() or len(self.threads) >= self.size or core.stopping:
+            return
+        with contextlib.suppress(ShutDown):  # interpreter exit: the workers there do them
+            self.start()
 
     def _leave(self) -> None:
         """Called with the lock held: this thread leaves the pool."""

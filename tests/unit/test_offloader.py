@@ -6,6 +6,7 @@ import logging
 import sys
 import threading
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ import tenacity
 import offload
 from conftest import wait_workers_exit
 from offload import GiveUp, Offloader, Retry, RetryPolicy, Task
+from offload.clock import SystemClock
 from offload.testing import FakeClock
 
 MakeOffloader = Callable[..., Offloader]
@@ -557,6 +559,92 @@ def test_a_burst_while_a_worker_is_idle_starts_the_workers_it_needs(
     assert off.flush(15)
     s = off.stats()
     assert (s.succeeded, s.dead_lettered) == (5, 0), off.dead_letters()
+
+
+class _ParkClock(SystemClock):
+    """The real clock, counting the waits workers begin (so that a test knows one waits)."""
+
+    def __init__(self, fail_first: bool = False) -> None:
+        self.parked = threading.Condition()
+        self.parks = 0
+        self.timeouts: list[float | None] = []
+        self.fail_first = fail_first
+        self.failed_in: threading.Thread | None = None
+
+    def wait(self, cond: threading.Condition, timeout: float | None) -> None:
+        with self.parked:
+            self.parks += 1
+            self.timeouts.append(timeout)
+            self.parked.notify_all()
+            fail, self.fail_first = self.fail_first, False
+        if fail:
+            self.failed_in = threading.current_thread()
+            raise RuntimeError("a wait that went wrong")
+        cond.wait(timeout)
+
+    def wait_parks(self, count: int) -> bool:
+        with self.parked:
+            return self.parked.wait_for(lambda: self.parks >= count, 10)
+
+
+@pytest.mark.parametrize("how", ["come due", "released by a probe"])
+def test_tasks_that_become_runnable_together_grow_the_pool(
+    make_offloader: MakeOffloader, how: str
+) -> None:
+    """Four tasks enqueued one by one while one worker idles (each enqueue wakes that one)
+    become runnable at once, by coming due or by a probe reopening their key: the worker
+    that takes the first wakes or starts the next, so all four run together."""
+    _burst.reset()
+    clock = _ParkClock()
+    off = make_offloader(workers=4, idle_timeout=60, clock=clock)
+    tries: list[int] = []
+
+    def probe() -> None:
+        tries.append(1)
+        if len(tries) == 1:
+            raise offload.Retry(after=0.5)
+
+    off.enqueue_task(Task(probe, key="k") if how != "come due" else Task(_nothing))
+    assert clock.wait_parks(1)
+    for _ in range(4):
+        parks = clock.parks
+        task = Task(_meet, delay=0.5) if how == "come due" else Task(_meet, key="k")
+        off.enqueue_task(task)
+        assert clock.wait_parks(parks + 1)  # the one worker looked, and waits again
+    assert len(off._pool.threads) == 1
+    assert off.flush(15)
+    s = off.stats()
+    assert (s.succeeded, s.dead_lettered) == (5, 0), off.dead_letters()
+
+
+def test_a_wait_beyond_the_longest_a_thread_can_wait_is_cut_to_it(
+    make_offloader: MakeOffloader,
+) -> None:
+    """A task due in the year 2400: the worker waits `threading.TIMEOUT_MAX` (a longer wait
+    raises OverflowError, which ended the worker), and the next task still runs."""
+    clock = _ParkClock()
+    off = make_offloader(clock=clock)
+    off.enqueue_task(Task(_nothing, at=datetime(2400, 1, 1, tzinfo=timezone.utc)))
+    assert clock.wait_parks(1)
+    assert clock.timeouts[-1] == threading.TIMEOUT_MAX
+    done = threading.Event()
+    off.enqueue_task(done.set)
+    assert done.wait(10)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_worker_ended_by_an_exception_leaves_the_pool(make_offloader: MakeOffloader) -> None:
+    """Whatever ends a worker thread, it leaves the pool: a later enqueue starts another
+    (a dead thread counted in the pool would have taken its place for good)."""
+    clock = _ParkClock(fail_first=True)
+    off = make_offloader(clock=clock)
+    off.enqueue_task(_nothing)
+    assert clock.wait_parks(1)
+    assert clock.failed_in is not None
+    clock.failed_in.join(10)  # gone, its exception reported
+    done = threading.Event()
+    off.enqueue_task(done.set)
+    assert done.wait(10)
 
 
 def test_cannot_start_thread_at_interpreter_shutdown_raises_shutdown(

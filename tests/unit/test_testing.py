@@ -456,3 +456,28 @@ def test_eager_works_with_responses_mocking_requests() -> None:
         assert task.attempts == 2
         assert len(mocked.calls) == 2
         assert_no_dead_letters()
+
+
+def test_a_fake_clock_wait_that_begins_after_an_advance_returns_at_once() -> None:
+    """A thread that read the time, then waits after an advance() it did not see (that
+    advance() knew no Condition of its to wake) returns at once, to look again."""
+    clock = FakeClock()
+    cond = threading.Condition()
+    returned = threading.Event()
+
+    def waiter(looked: threading.Event, go: threading.Event) -> None:
+        clock.monotonic()
+        looked.set()
+        go.wait(10)
+        with cond:
+            clock.wait(cond, 5.0)
+        returned.set()
+
+    looked, go = threading.Event(), threading.Event()
+    thread = threading.Thread(target=waiter, args=(looked, go), daemon=True)
+    thread.start()
+    assert looked.wait(10)
+    clock.advance(1.0)
+    go.set()
+    assert returned.wait(10)
+    thread.join(10)
