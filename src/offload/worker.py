@@ -83,17 +83,6 @@ class WorkerPool:
         self._backlog = backlog
         self._run_one = run_one
 
-    @property
-    def idle(self) -> int:
-        """Workers waiting for a task that no one has woken yet."""
-        return len(self.core.waiting)
-
-    def wake_or_start(self) -> None:
-        """A task was added: wake an idle worker, or start one if the pool has room.
-        Raises ShutDown when the interpreter is exiting (no thread can start)."""
-        if not self.core.wake() and len(self.threads) < self.size:
-            self.start()
-
     def ensure(self, want: int = 1) -> None:
         """Start workers until `want` (at most `size`) are alive; quietly none at exit."""
         want = min(want, self.size)
