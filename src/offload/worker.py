@@ -177,8 +177,11 @@ class WorkerPool:
                 now = clock.monotonic()
                 task, wait, idle = backlog.take(now)  # may let go of the lock meanwhile
                 if task is not None:
-                    if core.sched.ready:  # more may run now (come due, or released at once)
-                        self._another()
+                    # More may run now (come due, or released by a probe, together): each
+                    # worker that takes one and leaves more passes the word on, so that the
+                    # pool grows to them.
+                    if core.sched.ready:
+                        self.engage()
                     return task
                 if core.stopping or core.forked():
                     continue
@@ -202,15 +205,25 @@ class WorkerPool:
                 finally:  # woken (and so already off the list), timed out, or interrupted
                     core.waiting.pop(wake, None)
 
-    def _another(self) -> None:
-        """Called with the lock held: wake an idle worker for the tasks left, or start one.
-        Tasks that come due or are released together wake one worker; each worker that
-        takes one and leaves more passes the word on, so that the pool grows to them."""
+    def engage(self, *, raise_at_exit: bool = False) -> None:
+        """Called with the lock held, for a task just made ready: wake an idle worker, or
+        start one if the pool has room (else warn if its threads never ran).
+
+        At interpreter exit no thread can start: `raise_at_exit` lets that ShutDown out (a
+        memory task nobody would perform must not be taken); otherwise the task stays where
+        it is, in a durable store for a later process, or for the workers still here.
+        """
         core = self.core
-        if core.wake() or len(self.threads) >= self.size or core.stopping:
+        if core.wake():
             return
-        with contextlib.suppress(ShutDown):  # interpreter exit: the workers there do them
-            self.start()
+        if len(self.threads) < self.size and not core.stopping:
+            if raise_at_exit:
+                self.start()
+            else:
+                with contextlib.suppress(ShutDown):
+                    self.start()
+        elif not self.ran:
+            self.check_running()
 
     def _leave(self) -> None:
         """Called with the lock held: this thread leaves the pool."""

@@ -18,7 +18,6 @@ workers, this process's among them.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -141,15 +140,7 @@ class DurableBacklog:
                     self.leased[task.id] = task
                     core.sched.ready.append(task)
                     self.keeper.ensure()
-            pool = self.pool
-            if core.waiting:
-                core.wake()
-            elif len(pool.threads) < pool.size and not core.stopping:
-                # On failure (interpreter exit) the task is stored: a later process does it.
-                with contextlib.suppress(ShutDown):
-                    pool.start()
-            elif not pool.ran:
-                pool.check_running()
+            self.pool.engage()  # at interpreter exit the task is stored, for a later process
         if hand_back:
             self.hand_back([task])
         return task
