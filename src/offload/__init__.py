@@ -30,7 +30,8 @@ from .errors import (
 from .limits import Limit
 from .offloader import Offloader
 from .policy import RetryPolicy
-from .records import DeadLetter, Health, KeyState, Stats, Task
+from .records import DeadLetter, Task
+from .status import Health, KeyState, Stats
 from .stores import Store
 
 try:

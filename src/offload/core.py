@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from typing import Literal
 
 from .limits import Limit
-from .records import KeyState, Stats
 from .scheduler import Scheduler
+from .status import KeyState, Stats
 from .stores import StoreCounts
 
 __all__ = ["AttemptKind", "Core", "Ledger"]

@@ -20,7 +20,8 @@ import time
 from typing import TYPE_CHECKING, TextIO, cast
 
 from .config import check_number
-from .records import Health, Task
+from .records import Task
+from .status import Health
 from .stores.base import DurableStore, Store
 
 if TYPE_CHECKING:

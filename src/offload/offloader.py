@@ -48,8 +48,9 @@ from .errors import OffloadError
 from .health_check import HeadWatch
 from .limits import Limit, check_limits
 from .policy import RetryPolicy
-from .records import DeadLetter, Health, KeyState, Stats, Task
+from .records import DeadLetter, Task
 from .settle import Callbacks, Settler
+from .status import Health, KeyState, Stats
 from .stores import DurableStore, Store, TransactionalStore, open_store
 from .worker import WorkerPool
 

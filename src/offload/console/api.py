@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..health_check import summary
-from ..records import Health
+from ..status import Health
 from .filters import Filters
 from .http import Request, Response
 

@@ -12,7 +12,7 @@ from .. import _default
 from .._redact import redact_url
 from ..health_check import store_health
 from ..offloader import Offloader
-from ..records import Health, KeyState
+from ..status import Health, KeyState
 from ..stores import Store, open_store
 from ..stores.base import DurableStore, LetterDetail, LetterPage, LetterQuery, LetterTally
 
