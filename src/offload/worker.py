@@ -214,9 +214,9 @@ class WorkerPool:
         it is, in a durable store for a later process, or for the workers still here.
         """
         core = self.core
-        if core.wake():
-            return
-        if len(self.threads) < self.size and not core.stopping:
+        if core.waiting:  # (read first: on the enqueue path, no call when none is idle)
+            core.wake()
+        elif len(self.threads) < self.size and not core.stopping:
             if raise_at_exit:
                 self.start()
             else:

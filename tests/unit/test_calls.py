@@ -1101,7 +1101,8 @@ def test_a_url_of_an_origin_that_passed_is_judged_as_the_whole_check_would(
     origin: str, rest: str
 ) -> None:
     """Only the origin's checks are remembered: any URL of a known origin is accepted or
-    refused exactly as the whole check (urlsplit, requests) would, and the key is the same."""
+    refused exactly as the whole check (urlsplit, requests) would, and its key is the one
+    urlsplit gives, whether the URL was seen before or not."""
     from offload.calls.urls import _check_whole, _key, check_url, url_key
 
     check_url(origin + "/")  # the origin is known
@@ -1117,8 +1118,8 @@ def test_a_url_of_an_origin_that_passed_is_judged_as_the_whole_check_would(
     except ValueError as exc:
         fast = str(exc)
     assert fast == whole
-    if whole is None:
-        assert url_key(url) == _key(url)
+    if whole is None:  # the key that comes with the check, for a call and for a limit
+        assert http("GET", url).key() == url_key(url) == _key(url)
 
 
 def test_headers_of_a_str_subclass_are_not_shared_with_plain_ones() -> None:

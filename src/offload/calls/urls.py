@@ -4,7 +4,7 @@ A handler calls the same few APIs, but often with a different URL each time (an 
 path). What can be wrong with a URL (its scheme, a host that requests would refuse, a bad
 port) lies in its origin, `scheme://authority`: each origin is checked once, in full, and
 a new URL of an origin that passed needs only a look at its characters. A whole URL that
-passed costs a set lookup.
+passed costs a dict lookup, which also gives its throttle key.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from .._redact import redact_text, redact_url
 
 __all__ = ["GOOD_URLS", "check_url", "url_key"]
 
-GOOD_URLS: set[str] = set()  # whole URLs that passed
-_GOOD_ORIGINS: set[str] = set()  # origins whose URLs passed the whole check
-_KEYS: dict[str, str] = {}  # URL or origin -> throttle key
-_MAX = 4096  # entries each; a set that is full is emptied, so memory stays bounded
+GOOD_URLS: dict[str, str] = {}  # whole URLs that passed -> their throttle keys
+_GOOD_ORIGINS: dict[str, str] = {}  # origins whose URLs passed the whole check -> keys
+_MAX = 4096  # entries each; a table that is full is emptied, so memory stays bounded
 
 # `scheme://authority` of an http(s) URL, as urlsplit and urllib3 both cut it, followed
 # by the path, query, fragment or nothing. No match for an authority with userinfo (whose
@@ -32,30 +31,43 @@ _ORIGIN = re.compile(r"[hH][tT][tT][pP][sS]?://[^/?#\\@]*(?=[/?#]|\Z)")
 _BAD_URL_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
-def _remember(kept: set[str], value: str) -> None:
-    if len(kept) >= _MAX:
-        kept.clear()
-    kept.add(value)
-
-
 def check_url(url: Any) -> str:
     """`url` if requests can send it: http(s), a host, no whitespace or control characters
-    (checked here, not on the worker); TypeError or ValueError, the URL redacted, if not."""
+    (checked here, not on the worker); TypeError or ValueError, the URL redacted, if not.
+    The URL's throttle key is made with the check (both depend on its origin alone) and
+    kept with it, for `url_key`."""
     if type(url) is str and url in GOOD_URLS:
         return url
     if not isinstance(url, str):
         raise TypeError(f"url must be a str, got {type(url).__name__}")
     origin = _ORIGIN.match(url)
+    key = None if origin is None else _GOOD_ORIGINS.get(origin.group())
     # Printable and without a space is the usual case of "no whitespace or control
     # character" (the whole check's regex decides the rest).
-    if origin is None or origin.group() not in _GOOD_ORIGINS or not url.isprintable() or " " in url:
+    if key is None or not url.isprintable() or " " in url:
         _check_whole(url)
+        key = _key(url)
         if origin is not None:
-            _remember(_GOOD_ORIGINS, origin.group())
-    if len(GOOD_URLS) >= _MAX:  # (_remember, inline: every new URL comes this way)
+            if len(_GOOD_ORIGINS) >= _MAX:
+                _GOOD_ORIGINS.clear()
+            _GOOD_ORIGINS[origin.group()] = key
+    if len(GOOD_URLS) >= _MAX:  # every new URL comes this way
         GOOD_URLS.clear()
-    GOOD_URLS.add(url)
+    GOOD_URLS[url] = key
     return url
+
+
+def url_key(url: str) -> str:
+    """The throttle key of a URL: `scheme://host:port`, host lowercased, the default port
+    explicit. A URL checked before costs a dict lookup. ValueError for a port that is not
+    a number."""
+    key = GOOD_URLS.get(url)
+    if key is None:
+        origin = _ORIGIN.match(url)
+        key = None if origin is None else _GOOD_ORIGINS.get(origin.group())
+        if key is None:
+            key = _key(url)
+    return key
 
 
 def _check_whole(url: str) -> None:
@@ -79,24 +91,6 @@ def _check_whole(url: str) -> None:
         requests.PreparedRequest().prepare_url(url, None)
     except (requests.exceptions.RequestException, ValueError, UnicodeError) as exc:
         raise ValueError(f"url is not valid for requests ({redact_text(str(exc))})") from None
-
-
-def url_key(url: str) -> str:
-    """The throttle key of a URL: `scheme://host:port`, host lowercased, the default port
-    explicit. Made once per origin, and remembered for the URL."""
-    key = _KEYS.get(url)
-    if key is None:
-        match = _ORIGIN.match(url)
-        origin = None if match is None else match.group()
-        key = None if origin is None else _KEYS.get(origin)
-        if key is None:
-            key = _key(url)
-        if len(_KEYS) >= _MAX:
-            _KEYS.clear()
-        _KEYS[url] = key
-        if origin is not None:
-            _KEYS[origin] = key
-    return key
 
 
 def _key(url: str) -> str:
