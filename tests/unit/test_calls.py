@@ -1122,6 +1122,26 @@ def test_a_url_of_an_origin_that_passed_is_judged_as_the_whole_check_would(
         assert http("GET", url).key() == url_key(url) == _key(url)
 
 
+def test_a_url_that_only_begins_like_the_last_origin_is_judged_by_its_own() -> None:
+    """The origin checked last is reused only for a URL whose origin it is: one whose
+    authority goes on (a longer host, a port, userinfo) gets its own check and key."""
+    assert http("GET", "https://api.example.com/a").key() == "https://api.example.com:443"
+    assert http("GET", "https://api.example.com?q=1").key() == "https://api.example.com:443"
+    assert http("GET", "https://api.example.com.evil.test/a").key() == (
+        "https://api.example.com.evil.test:443"
+    )
+    assert http("GET", "https://api.example.com/b").key() == "https://api.example.com:443"
+    assert http("GET", "https://api.example.com:8443/a").key() == "https://api.example.com:8443"
+    http("GET", "https://api.example.com/c")
+    with pytest.raises(ValueError, match="not a valid URL"):
+        http("GET", "https://api.example.com:99999/x")
+    http("GET", "https://api.example.com/d")
+    with pytest.raises(ValueError, match="whitespace or control"):
+        http("GET", "https://api.example.com/ x")
+    call = http("GET", "https://user@api.example.com/e")  # userinfo: always the whole check
+    assert call.key() == "https://api.example.com:443"
+
+
 def test_headers_of_a_str_subclass_are_not_shared_with_plain_ones() -> None:
     class Text(str):  # as an enum.StrEnum value is
         pass
