@@ -52,7 +52,7 @@ from .records import DeadLetter, Task
 from .settle import Callbacks, Settler
 from .status import Health, KeyState, Stats
 from .stores import DurableStore, Store, TransactionalStore, open_store
-from .worker import WorkerPool
+from .worker import HOLD, WorkerPool
 
 __all__ = ["Offloader"]
 
@@ -266,6 +266,9 @@ class Offloader:
             # The calling task is itself in flight: waiting for "nothing running" would
             # wait for itself, forever (or until the timeout, always in vain).
             raise OffloadError("flush() called from one of this offloader's own tasks")
+        hold = HOLD.get()
+        if hold is not None:  # in a request under offload.web: waiting needs the workers now
+            hold.release()
         return self._backlog.flush(timeout)
 
     def stats(self) -> Stats:

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from ._guard import Guarded
@@ -215,8 +216,13 @@ class WorkerPool:
         """
         core = self.core
         if core.waiting:  # (read first: on the enqueue path, no call when none is idle)
-            core.wake()
+            hold = HOLD.get()
+            if hold is None or not hold.keep(self):
+                core.wake()
         elif len(self.threads) < self.size and not core.stopping:
+            hold = HOLD.get()
+            if hold is not None and not sys.is_finalizing() and hold.keep(self):
+                return
             if raise_at_exit:
                 self.start()
             else:
@@ -232,3 +238,50 @@ class WorkerPool:
         backlog = self._backlog
         if backlog is not None:
             backlog.worker_left()
+
+
+class WakeHold:
+    """Wake-ups held back while a web request is answered (offload.web), let go at once
+    when its response has been sent.
+
+    A worker woken in the middle of a response takes the GIL from the request's thread
+    between two writes of the answer; held, the wake-up comes when the client has it. Only
+    the wake-up waits: the task is queued (and written, in a durable store) as without the
+    hold, and a worker already busy takes it as soon as it is free. Safe across threads
+    that share the request's context (an async app's thread pool): a wake-up offered after
+    the release happens at once.
+    """
+
+    __slots__ = ("_lock", "_open", "_pools")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = True
+        self._pools: list[WorkerPool] = []
+
+    def keep(self, pool: WorkerPool) -> bool:
+        """Called with `pool`'s lock held: hold its wake-up; False once released."""
+        with self._lock:
+            if not self._open:
+                return False
+            if pool not in self._pools:
+                self._pools.append(pool)
+            return True
+
+    @property
+    def kept(self) -> bool:
+        """Whether a wake-up is being held."""
+        return bool(self._pools)
+
+    def release(self) -> None:
+        """Give every held wake-up now; later ones are not held. Idempotent."""
+        with self._lock:
+            self._open = False
+            pools, self._pools = self._pools, []
+        for pool in pools:
+            with pool.core.lock, contextlib.suppress(ShutDown):
+                pool.engage()  # (at exit: the task stays where it is, as in engage)
+
+
+HOLD: ContextVar[WakeHold | None] = ContextVar("offload_wake_hold", default=None)
+"""The hold of the request being answered in this context, if it is held (offload.web)."""

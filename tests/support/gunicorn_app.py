@@ -8,6 +8,8 @@ benchmarks/bench_handler_latency.py).
 - POST /inline/<rid>: the same handler making the call itself, as it would without offload
   (to `{API}/inline/<rid>`, which the tests do not count as a delivery).
 
+With `OFFLOAD_TEST_MIDDLEWARE=1` the app is wrapped in `offload.web.WSGIMiddleware`.
+
 Both answer with the process id (`X-Pid`) and the handler's own time in nanoseconds
 (`X-Handler-Ns`). At import the app also enqueues `POST {API}/boot/<pid>`: with
 `--preload` that runs in the gunicorn master before it forks, so a worker that inherited
@@ -23,10 +25,13 @@ import requests
 from flask import Flask, Response
 
 import offload
+import offload.web
 
 API = os.environ["OFFLOAD_TEST_API"]
 
 app = Flask(__name__)
+if os.environ.get("OFFLOAD_TEST_MIDDLEWARE"):  # wake offload's workers after each response
+    app.wsgi_app = offload.web.WSGIMiddleware(app.wsgi_app)  # type: ignore[method-assign]
 
 offload.enqueue_task(offload.http("POST", f"{API}/boot/{os.getpid()}"))
 

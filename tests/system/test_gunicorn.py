@@ -37,8 +37,11 @@ def api() -> Iterator[tuple[str, Counts]]:
 # -- gunicorn -------------------------------------------------------------------------------
 
 
-def gunicorn(api_url: str, tmp_path: Path, preload: bool) -> LoggedProcess:
-    """`gunicorn -w N tests/support/gunicorn_app:app` in a subprocess, its log lines collected."""
+def gunicorn(
+    api_url: str, tmp_path: Path, preload: bool, middleware: bool = False
+) -> LoggedProcess:
+    """`gunicorn -w N tests/support/gunicorn_app:app` in a subprocess, its log lines collected
+    (`middleware`: the app wrapped in offload.web.WSGIMiddleware)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}
     env.update(
         OFFLOAD_TEST_API=api_url,
@@ -47,6 +50,8 @@ def gunicorn(api_url: str, tmp_path: Path, preload: bool) -> LoggedProcess:
         XDG_RUNTIME_DIR=str(tmp_path),
         HOME=str(tmp_path),
     )
+    if middleware:
+        env["OFFLOAD_TEST_MIDDLEWARE"] = "1"
     args = [
         sys.executable,
         "-m",
@@ -78,12 +83,16 @@ def summary(label: str, results: list[tuple[float, int, int]]) -> str:
     )
 
 
-@pytest.mark.parametrize("preload", [False, True], ids=["fork-then-import", "preload"])
+@pytest.mark.parametrize(
+    ("preload", "middleware"),
+    [(False, False), (True, False), (False, True)],
+    ids=["fork-then-import", "preload", "web-middleware"],
+)
 def test_every_call_delivered_exactly_once_through_worker_exit(
-    api: tuple[str, Counts], tmp_path: Path, preload: bool
+    api: tuple[str, Counts], tmp_path: Path, preload: bool, middleware: bool
 ) -> None:
     api_url, counts = api
-    server = gunicorn(api_url, tmp_path, preload)
+    server = gunicorn(api_url, tmp_path, preload, middleware)
     try:
         port = server.wait_for(r"Listening at: http://127\.0\.0\.1:(\d+)")[0].group(1)
         base = f"http://127.0.0.1:{port}"

@@ -1,0 +1,111 @@
+"""Middleware for web applications: offload's workers start on a request's tasks once its
+response has been sent.
+
+A worker woken by an enqueue in a handler runs while the handler is still answering: in
+CPython it takes the GIL whenever the request's thread lets go of it (gunicorn writes the
+headers and the body of a response in two calls), and the client waits for the rest of the
+answer while the worker prepares its call. Wrapped in this middleware, an application's
+enqueues hold their wake-up until the response is out (WSGI: when the server closes the
+response; ASGI: after the last body message is sent). Nothing else changes: the task is
+queued, counted and, in a durable store, written before `enqueue_task` returns; a worker
+that is already busy takes it as soon as it is free; `flush()` in the request lets the
+hold go.
+
+    app.wsgi_app = offload.web.WSGIMiddleware(app.wsgi_app)          # Flask
+    application = offload.web.WSGIMiddleware(get_wsgi_application())  # Django
+    app.add_middleware(offload.web.ASGIMiddleware)                     # FastAPI, Starlette
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from typing import Any
+
+from .worker import HOLD, WakeHold
+
+__all__ = ["ASGIMiddleware", "WSGIMiddleware"]
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class _Closing:
+    """A WSGI response that lets the hold go when the server closes it (PEP 3333: always,
+    after the last byte or on an error)."""
+
+    __slots__ = ("_hold", "_result")
+
+    def __init__(self, result: Iterable[bytes], hold: WakeHold) -> None:
+        self._result = result
+        self._hold = hold
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._result)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._hold.release()
+
+
+class WSGIMiddleware:
+    """Wrap a WSGI application: workers are woken for its tasks after each response."""
+
+    def __init__(self, app: WSGIApp) -> None:
+        if not callable(app):
+            raise TypeError(f"WSGIMiddleware wraps a WSGI application, not {app!r}")
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        hold = WakeHold()
+        token = HOLD.set(hold)
+        try:
+            result = self.app(environ, start_response)
+        except BaseException:
+            hold.release()
+            raise
+        finally:
+            HOLD.reset(token)
+        if not hold.kept:
+            hold.release()  # nothing enqueued: the response goes out as the app made it
+            return result
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
+            hold.release()  # a file the server sends itself (sendfile): keep it as it is
+            return result
+        return _Closing(result, hold)
+
+
+class ASGIMiddleware:
+    """Wrap an ASGI application: workers are woken for a request's tasks once the last
+    part of its response has been sent (or when the request ends without one)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        if not callable(app):
+            raise TypeError(f"ASGIMiddleware wraps an ASGI application, not {app!r}")
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        hold = WakeHold()
+
+        async def sending(message: Message) -> None:
+            await send(message)
+            if message.get("type") == "http.response.body" and not message.get("more_body"):
+                hold.release()
+
+        token = HOLD.set(hold)
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            HOLD.reset(token)
+            hold.release()

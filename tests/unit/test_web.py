@@ -1,0 +1,278 @@
+"""offload.web: a request's tasks wake the workers once its response has been sent."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import offload.web
+from offload import Offloader, SystemClock
+from offload.stores.sqlite.store import SQLiteStore
+
+WAIT = 10.0
+
+
+def start_response(status: str, headers: list[tuple[str, str]]) -> None:
+    pass
+
+
+def environ(**extra: Any) -> dict[str, Any]:
+    return {"REQUEST_METHOD": "POST", "PATH_INFO": "/", **extra}
+
+
+class Done:
+    """A task function that records what it was called with."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self.event = threading.Event()
+
+    def __call__(self, rid: str) -> None:
+        self.seen.append(rid)
+        self.event.set()
+
+
+class Closable(list[bytes]):
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Entering(SystemClock):
+    """The real clock, telling when a worker has gone idle (begins to wait)."""
+
+    def __init__(self) -> None:
+        self.idle = threading.Event()
+
+    def wait(self, cond: threading.Condition, timeout: float | None) -> None:  # type: ignore[override]
+        self.idle.set()
+        cond.wait(timeout)
+
+
+DURABLE = Done()
+
+
+def deliver_durably(rid: str) -> None:
+    """A module-level task function, for the durable store."""
+    DURABLE(rid)
+
+
+def wsgi_app(off: Offloader, done: Callable[..., None], body: Iterable[bytes] | None = None) -> Any:
+    def app(env: dict[str, Any], respond: Callable[..., Any]) -> Iterable[bytes]:
+        off.enqueue_task(done, rid=env["PATH_INFO"])
+        respond("200 OK", [("Content-Type", "text/plain")])
+        return body if body is not None else [b"ok"]
+
+    return app
+
+
+def test_a_new_worker_starts_only_when_the_server_closes_the_response(
+    make_offloader: Callable[..., Offloader],
+) -> None:
+    off = make_offloader()
+    done = Done()
+    inner = Closable([b"o", b"k"])
+    result = offload.web.WSGIMiddleware(wsgi_app(off, done, inner))(environ(), start_response)
+    assert b"".join(result) == b"ok"
+    stats = off.stats()
+    assert (stats.enqueued, stats.queued) == (1, 1)  # queued and counted, not yet worked
+    assert not off._pool.threads
+    result.close()  # type: ignore[attr-defined]
+    assert inner.closed  # the application's own close still runs
+    assert off.flush(WAIT)
+    assert done.seen == ["/"]
+
+
+def test_an_idle_worker_is_woken_only_when_the_response_is_closed(
+    make_offloader: Callable[..., Offloader],
+) -> None:
+    clock = Entering()
+    off = make_offloader(clock=clock, idle_timeout=60)
+    first = Done()
+    off.enqueue_task(first, rid="warm")
+    assert off.flush(WAIT)
+    assert clock.idle.wait(WAIT)  # the worker waits on its Condition now
+    done = Done()
+    result = offload.web.WSGIMiddleware(wsgi_app(off, done))(environ(), start_response)
+    with off._core.lock:
+        assert off._core.waiting  # the idle worker was not woken: it is still listed
+    assert not done.event.is_set()
+    result.close()  # type: ignore[attr-defined]
+    assert done.event.wait(WAIT)
+    assert off.flush(WAIT)
+
+
+def test_a_request_that_enqueues_nothing_gets_its_response_back_untouched(
+    make_offloader: Callable[..., Offloader],
+) -> None:
+    inner = Closable([b"ok"])
+
+    def app(env: dict[str, Any], respond: Callable[..., Any]) -> Iterable[bytes]:
+        respond("200 OK", [])
+        return inner
+
+    assert offload.web.WSGIMiddleware(app)(environ(), start_response) is inner
+
+
+def test_a_file_the_server_sends_itself_is_not_wrapped_and_the_workers_start_at_once(
+    make_offloader: Callable[..., Offloader],
+) -> None:
+    class FileWrapper:
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def __iter__(self) -> Any:
+            return iter([self.data])
+
+    off = make_offloader()
+    done = Done()
+    sent = FileWrapper(b"file")
+    app = offload.web.WSGIMiddleware(wsgi_app(off, done, sent))  # type: ignore[arg-type]
+    assert app(environ(**{"wsgi.file_wrapper": FileWrapper}), start_response) is sent
+    assert off.flush(WAIT)
+    assert done.seen == ["/"]
+
+
+def test_an_application_that_raises_lets_the_hold_go(
+    make_offloader: Callable[..., Offloader],
+) -> None:
+    off = make_offloader()
+    done = Done()
+
+    def app(env: dict[str, Any], respond: Callable[..., Any]) -> Iterable[bytes]:
+        off.enqueue_task(done, rid="before the error")
+        raise RuntimeError("the handler failed")
+
+    with pytest.raises(RuntimeError, match="the handler failed"):
+        offload.web.WSGIMiddleware(app)(environ(), start_response)
+    assert off.flush(WAIT)
+    assert done.seen == ["before the error"]
+
+
+def test_flush_in_a_request_lets_the_hold_go(make_offloader: Callable[..., Offloader]) -> None:
+    off = make_offloader()
+    done = Done()
+    flushed: list[bool] = []
+
+    def app(env: dict[str, Any], respond: Callable[..., Any]) -> Iterable[bytes]:
+        off.enqueue_task(done, rid="flushed")
+        flushed.append(off.flush(WAIT))
+        respond("200 OK", [])
+        return [b"ok"]
+
+    result = offload.web.WSGIMiddleware(app)(environ(), start_response)
+    assert flushed == [True]
+    assert done.seen == ["flushed"]
+    assert list(result) == [b"ok"]
+
+
+def test_enqueues_outside_a_request_are_not_held(make_offloader: Callable[..., Offloader]) -> None:
+    off = make_offloader()
+    done = Done()
+    inner = Closable([b"ok"])
+    result = offload.web.WSGIMiddleware(wsgi_app(off, done, inner))(environ(), start_response)
+    off.enqueue_task(done, rid="after the handler returned")  # the server's thread, unheld
+    assert off._pool.threads
+    result.close()  # type: ignore[attr-defined]
+    assert off.flush(WAIT)
+    assert sorted(done.seen) == ["/", "after the handler returned"]
+
+
+def test_a_durable_task_is_written_before_enqueue_returns_while_its_wake_up_is_held(
+    make_offloader: Callable[..., Offloader], tmp_path: Path
+) -> None:
+    path = tmp_path / "q.db"
+    off = make_offloader(store=f"sqlite:///{path}")
+    result = offload.web.WSGIMiddleware(wsgi_app(off, deliver_durably))(environ(), start_response)
+    assert not off._pool.threads
+    look = SQLiteStore(path)
+    try:
+        counts = look.counts()
+    finally:
+        look.close()
+    assert counts.ready + counts.leased == 1
+    result.close()  # type: ignore[attr-defined]
+    assert off.flush(WAIT)
+    assert DURABLE.seen == ["/"]
+
+
+def asgi_request(app: Any) -> list[dict[str, Any]]:
+    """Run one HTTP request through an ASGI `app`; the messages it sent."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(app({"type": "http", "method": "POST", "path": "/"}, receive, send))
+    return sent
+
+
+def test_asgi_workers_start_after_the_last_body_message(
+    make_offloader: Callable[..., Offloader],
+) -> None:
+    off = make_offloader()
+    done = Done()
+    threads_seen: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.to_thread(off.enqueue_task, done, rid="from a thread")  # shares the context
+        off.enqueue_task(done, rid="from the loop")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"o", "more_body": True})
+        threads_seen.append(len(off._pool.threads))
+        await send({"type": "http.response.body", "body": b"k"})
+        threads_seen.append(len(off._pool.threads))
+        await asyncio.to_thread(off.enqueue_task, done, rid="after the response")
+
+    sent = asgi_request(offload.web.ASGIMiddleware(app))
+    assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * 2
+    assert threads_seen == [0, 1]
+    assert off.flush(WAIT)
+    assert sorted(done.seen) == ["after the response", "from a thread", "from the loop"]
+
+
+def test_an_asgi_request_that_ends_without_a_body_lets_the_hold_go(
+    make_offloader: Callable[..., Offloader],
+) -> None:
+    off = make_offloader()
+    done = Done()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        off.enqueue_task(done, rid="no answer")
+        raise RuntimeError("the handler failed")
+
+    with pytest.raises(RuntimeError, match="the handler failed"):
+        asgi_request(offload.web.ASGIMiddleware(app))
+    assert off.flush(WAIT)
+    assert done.seen == ["no answer"]
+
+
+def test_other_asgi_scopes_pass_through(make_offloader: Callable[..., Offloader]) -> None:
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["type"])
+
+    async def nothing() -> dict[str, Any]:
+        return {}
+
+    async def drop(message: Any) -> None:
+        pass
+
+    asyncio.run(offload.web.ASGIMiddleware(app)({"type": "lifespan"}, nothing, drop))
+    assert seen == ["lifespan"]
+
+
+@pytest.mark.parametrize("middleware", [offload.web.WSGIMiddleware, offload.web.ASGIMiddleware])
+def test_a_middleware_wraps_an_application_only(middleware: Any) -> None:
+    with pytest.raises(TypeError, match=r"wraps an? (WSGI|ASGI) application, not 'app'"):
+        middleware("app")
