@@ -23,6 +23,7 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
 import offload
+import offload.web
 
 WAREHOUSE_URL = os.environ.get("WAREHOUSE_URL", "http://127.0.0.1:9000")
 
@@ -37,6 +38,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(lifespan=lifespan)
+# offload's worker starts on a request's calls once its response is sent, so that it does
+# not take the GIL from the event loop while the answer is still being written.
+app.add_middleware(offload.web.ASGIMiddleware)
 
 
 class Order(BaseModel):

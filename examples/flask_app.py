@@ -14,8 +14,12 @@ import os
 from flask import Flask, Response, jsonify, request
 
 import offload
+import offload.web
 
 app = Flask(__name__)
+# offload's worker starts on a request's calls once its response is sent, not while the
+# handler is still answering (the round trip the user waits for is the handler's own).
+app.wsgi_app = offload.web.WSGIMiddleware(app.wsgi_app)  # type: ignore[method-assign]
 app.config["CRM_URL"] = os.environ.get("CRM_URL", "http://127.0.0.1:9000")
 
 

@@ -52,7 +52,7 @@ from .records import DeadLetter, Task
 from .settle import Callbacks, Settler
 from .status import Health, KeyState, Stats
 from .stores import DurableStore, Store, TransactionalStore, open_store
-from .worker import HOLD, WorkerPool
+from .worker import WorkerPool
 
 __all__ = ["Offloader"]
 
@@ -266,9 +266,7 @@ class Offloader:
             # The calling task is itself in flight: waiting for "nothing running" would
             # wait for itself, forever (or until the timeout, always in vain).
             raise OffloadError("flush() called from one of this offloader's own tasks")
-        hold = HOLD.get()
-        if hold is not None:  # in a request under offload.web: waiting needs the workers now
-            hold.release()
+        self._pool.let_go()  # wake-ups held for requests (offload.web): waiting needs them
         return self._backlog.flush(timeout)
 
     def stats(self) -> Stats:
@@ -340,6 +338,7 @@ class Offloader:
             self._after_fork()
         core = self._core
         sched = core.sched
+        self._pool.let_go()
         with core.lock:
             core.closed = True
             deadline = None if timeout is None else self._clock.monotonic() + timeout

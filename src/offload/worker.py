@@ -78,6 +78,7 @@ class WorkerPool:
         self._warned = False
         self._backlog: Backlog | None = None
         self._run_one: Callable[[Task, Resources], None] | None = None
+        self.holds: set[WakeHold] = set()  # requests holding a wake-up of this pool (web.py)
 
     def serve(self, backlog: Backlog, run_one: Callable[[Task, Resources], None]) -> None:
         """Where the workers take tasks from, and what they do with each."""
@@ -231,6 +232,14 @@ class WorkerPool:
         elif not self.ran:
             self.check_running()
 
+    def let_go(self) -> None:
+        """Give the wake-ups every request holds for this pool (flush() and shutdown() wait
+        for the workers, and a response a server never closed must not keep them)."""
+        with self.core.lock:
+            holds, self.holds = self.holds, set()
+        for hold in holds:
+            hold.release()
+
     def _leave(self) -> None:
         """Called with the lock held: this thread leaves the pool."""
         self.threads.discard(threading.current_thread())
@@ -266,6 +275,7 @@ class WakeHold:
                 return False
             if pool not in self._pools:
                 self._pools.append(pool)
+                pool.holds.add(self)
             return True
 
     @property
@@ -280,6 +290,7 @@ class WakeHold:
             pools, self._pools = self._pools, []
         for pool in pools:
             with pool.core.lock, contextlib.suppress(ShutDown):
+                pool.holds.discard(self)
                 pool.engage()  # (at exit: the task stays where it is, as in engage)
 
 

@@ -108,6 +108,33 @@ def test_an_idle_worker_is_woken_only_when_the_response_is_closed(
     assert off.flush(WAIT)
 
 
+def test_a_response_never_closed_lets_its_hold_go_when_it_is_dropped(
+    make_offloader: Callable[..., Offloader],
+) -> None:
+    off = make_offloader()
+    done = Done()
+    result = offload.web.WSGIMiddleware(wsgi_app(off, done))(environ(), start_response)
+    assert not off._pool.threads
+    del result
+    assert done.event.wait(WAIT)  # no flush: the drop alone woke the worker
+
+
+@pytest.mark.parametrize("how", ["flush", "shutdown"])
+def test_flush_and_shutdown_elsewhere_let_the_holds_of_open_responses_go(
+    make_offloader: Callable[..., Offloader], how: str
+) -> None:
+    off = make_offloader()
+    done = Done()
+    app = offload.web.WSGIMiddleware(wsgi_app(off, done))
+    open_responses = [app(environ(PATH_INFO=f"/{i}"), start_response) for i in range(3)]
+    assert not off._pool.threads
+    assert getattr(off, how)(WAIT)
+    assert sorted(done.seen) == ["/0", "/1", "/2"]
+    for result in open_responses:
+        result.close()  # type: ignore[attr-defined]  # (nothing left to give)
+    assert off.stats().succeeded == 3
+
+
 def test_a_request_that_enqueues_nothing_gets_its_response_back_untouched(
     make_offloader: Callable[..., Offloader],
 ) -> None:
@@ -276,3 +303,43 @@ def test_other_asgi_scopes_pass_through(make_offloader: Callable[..., Offloader]
 def test_a_middleware_wraps_an_application_only(middleware: Any) -> None:
     with pytest.raises(TypeError, match=r"wraps an? (WSGI|ASGI) application, not 'app'"):
         middleware("app")
+
+
+def test_stress_requests_from_many_threads_hold_and_give_every_wake_up(
+    make_offloader: Callable[..., Offloader],
+) -> None:
+    off = make_offloader(workers=3, idle_timeout=0.01)  # workers come and go throughout
+    seen: list[str] = []
+    ran = threading.Semaphore(0)
+
+    def task(rid: str) -> None:
+        seen.append(rid)
+        ran.release()
+
+    app = offload.web.WSGIMiddleware(wsgi_app(off, task))
+    per_thread, threads = 300, 6
+    ledger_broken: list[str] = []
+
+    def client(n: int) -> None:
+        for i in range(per_thread):
+            result = app(environ(PATH_INFO=f"/{n}/{i}"), start_response)
+            close = getattr(result, "close", None)  # (unwrapped when nothing was held)
+            if close is not None and i % 3:
+                close()
+            del result, close  # every third response is dropped unclosed
+            s = off.stats()
+            if s.enqueued != s.succeeded + s.dead_lettered + s.queued + s.delayed + s.in_flight:
+                ledger_broken.append(repr(s))
+
+    clients = [threading.Thread(target=client, args=(n,)) for n in range(threads)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join(60)
+    for _ in range(per_thread * threads):  # each task ran, without any flush to help
+        assert ran.acquire(timeout=WAIT)
+    assert off.flush(WAIT)
+    assert not ledger_broken
+    assert sorted(seen) == sorted(f"/{n}/{i}" for n in range(threads) for i in range(per_thread))
+    s = off.stats()
+    assert s.enqueued == s.succeeded == per_thread * threads
