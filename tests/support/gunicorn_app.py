@@ -8,7 +8,8 @@ benchmarks/bench_handler_latency.py).
 - POST /inline/<rid>: the same handler making the call itself, as it would without offload
   (to `{API}/inline/<rid>`, which the tests do not count as a delivery).
 
-With `OFFLOAD_TEST_MIDDLEWARE=1` the app is wrapped in `offload.web.WSGIMiddleware`.
+Every route is also served under `/web/` (`/web/enqueue/<rid>`), through
+`offload.web.WSGIMiddleware`: the enqueue's wake-up waits until the response is sent.
 
 Both answer with the process id (`X-Pid`) and the handler's own time in nanoseconds
 (`X-Handler-Ns`). At import the app also enqueues `POST {API}/boot/<pid>`: with
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import requests
 from flask import Flask, Response
@@ -30,8 +32,20 @@ import offload.web
 API = os.environ["OFFLOAD_TEST_API"]
 
 app = Flask(__name__)
-if os.environ.get("OFFLOAD_TEST_MIDDLEWARE"):  # wake offload's workers after each response
-    app.wsgi_app = offload.web.WSGIMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+_flask_wsgi = app.wsgi_app
+_held_wsgi = offload.web.WSGIMiddleware(_flask_wsgi)
+
+
+def _dispatch(environ: dict[str, Any], start_response: Any) -> Any:
+    """/web/... is the same app under offload.web.WSGIMiddleware (same server, same routes)."""
+    path = environ.get("PATH_INFO", "")
+    if path.startswith("/web/"):
+        environ["PATH_INFO"] = path[len("/web") :]
+        return _held_wsgi(environ, start_response)
+    return _flask_wsgi(environ, start_response)
+
+
+app.wsgi_app = _dispatch  # type: ignore[method-assign]
 
 offload.enqueue_task(offload.http("POST", f"{API}/boot/{os.getpid()}"))
 

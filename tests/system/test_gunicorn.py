@@ -37,11 +37,8 @@ def api() -> Iterator[tuple[str, Counts]]:
 # -- gunicorn -------------------------------------------------------------------------------
 
 
-def gunicorn(
-    api_url: str, tmp_path: Path, preload: bool, middleware: bool = False
-) -> LoggedProcess:
-    """`gunicorn -w N tests/support/gunicorn_app:app` in a subprocess, its log lines collected
-    (`middleware`: the app wrapped in offload.web.WSGIMiddleware)."""
+def gunicorn(api_url: str, tmp_path: Path, preload: bool) -> LoggedProcess:
+    """`gunicorn -w N tests/support/gunicorn_app:app` in a subprocess, its log lines collected."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}
     env.update(
         OFFLOAD_TEST_API=api_url,
@@ -50,8 +47,6 @@ def gunicorn(
         XDG_RUNTIME_DIR=str(tmp_path),
         HOME=str(tmp_path),
     )
-    if middleware:
-        env["OFFLOAD_TEST_MIDDLEWARE"] = "1"
     args = [
         sys.executable,
         "-m",
@@ -92,7 +87,7 @@ def test_every_call_delivered_exactly_once_through_worker_exit(
     api: tuple[str, Counts], tmp_path: Path, preload: bool, middleware: bool
 ) -> None:
     api_url, counts = api
-    server = gunicorn(api_url, tmp_path, preload, middleware)
+    server = gunicorn(api_url, tmp_path, preload)
     try:
         port = server.wait_for(r"Listening at: http://127\.0\.0\.1:(\d+)")[0].group(1)
         base = f"http://127.0.0.1:{port}"
@@ -100,7 +95,8 @@ def test_every_call_delivered_exactly_once_through_worker_exit(
         worker_pids = {int(m.group(1)) for m in booted}
 
         plain = send(base, "plain", REQUESTS)
-        enqueued = send(base, "enqueue", REQUESTS)
+        # /web/enqueue: the same handler under offload.web.WSGIMiddleware
+        enqueued = send(base, "web/enqueue" if middleware else "enqueue", REQUESTS)
         print(f"\n[gunicorn -w {WORKERS}{' --preload' if preload else ''}]")
         print(summary("plain", plain))
         print(summary("enqueue", enqueued))
