@@ -190,10 +190,12 @@ def test_a_graceful_reload_mid_traffic_delivers_every_call_once(
         old = set(server.workers())
         old_served = {pid for _, _, pid in before}
 
-        # The reload, with the old workers holding their calls and requests still coming.
+        # The reload, with the old workers holding their calls and requests still coming;
+        # these through offload.web.WSGIMiddleware (/web/), whose wake-ups wait for the
+        # response: uWSGI closes it, and every call is delivered once all the same.
         server.proc.send_signal(signal.SIGHUP)
         more = threading.Thread(
-            target=lambda: results.append(send(server.base, "enqueue", second, start=first))
+            target=lambda: results.append(send(server.base, "web/enqueue", second, start=first))
         )
         more.start()
         server.wait_for(ANNOUNCED, len(old_served), timeout=60)
