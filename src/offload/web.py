@@ -33,6 +33,11 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+# What carries a response's body, the last one without more_body (zerocopysend: an ASGI
+# extension); pathsend (another) sends a whole file at once.
+_BODIES = frozenset({"http.response.body", "http.response.zerocopysend"})
+
+
 class _Closing:
     """A WSGI response that lets the hold go when the server closes it (PEP 3333: always,
     after the last byte or on an error)."""
@@ -105,7 +110,10 @@ class ASGIMiddleware:
 
         async def sending(message: Message) -> None:
             await send(message)
-            if message.get("type") == "http.response.body" and not message.get("more_body"):
+            kind = message.get("type")
+            if kind == "http.response.pathsend" or (
+                kind in _BODIES and not message.get("more_body")
+            ):
                 hold.release()
 
         token = HOLD.set(hold)

@@ -267,6 +267,34 @@ def test_asgi_workers_start_after_the_last_body_message(
     assert sorted(done.seen) == ["after the response", "from a thread", "from the loop"]
 
 
+@pytest.mark.parametrize(
+    "last",
+    [
+        {"type": "http.response.pathsend", "path": "/etc/hostname"},
+        {"type": "http.response.zerocopysend", "file": 3},
+    ],
+    ids=["pathsend", "zerocopysend"],
+)
+def test_an_asgi_response_ended_by_an_extension_lets_the_hold_go(
+    make_offloader: Callable[..., Offloader], last: dict[str, Any]
+) -> None:
+    off = make_offloader()
+    done = Done()
+    threads_seen: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        off.enqueue_task(done, rid="file")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        threads_seen.append(len(off._pool.threads))
+        await send(last)
+        threads_seen.append(len(off._pool.threads))
+
+    asgi_request(offload.web.ASGIMiddleware(app))
+    assert threads_seen == [0, 1]
+    assert off.flush(WAIT)
+    assert done.seen == ["file"]
+
+
 def test_an_asgi_request_that_ends_without_a_body_lets_the_hold_go(
     make_offloader: Callable[..., Offloader],
 ) -> None:
