@@ -18,6 +18,8 @@ hold go, and a response never closed lets its hold go when it is dropped.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from typing import Any
 
@@ -61,8 +63,13 @@ class _Closing:
 
     def __del__(self) -> None:
         # A harness that never closes the response (Flask's test client keeps it open): the
-        # wake-ups go when it is dropped, or at the next flush() or shutdown().
-        self._hold.release()
+        # wake-ups go when it is dropped, or at the next flush() or shutdown(). Given from
+        # a thread of their own: the cyclic GC may run this in any thread at any moment,
+        # one that holds an offloader's lock among them, which release() takes.
+        hold = self._hold
+        if hold.kept:
+            with contextlib.suppress(RuntimeError):  # at exit: shutdown() lets it go
+                threading.Thread(target=hold.release, name="offload-release", daemon=True).start()
 
 
 class WSGIMiddleware:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -117,6 +118,28 @@ def test_a_response_never_closed_lets_its_hold_go_when_it_is_dropped(
     assert not off._pool.threads
     del result
     assert done.event.wait(WAIT)  # no flush: the drop alone woke the worker
+
+
+def test_a_response_collected_while_its_offloader_is_locked_does_not_deadlock(
+    make_offloader: Callable[..., Offloader],
+) -> None:
+    off = make_offloader()
+    done = Done()
+    result = offload.web.WSGIMiddleware(wsgi_app(off, done))(environ(), start_response)
+    cycle: list[Any] = [result]
+    cycle.append(cycle)  # only the cyclic GC frees it, at whatever moment it runs
+    del result, cycle
+    collected = threading.Event()
+
+    def collect_under_the_lock() -> None:
+        with off._core.lock:  # as if the GC ran inside one of offload's locked sections
+            gc.collect()
+        collected.set()
+
+    thread = threading.Thread(target=collect_under_the_lock, daemon=True)
+    thread.start()
+    assert collected.wait(WAIT), "the response's __del__ waited for a lock its thread held"
+    assert done.event.wait(WAIT)
 
 
 @pytest.mark.parametrize("how", ["flush", "shutdown"])
