@@ -5,8 +5,9 @@ A worker woken by an enqueue in a handler runs while the handler is still answer
 CPython it takes the GIL whenever the request's thread lets go of it (gunicorn writes the
 headers and the body of a response in two calls), and the client waits for the rest of the
 answer while the worker prepares its call. Wrapped in this middleware, an application's
-enqueues hold their wake-up until the response is out (WSGI: when the server closes the
-response; ASGI: after the last body message is sent). Nothing else changes: the task is
+enqueues hold their wake-up until the response is out: once the server has written its
+body (WSGI: the first chunk of it, or the close; ASGI: the first body message), so that a
+streamed response holds nothing for its whole length. Nothing else changes: the task is
 queued, counted and, in a durable store, written before `enqueue_task` returns; a worker
 that is already busy takes it as soon as it is free; `flush()` and `shutdown()` let every
 hold go, and a response never closed lets its hold go when it is dropped.
@@ -35,14 +36,14 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-# What carries a response's body, the last one without more_body (zerocopysend: an ASGI
-# extension); pathsend (another) sends a whole file at once.
-_BODIES = frozenset({"http.response.body", "http.response.zerocopysend"})
+# The messages that carry a response's body (zerocopysend and pathsend: ASGI extensions).
+_BODIES = frozenset({"http.response.body", "http.response.zerocopysend", "http.response.pathsend"})
 
 
 class _Closing:
-    """A WSGI response that lets the hold go when the server closes it (PEP 3333: always,
-    after the last byte or on an error)."""
+    """A WSGI response that lets the hold go once the server has written its first chunk,
+    or when it closes the response (PEP 3333: always, after the last byte or on an
+    error)."""
 
     __slots__ = ("_hold", "_result")
 
@@ -51,7 +52,11 @@ class _Closing:
         self._hold = hold
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._result)
+        chunks = iter(self._result)
+        for chunk in chunks:
+            yield chunk  # the server asks for the next one once it has written this one
+            self._hold.release()
+            yield from chunks
 
     def close(self) -> None:
         try:
@@ -70,6 +75,26 @@ class _Closing:
         if hold.kept:
             with contextlib.suppress(RuntimeError):  # at exit: shutdown() lets it go
                 threading.Thread(target=hold.release, name="offload-release", daemon=True).start()
+
+
+class _SizedClosing(_Closing):
+    """_Closing over a list or tuple, whose length a server may read (wsgiref and waitress
+    set Content-Length from a one-chunk body)."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return len(self._result)  # type: ignore[arg-type]
+
+
+def _sent_by_server(result: Iterable[bytes], environ: dict[str, Any]) -> bool:
+    """Whether `result` is a file the server may send itself (sendfile), to pass as it is:
+    the server's `wsgi.file_wrapper` (a class, as gunicorn's and wsgiref's are), or a
+    file-like object (what uWSGI's wrapper, a function, hands back)."""
+    wrapper = environ.get("wsgi.file_wrapper")
+    if isinstance(wrapper, type) and isinstance(result, wrapper):
+        return True
+    return hasattr(result, "filelike") or hasattr(result, "read")
 
 
 class WSGIMiddleware:
@@ -93,16 +118,17 @@ class WSGIMiddleware:
         if not hold.kept:
             hold.release()  # nothing enqueued: the response goes out as the app made it
             return result
-        file_wrapper = environ.get("wsgi.file_wrapper")
-        if isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
-            hold.release()  # a file the server sends itself (sendfile): keep it as it is
+        if _sent_by_server(result, environ):
+            hold.release()  # a file the server sends itself: keep it as it is
             return result
+        if isinstance(result, (list, tuple)):
+            return _SizedClosing(result, hold)
         return _Closing(result, hold)
 
 
 class ASGIMiddleware:
-    """Wrap an ASGI application: workers are woken for a request's tasks once the last
-    part of its response has been sent (or when the request ends without one)."""
+    """Wrap an ASGI application: workers are woken for a request's tasks once the first
+    part of its response's body has been sent (or when the request ends without one)."""
 
     def __init__(self, app: ASGIApp) -> None:
         if not callable(app):
@@ -117,10 +143,7 @@ class ASGIMiddleware:
 
         async def sending(message: Message) -> None:
             await send(message)
-            kind = message.get("type")
-            if kind == "http.response.pathsend" or (
-                kind in _BODIES and not message.get("more_body")
-            ):
+            if message.get("type") in _BODIES:
                 hold.release()
 
         token = HOLD.set(hold)

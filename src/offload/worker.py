@@ -207,21 +207,22 @@ class WorkerPool:
                 finally:  # woken (and so already off the list), timed out, or interrupted
                     core.waiting.pop(wake, None)
 
-    def engage(self, *, raise_at_exit: bool = False) -> None:
+    def engage(self, *, raise_at_exit: bool = False, holdable: bool = True) -> None:
         """Called with the lock held, for a task just made ready: wake an idle worker, or
         start one if the pool has room (else warn if its threads never ran).
 
         At interpreter exit no thread can start: `raise_at_exit` lets that ShutDown out (a
         memory task nobody would perform must not be taken); otherwise the task stays where
         it is, in a durable store for a later process, or for the workers still here.
+        `holdable=False` (a hold being released) wakes even in a request that holds.
         """
         core = self.core
         if core.waiting:  # (read first: on the enqueue path, no call when none is idle)
-            hold = HOLD.get()
+            hold = HOLD.get() if holdable else None
             if hold is None or not hold.keep(self):
                 core.wake()
         elif len(self.threads) < self.size and not core.stopping:
-            hold = HOLD.get()
+            hold = HOLD.get() if holdable else None
             if hold is not None and not sys.is_finalizing() and hold.keep(self):
                 return
             if raise_at_exit:
@@ -251,25 +252,29 @@ class WorkerPool:
 
 class WakeHold:
     """Wake-ups held back while a web request is answered (offload.web), let go at once
-    when its response has been sent.
+    when its response has begun to go out.
 
     A worker woken in the middle of a response takes the GIL from the request's thread
     between two writes of the answer; held, the wake-up comes when the client has it. Only
     the wake-up waits: the task is queued (and written, in a durable store) as without the
     hold, and a worker already busy takes it as soon as it is free. Safe across threads
     that share the request's context (an async app's thread pool): a wake-up offered after
-    the release happens at once.
+    the release happens at once, and so does one in a forked child, which inherits the
+    context but not the request.
     """
 
-    __slots__ = ("_lock", "_open", "_pools")
+    __slots__ = ("_lock", "_open", "_pid", "_pools")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._open = True
+        self._pid = os.getpid()
         self._pools: list[WorkerPool] = []
 
     def keep(self, pool: WorkerPool) -> bool:
         """Called with `pool`'s lock held: hold its wake-up; False once released."""
+        if self._pid != os.getpid():  # (checked before the lock, which fork may have held)
+            return False
         with self._lock:
             if not self._open:
                 return False
@@ -284,14 +289,21 @@ class WakeHold:
         return bool(self._pools)
 
     def release(self) -> None:
-        """Give every held wake-up now; later ones are not held. Idempotent."""
+        """Give every held wake-up now; later ones are not held. Idempotent.
+
+        One pool at a time: an interruption leaves the rest listed, for `let_go`. Each is
+        engaged past any hold (a flush() in another request releasing this one must not
+        have that request's hold keep the wake-up again)."""
         with self._lock:
             self._open = False
-            pools, self._pools = self._pools, []
-        for pool in pools:
+        while True:
+            with self._lock:
+                if not self._pools:
+                    return
+                pool = self._pools.pop()
             with pool.core.lock, contextlib.suppress(ShutDown):
                 pool.holds.discard(self)
-                pool.engage()  # (at exit: the task stays where it is, as in engage)
+                pool.engage(holdable=False)  # (at exit: the task stays, as in engage)
 
 
 HOLD: ContextVar[WakeHold | None] = ContextVar("offload_wake_hold", default=None)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -73,21 +77,53 @@ def wsgi_app(off: Offloader, done: Callable[..., None], body: Iterable[bytes] | 
     return app
 
 
-def test_a_new_worker_starts_only_when_the_server_closes_the_response(
+def test_a_new_worker_starts_only_once_the_server_has_written_the_first_chunk(
     make_offloader: Callable[..., Offloader],
 ) -> None:
     off = make_offloader()
     done = Done()
     inner = Closable([b"o", b"k"])
     result = offload.web.WSGIMiddleware(wsgi_app(off, done, inner))(environ(), start_response)
-    assert b"".join(result) == b"ok"
+    chunks = iter(result)
+    assert next(chunks) == b"o"  # the server writes this one now
     stats = off.stats()
     assert (stats.enqueued, stats.queued) == (1, 1)  # queued and counted, not yet worked
     assert not off._pool.threads
+    assert list(chunks) == [b"k"]  # it asked for more: the first chunk is out
+    assert off._pool.threads
     result.close()  # type: ignore[attr-defined]
     assert inner.closed  # the application's own close still runs
     assert off.flush(WAIT)
     assert done.seen == ["/"]
+
+
+def test_a_response_closed_before_its_body_is_read_lets_the_hold_go(
+    make_offloader: Callable[..., Offloader],
+) -> None:
+    off = make_offloader()
+    done = Done()
+    result = offload.web.WSGIMiddleware(wsgi_app(off, done))(environ(), start_response)
+    assert not off._pool.threads
+    result.close()  # type: ignore[attr-defined]  # (a HEAD request, a client gone)
+    assert off._pool.threads
+    assert off.flush(WAIT)
+    assert done.seen == ["/"]
+
+
+def test_a_list_body_keeps_its_length_and_a_file_like_body_is_passed_as_it_is(
+    make_offloader: Callable[..., Offloader], tmp_path: Path
+) -> None:
+    off = make_offloader()
+    done = Done()
+    listed = offload.web.WSGIMiddleware(wsgi_app(off, done, [b"ok"]))(environ(), start_response)
+    assert len(listed) == 1  # type: ignore[arg-type]  # wsgiref sets Content-Length from it
+    listed.close()  # type: ignore[attr-defined]
+    (tmp_path / "f").write_bytes(b"file")
+    with open(tmp_path / "f", "rb") as body:  # what uWSGI's file_wrapper hands back
+        app = offload.web.WSGIMiddleware(wsgi_app(off, done, body))
+        assert app(environ(**{"wsgi.file_wrapper": lambda f, size=8192: f}), start_response) is body
+    assert off.flush(WAIT)
+    assert done.seen == ["/", "/"]
 
 
 def test_an_idle_worker_is_woken_only_when_the_response_is_closed(
@@ -140,6 +176,57 @@ def test_a_response_collected_while_its_offloader_is_locked_does_not_deadlock(
     thread.start()
     assert collected.wait(WAIT), "the response's __del__ waited for a lock its thread held"
     assert done.event.wait(WAIT)
+
+
+@pytest.mark.parametrize("how", ["flush", "shutdown"])
+def test_flush_in_one_request_gives_another_requests_held_wake_up(
+    make_offloader: Callable[..., Offloader], how: str
+) -> None:
+    off = make_offloader()
+    done = Done()
+    first = offload.web.WSGIMiddleware(wsgi_app(off, done))(environ(), start_response)
+    outcome: list[bool] = []
+
+    def flushing(env: dict[str, Any], respond: Callable[..., Any]) -> Iterable[bytes]:
+        outcome.append(getattr(off, how)(WAIT))  # its own hold, open, must not keep it
+        respond("200 OK", [])
+        return [b"ok"]
+
+    offload.web.WSGIMiddleware(flushing)(environ(), start_response)
+    assert outcome == [True]
+    assert done.seen == ["/"]
+    first.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX")
+def test_a_child_forked_in_a_request_is_not_held() -> None:
+    script = textwrap.dedent(
+        """
+        import os, sys, threading
+        import offload, offload.web
+
+        ran = threading.Event()
+
+        def task():
+            ran.set()
+
+        def app(environ, start_response):
+            pid = os.fork()
+            if pid == 0:  # the child: the request's context, not the request
+                off = offload.Offloader()
+                off.enqueue_task(task)
+                os._exit(0 if ran.wait(10) else 7)
+            _, status = os.waitpid(pid, 0)
+            start_response("200 OK", [])
+            return [str(os.waitstatus_to_exitcode(status)).encode()]
+
+        print(b"".join(offload.web.WSGIMiddleware(app)({}, lambda s, h: None)).decode())
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert run.stdout.strip() == "0", run.stderr
 
 
 @pytest.mark.parametrize("how", ["flush", "shutdown"])
@@ -266,7 +353,7 @@ def asgi_request(app: Any) -> list[dict[str, Any]]:
     return sent
 
 
-def test_asgi_workers_start_after_the_last_body_message(
+def test_asgi_workers_start_once_the_first_body_message_is_sent(
     make_offloader: Callable[..., Offloader],
 ) -> None:
     off = make_offloader()
@@ -277,10 +364,10 @@ def test_asgi_workers_start_after_the_last_body_message(
         await asyncio.to_thread(off.enqueue_task, done, rid="from a thread")  # shares the context
         off.enqueue_task(done, rid="from the loop")
         await send({"type": "http.response.start", "status": 200, "headers": []})
+        threads_seen.append(len(off._pool.threads))
         await send({"type": "http.response.body", "body": b"o", "more_body": True})
-        threads_seen.append(len(off._pool.threads))
+        threads_seen.append(len(off._pool.threads))  # a stream holds nothing for its length
         await send({"type": "http.response.body", "body": b"k"})
-        threads_seen.append(len(off._pool.threads))
         await asyncio.to_thread(off.enqueue_task, done, rid="after the response")
 
     sent = asgi_request(offload.web.ASGIMiddleware(app))
