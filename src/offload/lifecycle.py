@@ -58,6 +58,11 @@ def shutdown_all(timeout: float | None = None) -> None:
     if timeout is None:
         timeout = max((o.shutdown_timeout for o in offloaders), default=0.0)
     deadline = clock.monotonic() + timeout
+    for offloader in offloaders:  # a request still open at exit holds no wake-up now
+        try:
+            offloader._let_go()
+        except Exception:
+            log.exception("offload: error while waking the workers of %r at exit", offloader)
     _announce(offloaders, deadline, clock)
     for offloader in offloaders:
         if offloader._finished():

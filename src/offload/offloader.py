@@ -365,6 +365,11 @@ class Offloader:
         """Shut down already, with nothing left (the exit hook skips it)."""
         return self._core.closed and self._core.sched.idle()
 
+    def _let_go(self) -> None:
+        """Give the wake-ups requests still hold (offload.web), first thing at exit."""
+        if self._pid == os.getpid():
+            self._pool.let_go()
+
     def _retire(self) -> None:
         """Take no new tasks, but let the workers finish what is held (configure())."""
         core = self._core

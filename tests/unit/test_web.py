@@ -481,3 +481,26 @@ def test_stress_requests_from_many_threads_hold_and_give_every_wake_up(
     assert sorted(seen) == sorted(f"/{n}/{i}" for n in range(threads) for i in range(per_thread))
     s = off.stats()
     assert s.enqueued == s.succeeded == per_thread * threads
+
+
+def test_a_request_still_open_at_exit_has_its_task_delivered_without_a_wait() -> None:
+    script = textwrap.dedent(
+        """
+        import offload, offload.web
+
+        def task():
+            print("delivered", flush=True)
+
+        def app(environ, start_response):
+            offload.enqueue_task(task)
+            start_response("200 OK", [])
+            return [b"ok"]
+
+        OPEN = offload.web.WSGIMiddleware(app)({}, lambda s, h: None)  # never closed
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert run.stdout.split() == ["delivered"]
+    assert "not delivered yet" not in run.stderr, run.stderr  # the exit hook did not wait
