@@ -6,7 +6,7 @@ import logging
 import sys
 import threading
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -602,13 +602,15 @@ def test_tasks_that_become_runnable_together_grow_the_pool(
     def probe() -> None:
         tries.append(1)
         if len(tries) == 1:
-            raise offload.Retry(after=0.5)
+            raise offload.Retry(after=1.5)  # the key reopens once all four wait
 
     off.enqueue_task(Task(probe, key="k") if how != "come due" else Task(_nothing))
     assert clock.wait_parks(1)
+    # All four due at one moment, whatever the machine's load makes of the loop below.
+    due = datetime.now(timezone.utc) + timedelta(seconds=1.5)
     for _ in range(4):
         parks = clock.parks
-        task = Task(_meet, delay=0.5) if how == "come due" else Task(_meet, key="k")
+        task = Task(_meet, at=due) if how == "come due" else Task(_meet, key="k")
         off.enqueue_task(task)
         assert clock.wait_parks(parks + 1)  # the one worker looked, and waits again
     assert len(off._pool.threads) == 1
