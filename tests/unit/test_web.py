@@ -77,13 +77,24 @@ def wsgi_app(off: Offloader, done: Callable[..., None], body: Iterable[bytes] | 
     return app
 
 
+def delivered(off: Offloader, done: Done) -> list[str]:
+    """What `done` was called with, sorted, once `off` has nothing left to do."""
+    assert off.flush(WAIT)
+    return sorted(done.seen)
+
+
+def request(off: Offloader, task: Callable[..., None], body: Any = None, **env: Any) -> Any:
+    """One request through the middleware to an app that enqueues `task`: its response."""
+    return offload.web.WSGIMiddleware(wsgi_app(off, task, body))(environ(**env), start_response)
+
+
 def test_a_new_worker_starts_only_once_the_server_has_written_the_first_chunk(
     make_offloader: Callable[..., Offloader],
 ) -> None:
     off = make_offloader()
     done = Done()
     inner = Closable([b"o", b"k"])
-    result = offload.web.WSGIMiddleware(wsgi_app(off, done, inner))(environ(), start_response)
+    result = request(off, done, inner)
     chunks = iter(result)
     assert next(chunks) == b"o"  # the server writes this one now
     stats = off.stats()
@@ -93,8 +104,7 @@ def test_a_new_worker_starts_only_once_the_server_has_written_the_first_chunk(
     assert off._pool.threads
     result.close()  # type: ignore[attr-defined]
     assert inner.closed  # the application's own close still runs
-    assert off.flush(WAIT)
-    assert done.seen == ["/"]
+    assert delivered(off, done) == ["/"]
 
 
 def test_a_response_closed_before_its_body_is_read_lets_the_hold_go(
@@ -102,12 +112,11 @@ def test_a_response_closed_before_its_body_is_read_lets_the_hold_go(
 ) -> None:
     off = make_offloader()
     done = Done()
-    result = offload.web.WSGIMiddleware(wsgi_app(off, done))(environ(), start_response)
+    result = request(off, done)
     assert not off._pool.threads
     result.close()  # type: ignore[attr-defined]  # (a HEAD request, a client gone)
     assert off._pool.threads
-    assert off.flush(WAIT)
-    assert done.seen == ["/"]
+    assert delivered(off, done) == ["/"]
 
 
 def test_a_list_body_keeps_its_length_and_a_file_like_body_is_passed_as_it_is(
@@ -115,15 +124,14 @@ def test_a_list_body_keeps_its_length_and_a_file_like_body_is_passed_as_it_is(
 ) -> None:
     off = make_offloader()
     done = Done()
-    listed = offload.web.WSGIMiddleware(wsgi_app(off, done, [b"ok"]))(environ(), start_response)
+    listed = request(off, done, [b"ok"])
     assert len(listed) == 1  # type: ignore[arg-type]  # wsgiref sets Content-Length from it
     listed.close()  # type: ignore[attr-defined]
     (tmp_path / "f").write_bytes(b"file")
     with open(tmp_path / "f", "rb") as body:  # what uWSGI's file_wrapper hands back
-        app = offload.web.WSGIMiddleware(wsgi_app(off, done, body))
-        assert app(environ(**{"wsgi.file_wrapper": lambda f, size=8192: f}), start_response) is body
-    assert off.flush(WAIT)
-    assert done.seen == ["/", "/"]
+        uwsgi_wrapper = {"wsgi.file_wrapper": lambda f, size=8192: f}  # a function
+        assert request(off, done, body, **uwsgi_wrapper) is body
+    assert delivered(off, done) == ["/", "/"]
 
 
 def test_an_idle_worker_is_woken_only_when_the_response_is_closed(
@@ -136,7 +144,7 @@ def test_an_idle_worker_is_woken_only_when_the_response_is_closed(
     assert off.flush(WAIT)
     assert clock.idle.wait(WAIT)  # the worker waits on its Condition now
     done = Done()
-    result = offload.web.WSGIMiddleware(wsgi_app(off, done))(environ(), start_response)
+    result = request(off, done)
     with off._core.lock:
         assert off._core.waiting  # the idle worker was not woken: it is still listed
     assert not done.event.is_set()
@@ -150,7 +158,7 @@ def test_a_response_never_closed_lets_its_hold_go_when_it_is_dropped(
 ) -> None:
     off = make_offloader()
     done = Done()
-    result = offload.web.WSGIMiddleware(wsgi_app(off, done))(environ(), start_response)
+    result = request(off, done)
     assert not off._pool.threads
     del result
     assert done.event.wait(WAIT)  # no flush: the drop alone woke the worker
@@ -161,7 +169,7 @@ def test_a_response_collected_while_its_offloader_is_locked_does_not_deadlock(
 ) -> None:
     off = make_offloader()
     done = Done()
-    result = offload.web.WSGIMiddleware(wsgi_app(off, done))(environ(), start_response)
+    result = request(off, done)
     cycle: list[Any] = [result]
     cycle.append(cycle)  # only the cyclic GC frees it, at whatever moment it runs
     del result, cycle
@@ -184,7 +192,7 @@ def test_flush_in_one_request_gives_another_requests_held_wake_up(
 ) -> None:
     off = make_offloader()
     done = Done()
-    first = offload.web.WSGIMiddleware(wsgi_app(off, done))(environ(), start_response)
+    first = request(off, done)
     outcome: list[bool] = []
 
     def flushing(env: dict[str, Any], respond: Callable[..., Any]) -> Iterable[bytes]:
@@ -270,10 +278,8 @@ def test_a_file_the_server_sends_itself_is_not_wrapped_and_the_workers_start_at_
     off = make_offloader()
     done = Done()
     sent = FileWrapper(b"file")
-    app = offload.web.WSGIMiddleware(wsgi_app(off, done, sent))  # type: ignore[arg-type]
-    assert app(environ(**{"wsgi.file_wrapper": FileWrapper}), start_response) is sent
-    assert off.flush(WAIT)
-    assert done.seen == ["/"]
+    assert request(off, done, sent, **{"wsgi.file_wrapper": FileWrapper}) is sent
+    assert delivered(off, done) == ["/"]
 
 
 def test_an_application_that_raises_lets_the_hold_go(
@@ -288,8 +294,7 @@ def test_an_application_that_raises_lets_the_hold_go(
 
     with pytest.raises(RuntimeError, match="the handler failed"):
         offload.web.WSGIMiddleware(app)(environ(), start_response)
-    assert off.flush(WAIT)
-    assert done.seen == ["before the error"]
+    assert delivered(off, done) == ["before the error"]
 
 
 def test_flush_in_a_request_lets_the_hold_go(make_offloader: Callable[..., Offloader]) -> None:
@@ -313,12 +318,11 @@ def test_enqueues_outside_a_request_are_not_held(make_offloader: Callable[..., O
     off = make_offloader()
     done = Done()
     inner = Closable([b"ok"])
-    result = offload.web.WSGIMiddleware(wsgi_app(off, done, inner))(environ(), start_response)
+    result = request(off, done, inner)
     off.enqueue_task(done, rid="after the handler returned")  # the server's thread, unheld
     assert off._pool.threads
     result.close()  # type: ignore[attr-defined]
-    assert off.flush(WAIT)
-    assert sorted(done.seen) == ["/", "after the handler returned"]
+    assert delivered(off, done) == ["/", "after the handler returned"]
 
 
 def test_a_durable_task_is_written_before_enqueue_returns_while_its_wake_up_is_held(
@@ -326,7 +330,7 @@ def test_a_durable_task_is_written_before_enqueue_returns_while_its_wake_up_is_h
 ) -> None:
     path = tmp_path / "q.db"
     off = make_offloader(store=f"sqlite:///{path}")
-    result = offload.web.WSGIMiddleware(wsgi_app(off, deliver_durably))(environ(), start_response)
+    result = request(off, deliver_durably)
     assert not off._pool.threads
     look = SQLiteStore(path)
     try:
@@ -373,8 +377,7 @@ def test_asgi_workers_start_once_the_first_body_message_is_sent(
     sent = asgi_request(offload.web.ASGIMiddleware(app))
     assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * 2
     assert threads_seen == [0, 1]
-    assert off.flush(WAIT)
-    assert sorted(done.seen) == ["after the response", "from a thread", "from the loop"]
+    assert delivered(off, done) == ["after the response", "from a thread", "from the loop"]
 
 
 @pytest.mark.parametrize(
@@ -401,8 +404,7 @@ def test_an_asgi_response_ended_by_an_extension_lets_the_hold_go(
 
     asgi_request(offload.web.ASGIMiddleware(app))
     assert threads_seen == [0, 1]
-    assert off.flush(WAIT)
-    assert done.seen == ["file"]
+    assert delivered(off, done) == ["file"]
 
 
 def test_an_asgi_request_that_ends_without_a_body_lets_the_hold_go(
@@ -417,8 +419,7 @@ def test_an_asgi_request_that_ends_without_a_body_lets_the_hold_go(
 
     with pytest.raises(RuntimeError, match="the handler failed"):
         asgi_request(offload.web.ASGIMiddleware(app))
-    assert off.flush(WAIT)
-    assert done.seen == ["no answer"]
+    assert delivered(off, done) == ["no answer"]
 
 
 def test_other_asgi_scopes_pass_through(make_offloader: Callable[..., Offloader]) -> None:
