@@ -301,9 +301,20 @@ class WakeHold:
                 if not self._pools:
                     return
                 pool = self._pools.pop()
-            with pool.core.lock, contextlib.suppress(ShutDown):
+            failed = None
+            with pool.core.lock:
                 pool.holds.discard(self)
-                pool.engage(holdable=False)  # (at exit: the task stays, as in engage)
+                try:
+                    pool.engage(raise_at_exit=True, holdable=False)
+                except ShutDown as exc:  # no thread: the task stays, for the next engage
+                    failed = exc
+            if failed is not None:  # (after the response: nobody else to tell)
+                with Guarded():
+                    log.warning(
+                        "offload: could not start a worker after the response (%s); its "
+                        "task waits for the next enqueue",
+                        failed,
+                    )
 
 
 HOLD: ContextVar[WakeHold | None] = ContextVar("offload_wake_hold", default=None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import subprocess
 import sys
@@ -295,6 +296,34 @@ def test_an_application_that_raises_lets_the_hold_go(
     with pytest.raises(RuntimeError, match="the handler failed"):
         offload.web.WSGIMiddleware(app)(environ(), start_response)
     assert delivered(off, done) == ["before the error"]
+
+
+def test_a_worker_that_cannot_start_after_the_response_is_logged_and_the_task_kept(
+    make_offloader: Callable[..., Offloader],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    off = make_offloader()
+    done = Done()
+    refused: list[str] = []
+
+    class Refused(threading.Thread):
+        """A thread that the system refuses once (a process at its thread limit)."""
+
+        def start(self) -> None:
+            if not refused:
+                refused.append(self.name)
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    monkeypatch.setattr(threading, "Thread", Refused)
+    with caplog.at_level(logging.WARNING, logger="offload"):
+        request(off, done).close()
+    assert refused == ["offload-worker"]
+    assert "could not start a worker after the response (cannot start" in caplog.text
+    assert not off._pool.threads and off.stats().queued == 1  # kept, not lost
+    off.enqueue_task(done, rid="next")  # the next enqueue starts a worker, for both
+    assert delivered(off, done) == ["/", "next"]
 
 
 def test_flush_in_a_request_lets_the_hold_go(make_offloader: Callable[..., Offloader]) -> None:
