@@ -207,13 +207,14 @@ class WorkerPool:
                 finally:  # woken (and so already off the list), timed out, or interrupted
                     core.waiting.pop(wake, None)
 
-    def engage(self, *, raise_at_exit: bool = False, holdable: bool = True) -> None:
+    def engage(self, *, raise_unstarted: bool = False, holdable: bool = True) -> None:
         """Called with the lock held, for a task just made ready: wake an idle worker, or
         start one if the pool has room (else warn if its threads never ran).
 
-        At interpreter exit no thread can start: `raise_at_exit` lets that ShutDown out (a
-        memory task nobody would perform must not be taken); otherwise the task stays where
-        it is, in a durable store for a later process, or for the workers still here.
+        A thread may fail to start (at interpreter exit, or refused by the system):
+        `raise_unstarted` lets that ShutDown out (a memory task nobody would perform must
+        not be taken; a hold's release logs it); otherwise the task stays where it is, in
+        a durable store for a later process, or for the workers still here.
         `holdable=False` (a hold being released) wakes even in a request that holds.
         """
         core = self.core
@@ -225,7 +226,7 @@ class WorkerPool:
             hold = HOLD.get() if holdable else None
             if hold is not None and not sys.is_finalizing() and hold.keep(self):
                 return
-            if raise_at_exit:
+            if raise_unstarted:
                 self.start()
             else:
                 with contextlib.suppress(ShutDown):
@@ -305,7 +306,7 @@ class WakeHold:
             with pool.core.lock:
                 pool.holds.discard(self)
                 try:
-                    pool.engage(raise_at_exit=True, holdable=False)
+                    pool.engage(raise_unstarted=True, holdable=False)
                 except ShutDown as exc:  # no thread: the task stays, for the next engage
                     failed = exc
             if failed is not None:  # (after the response: nobody else to tell)

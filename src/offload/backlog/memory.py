@@ -101,7 +101,7 @@ class MemoryBacklog:
             if len(sched.ready) + sched.held_count + len(sched.delayed) >= self.max_queue:
                 core.ledger.rejected += 1
                 raise QueueFull(f"offload queue is full ({self.max_queue} tasks held)")
-            pool.engage(raise_at_exit=True)  # before the append: it may raise ShutDown
+            pool.engage(raise_unstarted=True)  # before the append: it may raise ShutDown
             core.ledger.enqueued += 1
             if meta is None:  # a plain callable's task (no meta yet) is made enqueued
                 sched.ready.append(task)
