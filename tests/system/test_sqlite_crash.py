@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+import offload
 from offload.stores.sqlite import SQLiteStore
 from procs import SRC
 from server import Answer, ScriptedServer
@@ -122,6 +123,49 @@ def test_a_killed_process_loses_nothing(tmp_path: Path, server: ScriptedServer) 
         store.close()
     # The killed process's journal was copied, then deleted by the survivor.
     assert list((tmp_path / "q.db-journals").iterdir()) == []
+
+
+def test_a_process_open_before_the_kill_takes_over_what_the_killed_one_held(
+    tmp_path: Path, server: ScriptedServer
+) -> None:
+    # The survivor opened the file first and found nothing to do: no worker of its own
+    # runs when the other is killed. Its flush() must see the dead process's leases as
+    # no one's, take them back and deliver them, not report success at once.
+    calls, workers = 200, 2
+    server.script("/pay", Answer(200, delay=0.005))
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    survivor = offload.Offloader(store=url, workers=workers, idle_timeout=0.05)
+    try:
+        assert not survivor.running
+        victim = spawn(
+            f"""
+            import sys, offload
+            off = offload.Offloader(store={url!r}, workers={workers})
+            for i in range({calls}):
+                off.enqueue_task(offload.http("POST", {server.url("/pay")!r}, json={{"i": i}}))
+            print("enqueued", flush=True)
+            sys.stdin.read()
+            """
+        )
+        try:
+            assert victim.stdout is not None
+            assert victim.stdout.readline().strip() == "enqueued"
+            assert server.wait_for(30, "/pay", timeout=30)
+        finally:
+            victim.send_signal(signal.SIGKILL)
+            victim.communicate()
+        before = delivered(server, "/pay")
+        assert len(before) < calls, "the drain finished before the kill; nothing was tested"
+        assert not survivor.running
+        assert survivor.flush(60)
+        after = delivered(server, "/pay")
+        assert set(after) == set(range(calls)), "flush() returned with the dead one's tasks left"
+        assert sum(after.values()) - calls <= workers  # only the calls in flight at the kill
+        s = survivor.stats()
+        assert (s.stored_ready, s.stored_delayed, s.stored_leased) == (0, 0, 0)
+        assert s.claimed == s.succeeded == calls - len(before) + sum(after[i] > 1 for i in before)
+    finally:
+        survivor.shutdown(5)
 
 
 WORKER = """

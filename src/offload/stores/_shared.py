@@ -42,6 +42,7 @@ __all__ = [
     "page_of",
     "pid_alive",
     "tally_of",
+    "tally_tasks",
 ]
 
 
@@ -62,6 +63,28 @@ def owner_dead(owner: str, host: str) -> bool:
     if pid == os.getpid():
         return False  # another store object of this very process
     return not pid_alive(pid)
+
+
+def tally_tasks(
+    groups: Iterable[tuple[str | None, Any, Any, Any]], owner: str
+) -> tuple[int, int, int, int]:
+    """(ready, delayed, leased, lapsed) from a count of tasks grouped by (owner, lease
+    still running, how many due now, how many), as the stores' counts read it. A task
+    whose lease expired, or whose owner is a process of this host that is gone, is
+    ready or delayed by its due time (`lapsed` counts those): the next sweep takes it
+    back, and a flush() must not take it for one that some process is performing."""
+    host = socket.gethostname()
+    ready = delayed = leased = lapsed = 0
+    for other, running, due, total in groups:
+        tasks, due_now = int(total), int(due or 0)
+        if other is not None and running and (other == owner or not owner_dead(other, host)):
+            leased += tasks
+            continue
+        if other is not None:
+            lapsed += tasks
+        ready += due_now
+        delayed += tasks - due_now
+    return ready, delayed, leased, lapsed
 
 
 def pid_alive(pid: int) -> bool:

@@ -77,9 +77,11 @@ NO_KEYS: Mapping[str, float] = MappingProxyType({})
 class StoreCounts:
     """What a durable store holds now, for stats() and the CLI."""
 
+    # A task whose lease expired, or whose owner is a process of this host that is gone,
+    # is no one's: it counts as ready or delayed (the next claim takes it back).
     ready: int  # due now, not leased
     delayed: int  # due later, not leased
-    leased: int  # leased to some process (this one or another)
+    leased: int  # leased to a live process (this one or another), the lease running
     dead_letters: int
 
 

@@ -165,11 +165,14 @@ class Sql:
         )
         self.complete = f"DELETE FROM {tasks} WHERE id = %s"
         self.next_due = f"SELECT MIN(due) FROM {tasks} WHERE owner IS NULL"
+        #: (owner, lease still running, due now, tasks, dead letters): the waiting rows in
+        #: one, the leased ones by owner and by whether the lease runs (see tally_tasks).
         self.counts = (
-            "SELECT count(*) FILTER (WHERE owner IS NULL AND due <= %(now)s), "
-            "count(*) FILTER (WHERE owner IS NULL AND due > %(now)s), "
-            f"count(*) FILTER (WHERE owner IS NOT NULL), (SELECT count(*) FROM {letters}) "
-            f"FROM {tasks}"
+            "SELECT NULL, false, count(*) FILTER (WHERE due <= %(now)s), count(*), "
+            f"(SELECT count(*) FROM {letters}) FROM {tasks} WHERE owner IS NULL UNION ALL "
+            "SELECT owner, lease_until > %(now)s, count(*) FILTER (WHERE due <= %(now)s), "
+            f"count(*), 0 FROM {tasks} WHERE owner IS NOT NULL "
+            "GROUP BY owner, lease_until > %(now)s"
         )
         # -- dead letters ---------------------------------------------------------------
         self.bury = (

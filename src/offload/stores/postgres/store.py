@@ -360,9 +360,12 @@ class PostgresStore(LetterMethods):
             return earliest_due(cur, self._sql)
 
     def counts(self) -> StoreCounts:
-        """Tasks ready, delayed and leased (by anyone), and dead letters, now."""
+        """Tasks ready, delayed and leased, and dead letters, now (see count_tasks)."""
+        now = self._clock.time()
         with self._use("counting") as cur:
-            ready, delayed, leased, letters = count_tasks(cur, self._sql, self._clock.time())
+            ready, delayed, leased, letters = count_tasks(
+                cur, self._sql, owner=self._owner, now=now
+            )
         return StoreCounts(ready=ready, delayed=delayed, leased=leased, dead_letters=letters)
 
     def take_tokens(self, key: str, rate: float, burst: float, want: int = 1) -> tuple[int, float]:

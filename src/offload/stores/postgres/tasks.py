@@ -21,7 +21,7 @@ from typing import Any
 from ...codec.task import TaskRecord, attempt_state
 from ...codec.trust import TRUST_ANY, Trust
 from ...records import Task
-from .._shared import owner_dead
+from .._shared import owner_dead, tally_tasks
 from .schema import Sql
 
 __all__ = [
@@ -116,10 +116,16 @@ def earliest_due(cur: Any, sql: Sql) -> float | None:
     return None if due is None else float(due)
 
 
-def count_tasks(cur: Any, sql: Sql, now: float) -> tuple[int, int, int, int]:
-    """(ready, delayed, leased, dead letters) at `now`."""
-    ready, delayed, leased, letters = cur.execute(sql.counts, {"now": now}).fetchone()
-    return int(ready), int(delayed), int(leased), int(letters)
+def count_tasks(cur: Any, sql: Sql, *, owner: str, now: float) -> tuple[int, int, int, int]:
+    """(ready, delayed, leased, dead letters) at `now`. A task under a lease that expired,
+    or of a process of this host that is gone, counts as ready or delayed, and is taken
+    back here (as the next claim would): it is no one's to finish, and flush() must start
+    a worker for it rather than wait for nobody."""
+    rows = cur.execute(sql.counts, {"now": now}).fetchall()
+    ready, delayed, leased, lapsed = tally_tasks((row[:4] for row in rows), owner)
+    if lapsed:
+        take_back(cur, sql, owner=owner, now=now)
+    return ready, delayed, leased, sum(int(row[4]) for row in rows)
 
 
 def _task(row: tuple[Any, ...], trust: Trust) -> Task:

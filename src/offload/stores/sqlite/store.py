@@ -9,7 +9,7 @@ Writers wait for each other up to `busy_timeout` seconds (default 5). A task bei
 performed is leased to one owner (host, pid, a random token per store object) until
 `lease_until`; leases are renewed while held. A lease whose owner is a process of this
 host that no longer exists is taken back by the next claim, at once; any other lease when
-it expires.
+it expires. `counts` takes them back too, and counts their tasks as ready or delayed.
 
 Reading tasks copies the journals first: a claim, `next_due` and `counts` copy every
 process's lines, so that they see every task; settling a task (complete, release, bury,
@@ -358,11 +358,11 @@ class SQLiteStore(LetterListing):
         return None
 
     def counts(self) -> StoreCounts:
-        """Tasks ready, delayed and leased (by anyone), and dead letters, now."""
+        """Tasks ready, delayed and leased, and dead letters, now (see count_tasks)."""
         now = self._clock.time()
         with self._use("counting") as conn:
             self._copy_journals(conn, everyone=True, all_of_it=True)
-            ready, delayed, leased = count_tasks(conn, now)
+            ready, delayed, leased = count_tasks(conn, owner=self._owner, now=now)
             letters = count_letters(conn)
         return StoreCounts(ready=ready, delayed=delayed, leased=leased, dead_letters=letters)
 

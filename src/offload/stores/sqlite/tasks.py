@@ -9,6 +9,7 @@ transaction that reads the rows it leases, so two processes never lease one row.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import sqlite3
@@ -18,7 +19,7 @@ from typing import Any
 from ...codec.task import TaskRecord, attempt_state
 from ...codec.trust import TRUST_ANY, Trust
 from ...records import Task
-from .._shared import json_list, owner_dead
+from .._shared import json_list, owner_dead, tally_tasks
 from .schema import TASK_COLUMNS, transaction
 
 __all__ = [
@@ -151,14 +152,26 @@ def earliest_due(conn: sqlite3.Connection) -> float | None:
     return None if due is None else float(due)
 
 
-def count_tasks(conn: sqlite3.Connection, now: float) -> tuple[int, int, int]:
-    """(ready, delayed, leased) at `now`."""
-    ready, delayed, leased = conn.execute(
-        "SELECT COALESCE(SUM(owner IS NULL AND due <= :now), 0), "
-        "COALESCE(SUM(owner IS NULL AND due > :now), 0), "
-        "COALESCE(SUM(owner IS NOT NULL), 0) FROM tasks",
-        {"now": now},
-    ).fetchone()
+# One statement, so one snapshot of the file: the waiting rows through their index, the
+# leased ones by owner and by whether the lease still runs.
+_COUNT = (
+    "SELECT NULL, 0, SUM(due <= :now), COUNT(*) FROM tasks WHERE owner IS NULL "
+    "UNION ALL SELECT owner, lease_until > :now, SUM(due <= :now), COUNT(*) FROM tasks "
+    "WHERE owner IS NOT NULL GROUP BY owner, lease_until > :now"
+)
+
+
+def count_tasks(conn: sqlite3.Connection, *, owner: str, now: float) -> tuple[int, int, int]:
+    """(ready, delayed, leased) at `now`. A task under a lease that expired, or of a
+    process of this host that is gone, counts as ready or delayed, and is taken back
+    here (as the next claim would): it is no one's to finish, and flush() must start a
+    worker for it rather than wait for nobody."""
+    ready, delayed, leased, lapsed = tally_tasks(
+        conn.execute(_COUNT, {"now": now}).fetchall(), owner
+    )
+    if lapsed:
+        with contextlib.suppress(sqlite3.Error):  # busy: the next claim's sweep does it
+            take_back(conn, owner=owner, now=now)
     return ready, delayed, leased
 
 
