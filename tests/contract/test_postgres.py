@@ -256,6 +256,40 @@ def test_leases_of_a_dead_process_are_taken_back_at_once(postgres_url: str) -> N
         store.close()
 
 
+runs: list[Any] = []
+
+
+def record_then_fail(value: Any) -> None:
+    runs.append(value)
+    raise ValueError(f"cannot handle {value!r}")
+
+
+class BuryFailsOnce(PostgresStore):
+    """The real store, whose first `bury` raises StoreError (a connection cut, say)."""
+
+    failed = False
+
+    def bury(self, task: Task, letter: DeadLetter) -> None:
+        if not self.failed:
+            self.failed = True
+            raise StoreError(f"{self.url}: storing a dead letter failed: injected")
+        super().bury(task, letter)
+
+
+def test_a_dead_letter_the_store_could_not_keep_runs_again_before_flush_returns(
+    postgres_url: str, make_offloader: Any
+) -> None:
+    runs.clear()
+    store = BuryFailsOnce(postgres_url, lease_timeout=0.5)
+    off = make_offloader(store=store, idle_timeout=0.05)
+    off.enqueue_task(record_then_fail, 7)
+    assert off.flush(30)
+    assert store.failed and runs == [7, 7]
+    assert [d.reason for d in off.dead_letters()] == ["permanent"]
+    assert store.counts() == StoreCounts(ready=0, delayed=0, leased=0, dead_letters=1)
+    assert off.shutdown(5)
+
+
 def test_a_lost_lease_is_reported_at_renewal(
     make_store: MakeStore, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -771,6 +771,93 @@ def test_many_openers_of_a_new_file_all_get_a_store(tmp_path: Path) -> None:
             reader.close()
 
 
+def record_then_fail(value: Any) -> None:
+    record(value)
+    raise ValueError(f"cannot handle {value!r}")
+
+
+class FailingStore(SQLiteStore):
+    """A real SQLite file whose `complete`, `bury` or `release` raise StoreError the first
+    few times, as a full disk or a lock held too long would make them."""
+
+    def __init__(self, path: Path, *, failing: list[str], **options: Any) -> None:
+        super().__init__(path, **options)
+        self.failing = list(failing)  # one name per failure, in any order
+        self.failed: list[str] = []
+
+    def _maybe_fail(self, what: str) -> None:
+        if what in self.failing:
+            self.failing.remove(what)
+            self.failed.append(what)
+            raise StoreError(f"{self.url}: {what} failed: injected")
+
+    def complete(self, task: Task) -> None:
+        self._maybe_fail("complete")
+        super().complete(task)
+
+    def bury(self, task: Task, letter: offload.DeadLetter) -> None:
+        self._maybe_fail("bury")
+        super().bury(task, letter)
+
+    def release(self, task: Task, due: float) -> None:
+        self._maybe_fail("release")
+        super().release(task, due)
+
+
+@pytest.mark.parametrize(
+    ("failing", "lease_timeout"),
+    [
+        (["bury"], 0.5),  # handed back at once: it runs again without waiting for a lapse
+        (["bury", "release"], 60.0),  # the hand-back failed too: flush() makes it again
+    ],
+)
+def test_a_dead_letter_the_store_could_not_keep_runs_again_before_flush_returns(
+    tmp_path: Path, make_offloader: Any, failing: list[str], lease_timeout: float
+) -> None:
+    store = FailingStore(tmp_path / "q.db", failing=failing, lease_timeout=lease_timeout)
+    off = make_offloader(store=store, idle_timeout=0.05)
+    off.enqueue_task(record_then_fail, 7)
+    assert off.flush(30)
+    # It ran again, and is a dead letter now; nothing is left leased in the file.
+    assert delivered == [7, 7]
+    assert [d.reason for d in off.dead_letters()] == ["permanent"]
+    assert store.counts() == StoreCounts(0, 0, 0, 1)
+    assert store.failed == failing
+    s = off.stats()
+    assert (s.claimed, s.dead_lettered, s.released) == (2, 1, 1)
+    assert ledger_holds(off)
+    assert off.shutdown(5)
+
+
+@pytest.mark.parametrize("failing", [["complete"], ["complete", "complete"]])
+def test_a_delivered_task_the_store_could_not_forget_is_forgotten_not_sent_again(
+    tmp_path: Path, make_offloader: Any, failing: list[str]
+) -> None:
+    store = FailingStore(tmp_path / "q.db", failing=failing)
+    off = make_offloader(store=store, idle_timeout=0.05)
+    off.enqueue_task(record, 7)
+    assert off.flush(30)
+    assert store.counts() == StoreCounts(0, 0, 0, 0)  # not left leased, to run again
+    assert off.shutdown(5)
+    assert delivered == [7]
+    assert store.failed == failing
+
+
+def test_shutdown_reports_a_task_the_store_could_not_settle(
+    tmp_path: Path, make_offloader: Any
+) -> None:
+    # Every store call for it fails to the end: shutdown() cannot say all went well.
+    store = FailingStore(tmp_path / "q.db", failing=["bury"] + ["release"] * 10_000)
+    off = make_offloader(store=store, idle_timeout=0.05)
+    off.enqueue_task(record_then_fail, 7)
+    assert not off.flush(0.2)  # it waits for the task, still leased to this process
+    assert off.shutdown(5) is False
+    assert store.failed[0] == "bury" and set(store.failed[1:]) == {"release"}
+    assert delivered == [7]
+    with raw(tmp_path / "q.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM tasks").fetchone()[0] == 1
+
+
 def test_no_lease_is_reported_lost_when_a_shutdown_hands_tasks_back(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -38,6 +38,7 @@ from .claims import Claims
 from .leases import LeaseKeeper
 from .memory import DedupIndex
 from .transaction import joined_connection
+from .unsettled import Unsettled
 from .wakeups import POLL_INTERVAL, Wakeups
 
 __all__ = ["POLL_INTERVAL", "DurableBacklog"]
@@ -73,6 +74,8 @@ class DurableBacklog:
         self.dedup = DedupIndex()  # this process's, for a store that does not dedup
         self.claims = Claims(self, POLL_INTERVAL)
         self.keeper = LeaseKeeper(core, pool, store, self.leased)
+        # Settling finished tasks, and those the store refused to settle (unsettled.py).
+        self.unsettled = Unsettled(self)
         self.wakeups = Wakeups(core, pool, store, consume=consume)
         # Enqueues inside the application's transaction: only a store that can join one.
         self._joins = isinstance(store, TransactionalStore)
@@ -233,19 +236,10 @@ class DurableBacklog:
         return True
 
     def complete(self, task: Task) -> None:
-        self._store_call("complete", self.store.complete, task)
+        self.unsettled.complete(task)
 
     def bury(self, task: Task, letter: DeadLetter) -> bool:
-        if self._store_call("dead-letter", self.store.bury, task, letter):
-            return True
-        core = self.core
-        with core.lock:  # not buried: the store keeps the task, as a hand-back would
-            core.sched.settle(task, None)
-            core.wake()
-            self.leased.pop(task.id, None)
-            core.ledger.released += 1
-            core.notify_if_drained()
-        return False
+        return self.unsettled.bury(task, letter)
 
     def forget(self, task: Task) -> None:
         self.leased.pop(task.id, None)
@@ -287,8 +281,9 @@ class DurableBacklog:
     # -- flush and shutdown ---------------------------------------------------------------
 
     def flush(self, timeout: float | None) -> bool:
-        """Wait until this process holds nothing and the store has nothing ready or delayed
-        (tasks leased to other processes are theirs to finish)."""
+        """Wait until this process holds nothing (nor a task the store could not settle)
+        and the store has nothing ready or delayed: tasks leased to other live processes
+        are theirs to finish; a lease that lapsed counts as ready (see count_tasks)."""
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def remaining() -> float | None:
@@ -297,13 +292,16 @@ class DurableBacklog:
         core = self.core
 
         def idle() -> bool:
-            # A claim in progress has leased tasks not yet in the scheduler.
-            return core.sched.idle() and not self.claims.claiming
+            # A claim in progress has leased tasks not yet in the scheduler; a store call
+            # being made again for an unsettled task may yet hand it back.
+            return core.sched.idle() and not self.claims.claiming and not self.unsettled.trying
 
         with core.lock:
             while True:
                 if not core.drained.wait_for(idle, remaining()):
                     return False
+                # A task the store could not settle is still leased to this process there.
+                settled = self.unsettled.retry()  # lets go of the lock meanwhile
                 core.lock.release()
                 try:
                     counts = self.store.counts()
@@ -312,7 +310,7 @@ class DurableBacklog:
                     counts = None
                 finally:
                     core.lock.acquire()
-                if counts is not None and not (counts.ready or counts.delayed):
+                if settled and counts is not None and not (counts.ready or counts.delayed):
                     if idle():
                         return True
                     continue
@@ -361,7 +359,8 @@ class DurableBacklog:
                     store.url,
                 )
         self.pool.join([*threads, *([keeper] if keeper is not None else [])], deadline)
-        return ok and not left and not running
+        settled = self.unsettled.at_close()
+        return ok and not left and not running and settled
 
     # -- dead letters, stats --------------------------------------------------------------
 

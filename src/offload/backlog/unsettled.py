@@ -1,0 +1,129 @@
+"""Settling a finished task in the store, when the store refuses the first time.
+
+When a delivered task's `complete`, or a dead letter's `bury`, fails, the store still
+holds the task, leased to this process, and nothing here renews that lease any more. Left
+alone, the lease would lapse a lease timeout later (the task then runs again), and until
+then a flush() here would see a leased row and take it for one that some process is
+performing. So a second call follows at once: a failed bury hands the task back (due now,
+for any process: it runs again, and becomes a dead letter then), a failed complete is
+made again (the call was delivered: running it again would send it twice). A task whose
+second call fails too waits here: flush() makes that call again each time it looks at the
+store, and does not report success while one waits; shutdown() makes it once more.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from .._guard import Guarded
+from ..records import DeadLetter, Task
+
+if TYPE_CHECKING:
+    from .durable import DurableBacklog
+
+__all__ = ["Unsettled"]
+
+log = logging.getLogger("offload")
+
+
+class Unsettled:
+    """A durable backlog's `complete` and `bury`, and the tasks whose second call failed
+    (`waiting`: id -> (task, whether it was delivered), changed under the core's lock)."""
+
+    def __init__(self, backlog: DurableBacklog) -> None:
+        self.backlog = backlog
+        self.waiting: dict[str, tuple[Task, bool]] = {}
+        self.trying = 0  # second calls under way outside the lock (flush() waits for them)
+
+    def complete(self, task: Task) -> None:
+        """A delivered task (still in flight: flush() cannot miss it meanwhile)."""
+        backlog = self.backlog
+        try:
+            backlog.store.complete(task)
+        except Exception as exc:
+            if not self._second_call(task, True, exc):
+                with backlog.core.lock:
+                    self.waiting[task.id] = (task, True)
+
+    def bury(self, task: Task, letter: DeadLetter) -> bool:
+        """Keep `letter` in place of the task; False when the store refused it: then the
+        task goes back as a retry does (no longer renewed, counted as handed back)."""
+        backlog = self.backlog
+        try:
+            backlog.store.bury(task, letter)
+        except Exception as exc:
+            error = exc
+        else:
+            return True
+        backlog.keeper.let_go([task])
+        back = self._second_call(task, False, error)
+        core = backlog.core
+        with core.lock:
+            core.sched.settle(task, None)
+            core.wake()
+            core.ledger.released += 1
+            if not back:
+                self.waiting[task.id] = (task, False)
+            core.notify_if_drained()
+        return False
+
+    def retry(self) -> bool:
+        """Lock held (let go meanwhile): make the waiting tasks' second calls again; True
+        when none waits any more."""
+        if not self.waiting:
+            return True
+        core = self.backlog.core
+        tasks, self.waiting = list(self.waiting.values()), {}
+        self.trying += 1
+        core.lock.release()
+        failed: list[tuple[Task, bool]] = []
+        try:
+            for task, delivered in tasks:
+                if not self._call(task, delivered, quiet=True):
+                    failed.append((task, delivered))
+        finally:
+            core.lock.acquire()
+            self.trying -= 1
+            for task, delivered in failed:
+                self.waiting.setdefault(task.id, (task, delivered))
+            core.drained.notify_all()  # another flush() may wait for this one's calls
+        return not self.waiting
+
+    def at_close(self) -> bool:
+        """Lock not held, the workers gone: the second calls once more; True when every
+        task this process finished is settled in the store (a dead letter was kept)."""
+        with self.backlog.core.lock:
+            unburied = any(not delivered for _, delivered in self.waiting.values())
+            return self.retry() and not unburied
+
+    def _second_call(self, task: Task, delivered: bool, error: Exception) -> bool:
+        what, then = (
+            ("complete", "trying again") if delivered else ("dead-letter", "handing it back")
+        )
+        with Guarded():
+            log.error(
+                "offload: could not %s task %s in the store (%s); %s", what, task.id, error, then
+            )
+        return self._call(task, delivered, quiet=False)
+
+    def _call(self, task: Task, delivered: bool, *, quiet: bool) -> bool:
+        backlog = self.backlog
+        try:
+            if delivered:
+                backlog.store.complete(task)
+            elif task.id not in backlog.leased:  # (claimed here again once its lease lapsed)
+                backlog.store.release(task, backlog.clock.time())
+        except Exception as exc:
+            if quiet:
+                log.debug("offload: task %s still unsettled in the store: %s", task.id, exc)
+                return False
+            with Guarded():
+                log.error(
+                    "offload: task %s is still leased to this process in the store (%s); "
+                    "flush() and shutdown() try again, and its lease expires in the end",
+                    task.id,
+                    exc,
+                )
+            return False
+        return True
