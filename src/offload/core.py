@@ -25,7 +25,7 @@ from .scheduler import Scheduler
 from .status import KeyState, Stats
 from .stores import StoreCounts
 
-__all__ = ["AttemptKind", "Core", "Ledger"]
+__all__ = ["AttemptKind", "Core", "Leaving", "Ledger"]
 
 
 AttemptKind = Literal["success", "throttled", "transient", "permanent"]
@@ -69,6 +69,25 @@ class Ledger:
         attempts[slot] = attempts.get(slot, 0) + 1
 
 
+class Leaving:
+    """The tasks a memory backlog's shutdown took from the scheduler (at once) and
+    dead-letters one by one: still counted as queued and delayed, in the order it goes
+    (the queued ones first), each until the step that counts it a dead letter."""
+
+    __slots__ = ("delayed", "queued")
+
+    def __init__(self) -> None:
+        self.queued = 0
+        self.delayed = 0
+
+    def one_gone(self) -> None:
+        """Called with the lock held: one of them is counted a dead letter now."""
+        if self.queued:
+            self.queued -= 1
+        elif self.delayed:
+            self.delayed -= 1
+
+
 class Core:
     """One offloader's runtime state in one process; a forked child makes a new one."""
 
@@ -82,6 +101,7 @@ class Core:
         self.limits: Mapping[str, Limit] = limits if limits is not None else {}
         self.sched = Scheduler(limits, adaptive)
         self.ledger = Ledger()
+        self.leaving = Leaving()
         self.closed = False  # no new tasks (shutdown() or configure() called)
         self.stopping = False  # workers exit after their current task
 
@@ -140,15 +160,15 @@ class Core:
         (so that the ledger's sum holds), with what the store said (`counts`: None for the
         memory store)."""
         with self.lock:
-            sched, ledger = self.sched, self.ledger
+            sched, ledger, leaving = self.sched, self.ledger, self.leaving
             return Stats(
                 enqueued=ledger.enqueued,
                 succeeded=ledger.succeeded,
                 retried=ledger.retried,
                 dead_lettered=ledger.dead_lettered,
                 rejected=ledger.rejected,
-                queued=sched.queued,
-                delayed=len(sched.delayed),
+                queued=sched.queued + leaving.queued,
+                delayed=len(sched.delayed) + leaving.delayed,
                 in_flight=sched.in_flight,
                 dead_letters=dead_letters,
                 dead_letters_dropped=dropped,

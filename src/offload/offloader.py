@@ -352,8 +352,7 @@ class Offloader:
                 )
                 ok = ok and sched.idle()
             core.stopping = True
-            left = sched.drain()
-            self._backlog.shutting_down(left)
+            left = self._backlog.shutting_down()
             core.wake_all()
             threads = list(self._pool.threads)
         ok = self._backlog.close(left, ok, threads, deadline)

@@ -219,6 +219,8 @@ class Settler:
         now = self.clock.monotonic()
         with core.lock:
             released = in_flight and core.sched.settle(task, None, now=now, delivered=delivered)
+            if not in_flight:  # left over at shutdown: it stops counting as waiting
+                core.leaving.one_gone()
             if released:
                 core.wake()  # a probe's success released its key's held tasks
             down_for = core.sched.succeeded(task, now) if delivered else None

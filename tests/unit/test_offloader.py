@@ -379,6 +379,71 @@ def test_shutdown_dead_letters_what_is_left_and_refuses_more(
     assert s.enqueued == s.succeeded + s.dead_lettered == 5
 
 
+def test_the_ledger_holds_for_every_reader_while_shutdown_dead_letters_what_is_left(
+    make_offloader: MakeOffloader,
+) -> None:
+    # shutdown() takes the queued and delayed tasks from the scheduler at once, then
+    # dead-letters them one by one: meanwhile they still count as queued or delayed.
+    release, started = threading.Event(), threading.Event()
+
+    def block() -> None:
+        started.set()
+        release.wait(10)
+
+    seen: list[tuple[int, int]] = []  # (enqueued, the ledger's sum) that did not match
+    inside: list[offload.Stats] = []
+
+    def check(s: offload.Stats) -> None:
+        total = s.succeeded + s.dead_lettered + s.queued + s.delayed + s.in_flight
+        if s.enqueued != total:
+            seen.append((s.enqueued, total))
+
+    asked, answered = threading.Event(), threading.Event()
+
+    def on_dead_letter(task: Task, letter: offload.DeadLetter) -> None:
+        s = off.stats()
+        check(s)
+        inside.append(s)
+        if len(inside) == 100:  # a reading by another thread, mid-way, for certain
+            asked.set()
+            answered.wait(10)
+
+    off = make_offloader(max_queue=2_000, on_dead_letter=on_dead_letter)
+    off.enqueue_task(block)
+    assert started.wait(5)
+    for i in range(1_200):
+        off.enqueue_task(Task(len, ("",), delay=600 if i % 3 == 0 else None))
+    stop = threading.Event()
+    readings = 0
+
+    def poll() -> None:
+        nonlocal readings
+        while not stop.is_set():
+            if asked.is_set() and not answered.is_set():
+                check(off.stats())
+                readings += 1
+                answered.set()
+            check(off.stats())
+            readings += 1
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        assert off.shutdown(timeout=0) is False
+    finally:
+        stop.set()
+        release.set()
+        poller.join(10)
+    assert answered.is_set() and readings > 1
+    assert seen == []
+    assert len(inside) == 1_200
+    # The letter being made is still queued or delayed for its own callback.
+    assert (inside[0].queued, inside[0].delayed, inside[0].dead_lettered) == (800, 400, 0)
+    assert (inside[-1].queued, inside[-1].delayed, inside[-1].dead_lettered) == (0, 1, 1_199)
+    s = off.stats()
+    assert (s.queued, s.delayed, s.dead_lettered) == (0, 0, 1_200)
+
+
 def test_shutdown_does_not_wait_for_far_retries(make_offloader: MakeOffloader) -> None:
     off = make_offloader(retry=RetryPolicy(wait=tenacity.wait_fixed(300)))
 

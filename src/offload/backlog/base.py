@@ -65,8 +65,10 @@ class Backlog(Protocol):
         """Wait until nothing is queued, delayed or running; False if `timeout` ran out."""
         ...
 
-    def shutting_down(self, left: list[Task]) -> None:
-        """Lock held: shutdown took `left` from the scheduler; the workers are stopping."""
+    def shutting_down(self) -> list[Task]:
+        """Lock held: take what is left from the scheduler, for `close`, counted in the
+        same step (the workers are stopping)."""
+        ...
 
     def close(
         self,

@@ -324,9 +324,11 @@ class DurableBacklog:
                 poll = self.store.flush_poll
                 core.drained.wait(poll if left is None else min(poll, left))
 
-    def shutting_down(self, left: list[Task]) -> None:
+    def shutting_down(self) -> list[Task]:
+        left = self.core.sched.drain()
         self.core.ledger.released += len(left)  # handed back in close()
         self.keeper.wake()
+        return left
 
     def close(
         self,

@@ -162,8 +162,13 @@ class MemoryBacklog:
         with core.lock:
             return core.drained.wait_for(core.sched.idle, timeout)
 
-    def shutting_down(self, left: list[Task]) -> None:
-        pass
+    def shutting_down(self) -> list[Task]:
+        # Still counted as queued and delayed until close() dead-letters each.
+        core = self.core
+        sched = core.sched
+        core.leaving.queued += sched.queued  # drain() returns these first
+        core.leaving.delayed += len(sched.delayed)
+        return sched.drain()
 
     def close(
         self,
