@@ -8,6 +8,9 @@ any other owner's leases only when they expire. `new_owner` writes that string a
 
 URL options (`?lease_timeout=60&create=false`) are strings: `number_option` and
 `bool_option` turn them into values, each error naming the option and what it takes.
+
+A store that dedups (SQLite, PostgreSQL) answers an enqueue whose key is held with
+`holder_handle`: the holder's ids, this enqueue's call.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 from ..config import describe_range
 from ..errors import StoreError
-from ..records import DeadLetter
+from ..records import DeadLetter, Task
 from .base import LetterPage, LetterQuery, LetterTally
 
 __all__ = [
@@ -33,6 +36,7 @@ __all__ = [
     "check_page",
     "check_tally",
     "epoch",
+    "holder_handle",
     "json_list",
     "letter_of",
     "letter_terms",
@@ -263,3 +267,21 @@ def letter_terms(query: LetterQuery) -> list[tuple[str, Any]]:
     if query.since is not None:
         terms.append(("last_attempt_at >=", epoch(query.since)))
     return terms
+
+
+def holder_handle(task: Task, held_by: tuple[str, str]) -> Task:
+    """A handle on the task holding `task`'s dedup key, `held_by` (its id, idempotency
+    key): its ids, this enqueue's call."""
+    task_id, idempotency_key = held_by
+    return Task._restore(
+        task.call,
+        task.args,
+        dict(task.kwargs),
+        task_id=task_id,
+        idempotency_key=idempotency_key,
+        key=task.key,
+        retry=task.retry,
+        progress=None,
+        dedup_key=task.dedup_key,
+        dedup_window=task.dedup_window,
+    )

@@ -13,6 +13,7 @@ import sqlite3
 
 from ...codec.task import TaskRecord
 from ...records import Task
+from .._shared import holder_handle
 from .schema import PUT_UNIQUE, transaction
 
 __all__ = ["holder_handle", "key_holder", "let_key_go", "put_unique", "take_key"]
@@ -48,23 +49,6 @@ def let_key_go(conn: sqlite3.Connection, task: Task, now: float) -> None:
         )
     else:
         conn.execute("DELETE FROM dedup WHERE key = ? AND task_id = ?", (key, task.id))
-
-
-def holder_handle(task: Task, held_by: tuple[str, str]) -> Task:
-    """A handle on the task holding the key: its ids, this enqueue's call."""
-    task_id, idempotency_key = held_by
-    return Task._restore(
-        task.call,
-        task.args,
-        dict(task.kwargs),
-        task_id=task_id,
-        idempotency_key=idempotency_key,
-        key=task.key,
-        retry=task.retry,
-        progress=None,
-        dedup_key=task.dedup_key,
-        dedup_window=task.dedup_window,
-    )
 
 
 def put_unique(
