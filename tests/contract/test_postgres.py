@@ -148,14 +148,18 @@ def test_an_unreachable_server_is_one_store_error(postgres: Any) -> None:
 
 
 def test_tables_are_made_once_by_processes_opening_at_once(make_store: MakeStore) -> None:
+    """Each enqueues at once too: one with a dedup key writes two tables, which a process
+    that ran the DDL again after another made them would deadlock with."""
     stores = [make_store() for _ in range(8)]
     errors: list[BaseException] = []
     start = threading.Barrier(len(stores))
+    held: list[str] = []
 
     def open_one(store: PostgresStore) -> None:
         start.wait()
         try:
             store.counts()
+            held.append(store.put(Task(record, (1,), dedup_key="first"), lease=False).id)
         except BaseException as exc:
             errors.append(exc)
 
@@ -165,6 +169,30 @@ def test_tables_are_made_once_by_processes_opening_at_once(make_store: MakeStore
     for thread in threads:
         thread.join(30)
     assert errors == []
+    assert len(held) == len(stores) and len(set(held)) == 1
+
+
+def test_a_format_2_store_is_upgraded_to_hold_dedup_keys(
+    make_store: MakeStore, postgres: Any, postgres_url: str
+) -> None:
+    old = Task(record, ("before",))
+    make_store().put(old, lease=False)
+    schema = schema_of(postgres_url)
+    with raw(postgres) as conn:  # back to format 2, as an older offload made it
+        conn.execute(f'DROP TABLE "{schema}".dedup')
+        for table in ("tasks", "dead_letters"):
+            conn.execute(
+                f'ALTER TABLE "{schema}".{table} DROP COLUMN dedup_key, DROP COLUMN dedup_window'
+            )
+        conn.execute(f"UPDATE \"{schema}\".meta SET value = '2' WHERE name = 'version'")
+    store = make_store()
+    (task,) = store.claim(5)
+    assert task.id == old.id and task.dedup_key is None
+    keyed = Task(record, ("after",), dedup_key="k")
+    assert store.put(keyed, lease=False) is keyed
+    assert store.put(Task(record, ("again",), dedup_key="k"), lease=False).id == keyed.id
+    with raw(postgres) as conn:
+        assert conn.execute(f'SELECT value FROM "{schema}".meta').fetchone() == ("3",)
 
 
 def test_create_false_refuses_a_database_without_the_tables(make_store: MakeStore) -> None:

@@ -10,6 +10,7 @@ when it holds tasks).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
@@ -24,11 +25,13 @@ from offload.stores import DurableStore, MemoryStore, Store
 from offload.stores.base import LetterQuery
 from offload.stores.sqlite import SQLiteStore
 from offload.stores.sqs import SqsStore
+from offload.testing import FakeClock
 
 MakeStore = Callable[[], Any]
 
 STORES = ["memory", "sqlite", "sqs", "postgres"]
 DURABLE = ["sqlite", "sqs", "postgres"]
+DEDUPS = ["sqlite", "postgres"]  # `dedups = True`: one dedup key for every process
 
 
 def greet(name: str, *, punctuation: str = "!") -> str:
@@ -540,3 +543,148 @@ def test_put_refuses_a_local_function(durable: DurableStore) -> None:
 
     with pytest.raises(NotSerializable, match="inside a function"):
         durable.put(Task(local), lease=False)
+
+
+# -- dedup keys: stores that dedup for every process --------------------------------------
+
+
+@pytest.fixture(params=DEDUPS)
+def dedup_stores(
+    request: pytest.FixtureRequest, tmp_path: Any
+) -> Iterator[tuple[MakeStore, FakeClock]]:
+    """Handles on one store that dedups (as `<backend>_stores`), all on one FakeClock, for
+    the windows; and that clock."""
+    from offload.stores.postgres import PostgresStore
+
+    clock = FakeClock(epoch=time.time())
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    opened: list[Any] = []
+
+    def make() -> Any:
+        if url is None:
+            store: Any = SQLiteStore(tmp_path / "dedup.db", clock=clock)
+        else:
+            store = PostgresStore.from_url(url, clock=clock)
+        assert store.dedups
+        opened.append(store)
+        return store
+
+    yield make, clock
+    for store in opened:
+        store.close()
+
+
+def keyed(name: str, key: str = "crm-sync:7", window: float = 0.0) -> Task:
+    return Task(greet, (name,), dedup_key=key, dedup_window=window)
+
+
+def assert_held_by(store: DurableStore, task: Task, key: str = "crm-sync:7") -> None:
+    """A put with `key` writes nothing and hands back `task`'s ids."""
+    before = store.counts()
+    probe = keyed("probe", key)
+    got = store.put(probe, lease=False)
+    assert got is not probe
+    assert (got.id, got.idempotency_key, got.dedup_key) == (task.id, task.idempotency_key, key)
+    assert store.counts() == before
+
+
+def assert_free(store: DurableStore, key: str = "crm-sync:7") -> Task:
+    """A put with `key` is written; the task written."""
+    task = keyed("free", key)
+    assert store.put(task, lease=False) is task
+    return task
+
+
+def test_a_held_dedup_key_hands_back_its_task_to_every_process(
+    dedup_stores: tuple[MakeStore, FakeClock],
+) -> None:
+    make, _ = dedup_stores
+    one, two = make(), make()
+    task = keyed("first")
+    assert one.put(task, lease=True) is task
+    assert_held_by(one, task)
+    assert_held_by(two, task)
+    assert one.counts() == type(one.counts())(0, 0, 1, 0)
+    other = assert_free(two, "crm-sync:8")  # another key is its own
+    assert other.id != task.id
+
+
+def test_a_dedup_key_is_held_while_its_task_is_delayed_leased_and_retried(
+    dedup_stores: tuple[MakeStore, FakeClock],
+) -> None:
+    """The key goes with the task, whichever process holds it: a retried task comes back
+    from the store as a new object, and completing that one lets the key go."""
+    make, clock = dedup_stores
+    one, two = make(), make()
+    task = keyed("first")
+    assert one.put(task, lease=False, due=clock.time() + 30) is task
+    assert_held_by(two, task)  # delayed
+    clock.advance(30)
+    (claimed,) = two.claim(5)
+    assert (claimed.id, claimed.dedup_key) == (task.id, "crm-sync:7")
+    assert_held_by(one, task)  # leased by another process
+    claimed.progress.attempts = 1
+    two.release(claimed, clock.time() + 5)  # a retry
+    assert_held_by(one, task)
+    clock.advance(5)
+    (again,) = one.claim(5)
+    assert again is not claimed and again.dedup_key == "crm-sync:7"
+    one.complete(again)
+    assert_free(two)
+
+
+def test_a_dedup_window_holds_the_key_after_its_task_ended(
+    dedup_stores: tuple[MakeStore, FakeClock],
+) -> None:
+    make, clock = dedup_stores
+    one, two = make(), make()
+    task = keyed("first", window=60)
+    one.put(task, lease=True)
+    one.complete(task)
+    assert one.counts() == type(one.counts())(0, 0, 0, 0)
+    assert_held_by(two, task)
+    clock.advance(59)
+    assert_held_by(two, task)
+    clock.advance(2)
+    assert one.next_due() is None  # a sweep, which may delete the key whose window passed
+    later = assert_free(two)
+    assert_held_by(one, later)
+
+
+def test_a_dead_letter_lets_its_key_go_and_a_replay_takes_it_again(
+    dedup_stores: tuple[MakeStore, FakeClock],
+) -> None:
+    make, _ = dedup_stores
+    worker, operator = make(), make()
+    task = keyed("first")
+    worker.put(task, lease=True)
+    letter = letter_for(task)
+    worker.bury(task, letter)
+    replayed = operator.replay(letter.id)
+    assert (replayed.id, replayed.dedup_key) == (task.id, "crm-sync:7")
+    assert_held_by(worker, task)
+    (again,) = worker.claim(5)
+    worker.bury(again, letter_for(again))  # dead again: the key goes
+    assert_free(operator)
+
+
+def test_processes_racing_for_one_dedup_key_write_one_task(
+    dedup_stores: tuple[MakeStore, FakeClock],
+) -> None:
+    make, _ = dedup_stores
+    handles = [make() for _ in range(6)]
+    start = threading.Barrier(len(handles))
+    ids: list[str] = []
+
+    def enqueue(store: DurableStore) -> None:
+        start.wait()
+        for i in range(20):
+            ids.append(store.put(keyed(f"n{i}"), lease=False).id)
+
+    threads = [threading.Thread(target=enqueue, args=(h,)) for h in handles]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(ids) == 120 and len(set(ids)) == 1
+    assert handles[0].counts().ready == 1

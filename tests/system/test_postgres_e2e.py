@@ -25,9 +25,10 @@ from typing import Any
 
 import psycopg
 import pytest
+import tenacity
 
 import offload
-from offload import DeadLetter, Offloader, Task
+from offload import DeadLetter, Offloader, RetryPolicy, Task
 from offload.records import new_id
 from offload.stores.postgres import PostgresStore
 from pgserver import PASSWORD, PASSWORD_USER
@@ -295,6 +296,59 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
         env=python_env(),
         check=False,
     )
+
+
+# -- dedup keys: every process on the database ----------------------------------------------
+
+
+def synced(server: ScriptedServer, path: str, **options: Any) -> Task:
+    call = offload.http("POST", server.url(path), json={}, idempotency_key=True)
+    return Task(call, dedup_key="crm-sync:7", **options)
+
+
+def test_a_dedup_key_is_free_again_once_its_retried_task_was_delivered(
+    postgres_url: str, server: ScriptedServer, make_offloader: Any
+) -> None:
+    """The retry comes back from the store as a new task object; its delivery lets the key
+    go, so the next enqueue with it is a new task, and delivered."""
+    server.script("/first", Answer(503), Answer(200))
+    off = make_offloader(store=postgres_url, retry=RetryPolicy(wait=tenacity.wait_none()))
+    first = off.enqueue_task(synced(server, "/first"))
+    assert off.flush(10)
+    assert len(server.requests_to("/first")) == 2 and off.stats().retried == 1
+    second = off.enqueue_task(synced(server, "/second"))
+    assert second.id != first.id and off.stats().deduplicated == 0
+    assert off.flush(10)
+    assert len(server.requests_to("/second")) == 1
+
+
+def test_a_delayed_task_holds_its_dedup_key_until_it_ran(
+    postgres_url: str, server: ScriptedServer, make_offloader: Any
+) -> None:
+    off = make_offloader(store=postgres_url)
+    web = make_offloader(store=postgres_url, consume=False)  # another process's enqueue
+    first = off.enqueue_task(synced(server, "/welcome", delay=0.5))
+    again = off.enqueue_task(synced(server, "/welcome", delay=0.5))
+    elsewhere = web.enqueue_task(synced(server, "/welcome"))
+    assert again.id == elsewhere.id == first.id
+    assert off.stats().deduplicated == 1 and web.stats().deduplicated == 1
+    assert off.flush(10)
+    assert len(server.requests_to("/welcome")) == 1
+    assert off.store.counts() == type(off.store.counts())(0, 0, 0, 0)
+
+
+def test_a_dedup_key_taken_in_a_rolled_back_transaction_is_free_again(
+    postgres_url: str, server: ScriptedServer, app_conn: Any, make_offloader: Any
+) -> None:
+    off = make_offloader(store=postgres_url)
+    with off.transaction(app_conn):
+        dropped = off.enqueue_task(synced(server, "/sync"))
+        assert off.enqueue_task(synced(server, "/sync")).id == dropped.id  # held in there
+    app_conn.rollback()
+    kept = off.enqueue_task(synced(server, "/sync"))
+    assert kept.id != dropped.id
+    assert off.flush(10)
+    assert keys_at(server, "/sync") == Counter({kept.idempotency_key: 1})
 
 
 def bury(url: str, path: str, *, status: int = 500) -> DeadLetter:

@@ -154,14 +154,19 @@ class DurableBacklog:
         meta = task.meta
         meta.enqueued = True
         try:
-            cast("TransactionalStore", self.store).put_in(connection, task, due=due)
+            kept = cast("TransactionalStore", self.store).put_in(connection, task, due=due)
         except BaseException:
             meta.enqueued = False
             raise
         core = self.core
+        if kept is not task:  # the store found the key held (taken in that transaction)
+            meta.enqueued = False
+            with core.lock:
+                core.ledger.deduplicated += 1
+            return kept
         with core.lock:
             core.ledger.enqueued += 1
-            # Its dedup key is not taken here: a rollback would leave it taken for nothing.
+            # Not in this process's dedup index: a rollback would leave the key taken here.
             self.wakeups.ensure()  # so that this process hears of the commit
         return task
 

@@ -290,8 +290,9 @@ class TransactionalStore(DurableStore, Protocol):
         the store's tables made; TypeError or ValueError when it cannot be used."""
         ...
 
-    def put_in(self, connection: Any, task: Task, *, due: float | None = None) -> None:
+    def put_in(self, connection: Any, task: Task, *, due: float | None = None) -> Task:
         """Write a new task, due at `due` (now if None) and not leased, through
         `connection` (from `join`), in the transaction it has open: nothing is committed
         here, and the task (with its wake-up for the workers) exists once, and only if,
-        that transaction commits."""
+        that transaction commits. Returns the task, or (as `put`) the one already holding
+        its dedup key, for a store that `dedups`."""

@@ -1,11 +1,12 @@
 """The PostgreSQL store's dead letters, on a connection the store hands over (its lock held).
 
-Each change is one statement, so one transaction: `bury` deletes the task and keeps its
-stored call with the letter; `replay` deletes the letter and puts its task back (without
-loading it: a process that cannot import the task's function, the `offload` command say,
-replays it for the workers that can) and NOTIFYs. A page of the console's listing is
-filtered and cut in SQL, newest first, with the last row's `seq` as the cursor, so a page
-costs the same at the start of 100,000 letters as at their end.
+Each change is one transaction: `bury` deletes the task and keeps its stored call with
+the letter (and lets its dedup key go); `replay` deletes the letter and puts its task back
+(without loading it: a process that cannot import the task's function, the `offload`
+command say, replays it for the workers that can), takes its dedup key again, and
+NOTIFYs. A page of the console's listing is filtered and cut in SQL, newest first, with
+the last row's `seq` as the cursor, so a page costs the same at the start of 100,000
+letters as at their end.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ...errors import StoreError, UnknownDeadLetter
 from ...records import DeadLetter, Task
 from .._shared import check_page, check_tally, epoch, letter_of, letter_terms
 from ..base import LetterDetail, LetterPage, LetterQuery, LetterTally
+from .dedup import let_key_go
 from .schema import Sql
 
 __all__ = [
@@ -108,7 +110,17 @@ class LetterMethods:
 
 
 def bury_task(cur: Any, sql: Sql, task: Task, letter: DeadLetter, now: float) -> None:
-    """Keep `letter` with the task's stored call, and delete the task (one statement)."""
+    """Keep `letter` with the task's stored call, and delete the task (one statement; a
+    task with a dedup key also lets its key go, in the same transaction)."""
+    if task.dedup_key is None:
+        _bury(cur, sql, task, letter, now)
+        return
+    with cur.connection.transaction():
+        _bury(cur, sql, task, letter, now)
+        let_key_go(cur, sql, task, now)
+
+
+def _bury(cur: Any, sql: Sql, task: Task, letter: DeadLetter, now: float) -> None:
     record = TaskRecord.of(task)  # the call as this process has it, if the row is gone
     cur.execute(
         sql.bury,
@@ -116,6 +128,8 @@ def bury_task(cur: Any, sql: Sql, task: Task, letter: DeadLetter, now: float) ->
             task.id,
             record.call,
             record.retry,
+            record.dedup_key,
+            record.dedup_window,
             letter.id,
             letter.task_id,
             task.idempotency_key,
@@ -198,7 +212,7 @@ def revive_letter(conn: Any, sql: Sql, dead_letter_id: str, trust: Trust = TRUST
         row = conn.execute(sql.revive, (dead_letter_id,)).fetchone()
         if row is None:
             raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
-        task = TaskRecord(*row).load(trust)
+        task = _record(row).load(trust)
         if isinstance(task.call, Unreadable):  # raised inside: the DELETE is rolled back
             raise StoreError(
                 f"dead letter {dead_letter_id} cannot be revived here: {task.call.error}"
@@ -215,5 +229,13 @@ def replay_letter(
     row = cur.execute(sql.replay, (dead_letter_id, now, sql.channel)).fetchone()
     if row is None:
         raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
-    task_id, idempotency_key, key, call, retry, _ = row
-    return TaskRecord(task_id, idempotency_key, key, call, retry).load(trust)
+    return _record(row[:-1]).load(trust)
+
+
+def _record(row: tuple[Any, ...]) -> TaskRecord:
+    """The task a dead letter keeps: (task id, idempotency key, key, call, retry, dedup
+    key, dedup window), as Sql.revive returns them."""
+    task_id, idempotency_key, key, call, retry, dedup_key, window = row
+    return TaskRecord(
+        task_id, idempotency_key, key, call, retry, dedup_key=dedup_key, dedup_window=window
+    )

@@ -9,8 +9,9 @@ newer one is refused, never changed.
 
 Columns follow the SQLite store's (`codec.task.TaskRecord`'s fields; the call and its
 policy as JSON text, never pickle; times as epoch seconds, as the Store protocol has
-them). Room to grow: a task's first due time is `due` already (a delay is a later
-`due`); a deduplication key is one column and one unique partial index more.
+them). A task's first due time is `due` (a delay is a later `due`). Dedup keys are held in
+the `dedup` table (see dedup.py), as the SQLite store holds them: its primary key is the
+unique index that two processes racing for a key meet at.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from .budgets import budget_statement
 
 __all__ = ["SCHEMA_VERSION", "Sql", "channel", "ensure_tables"]
 
-# 2: rate budgets
-SCHEMA_VERSION = 2
+# 2: rate budgets; 3: dedup keys
+SCHEMA_VERSION = 3
 
 _LETTER_COLUMNS = ", ".join(LETTER_FIELDS)
 TASK_FIELDS = (
@@ -39,6 +40,8 @@ TASK_FIELDS = (
     "failures",
     "first_attempt_at",
     "last_attempt_at",
+    "dedup_key",
+    "dedup_window",
 )
 _TASK_COLUMNS = ", ".join(f"t.{name}" for name in TASK_FIELDS)
 
@@ -92,6 +95,7 @@ def _ddl(s: str) -> tuple[str, ...]:
         f"CREATE INDEX IF NOT EXISTS dead_letters_reason ON {s}.dead_letters (reason, seq)",
         f"CREATE INDEX IF NOT EXISTS dead_letters_last ON {s}.dead_letters (last_attempt_at)",
         *_MIGRATIONS[2](s),
+        *_MIGRATIONS[3](s),
         f"CREATE TABLE IF NOT EXISTS {s}.meta (name text PRIMARY KEY, value text NOT NULL)",
         f"INSERT INTO {s}.meta (name, value) VALUES ('version', '{SCHEMA_VERSION}') "
         "ON CONFLICT (name) DO NOTHING",
@@ -110,9 +114,31 @@ def _budgets(s: str) -> tuple[str, ...]:
     )
 
 
+def _dedup(s: str) -> tuple[str, ...]:
+    # Dedup keys: held in `dedup` while their task lives, and `until` a time after it
+    # ended (its window); the task rows and dead letters carry them, so any process that
+    # settles a task can let its key go, and a replayed dead letter takes it again.
+    return (
+        f"ALTER TABLE {s}.tasks ADD COLUMN IF NOT EXISTS dedup_key text",
+        f"ALTER TABLE {s}.tasks ADD COLUMN IF NOT EXISTS dedup_window double precision "
+        "NOT NULL DEFAULT 0",
+        f"ALTER TABLE {s}.dead_letters ADD COLUMN IF NOT EXISTS dedup_key text",
+        f"ALTER TABLE {s}.dead_letters ADD COLUMN IF NOT EXISTS dedup_window double precision "
+        "NOT NULL DEFAULT 0",
+        f"""CREATE TABLE IF NOT EXISTS {s}.dedup (
+            key text PRIMARY KEY,
+            task_id text NOT NULL,
+            idempotency_key text NOT NULL,
+            until double precision             -- NULL while its task lives; epoch seconds
+        )""",
+        # The sweep deletes the keys whose window has passed.
+        f"CREATE INDEX IF NOT EXISTS dedup_until ON {s}.dedup (until) WHERE until IS NOT NULL",
+    )
+
+
 # The statements that take a store from the format before to theirs (in the transaction
 # that sets the version); a new store runs them all with its tables.
-_MIGRATIONS = {2: _budgets}
+_MIGRATIONS = {2: _budgets, 3: _dedup}
 
 
 class Sql:
@@ -120,7 +146,12 @@ class Sql:
 
     def __init__(self, schema: str) -> None:
         s = self.schema = f'"{schema}"'  # a plain identifier (url.py checked it), quoted
-        tasks, letters = f"{s}.tasks", f"{s}.dead_letters"
+        tasks, letters, dedup = f"{s}.tasks", f"{s}.dead_letters", f"{s}.dedup"
+        take_key = f"INSERT INTO {dedup} (key, task_id, idempotency_key, until)"
+        retake_key = (
+            "ON CONFLICT (key) DO UPDATE SET task_id = EXCLUDED.task_id, "
+            "idempotency_key = EXCLUDED.idempotency_key, until = NULL"
+        )
         self.ddl = _ddl(s)
         self.channel = channel(schema)
         self.version = f"SELECT to_regclass('{s}.meta') IS NOT NULL"
@@ -129,6 +160,13 @@ class Sql:
             f"SELECT to_regclass('{s}.tasks') IS NOT NULL "
             f"AND to_regclass('{s}.dead_letters') IS NOT NULL"
         )
+        #: As `tables` and `version` together, but read from the catalog's rows with this
+        #: statement's snapshot (to_regclass may answer from a cache of this session's).
+        self.made = (
+            "SELECT count(*) = 3 FROM pg_catalog.pg_tables WHERE schemaname = %s "
+            "AND tablename IN ('tasks', 'dead_letters', 'meta')"
+        )
+        self.schema_name = schema
         # -- tasks ----------------------------------------------------------------------
         insert = (
             f"INSERT INTO {tasks} (id, idempotency_key, key, call, retry, due, owner, "
@@ -164,6 +202,25 @@ class Sql:
             "WHERE id = %s AND owner = %s) SELECT pg_notify(%s, '')"
         )
         self.complete = f"DELETE FROM {tasks} WHERE id = %s"
+        # -- dedup keys (dedup.py) ----------------------------------------------------------
+        #: Take the key and write the task, in one statement, or neither when it is held
+        #: (a row comes back when it was taken); {then}: the NOTIFY of a waiting task.
+        self.put_unique = (
+            f"WITH k AS ({take_key} VALUES (%s, %s, %s, NULL) ON CONFLICT (key) DO NOTHING "
+            f"RETURNING task_id), t AS (INSERT INTO {tasks} (id, idempotency_key, key, call, "
+            "retry, due, owner, lease_until, dedup_key, dedup_window) "
+            "SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s FROM k) SELECT {then} FROM k"
+        )
+        self.put_unique_leased = self.put_unique.format(then="1")
+        self.put_unique_waiting = self.put_unique.format(then="pg_notify(%s, '')")
+        self.key_holder = (
+            f"SELECT task_id, idempotency_key FROM {dedup} "
+            "WHERE key = %s AND (until IS NULL OR until > %s)"
+        )
+        self.free_key = f"DELETE FROM {dedup} WHERE key = %s AND until <= %s"
+        self.free_keys = f"DELETE FROM {dedup} WHERE until <= %s"
+        self.let_key_go = f"DELETE FROM {dedup} WHERE key = %s AND task_id = %s"
+        self.let_key_go_later = f"UPDATE {dedup} SET until = %s WHERE key = %s AND task_id = %s"
         self.next_due = f"SELECT MIN(due) FROM {tasks} WHERE owner IS NULL"
         #: (owner, lease still running, due now, tasks, dead letters): the waiting rows in
         #: one, the leased ones by owner and by whether the lease runs (see tally_tasks).
@@ -176,14 +233,15 @@ class Sql:
         )
         # -- dead letters ---------------------------------------------------------------
         self.bury = (
-            f"WITH gone AS (DELETE FROM {tasks} WHERE id = %s RETURNING call, retry), "
+            f"WITH gone AS (DELETE FROM {tasks} WHERE id = %s "
+            "RETURNING call, retry, dedup_key, dedup_window), "
             # The row is gone when its lease was lost: then the call as this process has it.
-            "stored AS (SELECT call, retry FROM gone UNION ALL "
-            "SELECT %s, %s WHERE NOT EXISTS (SELECT 1 FROM gone)) "
+            "stored AS (SELECT call, retry, dedup_key, dedup_window FROM gone UNION ALL "
+            "SELECT %s, %s, %s, %s WHERE NOT EXISTS (SELECT 1 FROM gone)) "
             f"INSERT INTO {letters} (id, task_id, idempotency_key, description, key, "
             "attempts, error, status, reason, first_attempt_at, last_attempt_at, buried_at, "
-            "call, retry) SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, call, retry "
-            "FROM stored"
+            "call, retry, dedup_key, dedup_window) SELECT %s, %s, %s, %s, %s, %s, %s, %s, "
+            "%s, %s, %s, %s, call, retry, dedup_key, dedup_window FROM stored"
         )
         self.letters = f"SELECT {_LETTER_COLUMNS} FROM {letters} ORDER BY seq"
         self.letter = f"SELECT {_LETTER_COLUMNS} FROM {letters} WHERE id = %s"
@@ -201,17 +259,17 @@ class Sql:
         )
         self.page_total = f"SELECT count(*) FROM {letters} WHERE {{where}}"
         self.count_letters = f"SELECT count(*) FROM {letters}"
-        self.revive = (
-            f"DELETE FROM {letters} WHERE id = %s "
-            "RETURNING task_id, idempotency_key, key, call, retry"
-        )
+        revived = "task_id, idempotency_key, key, call, retry, dedup_key, dedup_window"
+        self.revive = f"DELETE FROM {letters} WHERE id = %s RETURNING {revived}"
         self.replay = (
-            f"WITH letter AS (DELETE FROM {letters} WHERE id = %s "
-            "RETURNING task_id, idempotency_key, key, call, retry), "
-            f"put AS (INSERT INTO {tasks} (id, idempotency_key, key, call, retry, due) "
-            "SELECT task_id, NULLIF(idempotency_key, task_id), key, call, retry, %s "
-            "FROM letter) "
-            "SELECT task_id, idempotency_key, key, call, retry, pg_notify(%s, '') FROM letter"
+            f"WITH letter AS (DELETE FROM {letters} WHERE id = %s RETURNING {revived}), "
+            f"put AS (INSERT INTO {tasks} (id, idempotency_key, key, call, retry, due, "
+            "dedup_key, dedup_window) SELECT task_id, NULLIF(idempotency_key, task_id), key, "
+            "call, retry, %s, dedup_key, dedup_window FROM letter), "
+            # A replayed dead letter takes its key again (as on SQLite).
+            f"keyed AS ({take_key} SELECT dedup_key, task_id, idempotency_key, NULL "
+            f"FROM letter WHERE dedup_key IS NOT NULL {retake_key}) "
+            f"SELECT {revived}, pg_notify(%s, '') FROM letter"
         )
         self.discard = f"DELETE FROM {letters} WHERE id = %s"
         self.purge = f"DELETE FROM {letters}"
@@ -231,8 +289,11 @@ def ensure_tables(conn: Any, sql: Sql, *, create: bool, shown: str) -> None:
         with conn.transaction():
             # Serialise the CREATEs of processes that start at once; released at commit.
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (sql.channel,))
-            for statement in sql.ddl:
-                conn.execute(statement)
+            # Made meanwhile by the process that held the lock: its ALTERs again would
+            # wait for (and deadlock with) that process's first enqueues.
+            if not conn.execute(sql.made, (sql.schema_name,)).fetchone()[0]:
+                for statement in sql.ddl:
+                    conn.execute(statement)
     row = conn.execute(sql.read_version).fetchone()
     version = int(row[0]) if row is not None else 0
     if version > SCHEMA_VERSION:

@@ -37,6 +37,7 @@ from ...records import DeadLetter, Task
 from .._shared import new_owner
 from ..base import NO_KEYS, StoreCounts
 from .budgets import take_tokens
+from .dedup import free_keys, let_key_go, put_unique
 from .joining import psycopg_connection
 from .letters import LetterMethods, bury_task
 from .listener import Listener
@@ -71,7 +72,7 @@ class PostgresStore(LetterMethods):
 
     durable = True
     leases_on_put = True
-    dedups = False  # (yet): the offloader deduplicates per process; a unique index would
+    dedups = True  # for every process on the database: a table of keys (see dedup.py)
     #: Which functions a stored task may name (the Offloader sets its own).
     trust: Trust = TRUST_ANY
     #: flush() looks at the tables this often for what other processes changed.
@@ -266,15 +267,19 @@ class PostgresStore(LetterMethods):
             pass
         return driver
 
-    def put_in(self, connection: Any, task: Task, *, due: float | None = None) -> None:
+    def put_in(self, connection: Any, task: Task, *, due: float | None = None) -> Task:
         """Write a new task, due at `due` (now if None) and not leased, through the
         application's `connection` (from `join`), in the transaction it has open; nothing
         is committed here. Its NOTIFY goes out at that transaction's commit, and with it,
-        the task."""
+        the task (and its dedup key: the task holding the key is returned instead, when
+        one does)."""
         record = TaskRecord.of(task)  # NotSerializable before touching the connection
         sql = self._sql
-        row = task_row(record, self._clock.time() if due is None else due, None, None)
+        now = self._clock.time()
+        row = task_row(record, now if due is None else due, None, None)
         try:
+            if record.dedup_key is not None:
+                return self._unique(connection, task, record, row, now, notify=True)
             connection.execute(sql.put_waiting, (*row, sql.channel))
         except Exception as exc:
             if not _is_psycopg_error(exc):
@@ -283,6 +288,7 @@ class PostgresStore(LetterMethods):
                 f"{self.url}: enqueue in the application's transaction failed (that "
                 f"transaction is now aborted; roll it back): {self._scrub(str(exc))}"
             ) from None
+        return task
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -295,13 +301,32 @@ class PostgresStore(LetterMethods):
         sql = self._sql
         with self._use("enqueue") as cur:
             if lease:
-                cur.execute(
-                    sql.put_leased, task_row(record, now, self._owner, now + self.lease_timeout)
-                )
+                row = task_row(record, now, self._owner, now + self.lease_timeout)
             else:
                 row = task_row(record, now if due is None else due, None, None)
+            if record.dedup_key is not None:  # one statement takes the key, for everyone
+                return self._unique(cur, task, record, row, now, notify=not lease)
+            if lease:
+                cur.execute(sql.put_leased, row)
+            else:
                 cur.execute(sql.put_waiting, (*row, sql.channel))
         return task
+
+    def _unique(
+        self,
+        conn: Any,
+        task: Task,
+        record: TaskRecord,
+        row: tuple[Any, ...],
+        now: float,
+        *,
+        notify: bool,
+    ) -> Task:
+        """`task` written with its dedup key taken, or the task holding the key (dedup.py)."""
+        kept = put_unique(conn, self._sql, task, record, row, now, notify=notify)
+        if kept is None:
+            raise StoreError(f"{self.url}: dedup key {record.dedup_key!r} kept changing hands")
+        return kept
 
     def claim(self, limit: int, *, exclude_keys: Mapping[str, float] = NO_KEYS) -> list[Task]:
         """Lease up to `limit` due tasks, oldest due first, skipping `exclude_keys`."""
@@ -325,6 +350,7 @@ class PostgresStore(LetterMethods):
     def _sweep(self, cur: Any, now: float) -> None:
         self._next_sweep = now + min(SWEEP_EVERY, self.lease_timeout / 4)
         take_back(cur, self._sql, owner=self._owner, now=now)
+        free_keys(cur, self._sql, now)
 
     def renew(self, tasks: Sequence[Task]) -> None:
         """Extend the leases of `tasks` (one UPDATE)."""
@@ -348,7 +374,12 @@ class PostgresStore(LetterMethods):
     def complete(self, task: Task) -> None:
         """Forget a delivered task."""
         with self._use("completing a task") as cur:
-            cur.execute(self._sql.complete, (task.id,))
+            if task.dedup_key is None:
+                cur.execute(self._sql.complete, (task.id,))
+                return
+            with cur.connection.transaction():  # the row and its key go together
+                cur.execute(self._sql.complete, (task.id,))
+                let_key_go(cur, self._sql, task, self._clock.time())
 
     def next_due(self) -> float | None:
         """When the earliest task not leased is due (leases of dead processes and expired

@@ -129,7 +129,7 @@ def count_tasks(cur: Any, sql: Sql, *, owner: str, now: float) -> tuple[int, int
 
 
 def _task(row: tuple[Any, ...], trust: Trust) -> Task:
-    _, _, task_id, idempotency_key, key, call, retry, attempts, failures, first, last = row
+    _, _, task_id, idempotency_key, key, call, retry, attempts, failures, first, last, *dedup = row
     return TaskRecord(
         task_id,
         task_id if idempotency_key is None else idempotency_key,
@@ -140,4 +140,5 @@ def _task(row: tuple[Any, ...], trust: Trust) -> Task:
         failures,
         first,
         last,
+        *dedup,
     ).load(trust)

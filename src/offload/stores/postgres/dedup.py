@@ -1,0 +1,77 @@
+"""The PostgreSQL store's dedup keys: the `dedup` table, shared by every process on the
+database, as the SQLite store's is on its file.
+
+A task with a dedup key is written by one statement that takes its key (`INSERT ... ON
+CONFLICT DO NOTHING` on the table's primary key) and inserts the task only if it did: two
+processes racing for a key meet at that index, and one of them wins. The other reads the
+holder and gets it back; a key whose window has passed is deleted and taken again. While
+a task lives (queued, delayed, leased, retrying) its key is held (`until` NULL); settling
+it lets the key go in the transaction that deletes its row: at once, or after its window
+(`until`). The sweep deletes the keys whose window has passed.
+
+Through the application's connection (`put_in`) the same statements run in its open
+transaction: the key is taken if and only if that transaction commits, and an enqueue
+of the same key elsewhere waits for that commit (or rollback) at the index.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...codec.task import TaskRecord
+from ...records import Task
+from .._shared import holder_handle
+from .schema import Sql
+
+__all__ = ["free_keys", "let_key_go", "put_unique"]
+
+_TRIES = 5  # takes of a key that keeps changing hands before giving up
+
+
+def put_unique(
+    conn: Any,
+    sql: Sql,
+    task: Task,
+    record: TaskRecord,
+    row: tuple[Any, ...],
+    now: float,
+    *,
+    notify: bool,
+) -> Task | None:
+    """Take `record`'s key and write its task (`row`: tasks.task_row's values), or return a
+    handle on the task holding the key; None when the key changed hands every time it was
+    tried. `conn` is a cursor or a connection (the application's); `notify`: the task waits
+    (not leased), so the listening workers hear of it."""
+    key = record.dedup_key
+    assert key is not None
+    take = (key, record.id, record.idempotency_key, *row, key, record.dedup_window)
+    statement, params = (
+        (sql.put_unique_waiting, (*take, sql.channel)) if notify else (sql.put_unique_leased, take)
+    )
+    for _ in range(_TRIES):
+        if conn.execute(statement, params).fetchone() is not None:
+            return task
+        # Held: by a task committed before this statement, or by one whose transaction
+        # this statement waited for at the index (read now, by a statement of its own).
+        held = conn.execute(sql.key_holder, (key, now)).fetchone()
+        if held is not None:
+            return holder_handle(task, (str(held[0]), str(held[1])))
+        conn.execute(sql.free_key, (key, now))  # its window has passed (or it just went)
+    return None
+
+
+def let_key_go(cur: Any, sql: Sql, task: Task, now: float) -> None:
+    """`task` ended (delivered or dead-lettered): its key is free, after its window (in the
+    caller's transaction)."""
+    key = task.dedup_key
+    if key is None:
+        return
+    if task.dedup_window > 0:
+        cur.execute(sql.let_key_go_later, (now + task.dedup_window, key, task.id))
+    else:
+        cur.execute(sql.let_key_go, (key, task.id))
+
+
+def free_keys(cur: Any, sql: Sql, now: float) -> None:
+    """Delete the keys whose window has passed by `now` (the sweep's)."""
+    cur.execute(sql.free_keys, (now,))
