@@ -20,6 +20,8 @@ import pytest
 
 import offload
 from offload import DeadLetter, NotSerializable, Task, UnknownDeadLetter
+from offload.codec.task import Unreadable
+from offload.codec.trust import Trust
 from offload.records import new_id
 from offload.stores import DurableStore, MemoryStore, Store
 from offload.stores.base import LetterQuery
@@ -666,6 +668,23 @@ def test_a_dead_letter_lets_its_key_go_and_a_replay_takes_it_again(
     (again,) = worker.claim(5)
     worker.bury(again, letter_for(again))  # dead again: the key goes
     assert_free(operator)
+
+
+def test_a_task_this_process_cannot_load_keeps_its_key_until_its_dead_letter(
+    dedup_stores: tuple[MakeStore, FakeClock],
+) -> None:
+    """A worker that refuses the task's function dead-letters it unread: its key must go
+    with it, or every later enqueue with the key would be dropped."""
+    make, _ = dedup_stores
+    web, worker = make(), make()
+    worker.trust = Trust(("myapp.tasks",))  # not this module's greet
+    task = keyed("first")
+    web.put(task, lease=False)
+    (claimed,) = worker.claim(5)
+    assert isinstance(claimed.call, Unreadable) and claimed.dedup_key == "crm-sync:7"
+    assert_held_by(web, task)
+    worker.bury(claimed, letter_for(claimed, "unreadable", None))
+    assert_free(web)
 
 
 def test_processes_racing_for_one_dedup_key_write_one_task(

@@ -310,6 +310,10 @@ class TaskRecord(NamedTuple):
         """A task that dead-letters itself with `error`, keeping this record's text."""
         raw_retry = self.retry if isinstance(self.retry, str) else None
         task_id = str(self.id)
+        try:
+            window = _window(self.dedup_window)
+        except ValueError:
+            window = 0.0
         return Task._restore(
             Unreadable(task_id, str(self.call), raw_retry, error),
             (),
@@ -319,6 +323,9 @@ class TaskRecord(NamedTuple):
             key=self.key if isinstance(self.key, str) else None,
             retry=None,
             progress=None,
+            # Kept, so that its dead letter lets the key go (else it is held for good).
+            dedup_key=self.dedup_key if isinstance(self.dedup_key, str) else None,
+            dedup_window=window,
         )
 
     def to_json(self) -> dict[str, Any]:
