@@ -295,7 +295,9 @@ class PostgresStore(LetterMethods):
     def put(self, task: Task, *, lease: bool, due: float | None = None) -> Task:
         """Write a new task before returning, due at `due` (epoch seconds; now if None):
         one INSERT, committed (autocommit). A task not leased here NOTIFYs the listening
-        workers (a delayed one too: they learn when it is due)."""
+        workers (a delayed one too: they learn when it is due). A task with a dedup key
+        takes it in the same statement; while another task holds it, that task is
+        returned and nothing is written (dedup.py)."""
         record = TaskRecord.of(task)  # NotSerializable before touching the database
         now = self._clock.time()
         sql = self._sql
