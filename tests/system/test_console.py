@@ -7,7 +7,9 @@ others come from real calls that failed against the ScriptedServer.
 
 from __future__ import annotations
 
+import html
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -15,7 +17,7 @@ from datetime import datetime, timedelta, timezone
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urlencode, urljoin
 
 import pytest
 import requests
@@ -285,6 +287,58 @@ def test_the_login_form(console_of: Callable[..., Console], store_path: Path, pl
     assert away.headers["Location"] == "/"  # never an open redirect
     out = console.post("/logout", {"csrf": console.csrf("/")})
     assert out.status_code == 303 and console.get("/").status_code == 401
+
+
+def raw_headers(console: Console, request: bytes) -> list[str]:
+    """The header lines of the answer to `request`, sent as it is over a socket (the
+    lines as the server wrote them, before any client could refuse or merge them)."""
+    with socket.create_connection(("127.0.0.1", console.server.port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+
+
+def test_a_login_goes_on_only_to_a_path_of_this_console(
+    console_of: Callable[..., Console], store_path: Path, planted: Any
+) -> None:
+    console = console_of(f"sqlite:///{store_path}")
+
+    def next_field(path: str) -> str:
+        found = re.search(r'name="next" value="([^"]*)"', console.get(path).text)
+        assert found, path
+        return html.unescape(found.group(1))
+
+    injected = "/x\r\nSet-Cookie: offload_console_session=attacker; Path=/"
+    assert next_field("/login?next=/x%0d%0aSet-Cookie:%20offload_console_session=attacker") == "/"
+    assert next_field("/login?next=/%09/evil.example") == "/"  # a browser drops the tab
+    assert next_field("/%09/evil.example") == "/"  # the page asked for, without a session
+    assert next_field("/login?next=/dead-letters?key=crm") == "/dead-letters?key=crm"
+    csrf = console.csrf("/login")
+    cookie = "; ".join(f"{name}={value}" for name, value in console.browser.cookies.items())
+    for sent in (injected, "/\t/evil.example", "/ /evil.example", "/\x7f/evil.example"):
+        body = urlencode({"csrf": csrf, "token": TOKEN, "next": sent}).encode()
+        lines = raw_headers(
+            console,
+            b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            + f"Cookie: {cookie}\r\nContent-Length: {len(body)}\r\n".encode()
+            + b"Content-Type: application/x-www-form-urlencoded\r\n\r\n"
+            + body,
+        )
+        assert lines[0].split()[1] == "303", (sent, lines)
+        assert "Location: /" in lines, (sent, lines)
+        assert not [line for line in lines if "attacker" in line], (sent, lines)
+    by_link = raw_headers(
+        console,
+        f"GET /%0d%0aSet-Cookie:%20x=attacker/%09/evil.example?token={TOKEN} HTTP/1.1\r\n"
+        "Host: 127.0.0.1\r\nConnection: close\r\n\r\n".encode(),
+    )
+    assert "Location: /" in by_link and not [line for line in by_link if "attacker" in line]
+    accented = console.post(
+        "/login", {"csrf": csrf, "token": TOKEN, "next": "/dead-letters?key=café"}
+    )
+    assert accented.headers["Location"] == "/dead-letters?key=caf%C3%A9"  # escaped, not refused
 
 
 def test_an_auth_callable_decides_and_posts_still_need_csrf(

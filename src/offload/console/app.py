@@ -278,7 +278,7 @@ class ConsoleApp:
             return self._login_page(
                 request, 401, next_path=request.path, error="That link's token is not right."
             )
-        return self._session(request, request.url(request.path, rest))
+        return self._session(request, request.url(_safe_next(request.path), rest))
 
     def _session(self, request: Request, location: str) -> Response:
         response = Response.redirect(location)
@@ -299,8 +299,21 @@ class ConsoleApp:
         return response
 
 
+_UNSAFE_IN_NEXT = re.compile(r"[\x00-\x1f\x7f\\\s]")
+
+
 def _safe_next(path: str) -> str:
-    """Where a login may send the browser on: a path of this console, nothing else."""
-    if not path.startswith("/") or path.startswith("//") or "\\" in path or "://" in path:
+    """Where a login may send the browser on: a path of this console, nothing else.
+
+    Not another site (`//host`, a backslash, `scheme://`), and no control character or
+    whitespace: a browser drops tabs and newlines from a URL (`/<TAB>/evil.example` takes
+    it to `//evil.example`), and a server that writes headers as it is given them (the
+    stdlib's, which `offload console` uses) would end the Location header at a CRLF."""
+    if (
+        not path.startswith("/")
+        or path.startswith("//")
+        or "://" in path
+        or _UNSAFE_IN_NEXT.search(path)
+    ):
         return "/"
     return path

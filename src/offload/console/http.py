@@ -14,12 +14,17 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, quote, urlencode
 
 __all__ = ["MAX_FORM", "Request", "Response", "TooLarge"]
 
 MAX_FORM = 1_000_000
 """Bytes of a form the console reads at most: its forms hold ids and filters."""
+
+# What a Location keeps as it is: a path's and a query's characters (RFC 3986) and `%`
+# (what is already escaped); anything else (a space, a control character, non-ASCII) is
+# escaped, so a header never holds a character the server would have to refuse or pass on.
+_LOCATION_SAFE = "/?&=%:@!$'()*+,;"
 
 
 class TooLarge(Exception):
@@ -116,8 +121,9 @@ class Response:
 
     @classmethod
     def redirect(cls, location: str) -> Response:
-        """303 See Other: after a POST, or a login, the browser GETs `location`."""
-        return cls(303, b"", "text/plain; charset=utf-8", [("Location", location)])
+        """303 See Other: after a POST, or a login, the browser GETs `location` (escaped)."""
+        escaped = quote(location, safe=_LOCATION_SAFE)
+        return cls(303, b"", "text/plain; charset=utf-8", [("Location", escaped)])
 
     @property
     def status_line(self) -> str:
