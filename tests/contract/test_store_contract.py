@@ -343,7 +343,10 @@ def test_a_text_page_beyond_the_first(store: Store) -> None:
     assert (first.total, third.total, third.cursor) == (5, 5, None)
 
 
-@pytest.mark.parametrize(("limit", "cursor"), [(0, None), (1001, None), (True, None), (5, "x")])
+@pytest.mark.parametrize(
+    ("limit", "cursor"),
+    [(0, None), (1001, None), (True, None), (5, "x"), (5, "²"), (5, "9" * 19), (5, "9" * 5000)],
+)
 def test_a_page_refuses_a_bad_limit_or_cursor(store: Store, limit: Any, cursor: Any) -> None:
     with pytest.raises(ValueError):
         store.dead_letter_page(LetterQuery(), limit=limit, cursor=cursor)

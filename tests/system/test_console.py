@@ -567,6 +567,27 @@ def test_pages_of_fifty_newest_first_with_every_filter(
     assert console.get("/dead-letters?reason=bored").status_code == 400
 
 
+def test_a_number_that_is_not_plain_digits_is_a_400_never_a_500(console: Console) -> None:
+    huge = "9" * 5000
+    for path in ("/dead-letters?done=replayed&n=%C2%B2", f"/?done=purged&n={huge}"):
+        notice = console.get(path)
+        assert notice.status_code == 200 and "0 dead letters." in notice.text, path
+    for path in ("/dead-letters?cursor=%C2%B2", "/dead-letters?cursor=99999999999999999999"):
+        page = console.get(path)
+        assert page.status_code == 400 and "not a page this console gave" in page.text, path
+    status = console.get("/dead-letters?status=%C2%B2")
+    assert status.status_code == 400 and "not an HTTP status" in status.text
+    for params, error in [
+        ({"limit": "²"}, "limit"),
+        ({"limit": huge}, "limit"),
+        ({"cursor": "²"}, "cursor"),
+        ({"cursor": huge}, "cursor"),
+        ({"status": "5\u0660\u0663"}, "status"),  # Arabic-Indic digits: isdigit() says yes
+    ]:
+        answer = console.script("GET", "/api/dead-letters", params=params)
+        assert answer.status_code == 400 and answer.json()["error"].startswith(error), params
+
+
 def test_one_dead_letter_shows_every_field_and_the_call_without_secrets_or_body(
     console: Console, planted: dict[str, DeadLetter]
 ) -> None:

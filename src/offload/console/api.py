@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .._numbers import plain_int
 from ..health_check import summary
 from ..status import Health
 from .filters import Filters
@@ -38,12 +39,12 @@ class Api:
         if filters.error:
             return Response.json({"error": filters.error}, 400)
         cursor = request.arg("cursor") or None
-        limit_text = request.arg("limit") or "50"
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+        limit = plain_int(request.arg("limit") or "50")
+        if limit is None or not 1 <= limit <= 1000:
             return Response.json({"error": "limit: an integer from 1 to 1000"}, 400)
-        if cursor is not None and not cursor.isdigit():
+        if cursor is not None and plain_int(cursor) is None:
             return Response.json({"error": "cursor: not a page this console gave"}, 400)
-        page = self.source.page(filters.query, cursor, limit=int(limit_text))
+        page = self.source.page(filters.query, cursor, limit=limit)
         return Response.json(
             {
                 "items": [letter.to_json() for letter in page.letters],

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from .._numbers import plain_int
 from ..outcome import REASONS
 from ..stores.base import LetterQuery
 
@@ -68,9 +69,9 @@ class Filters:
 def _query(given: dict[str, str]) -> LetterQuery:
     status = None
     if given["status"]:
-        if not given["status"].isdigit() or not 100 <= int(given["status"]) <= 599:
+        status = plain_int(given["status"])
+        if status is None or not 100 <= status <= 599:
             raise ValueError(f"status: {given['status']!r} is not an HTTP status such as 503")
-        status = int(given["status"])
     reason = given["reason"] or None
     if reason is not None and reason not in REASONS:  # narrows reason to a Reason
         raise ValueError(f"reason: {reason!r} is not one of {', '.join(sorted(REASONS))}")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from .._numbers import plain_int
 from ..errors import UnknownDeadLetter
 from ..health_check import summary
 from ..outcome import REASONS
@@ -56,7 +57,8 @@ def clip(text: str, width: int) -> str:
 
 
 def _count(value: str) -> int:
-    return int(value) if value.isdigit() else 0
+    """A count in a notice's query (`n=3`); 0 for anything else."""
+    return plain_int(value) or 0
 
 
 class Pages:
@@ -112,7 +114,7 @@ class Pages:
         filters = Filters.read(request.arg)
         cursor = request.arg("cursor") or None
         error = filters.error
-        if cursor is not None and not cursor.isdigit():
+        if cursor is not None and plain_int(cursor) is None:
             error, cursor = "cursor: not a page this console gave", None
         page = self.source.page(filters.query, cursor) if error is None else None
         return self._render(

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+from .._numbers import plain_int
 from ..config import describe_range
 from ..errors import StoreError
 from ..records import DeadLetter, Task
@@ -171,9 +172,9 @@ def page_of(
     The cursor is the position of the page's last letter counted from the oldest (plus
     `base`, the letters let go before the first of `letters`), so that letters buried
     meanwhile (at the newest end) move nothing from one page onto the next."""
-    check_page(limit, cursor)
+    after = check_page(limit, cursor)
     text = query.text.lower() if query.text else None
-    below = len(letters) if cursor is None else min(len(letters), max(0, int(cursor) - base))
+    below = len(letters) if after is None else min(len(letters), max(0, after - base))
     chosen: list[DeadLetter] = []
     total = 0
     last = 0
@@ -222,12 +223,17 @@ def check_tally(limit: int) -> None:
         raise ValueError(f"limit must be an integer from 1 to 1000, got {limit!r}")
 
 
-def check_page(limit: int, cursor: str | None) -> None:
-    """ValueError for a page size or cursor a listing cannot take."""
+def check_page(limit: int, cursor: str | None) -> int | None:
+    """The cursor as the number it is (None for the first page); ValueError for a page
+    size or cursor a listing cannot take."""
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
         raise ValueError(f"limit must be an integer from 1 to 1000, got {limit!r}")
-    if cursor is not None and not (isinstance(cursor, str) and cursor.isdigit()):
+    if cursor is None:
+        return None
+    after = plain_int(cursor) if isinstance(cursor, str) else None
+    if after is None:
         raise ValueError(f"not a cursor a page gave: {cursor!r}")
+    return after
 
 
 # A dead letter's columns in a SQL store, in the order `letter_of` reads them.

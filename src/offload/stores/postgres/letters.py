@@ -164,7 +164,7 @@ def letter_page(
 ) -> LetterPage:
     """The dead letters matching `query`, newest first, `limit` at most, after `cursor`
     (the `seq` of the previous page's last letter)."""
-    check_page(limit, cursor)
+    after = check_page(limit, cursor)
     terms = letter_terms(query)
     where = ["TRUE", *(f"{term} %s" for term, _ in terms)]
     params: list[Any] = [value for _, value in terms]
@@ -174,9 +174,9 @@ def letter_page(
         params += [query.text.lower()] * 2
     matching = " AND ".join(where)
     total = int(cur.execute(sql.page_total.format(where=matching), params).fetchone()[0])
-    if cursor is not None:
+    if after is not None:
         matching += " AND seq < %s"
-        params.append(int(cursor))
+        params.append(after)
     rows = cur.execute(sql.page.format(where=matching), [*params, limit + 1]).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]

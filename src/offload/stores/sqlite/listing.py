@@ -82,9 +82,8 @@ def letter_page(
     conn: sqlite3.Connection, url: str, query: LetterQuery, limit: int, cursor: str | None
 ) -> LetterPage:
     """A page of the dead letters matching `query`, newest first (see the module docstring)."""
-    check_page(limit, cursor)
+    below = check_page(limit, cursor)
     where, args = _where(query)
-    below = int(cursor) if cursor is not None else None
     rows: list[Any] | None = None
     if query.text or query.since is not None:
         rows = _newest_window(conn, where, args, below, limit)
