@@ -294,6 +294,17 @@ def test_usage_errors_exit_2() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_since_further_back_than_any_date_is_a_usage_error(
+    store_url: str, letters: list[DeadLetter]
+) -> None:
+    for args in (("list", "--since", "1000000d"), ("replay", "--all", "--since", "99999999999d")):
+        result = cli("dead-letters", *args, "--store", store_url)
+        assert result.returncode == 2 and result.stdout == "", result.stderr
+        assert "argument --since: '" in result.stderr and "an age too large" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert counts(store_url)[3] == 3, "nothing replayed"
+
+
 def test_version_and_console_script() -> None:
     result = cli("--version")
     assert (result.returncode, result.stdout.strip()) == (0, f"offload {offload.__version__}")

@@ -588,6 +588,14 @@ def test_a_number_that_is_not_plain_digits_is_a_400_never_a_500(console: Console
         assert answer.status_code == 400 and answer.json()["error"].startswith(error), params
 
 
+def test_a_since_further_back_than_any_date_is_a_400(console: Console) -> None:
+    for path in ("/dead-letters?since=1000000d", "/confirm?action=discard&since=1000000d"):
+        page = console.get(path)
+        assert page.status_code == 400 and "an age too large" in page.text, path
+    answer = console.script("GET", "/api/dead-letters", params={"since": "99999999999d"})
+    assert answer.status_code == 400 and "an age too large" in answer.json()["error"]
+
+
 def test_one_dead_letter_shows_every_field_and_the_call_without_secrets_or_body(
     console: Console, planted: dict[str, DeadLetter]
 ) -> None:

@@ -4,9 +4,15 @@ another exception (a 500, a traceback)."""
 
 from __future__ import annotations
 
+import argparse
+from datetime import datetime, timezone
+
 import pytest
 
+from offload import cli
 from offload._numbers import plain_int
+from offload.cli import parser
+from offload.console.filters import Filters, parse_since
 
 
 @pytest.mark.parametrize(
@@ -23,3 +29,33 @@ def test_plain_digits_are_a_number(text: str, number: int) -> None:
 )
 def test_anything_else_is_none(text: str) -> None:
     assert plain_int(text) is None
+
+
+@pytest.mark.parametrize("age", ["1000000d", "99999999999d", "1" + "0" * 400 + "s"])
+def test_an_age_further_back_than_any_date_is_a_value_error(age: str) -> None:
+    with pytest.raises(ValueError, match="an age too large"):
+        parse_since(age)
+    error = Filters.read({"since": age}.get).error
+    assert error is not None and error.startswith(f"since: {age!r} is an age too large")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^'.*' is an age too large"):
+        parser.since(age)
+
+
+def test_the_command_and_the_console_read_since_alike() -> None:
+    now = datetime(2026, 5, 1, 12, tzinfo=timezone.utc)
+    assert parse_since("90m", now) == datetime(2026, 5, 1, 10, 30, tzinfo=timezone.utc)
+    assert parser.since("2026-05-01T12:00Z") == now == parse_since("2026-05-01T12:00")
+
+
+def test_an_argument_check_that_raises_is_a_usage_error_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def overflows(text: str) -> datetime:
+        raise OverflowError("date value out of range")
+
+    monkeypatch.setattr(parser, "since", overflows)  # what argparse does not catch itself
+    assert cli.main(["dead-letters", "list", "--since", "1d"]) == 2
+    out, err = capsys.readouterr()
+    assert (
+        out == "" and err == "offload: usage error: date value out of range (see offload --help)\n"
+    )

@@ -32,7 +32,11 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `offload` command; returns the exit status."""
     out, err = sys.stdout, sys.stderr
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except Exception as exc:  # a check of an argument that argparse does not report itself
+        err.write(f"offload: usage error: {_one_line(exc)} (see offload --help)\n")
+        return 2
     handler: Callable[..., int] = args.handler
     try:
         return handler(args, out, err)

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import re
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 
 from .. import __version__
 from ..console.command import add_commands
+from ..console.filters import parse_since
 from .common import open_durable
 from .letters import (
     discard_letters,
@@ -132,23 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def since(text: str) -> datetime:
-    """An ISO 8601 time (UTC when it names no zone) or an age such as 30m."""
-    age = _AGE.match(text)
-    if age:
-        seconds = float(age.group(1)) * _UNITS[age.group(2)]
-        return datetime.now(timezone.utc) - timedelta(seconds=seconds)
-    value = text.strip()
-    if value.endswith(("Z", "z")):
-        value = value[:-1] + "+00:00"  # Python 3.10 reads no "Z"
+    """`--since`: an ISO 8601 time (UTC when it names no zone) or an age such as 30m, read
+    as the console reads its `since` filter."""
     try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is neither an ISO 8601 time nor an age such as 30m, 12h or 7d"
-        ) from None
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+        return parse_since(text)
+    except ValueError as exc:  # argparse names the option: "argument --since: ..."
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("since: ")) from None

@@ -22,11 +22,15 @@ _MAX_TEXT = 200
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
     """An ISO 8601 time (UTC when it names no zone) or an age (`90s`, `30m`, `12h`,
-    `7d`); ValueError otherwise."""
+    `7d`); ValueError otherwise (an age longer ago than any date among them). The console's
+    filter and the `offload` command's `--since` both read it."""
     age = _AGE.match(text)
     if age:
-        seconds = float(age.group(1)) * _UNITS[age.group(2)]
-        return (now or datetime.now(timezone.utc)) - timedelta(seconds=seconds)
+        try:
+            seconds = float(age.group(1)) * _UNITS[age.group(2)]
+            return (now or datetime.now(timezone.utc)) - timedelta(seconds=seconds)
+        except OverflowError:  # more days than a timedelta holds, or before year 1
+            raise ValueError(f"since: {text!r} is an age too large: no date is that old") from None
     value = text.strip()
     if value.endswith(("Z", "z")):
         value = value[:-1] + "+00:00"  # Python 3.10 reads no "Z"
