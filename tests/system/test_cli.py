@@ -70,6 +70,7 @@ def bury(
     status: int | None = 500,
     reason: str = "exhausted",
     when: datetime | None = None,
+    error: str | None = None,
 ) -> DeadLetter:
     """A dead letter in the store, as a worker leaves one."""
     store = SQLiteStore(url.removeprefix("sqlite:///"))
@@ -83,7 +84,7 @@ def bury(
             description=offload.calls.describe_target(call),
             key=task.key,
             attempts=5,
-            error=f"HTTP {status}",
+            error=f"HTTP {status}" if error is None else error,
             status=status,
             reason=reason,
             first_attempt_at=when - timedelta(seconds=30),
@@ -169,6 +170,31 @@ def test_show_one(store_url: str, letters: list[DeadLetter]) -> None:
     failed_with_one_line(
         cli("dead-letters", "show", "nope", "--store", store_url), "no dead letter with id 'nope'"
     )
+
+
+def test_a_third_partys_terminal_escapes_are_printed_as_text(
+    store_url: str, server: ScriptedServer
+) -> None:
+    # What an old store may hold: a reason phrase that retitles the window, clears the
+    # screen, draws in red and makes a hyperlink, and a key holding escapes too.
+    error = (
+        "HTTP 500 Oops \x1b]0;owned-title\x07\x1b[2J\x1b[31mFAKE: all calls delivered\x1b[0m "
+        "\x1b]8;;https://evil.example\x07click\x1b]8;;\x07 \u202egnp.exe"
+    )
+    letter = bury(store_url, offload.http("POST", server.url("/x")), key="k\x1b[5m", error=error)
+    listed = cli("dead-letters", "list", "--store", store_url)
+    shown = cli("dead-letters", "show", letter.id, "--store", store_url)
+    dry = cli("dead-letters", "replay", "--all", "--dry-run", "--store", store_url)
+    unknown = cli("dead-letters", "list", "--key", "nobody", "--store", store_url)
+    for result in (listed, shown, dry, unknown):
+        for control in ("\x1b", "\x07", "\u202e"):
+            assert control not in result.stdout + result.stderr, (result.args, control)
+    assert "HTTP 500 Oops \\x1b]0;owned-title\\x07\\x1b[2J" in listed.stdout
+    assert "k\\x1b[5m" in listed.stdout
+    assert f"error{' ' * 13}{error.encode('unicode_escape').decode()}\n" in shown.stdout
+    assert "their keys: k\\x1b[5m" in unknown.stderr
+    as_json = cli("dead-letters", "show", letter.id, "--json", "--store", store_url)
+    assert json.loads(as_json.stdout)["error"] == error  # JSON escapes them itself
 
 
 def test_replay_by_id_and_unknown_ids(store_url: str, letters: list[DeadLetter]) -> None:

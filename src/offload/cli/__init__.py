@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..errors import OffloadError
-from .common import CommandError, UsageError
+from .common import CommandError, UsageError, printable
 from .parser import build_parser
 
 __all__ = ["main"]
@@ -63,4 +63,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return printable(" ".join(str(exc).split())) or type(exc).__name__

@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 from ..stores import DurableStore, Store, open_store
 
-__all__ = ["CommandError", "UsageError", "dump", "open_durable", "store_url"]
+__all__ = ["CommandError", "UsageError", "dump", "open_durable", "printable", "store_url"]
 
 
 class CommandError(Exception):
@@ -50,6 +50,14 @@ def open_durable(args: argparse.Namespace, *, must_exist: bool = True) -> Durabl
         store.close()
         raise CommandError(f"{store.url} is not a durable store")
     return store  # type: ignore[return-value]  # durable: it has the DurableStore methods
+
+
+def printable(text: str) -> str:
+    """`text` with each character a terminal would act on (ESC, BEL, any other control, a
+    bidi override) written as repr writes it (`\\x1b`): a dead letter's error, key and
+    reason phrase are a third party's text, and must not retitle, clear or recolour the
+    operator's terminal. Old dead letters in a store may hold such characters."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def dump(value: Any, out: TextIO) -> None:

@@ -12,7 +12,7 @@ from ..errors import UnknownDeadLetter
 from ..limits import normalise_key
 from ..records import DeadLetter
 from ..stores import DurableStore
-from .common import CommandError, UsageError, dump, open_durable
+from .common import CommandError, UsageError, dump, open_durable, printable
 
 __all__ = [
     "discard_letters",
@@ -29,19 +29,19 @@ def _when(value: datetime | None) -> str:
 
 
 def _clip(text: str, width: int) -> str:
-    text = " ".join(text.split())
+    text = printable(" ".join(text.split()))
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def table(letters: Sequence[DeadLetter], out: TextIO) -> None:
     rows = [
         (
-            letter.id,
-            letter.reason,
+            printable(letter.id),
+            printable(letter.reason),
             "-" if letter.status is None else str(letter.status),
             str(letter.attempts),
             _when(letter.last_attempt_at),
-            letter.key or "-",
+            printable(letter.key or "-"),
             _clip(letter.description, 60),
             _clip(letter.error, 60),
         )
@@ -73,7 +73,7 @@ def key_of(given: str, letters: list[DeadLetter]) -> str:
             continue
         if key in keys:
             return key
-    listed = ", ".join(sorted(keys)) if keys else "none"
+    listed = printable(", ".join(sorted(keys))) if keys else "none"
     raise CommandError(f"no dead letter has the key {given!r}; their keys: {listed}")
 
 
@@ -132,7 +132,7 @@ def show_letter(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     fields = letter.to_json()
     width = max(len(name) for name in fields)
     for name, value in fields.items():
-        out.write(f"{name.ljust(width)}  {'-' if value is None else value}\n")
+        out.write(f"{name.ljust(width)}  {'-' if value is None else printable(str(value))}\n")
     return 0
 
 
@@ -175,7 +175,7 @@ def replay_letters(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 letter = by_id.get(dead_letter_id)
                 if letter is None:
                     raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
-                return f"would replay {letter.id}: {letter.description}"
+                return f"would replay {letter.id}: {printable(letter.description)}"
 
             return each(out, err, ids, would)
 
