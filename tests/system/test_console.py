@@ -624,6 +624,40 @@ def test_one_dead_letter_shows_every_field_and_the_call_without_secrets_or_body(
     assert missing.status_code == 404 and "no-such-id" not in missing.text
 
 
+def test_a_nul_in_a_filter_or_an_id_is_a_400_or_a_404_on_postgresql(
+    console_of: Callable[..., Console], postgres_url: str
+) -> None:
+    from offload.stores.postgres import PostgresStore
+
+    store = PostgresStore.from_url(postgres_url)
+    try:
+        letter = bury(store, offload.http("POST", "http://127.0.0.1:9/pg"), key="crm")  # type: ignore[arg-type]
+        console = console_of(postgres_url)
+        console.log_in()
+        for path in (
+            "/dead-letters?text=%00",
+            "/dead-letters?key=crm%00",
+            "/confirm?action=discard&text=a%00",
+        ):
+            page = console.get(path)
+            assert page.status_code == 400 and "a NUL character is not allowed" in page.text, path
+        listed = console.script("GET", "/api/dead-letters", params={"text": "\x00"})
+        assert listed.status_code == 400 and listed.json()["error"].startswith("text: a NUL")
+        for method, path in [
+            ("GET", "/dead-letters/%00"),
+            ("GET", f"/api/dead-letters/{letter.id}%00"),
+            ("POST", "/api/dead-letters/%00/replay"),
+        ]:
+            assert console.script(method, path).status_code == 404, path
+        csrf = console.csrf("/")
+        form = {"csrf": csrf, "action": "discard", "scope": "selected", "id": ["\x00", letter.id]}
+        done = console.get(console.post("/act", form).headers["Location"]).text
+        assert "Discarded 1 dead letter. 1 had gone already." in done
+        assert store.dead_letters() == []
+    finally:
+        store.close()
+
+
 def test_an_error_holding_markup_is_shown_as_text(
     console: Console, planted: dict[str, DeadLetter]
 ) -> None:

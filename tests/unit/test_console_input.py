@@ -35,7 +35,7 @@ def test_anything_else_is_none(text: str) -> None:
 def test_an_age_further_back_than_any_date_is_a_value_error(age: str) -> None:
     with pytest.raises(ValueError, match="an age too large"):
         parse_since(age)
-    error = Filters.read({"since": age}.get).error
+    error = Filters.read(lambda name: age if name == "since" else "").error
     assert error is not None and error.startswith(f"since: {age!r} is an age too large")
     with pytest.raises(argparse.ArgumentTypeError, match=r"^'.*' is an age too large"):
         parser.since(age)
@@ -58,4 +58,12 @@ def test_an_argument_check_that_raises_is_a_usage_error_not_a_traceback(
     out, err = capsys.readouterr()
     assert (
         out == "" and err == "offload: usage error: date value out of range (see offload --help)\n"
+    )
+
+
+@pytest.mark.parametrize("name", ["key", "status", "reason", "since", "text"])
+def test_a_nul_in_any_filter_is_refused_before_a_store_sees_it(name: str) -> None:
+    given = {name: "a\x00b"}
+    assert Filters.read(lambda field: given.get(field, "")).error == (
+        f"{name}: a NUL character is not allowed"
     )

@@ -71,6 +71,9 @@ class Filters:
 
 
 def _query(given: dict[str, str]) -> LetterQuery:
+    for name, value in given.items():
+        if "\x00" in value:  # PostgreSQL's text refuses NUL: refused here for every store
+            raise ValueError(f"{name}: a NUL character is not allowed")
     status = None
     if given["status"]:
         status = plain_int(given["status"])

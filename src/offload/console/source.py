@@ -10,6 +10,7 @@ from typing import Any
 
 from .. import _default
 from .._redact import redact_url
+from ..errors import UnknownDeadLetter
 from ..health_check import store_health
 from ..offloader import Offloader
 from ..status import Health, KeyState
@@ -96,13 +97,14 @@ class Source:
                 return ids
 
     def detail(self, dead_letter_id: str) -> LetterDetail:
-        return self.store.dead_letter_detail(dead_letter_id)
+        return self.store.dead_letter_detail(_possible(dead_letter_id))
 
     def tally(self) -> LetterTally:
         return self.store.dead_letter_tally()
 
     def replay(self, dead_letter_id: str) -> str:
         """Replay one dead letter; the task's id."""
+        _possible(dead_letter_id)
         offloader = self._offloader()
         if offloader is not None:
             return offloader.replay(dead_letter_id).id
@@ -110,7 +112,7 @@ class Source:
         return store.replay(dead_letter_id).id
 
     def discard(self, dead_letter_id: str) -> None:
-        self.store.discard(dead_letter_id)
+        self.store.discard(_possible(dead_letter_id))
 
     def purge(self) -> int:
         return self.store.purge()
@@ -129,3 +131,11 @@ class Source:
 
         offloader = self._offloader()
         return exposition(offloader) if offloader is not None else exposition(store=self.store)
+
+
+def _possible(dead_letter_id: str) -> str:
+    """`dead_letter_id` if a store could hold it; UnknownDeadLetter for one with a NUL
+    (which PostgreSQL cannot even look up: every store answers the same, "no such id")."""
+    if "\x00" in dead_letter_id:
+        raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
+    return dead_letter_id
