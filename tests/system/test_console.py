@@ -25,6 +25,7 @@ import requests
 import offload
 from offload import DeadLetter, Offloader, Task
 from offload.console import make_app
+from offload.console.http import MAX_FORM
 from offload.records import new_id
 from offload.stores.sqlite import SQLiteStore
 from procs import python_env
@@ -768,6 +769,47 @@ def test_the_json_api_with_a_bearer_token(
     health = console.script("GET", "/api/health", params={"max_dead_letters": 2}).json()
     assert health["ok"] is False and health["dead_letters"] == 5
     assert health["summary"] == "unhealthy: 5 dead letter(s) held (max 2)"
+
+
+def test_the_api_answers_every_error_in_json(
+    console_of: Callable[..., Console], console: Console, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    console.csrf("/")
+    cookie = "; ".join(f"{name}={value}" for name, value in console.browser.cookies.items())
+    for path, kind in [("/api/dead-letters/x/replay", "application/json"), ("/act", "text/html")]:
+        # A form's length alone is too large (the CSRF check would read it): no body sent.
+        lines = raw_headers(
+            console,
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            f"Cookie: {cookie}\r\nContent-Length: {MAX_FORM + 1}\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\n\r\n".encode(),
+        )
+        assert lines[0].split()[1] == "413", (path, lines)
+        assert any(line.startswith(f"Content-Type: {kind}") for line in lines), (path, lines)
+    wrong = console.get("/api/stats?token=not-the-token")
+    assert wrong.status_code == 401 and wrong.json()["error"].startswith("unauthorized")
+    assert wrong.headers["WWW-Authenticate"].startswith("Bearer")
+    monkeypatch.setenv("OFFLOAD_LEASE_TIMEOUT", "soon")  # the default offloader cannot be made
+    broken = console_of(None)
+    failed = broken.script("GET", "/api/stats")
+    assert failed.status_code == 500 and failed.headers["Content-Type"] == "application/json"
+    assert failed.json() == {"error": "Something went wrong; the log says what."}
+    broken.log_in()
+    page = broken.get("/")
+    assert page.status_code == 500 and page.headers["Content-Type"].startswith("text/html")
+
+
+def test_a_405_says_which_methods_the_path_allows(console: Console) -> None:
+    for method, path, allowed in [
+        ("DELETE", "/api/dead-letters/x", "GET, HEAD"),
+        ("GET", "/api/dead-letters/x/replay", "POST"),
+        ("PUT", "/purge", "GET, HEAD, POST"),
+        ("OPTIONS", "/", "GET, HEAD"),
+        ("TRACE", "/dead-letters", "GET, HEAD"),
+        ("DELETE", "/login", "GET, HEAD, POST"),
+    ]:
+        answer = console.script(method, path)
+        assert (answer.status_code, answer.headers.get("Allow")) == (405, allowed), (method, path)
 
 
 def test_metrics_and_healthz(

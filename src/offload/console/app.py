@@ -111,10 +111,10 @@ class ConsoleApp:
         try:
             response = self.handle(request)
         except TooLarge:
-            response = Response.text("request too large\n", 413)
+            response = self.refuse(request, 413, "The request is too large.")
         except Exception:
             log.exception("offload console: %s %s failed", request.method, request.path)
-            response = self.message(request, 500, "Something went wrong", "The log says what.")
+            response = self.refuse(request, 500, "Something went wrong; the log says what.")
         if fresh and response.content_type.startswith("text/html"):
             response.set_cookie(
                 CSRF_COOKIE,
@@ -153,12 +153,12 @@ class ConsoleApp:
                 return self.refuse(request, 403, f"Refused: {why}. Nothing was changed.")
             if path == "/logout":
                 return self._logout(request)
-        matched = False
+        methods: set[str] = set()  # of the routes whose pattern matches the path
         for route_method, pattern, view, changes in self.routes:
             match = pattern.match(path)
             if match is None:
                 continue
-            matched = True
+            methods.add(route_method)
             if route_method != method:
                 continue
             if changes and self.read_only:
@@ -170,8 +170,8 @@ class ConsoleApp:
             except StoreError as exc:
                 log.warning("offload console: %s", redact_text(str(exc)))
                 return self.refuse(request, 503, "The store did not answer; the log says why.")
-        if matched:
-            return self.refuse(request, 405, f"{method} is not allowed here.")
+        if methods:
+            return self._not_allowed(request, method, methods)
         return self.refuse(request, 404, "There is no such page.")
 
     # -- answers --------------------------------------------------------------------------
@@ -214,10 +214,22 @@ class ConsoleApp:
 
     def refuse(self, request: Request, status: int, message: str) -> Response:
         """An error for a page (HTML) or a script (JSON: the API and metrics)."""
-        if request.path.startswith("/api/") or request.path == "/metrics":
+        if _for_scripts(request):
             return Response.json({"error": message}, status)
-        heading = {403: "Refused", 404: "Not found", 405: "Not allowed"}.get(status, "Error")
+        heading = {
+            403: "Refused",
+            404: "Not found",
+            405: "Not allowed",
+        }.get(status, "Error")
         return self.message(request, status, heading, message)
+
+    def _not_allowed(self, request: Request, method: str, methods: set[str]) -> Response:
+        """405, with the `Allow` header RFC 9110 asks for: what the path does take."""
+        if "GET" in methods:
+            methods = {*methods, "HEAD"}
+        response = self.refuse(request, 405, f"{method} is not allowed here.")
+        response.headers.append(("Allow", ", ".join(sorted(methods))))
+        return response
 
     def log_failure(self, what: str) -> None:
         log.exception("offload console: %s failed", what)
@@ -226,7 +238,7 @@ class ConsoleApp:
 
     def _refused(self, request: Request) -> Response:
         """Not admitted: 401 for scripts; the login page (no data) for browsers."""
-        if request.path.startswith("/api/") or request.path == "/metrics":
+        if _for_scripts(request):
             response = Response.json(
                 {"error": "unauthorized: send Authorization: Bearer TOKEN"}, 401
             )
@@ -258,7 +270,7 @@ class ConsoleApp:
         if method == "GET":
             return self._login_page(request, 200, next_path=request.arg("next") or "/")
         if method != "POST":
-            return self.refuse(request, 405, f"{method} is not allowed here.")
+            return self._not_allowed(request, method, {"GET", "POST"})
         ok, why = self.access.post_allowed(request)
         if not ok:
             return self.refuse(request, 403, f"Refused: {why}. Log in from the console's own page.")
@@ -275,6 +287,8 @@ class ConsoleApp:
         token = request.arg("token")
         rest = {k: v for k, v in request.query.items() if k != "token"}
         if not self.access.token_matches(token):
+            if _for_scripts(request):
+                return self._refused(request)  # a script's 401, in JSON
             return self._login_page(
                 request, 401, next_path=request.path, error="That link's token is not right."
             )
@@ -297,6 +311,11 @@ class ConsoleApp:
             SESSION_COOKIE, "", path=request.prefix or "/", secure=request.secure, max_age=0
         )
         return response
+
+
+def _for_scripts(request: Request) -> bool:
+    """Whether `request` is a script's (the API and metrics), answered in JSON."""
+    return request.path.startswith("/api/") or request.path == "/metrics"
 
 
 _UNSAFE_IN_NEXT = re.compile(r"[\x00-\x1f\x7f\\\s]")
