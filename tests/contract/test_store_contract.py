@@ -281,6 +281,21 @@ def test_a_letter_buried_between_pages_moves_no_other_onto_two_pages(store: Stor
     assert len(set(ids)) == 4
 
 
+@pytest.mark.parametrize("kind", [kind for kind in STORES if kind != "sqs"])  # SQS: no seq
+def test_letters_removed_between_pages_move_no_other_onto_two_pages(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    store = request.getfixturevalue(f"{kind}_stores")()
+    letters = [buried(store, make_task(str(i))) for i in range(9)]
+    first = store.dead_letter_page(LetterQuery(), limit=3)
+    store.discard(letters[0].id)  # older than the cursor: every position below it shifts
+    store.revive(letters[1].id)
+    second = store.dead_letter_page(LetterQuery(), limit=3, cursor=first.cursor)
+    shown = [x.id for x in first.letters + second.letters]
+    assert shown == [letter.id for letter in reversed(letters[3:])]
+    assert second.total == 7
+
+
 def test_pages_filter_by_key_status_reason_since_and_text(stores: MakeStore) -> None:
     store, other = stores(), stores()
     later = WHEN + timedelta(hours=5)

@@ -159,27 +159,25 @@ def epoch(value: datetime | None) -> float | None:
 
 
 def page_of(
-    letters: Sequence[DeadLetter],
+    letters: Sequence[tuple[int, DeadLetter]],
     query: LetterQuery,
     limit: int,
     cursor: str | None,
-    *,
-    base: int = 0,
 ) -> LetterPage:
-    """A page of `letters` (oldest first, as `dead_letters()` gives them), filtered and
-    newest first: for stores that list by reading every dead letter.
+    """A page of `letters`, filtered and newest first: for stores that list by reading
+    every dead letter. Each letter comes with its number, rising from the oldest.
 
-    The cursor is the position of the page's last letter counted from the oldest (plus
-    `base`, the letters let go before the first of `letters`), so that letters buried
-    meanwhile (at the newest end) move nothing from one page onto the next."""
+    The cursor is the number of the page's last letter, and the next page the letters
+    numbered below it, so that letters buried meanwhile (numbered higher) move nothing from
+    one page onto the next. The memory store numbers each letter once, when it buries it:
+    one removed meanwhile moves nothing either. The SQS store has no such number (SQS gives
+    none that lasts) and numbers them by their place in the queue."""
     after = check_page(limit, cursor)
     text = query.text.lower() if query.text else None
-    below = len(letters) if after is None else min(len(letters), max(0, after - base))
     chosen: list[DeadLetter] = []
     total = 0
     last = 0
-    for position in range(len(letters) - 1, -1, -1):
-        letter = letters[position]
+    for number, letter in reversed(letters):
         if not (
             (query.key is None or letter.key == query.key)
             and (query.status is None or letter.status == query.status)
@@ -192,12 +190,12 @@ def page_of(
         ):
             continue
         total += 1
-        if position < below and len(chosen) <= limit:
+        if (after is None or number < after) and len(chosen) <= limit:
             chosen.append(letter)
             if len(chosen) == limit:
-                last = position
+                last = number
     more = len(chosen) > limit
-    return LetterPage(chosen[:limit], total, str(base + last) if more else None)
+    return LetterPage(chosen[:limit], total, str(last) if more else None)
 
 
 def tally_of(letters: Sequence[DeadLetter], limit: int) -> LetterTally:

@@ -15,7 +15,8 @@ __all__ = ["MemoryStore"]
 
 
 class MemoryStore:
-    """Keeps the newest `max_dead_letters` dead letters; counts the ones it let go."""
+    """Keeps the newest `max_dead_letters` dead letters; counts the ones it let go. Each
+    is numbered as it is buried (the console's pages carry on below a number)."""
 
     url = "memory"
     durable = False
@@ -23,19 +24,22 @@ class MemoryStore:
     def __init__(self, max_dead_letters: int = 1_000) -> None:
         self.max_dead_letters = max_dead_letters
         self.dropped = 0
-        self._letters: OrderedDict[str, tuple[DeadLetter, Task]] = OrderedDict()
+        self._letters: OrderedDict[str, tuple[int, DeadLetter, Task]] = OrderedDict()
+        self._buried = 0
         self._lock = threading.Lock()
 
     def bury(self, task: Task, letter: DeadLetter) -> None:
         with self._lock:
-            self._letters[letter.id] = (letter, task)
+            self._buried += 1
+            self._letters.pop(letter.id, None)  # buried again: the newest, renumbered
+            self._letters[letter.id] = (self._buried, letter, task)
             while len(self._letters) > self.max_dead_letters:
                 self._letters.popitem(last=False)
                 self.dropped += 1
 
     def dead_letters(self) -> list[DeadLetter]:
         with self._lock:
-            return [letter for letter, _ in self._letters.values()]
+            return [letter for _, letter, _ in self._letters.values()]
 
     def __len__(self) -> int:
         return len(self._letters)
@@ -44,14 +48,13 @@ class MemoryStore:
         self, query: LetterQuery, *, limit: int = 50, cursor: str | None = None
     ) -> LetterPage:
         with self._lock:
-            letters = [letter for letter, _ in self._letters.values()]
-            dropped = self.dropped
-        return page_of(letters, query, limit, cursor, base=dropped)
+            letters = [(number, letter) for number, letter, _ in self._letters.values()]
+        return page_of(letters, query, limit, cursor)
 
     def dead_letter_detail(self, dead_letter_id: str) -> LetterDetail:
         with self._lock:
             try:
-                letter, task = self._letters[dead_letter_id]
+                _, letter, task = self._letters[dead_letter_id]
             except KeyError:
                 raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}") from None
         return LetterDetail(
@@ -64,7 +67,7 @@ class MemoryStore:
     def revive(self, dead_letter_id: str) -> Task:
         with self._lock:
             try:
-                _, task = self._letters.pop(dead_letter_id)
+                _, _, task = self._letters.pop(dead_letter_id)
             except KeyError:
                 raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}") from None
         return task
@@ -88,6 +91,7 @@ class MemoryStore:
         self._letters = OrderedDict()
         self._lock = threading.Lock()
         self.dropped = 0
+        self._buried = 0
 
     def __repr__(self) -> str:
         return f"MemoryStore(max_dead_letters={self.max_dead_letters})"

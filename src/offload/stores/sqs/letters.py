@@ -158,7 +158,7 @@ class LetterViews:
         self, query: LetterQuery, *, limit: int = 50, cursor: str | None = None
     ) -> LetterPage:
         """A page of the dead letters matching `query`, newest first (see Store)."""
-        return page_of(self._letters.letters(), query, limit, cursor)
+        return page_of(list(enumerate(self._letters.letters())), query, limit, cursor)
 
     def dead_letter_detail(self, dead_letter_id: str) -> LetterDetail:
         """One dead letter and its task's call."""
