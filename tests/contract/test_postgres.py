@@ -519,7 +519,7 @@ def test_pages_are_filtered_and_cut_in_sql_as_page_of_does(make_store: MakeStore
                 last_attempt_at=None if i == 7 else base + timedelta(hours=i),
             ),
         )
-    every = store.dead_letters()
+    every = list(enumerate(store.dead_letters()))  # numbered from the oldest, as SQS does
     queries = [
         LetterQuery(),
         LetterQuery(key="k1"),
