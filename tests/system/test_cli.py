@@ -331,6 +331,13 @@ def test_a_since_further_back_than_any_date_is_a_usage_error(
     assert counts(store_url)[3] == 3, "nothing replayed"
 
 
+def test_a_port_out_of_range_is_a_usage_error() -> None:
+    for port in ("99999", "-1", "http"):
+        result = cli("console", "--port", port, "--store", "sqlite:///nowhere.db")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"argument --port: '{port}' is not a port (0 to 65535)" in result.stderr
+
+
 def test_version_and_console_script() -> None:
     result = cli("--version")
     assert (result.returncode, result.stdout.strip()) == (0, f"offload {offload.__version__}")

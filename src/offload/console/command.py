@@ -21,6 +21,7 @@ from socketserver import ThreadingMixIn
 from typing import Any, TextIO
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from .._numbers import plain_int
 from .._redact import redact_url
 from ..stores import Store
 from . import make_app  # raises ImportError, naming the extra, without Jinja2
@@ -103,6 +104,14 @@ def serve(
     return 0
 
 
+def _port(text: str) -> int:
+    """`--port`: 0 to 65535 (a usage error otherwise, not a failed bind)."""
+    port = plain_int(text)
+    if port is None or port > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535)")
+    return port
+
+
 def add_commands(
     commands: Any, store: argparse.ArgumentParser, open_store: Callable[[Any], Store]
 ) -> None:
@@ -137,7 +146,7 @@ def add_commands(
         "console", parents=[store], help="a web page: dead letters, stats, metrics, health"
     )
     console.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
-    console.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0: any)")
+    console.add_argument("--port", type=_port, default=8765, help="port (default: 8765; 0: any)")
     console.add_argument("--read-only", action="store_true", help="show, never change")
     console.set_defaults(handler=console_command)
     health = commands.add_parser("health", parents=[store], help="exit 0 if healthy, 1 if not")
