@@ -4,10 +4,12 @@ Dead letters and log lines outlive the request that made them and are read by pe
 should not see credentials. Redaction here errs towards hiding too much: a parameter
 called `keyword` shown as `***` costs little; an API key in a log costs a lot.
 
-What counts as secret (case-insensitive, `-`/`_`/`.` ignored):
+What counts as secret (case-insensitive, `-`/`_`/`.`/`[`/`]` ignored):
 - the names Authorization, Proxy-Authorization, Cookie, Set-Cookie, X-Api-Key;
-- any name containing token, secret, key, password, passwd, signature, credential, session;
-- any name with a part (split on `-`, `_`, `.`) equal to auth, sig, pwd, pass or jwt;
+- any name containing token, secret, key, password, passwd, signature, credential,
+  session, authoriz or authenticat (X-Authorization, X-Amzn-Authorization, Authentication);
+- any name with a part (split on `-`, `_`, `.`, `[`, `]`) equal to sig, pwd, pass or jwt,
+  or starting with auth (X-Auth, auth_code, authn), but for author and authority;
 - except the idempotency key (Idempotency-Key, X-Idempotency-Key), which is not a secret
   and is what people need to see to trace a duplicate charge.
 """
@@ -43,10 +45,13 @@ _SECRET_FRAGMENTS = (
     "signature",
     "credential",
     "session",
+    "authoriz",
+    "authenticat",
 )
-_SECRET_PARTS = frozenset({"auth", "sig", "pwd", "pass", "jwt"})
+_SECRET_PARTS = frozenset({"sig", "pwd", "pass", "jwt"})
 _NOT_SECRET = frozenset({"idempotencykey", "xidempotencykey"})
-_SEPARATORS = re.compile(r"[-_.\s]+")
+# Rails and PHP nest form names in brackets: user[api_key], auth[token].
+_SEPARATORS = re.compile(r"[-_.\s\[\]]+")
 
 
 def is_secret_name(name: str) -> bool:
@@ -57,7 +62,10 @@ def is_secret_name(name: str) -> bool:
         return False
     if compact in _SECRET_NAMES or any(f in compact for f in _SECRET_FRAGMENTS):
         return True
-    return any(part in _SECRET_PARTS for part in _SEPARATORS.split(lowered))
+    return any(
+        part in _SECRET_PARTS or (part.startswith("auth") and not part.startswith("author"))
+        for part in _SEPARATORS.split(lowered)
+    )
 
 
 def redact_headers(headers: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> dict[str, str]:
@@ -92,23 +100,83 @@ def _redact_netloc(split: SplitResult) -> str:
     return f"{REDACTED}@{hostport}"
 
 
+def _hidden_userinfo(url: str, start: int, at: int, keep_user: bool) -> str:
+    """`url` with its userinfo, `url[start:at]`, shown as `user:***`, or as `***` for a
+    lone user name unless `keep_user`."""
+    user, colon, password = url[start:at].partition(":")
+    shown = f"{user}:{REDACTED}" if colon and password else user if keep_user else REDACTED
+    return f"{url[:start]}{shown}{url[at:]}"
+
+
+def _hide_userinfo(url: str, keep_user: bool) -> str:
+    """`url` with its userinfo hidden where urlsplit would not see it: as libpq and
+    browsers read an authority, a password may hold `#` or `?` unencoded
+    (`postgresql://app:Pa#ss@db/app`), where urlsplit ends the netloc. The userinfo is
+    what lies between `://` and the last `@` before the first `/`."""
+    start = url.find("://")
+    if start < 0 or "@" not in url:
+        return url
+    start += 3
+    slash = url.find("/", start)
+    at = url.rfind("@", start, len(url) if slash < 0 else slash)
+    if at < 0 or "@" in _netloc_of(url, start):
+        return url  # none, or urlsplit sees it: the usual way redacts it
+    return _hidden_userinfo(url, start, at, keep_user)
+
+
+def _netloc_of(url: str, start: int) -> str:
+    """The netloc as urlsplit cuts it: from `start` to the first `/`, `?` or `#`."""
+    end = len(url)
+    for stop in "/?#":
+        i = url.find(stop, start, end)
+        if i >= 0:
+            end = i
+    return url[start:end]
+
+
+def _hide_to_last_at(url: str) -> str:
+    """`url` with everything between `://` and its last `@` as `***`: the reading of a URL
+    that does not parse, whose password may hold a `/` (`https://u:Pa/ss@host/`)."""
+    start = url.find("://")
+    at = url.rfind("@")
+    if start < 0 or at < start + 3:
+        return url
+    return f"{url[: start + 3]}{REDACTED}{url[at:]}"
+
+
+def _parsed(url: str, *, port: bool) -> SplitResult | None:
+    """`urlsplit(url)`, or None when it raises (or, with `port`, when its port is not a
+    number: `https://u:Pa/ss@host` reads as host `u`, port `Pa`)."""
+    try:
+        split = urlsplit(url)
+        if port:
+            _ = split.port
+    except ValueError:
+        return None
+    return split
+
+
 def redact_url(url: str) -> str:
     """`url` with the userinfo password and the values of secret query parameters as `***`.
 
     The result still reads as a URL (`https://u:***@host/p?token=***&page=2`). Never raises:
-    a URL that cannot be parsed has everything after `?` redacted instead.
+    a URL that cannot be parsed has everything between `://` and its last `@` redacted, and
+    everything after `?`.
     """
-    try:
-        split = urlsplit(url)
-    except ValueError:
-        base, q, _rest = url.partition("?")
+    shown = _hide_userinfo(url, keep_user=False)
+    split = _parsed(shown, port=True)
+    if split is None:
+        shown = _hide_to_last_at(shown)
+        split = _parsed(shown, port=True)
+    if split is None:
+        base, q, _rest = shown.partition("?")
         base = re.sub(r"//[^/@]*@", f"//{REDACTED}@", base)
         return f"{base}{q}{REDACTED}" if q else base
     fragment = split.fragment
     if "=" in fragment:  # OAuth implicit flow puts access_token=... in the fragment
         fragment = _redact_pairs(fragment)
     netloc, query = _redact_netloc(split), _redact_pairs(split.query)
-    if (netloc, query, fragment) == (split.netloc, split.query, split.fragment):
+    if shown == url and (netloc, query, fragment) == (split.netloc, split.query, split.fragment):
         return url  # nothing secret: as it was (urlunsplit would drop sqlite:////'s slashes)
     return urlunsplit((split.scheme, netloc, split.path, query, fragment))
 
@@ -118,12 +186,21 @@ def redact_dsn(url: str) -> str:
     values of secret query parameters (`password=`, `sslpassword=`), as `***`.
 
     Unlike `redact_url`, a user name alone is kept: a database role names who connects,
-    it is not the credential that an HTTP URL's lone user name often is.
+    it is not the credential that an HTTP URL's lone user name often is. A password that
+    holds `#`, `?` or `/` unencoded is found as libpq finds it.
     """
-    try:
-        split = urlsplit(url)
-    except ValueError:
+    shown = _hide_userinfo(url, keep_user=True)
+    split = _parsed(shown, port=False)  # (a multi-host netloc has no single port)
+    if split is None:
         return redact_url(url)
+    if "@" not in split.netloc and "@" in split.path:
+        # `postgresql://app:Pa/ss@host/db`: urlsplit ends the netloc at the password's `/`.
+        start = shown.index("://") + 3
+        end = shown.rfind("@", start, start + len(split.netloc) + len(split.path))
+        shown = _hidden_userinfo(shown, start, end, keep_user=True)
+        split = _parsed(shown, port=False)
+        if split is None:
+            return redact_url(url)
     userinfo, at, hostport = split.netloc.rpartition("@")
     netloc = split.netloc
     if at:
@@ -140,8 +217,18 @@ _AUTH_SCHEME = re.compile(
     re.IGNORECASE,
 )
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
-# name=value, name='value', name="value"  (query strings, kwargs reprs, log-style text)
-_PAIR = re.compile(r"(?<![\w-])([A-Za-z][\w.\-]*)(=)(\"[^\"]*\"|'[^']*'|[^\s&'\",;)\]}]+)")
+# name=value, name='value', name="value"  (query strings, kwargs reprs, log-style text);
+# a name may be percent-encoded or bracketed, as requests sends user[api_key].
+_PAIR = re.compile(
+    r"(?<![\w%\[\]-])([A-Za-z%][\w.\-%\[\]]*)(=)(\"[^\"]*\"|'[^']*'|[^\s&'\",;)\]}]+)"
+)
+# The path and query of a URL without its scheme and host, as requests and urllib3 quote
+# it: "Max retries exceeded with url: /v1/me?token=..." and "GET /v1/me?token=... HTTP/1.1".
+_PATH_QUERY = re.compile(r"(?<![\w/:.@-])/[^\s?'\"<>`]*\?([^\s'\"<>`]+)")
+# botocore's ParamValidationError quotes the value it refused: call data, often a secret.
+_PARAM_VALUE = re.compile(
+    r"(\bparameter [^\s,]+, value: )(.*?)(?=, (?:type: |valid min ))", re.DOTALL
+)
 # 'name': 'value', "name": "value" and 'name': b'value'  (dict reprs and JSON)
 _QUOTED_PAIR = re.compile(r"(['\"])([^'\"]{1,100})\1(\s*:\s*b?)(['\"])(.*?)(?<!\\)\4")
 # Name: value at the start of a line (header dumps). Only header-shaped names (with a
@@ -152,7 +239,7 @@ _TRAILING = ").,;:]}!?"
 
 def _pair(match: re.Match[str]) -> str:
     name, eq, value = match.group(1), match.group(2), match.group(3)
-    if not is_secret_name(name):
+    if not is_secret_name(unquote_plus(name) if "%" in name else name):
         return match.group(0)
     quote = value[0] if value[:1] in ("'", '"') else ""
     return f"{name}{eq}{quote}{REDACTED}{quote}"
@@ -180,14 +267,29 @@ def _url(match: re.Match[str]) -> str:
     return redact_url(stripped) + url[len(stripped) :]
 
 
+def _path_query(match: re.Match[str]) -> str:
+    whole, query = match.group(0), match.group(1)
+    stripped = query.rstrip(_TRAILING)
+    redacted = _redact_pairs(stripped)
+    if redacted == stripped:
+        return whole
+    return f"{whole[: match.start(1) - match.start(0)]}{redacted}{query[len(stripped) :]}"
+
+
 def redact_text(text: str) -> str:
     """Free text (an exception message, a log line) with the secrets in it replaced by `***`.
 
-    Covers URLs (userinfo and secret query parameters), `Bearer`/`Basic`/... credentials,
-    AWS access key ids, and `name=value` / `'name': 'value'` / `Name: value` pairs whose
-    name is secret. Best effort by nature: it cannot know that an opaque word is a key.
+    Covers URLs (userinfo and secret query parameters, also of a path-only URL as
+    requests quotes it), `Bearer`/`Basic`/... credentials, AWS access key ids, the
+    values botocore quotes when it refuses a parameter, and `name=value` /
+    `'name': 'value'` / `Name: value` pairs whose name is secret. Best effort by nature:
+    it cannot know that an opaque word is a key.
     """
     text = _URL.sub(_url, text)
+    if "?" in text:
+        text = _PATH_QUERY.sub(_path_query, text)
+    if "value: " in text:
+        text = _PARAM_VALUE.sub(lambda m: f"{m.group(1)}{REDACTED}", text)
     text = _AUTH_SCHEME.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
     text = _AWS_KEY_ID.sub(REDACTED, text)
     text = _QUOTED_PAIR.sub(_quoted_pair, text)

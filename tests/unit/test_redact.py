@@ -13,6 +13,7 @@ from offload._redact import (
     REDACTED,
     RedactingFilter,
     is_secret_name,
+    redact_dsn,
     redact_headers,
     redact_text,
     redact_third_party_logs,
@@ -46,6 +47,15 @@ SECRET = "s3cr3tV4lue"
         "X-Auth",
         "jwt",
         "PRIVATE_KEY",
+        "X-Authorization",
+        "Authentication",
+        "X-Amzn-Authorization",
+        "X-Forwarded-Authorization",
+        "authn",
+        "auth_code",
+        "user[api_key]",
+        "auth[token]",
+        "user[auth]",
     ],
 )
 def test_secret_names(name: str) -> None:
@@ -64,8 +74,11 @@ def test_secret_names(name: str) -> None:
         "page",
         "q",
         "author",
+        "Authors",
+        "authority",
         "oauth_version",
         "host",
+        "user[name]",
     ],
 )
 def test_not_secret_names(name: str) -> None:
@@ -90,6 +103,15 @@ def test_not_secret_names(name: str) -> None:
         (f"https://h/cb#access_token={SECRET}&state=1", "https://h/cb#access_token=***&state=1"),
         ("https://h/x?Idempotency-Key=abc&flag", "https://h/x?Idempotency-Key=abc&flag"),
         (f"http://h/x?a=1;password={SECRET}", "http://h/x?a=1;password=***"),
+        (f"https://h/x?user%5Bapi_key%5D={SECRET}&q=1", "https://h/x?user%5Bapi_key%5D=***&q=1"),
+        # Unencoded `#`, `?` and `/` in the userinfo: urlsplit ends the netloc there.
+        (f"https://bob:Pa#{SECRET}@h.com/v1", "https://bob:***@h.com/v1"),
+        (f"https://bob:Pa?{SECRET}@h.com/v1?page=2", "https://bob:***@h.com/v1?page=2"),
+        (f"https://{SECRET}#x@h.com/v1", "https://***@h.com/v1"),
+        (f"https://bob:Pa/{SECRET}@h.com/v1", "https://***@h.com/v1"),
+        # An `@` in the path is no userinfo.
+        ("https://discord.com/api/users/@me", "https://discord.com/api/users/@me"),
+        ("http://127.0.0.1:8080/users/@me", "http://127.0.0.1:8080/users/@me"),
     ],
 )
 def test_redact_url(url: str, expected: str) -> None:
@@ -113,6 +135,28 @@ def test_redact_url_never_raises_on_an_unparseable_url() -> None:
     redacted = redact_url(f"http://u:{SECRET}@[::1/x?token={SECRET}")
     assert SECRET not in redacted
     assert redacted.startswith("http://")
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (f"postgresql://app:Pa#{SECRET}@db:5432/app", "postgresql://app:***@db:5432/app"),
+        (f"postgresql://app:Pa?{SECRET}@db:5432/app", "postgresql://app:***@db:5432/app"),
+        (f"postgresql://app:Pa/{SECRET}@db:5432/app", "postgresql://app:***@db:5432/app"),
+        (
+            f"postgresql://app:{SECRET}@db/app?sslmode=require",
+            "postgresql://app:***@db/app?sslmode=require",
+        ),
+        ("postgresql://app@db/app", "postgresql://app@db/app"),
+        (
+            "postgresql://db/app?application_name=me@host",
+            "postgresql://db/app?application_name=me@host",
+        ),
+        (f"postgresql://u:{SECRET}@h1:5432,h2:5433/db", "postgresql://u:***@h1:5432,h2:5433/db"),
+    ],
+)
+def test_redact_dsn(url: str, expected: str) -> None:
+    assert redact_dsn(url) == expected
 
 
 def test_redact_headers() -> None:
@@ -158,6 +202,26 @@ def test_redact_headers() -> None:
         (f"{{'X-Amz-Security-Token': b'{SECRET}'}}", "{'X-Amz-Security-Token': b'***'}"),
         (f'login(user="bob", password="{SECRET} x")', 'login(user="bob", password="***")'),
         (f"X-Auth-Token: {SECRET}\nAccept: */*", "X-Auth-Token: ***\nAccept: */*"),
+        (
+            # requests percent-encodes a bracketed name; urllib3 quotes only the path
+            f"Max retries exceeded with url: /v1/me?user%5Bapi_key%5D={SECRET}&page=2 (Caused",
+            "Max retries exceeded with url: /v1/me?user%5Bapi_key%5D=***&page=2 (Caused",
+        ),
+        (
+            f'"GET /v1/me?auth[token]={SECRET},x;page=2 HTTP/1.1" 400 0',
+            '"GET /v1/me?auth[token]=***;page=2 HTTP/1.1" 400 0',
+        ),
+        (f"see /v1/me?auth%5Btoken%5D={SECRET}).", "see /v1/me?auth%5Btoken%5D=***)."),
+        (f"user[api_key]={SECRET} was refused", "user[api_key]=*** was refused"),
+        (
+            # botocore's ParamValidationError quotes the value it refused
+            "Parameter validation failed:\nInvalid type for parameter SecretString, value: "
+            f"b'{SECRET}', type: <class 'bytes'>, valid types: <class 'str'>\n"
+            f"Invalid length for parameter Password, value: {SECRET}, valid min length: 40",
+            "Parameter validation failed:\nInvalid type for parameter SecretString, value: "
+            "***, type: <class 'bytes'>, valid types: <class 'str'>\n"
+            "Invalid length for parameter Password, value: ***, valid min length: 40",
+        ),
         ("KeyError: 'user_id'", "KeyError: 'user_id'"),
         ("Token has expired", "Token has expired"),
         ("nothing to hide here", "nothing to hide here"),
