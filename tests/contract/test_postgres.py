@@ -20,6 +20,7 @@ import pytest
 
 import offload
 from offload import DeadLetter, NotSerializable, StoreError, Task, UnknownDeadLetter
+from offload._redact import redact_dsn
 from offload.records import new_id
 from offload.stores import StoreCounts, open_store
 from offload.stores._shared import page_of
@@ -113,12 +114,21 @@ def test_the_url_options_and_libpq_parameters() -> None:
         ("postgresql://u@h/db?schema=a&schema=b", "gives schema twice"),
         ("postgresql://u:pw0rd@h/db?bogus=1", 'invalid URI query parameter: "bogus"'),
         ("postgresql://u@h/db#frag", "takes none"),
+        # libpq takes `#` and `?` in a password; a URL parser ends the host there.
+        ("postgresql://u:pa#pw0rd@h/db", "must be percent-encoded"),
+        ("postgresql://u:pa?pw0rd@h/db", "must be percent-encoded"),
     ],
 )
 def test_bad_urls_name_the_problem_and_never_the_password(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message) as info:
         PostgresStore(url)
     assert "pw0rd" not in str(info.value)
+    assert "pw0rd" not in redact_dsn(url)
+
+
+def test_a_password_with_a_slash_is_never_shown() -> None:
+    store = PostgresStore("postgresql://u:pa/pw0rd@h/db")  # nothing is connected yet
+    assert "pw0rd" not in store.url and "pw0rd" not in repr(store)
 
 
 def test_the_password_may_come_from_the_environment(

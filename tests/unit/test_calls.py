@@ -135,6 +135,10 @@ def test_equal_calls_are_equal_and_hash_alike() -> None:
         (("GET", "https://h:99999/x"), {}, ValueError, "not a valid URL"),
         (("GET", "https://h/a b"), {}, ValueError, "whitespace"),
         (("GET", f"https://u:{SECRET}@h:bad/x"), {}, ValueError, "not a valid URL"),
+        # A password with an unencoded `/`, `#` or `?`: urlsplit takes its start as a port.
+        (("GET", f"https://u:Pa/{SECRET}@h/x"), {}, ValueError, "unencoded '/', '[?]' or '#'"),
+        (("GET", f"https://u:Pa#{SECRET}@h/x"), {}, ValueError, "not a valid URL"),
+        (("GET", f"https://u:{SECRET}?x@h/x"), {}, ValueError, "not a valid URL"),
         (("GET", "https://h/x"), {"stream": True}, TypeError, "'stream'.*whole response"),
         (("GET", "https://h/x"), {"hooks": {}}, TypeError, "'hooks'"),
         (("GET", "https://h/x"), {"header": {}}, TypeError, "did you mean 'headers'"),

@@ -95,7 +95,9 @@ def _check_whole(url: str) -> None:
         split = urlsplit(url)
         _ = split.port  # parsing the port validates it
     except ValueError as exc:
-        raise ValueError(f"url is not a valid URL ({exc}): {redact_url(url)!r}") from None
+        raise ValueError(
+            f"url is not a valid URL ({_why(url, exc)}): {redact_url(url)!r}"
+        ) from None
     if split.scheme.lower() not in ("http", "https"):
         scheme = split.scheme or "none"
         raise ValueError(
@@ -107,6 +109,14 @@ def _check_whole(url: str) -> None:
         requests.PreparedRequest().prepare_url(url, None)
     except (requests.exceptions.RequestException, ValueError, UnicodeError) as exc:
         raise ValueError(f"url is not valid for requests ({redact_text(str(exc))})") from None
+
+
+def _why(url: str, exc: ValueError) -> str:
+    """Why urlsplit refused `url`, without its words when they may quote a password:
+    `https://u:Pa/ss@h` reads as host `u` and port `Pa`, which its error message quotes."""
+    if "@" in url and "'" in str(exc):
+        return "its port is not a number, or its password holds an unencoded '/', '?' or '#'"
+    return str(exc)
 
 
 def _key(url: str) -> str:

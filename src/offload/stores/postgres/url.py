@@ -52,11 +52,15 @@ def parse_postgres_url(url: str) -> PostgresUrl:
     if split.scheme.lower() not in SCHEMES:
         raise ValueError(f"store: not a postgresql:// URL: {shown!r}")
     if split.fragment:
-        raise ValueError(f"store: {shown!r} has a #fragment; a database URL takes none")
+        raise ValueError(
+            f"store: {shown!r} has a #fragment; a database URL takes none{_hint(split.fragment)}"
+        )
     try:
         pairs = parse_qsl(split.query, keep_blank_values=True, strict_parsing=bool(split.query))
     except ValueError:
-        raise ValueError(f"store: {shown!r} has a malformed query string") from None
+        raise ValueError(
+            f"store: {shown!r} has a malformed query string{_hint(split.query)}"
+        ) from None
     ours: dict[str, str] = {}
     theirs: list[tuple[str, str]] = []
     for name, value in pairs:
@@ -90,6 +94,13 @@ def parse_postgres_url(url: str) -> PostgresUrl:
         lease_timeout=lease_timeout,
         create=create,
     )
+
+
+def _hint(part: str) -> str:
+    """What to say when a `#` or `?` that cut the URL short came from its password."""
+    if "@" not in part:
+        return ""
+    return " (a '#' or '?' in the password must be percent-encoded: %23, %3F)"
 
 
 def _check_with_libpq(conninfo: str, shown: str, raw_password: str | None) -> str | None:
