@@ -31,9 +31,14 @@ __all__ = [
     "redact_text",
     "redact_third_party_logs",
     "redact_url",
+    "scrub",
+    "userinfo_of",
 ]
 
 REDACTED = "***"
+MIN_SCRUBBED_CHARS = 4
+"""A known secret shorter than this is not scrubbed from text: it would hit ordinary
+words and numbers, and it gives little away."""
 
 _SECRET_NAMES = frozenset({"authorization", "proxyauthorization", "cookie", "setcookie", "xapikey"})
 _SECRET_FRAGMENTS = (
@@ -122,6 +127,18 @@ def _hide_userinfo(url: str, keep_user: bool) -> str:
     if at < 0 or "@" in _netloc_of(url, start):
         return url  # none, or urlsplit sees it: the usual way redacts it
     return _hidden_userinfo(url, start, at, keep_user)
+
+
+def userinfo_of(url: str) -> str | None:
+    """The userinfo of `url` (`user:password`, still percent-encoded), found as libpq
+    reads it (a password may hold `#` or `?`); None if it has none."""
+    start = url.find("://")
+    if start < 0 or "@" not in url:
+        return None
+    start += 3
+    slash = url.find("/", start)
+    at = url.rfind("@", start, len(url) if slash < 0 else slash)
+    return None if at < 0 else url[start:at]
 
 
 def _netloc_of(url: str, start: int) -> str:
@@ -295,6 +312,15 @@ def redact_text(text: str) -> str:
     text = _QUOTED_PAIR.sub(_quoted_pair, text)
     text = _PAIR.sub(_pair, text)
     return _HEADER_LINE.sub(_header_line, text)
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """`text` with each of `secrets` (values a call is known to hold, such as its own
+    API key) as `***`, wherever they stand: no pattern finds a key quoted in prose."""
+    for secret in sorted(set(secrets), key=len, reverse=True):  # a longer one holds a shorter
+        if len(secret) >= MIN_SCRUBBED_CHARS and secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
 
 
 class RedactingFilter(logging.Filter):

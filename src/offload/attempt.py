@@ -3,8 +3,10 @@
 Nothing here retries or decides: `perform` records the attempt in the task's Progress,
 runs the call (an HttpCall or AwsCall with the worker's own connections, or the user's
 callable; a coroutine function's awaitable is run to completion on the worker thread's
-own event loop) and classifies what it returned or raised (`outcome.py`). Settling the outcome
-is `settle.py`'s work.
+own event loop) and classifies what it returned or raised (`outcome.py`), with the call's
+own secret values scrubbed from the error text (`calls/secrets.py`): every log line,
+retry callback and dead letter is made from that text. Settling the outcome is
+`settle.py`'s work.
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ import asyncio
 import inspect
 import logging
 import threading
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
 from typing import Any, NamedTuple
 
 from ._guard import Guarded
 from .calls.base import PERFORMED, describe_target
 from .calls.connections import Resources
+from .calls.secrets import known_secrets
 from .clock import Clock
-from .outcome import PERMANENT, Outcome, classify_exception, classify_result
+from .outcome import PERMANENT, Outcome, Secrets, classify_exception, classify_result
 from .records import Task
 
 __all__ = ["Attempt", "perform"]
@@ -65,6 +68,19 @@ class Attempt(NamedTuple):
     result: Any = None
 
 
+def _secrets(task: Task) -> Secrets:
+    """What gives the secret values `task` holds, for its error text: gathered only if
+    the attempt failed, and then once."""
+    found: list[Collection[str]] = []
+
+    def secrets() -> Collection[str]:
+        if not found:
+            found.append(known_secrets(task.call, task.args, task.kwargs))
+        return found[0]
+
+    return secrets
+
+
 def perform(task: Task, resources: Resources, clock: Clock) -> Attempt:
     """Make one attempt at `task` on this worker thread; never raises."""
     now, wall = clock.monotonic(), clock.time()
@@ -95,10 +111,10 @@ def perform(task: Task, resources: Resources, clock: Clock) -> Attempt:
             result = call(*task.args, **task.kwargs)
             if inspect.isawaitable(result):  # an `async def`: run it to completion here
                 result = _await(result, resources)
-        return Attempt(classify_result(result, now=wall), None, result)
+        return Attempt(classify_result(result, now=wall, secrets=_secrets(task)), None, result)
     except BaseException as error:
         try:
-            outcome = classify_exception(error, now=wall)
+            outcome = classify_exception(error, now=wall, secrets=_secrets(task))
         except BaseException:
             outcome = Outcome(PERMANENT, error=type(error).__name__)
         return Attempt(outcome, error, None)

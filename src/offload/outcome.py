@@ -19,7 +19,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import timezone
 from typing import Any, Final, Literal, get_args
@@ -27,7 +27,7 @@ from typing import Any, Final, Literal, get_args
 import requests
 import urllib3.exceptions
 
-from ._redact import redact_text
+from ._redact import redact_text, scrub
 from .errors import GiveUp, Retry
 
 __all__ = [
@@ -39,8 +39,10 @@ __all__ = [
     "Kind",
     "Outcome",
     "Reason",
+    "Secrets",
     "classify_exception",
     "classify_result",
+    "clean_text",
     "parse_retry_after",
 ]
 
@@ -59,7 +61,16 @@ still undelivered when a memory-store offloader shut down."""
 REASONS: Final[frozenset[Reason]] = frozenset(get_args(Reason))
 
 MAX_ERROR_CHARS: Final = 300
-_MAX_MESSAGE_CHARS = 2_000  # read no more of a message than could survive truncation
+# Read no more of a message: all of it that is read is redacted before it is cut short.
+_MAX_MESSAGE_CHARS = 100_000
+# C0 control characters but for the whitespace ones (which become spaces), DEL, and C1
+# controls but for NEL (whitespace too); lone surrogates. PostgreSQL refuses NUL in text,
+# SQLite a surrogate, and ESC would start a terminal escape in the CLI's output.
+_UNSHOWABLE = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ud800-\udfff]")
+
+Secrets = Callable[[], Collection[str]]
+"""What gives the secret values a failed call holds (its own headers, params, password),
+asked only when there is an error text to scrub them from."""
 
 _TRANSIENT_STATUS = frozenset({408, 425, 500, 502, 503, 504})
 _AWS_TRANSIENT_STATUS = frozenset({500, 502, 503, 504})
@@ -186,9 +197,28 @@ def _aws_retry_after(headers: Any, now: float) -> float | None:
 # Summaries
 
 
-def _clean(text: str) -> str:
-    """Redacted, on one line, at most MAX_ERROR_CHARS."""
-    text = " ".join(redact_text(text[:_MAX_MESSAGE_CHARS]).split())
+def _no_secrets() -> Collection[str]:
+    return ()
+
+
+def _unshowable(match: re.Match[str]) -> str:
+    return "\ufffd" if match.group() >= "\ud800" else ""
+
+
+def clean_text(text: str) -> str:
+    """`text` without control characters (whitespace ones kept) and with lone surrogates
+    as U+FFFD: what every store can hold and a terminal shows as it is."""
+    return _UNSHOWABLE.sub(_unshowable, text)
+
+
+def _clean(text: str, secrets: Secrets = _no_secrets) -> str:
+    """Redacted (the call's own `secrets` too), printable, on one line, at most
+    MAX_ERROR_CHARS. All of it is redacted before it is cut: a URL cut between its
+    password and `@` would no longer read as one."""
+    if len(text) > _MAX_MESSAGE_CHARS:
+        # Beyond this, nothing could survive the cut; the word cut in two goes too.
+        text = text[:_MAX_MESSAGE_CHARS].rsplit(maxsplit=1)[0]
+    text = " ".join(redact_text(scrub(clean_text(text), secrets())).split())
     if len(text) > MAX_ERROR_CHARS:
         text = text[: MAX_ERROR_CHARS - 1] + "…"
     return text
@@ -201,19 +231,19 @@ def _message(exc: BaseException) -> str:
         return ""
 
 
-def _summary(exc: BaseException) -> str:
+def _summary(exc: BaseException, secrets: Secrets = _no_secrets) -> str:
     name = type(exc).__name__
-    message = _clean(_message(exc))
+    message = _clean(_message(exc), secrets)
     return _clean(f"{name}: {message}") if message else name
 
 
-def _http_summary(status: int, reason: Any) -> str:
+def _http_summary(status: int, reason: Any, secrets: Secrets) -> str:
     if not isinstance(reason, str) or not reason.strip():
         try:
             reason = http.HTTPStatus(status).phrase
         except ValueError:
             reason = ""
-    return _clean(f"HTTP {status} {reason}".strip())
+    return _clean(f"HTTP {status} {reason}".strip(), secrets)
 
 
 # --------------------------------------------------------------------------------------
@@ -224,20 +254,23 @@ def _now(now: float | None) -> float:
     return time.time() if now is None else now
 
 
-def classify_result(value: Any, *, now: float | None = None) -> Outcome:
+def classify_result(
+    value: Any, *, now: float | None = None, secrets: Secrets = _no_secrets
+) -> Outcome:
     """The outcome of an attempt that returned `value`.
 
     A `requests.Response` (or an httpx one, when httpx is imported) is judged by its
     status: < 400 success; 429, and 503 with a Retry-After, throttled; 408, 425, 500, 502,
     503, 504 transient; any other status permanent (other 4xx, 501). Anything else
-    returned is a success.
+    returned is a success. `secrets()`, asked only for a failure, gives values to scrub
+    from the error text.
     """
     if isinstance(value, requests.Response):
-        return _classify_status(value.status_code, value.reason, value.headers, value, now)
+        return _classify_status(value.status_code, value.reason, value.headers, value, now, secrets)
     for httpx in _httpx_modules():
         if isinstance(value, httpx.Response):
             return _classify_status(
-                value.status_code, value.reason_phrase, value.headers, value, now
+                value.status_code, value.reason_phrase, value.headers, value, now, secrets
             )
     return Outcome(SUCCESS, value=value)
 
@@ -249,11 +282,16 @@ def _httpx_modules() -> list[Any]:
 
 
 def _classify_status(
-    status: int, reason: Any, headers: Mapping[str, str], value: Any, now: float | None
+    status: int,
+    reason: Any,
+    headers: Mapping[str, str],
+    value: Any,
+    now: float | None,
+    secrets: Secrets,
 ) -> Outcome:
     if status < 400:
         return Outcome(SUCCESS, status=status, value=value)
-    error = _http_summary(status, reason)
+    error = _http_summary(status, reason, secrets)
     raw = headers.get("Retry-After")
     if status == 429 or (status == 503 and raw is not None and raw.strip()):
         retry_after = parse_retry_after(raw, now=_now(now))
@@ -264,7 +302,7 @@ def _classify_status(
     return Outcome(PERMANENT, status=status, error=error)
 
 
-def _classify_client_error(exc: BaseException, now: float | None) -> Outcome:
+def _classify_client_error(exc: BaseException, now: float | None, secrets: Secrets) -> Outcome:
     response = getattr(exc, "response", None)
     response = response if isinstance(response, Mapping) else {}
     details = response.get("Error")
@@ -275,8 +313,10 @@ def _classify_client_error(exc: BaseException, now: float | None) -> Outcome:
     status = meta.get("HTTPStatusCode")
     status = status if isinstance(status, int) and not isinstance(status, bool) else None
 
-    message = _clean(str(details.get("Message") or ""))
-    error = f"{code or type(exc).__name__}: {message}" if message else code or _summary(exc)
+    message = _clean(str(details.get("Message") or ""), secrets)
+    error = (
+        f"{code or type(exc).__name__}: {message}" if message else code or _summary(exc, secrets)
+    )
     error = _clean(f"{error} (HTTP {status})" if status is not None else error)
 
     if code in _AWS_THROTTLING_CODES or status == 429:
@@ -288,41 +328,44 @@ def _classify_client_error(exc: BaseException, now: float | None) -> Outcome:
     return Outcome(PERMANENT, status=status, error=error)
 
 
-def classify_exception(exc: BaseException, *, now: float | None = None) -> Outcome:
+def classify_exception(
+    exc: BaseException, *, now: float | None = None, secrets: Secrets = _no_secrets
+) -> Outcome:
     """The outcome of an attempt that raised `exc`.
 
     `offload.Retry` is throttled (with its `after`), `offload.GiveUp` permanent (with its
     reason). botocore ClientErrors go by error code and HTTP status; network errors and
     timeouts of requests, urllib3, botocore and the builtins are transient; anything
-    else is permanent.
+    else is permanent. `secrets()` gives values to scrub from the error text (the call's
+    own headers, params and passwords, which an exception may quote).
     """
     if isinstance(exc, Retry):
         error = "Retry requested" + (f" after {exc.after:g}s" if exc.after is not None else "")
         return Outcome(RETRY, throttled=True, retry_after=exc.after, error=error)
     if isinstance(exc, GiveUp):
         reason = exc.reason if isinstance(exc.reason, str) else _message(exc)
-        return Outcome(PERMANENT, error=_clean(reason) or "GiveUp")
+        return Outcome(PERMANENT, error=_clean(reason, secrets) or "GiveUp")
 
     botocore = sys.modules.get("botocore.exceptions")
     if botocore is not None:
         if isinstance(exc, botocore.ClientError):
-            return _classify_client_error(exc, now)
+            return _classify_client_error(exc, now, secrets)
         # As botocore's standard mode: every connection error and HTTP client error
         # (EndpointConnectionError, ConnectionClosedError, connect and read timeouts).
         if isinstance(exc, (botocore.ConnectionError, botocore.HTTPClientError)):
-            return Outcome(RETRY, error=_summary(exc))
+            return Outcome(RETRY, error=_summary(exc, secrets))
 
     for httpx in _httpx_modules():
         if isinstance(exc, httpx.HTTPStatusError):  # response.raise_for_status()
             response = exc.response
             return _classify_status(
-                response.status_code, response.reason_phrase, response.headers, None, now
+                response.status_code, response.reason_phrase, response.headers, None, now, secrets
             )
         if isinstance(exc, httpx.UnsupportedProtocol):
-            return Outcome(PERMANENT, error=_summary(exc))
+            return Outcome(PERMANENT, error=_summary(exc, secrets))
         if isinstance(exc, (httpx.TimeoutException, httpx.TransportError)):
-            return Outcome(RETRY, error=_summary(exc))
+            return Outcome(RETRY, error=_summary(exc, secrets))
 
     if isinstance(exc, _TRANSIENT_EXCEPTIONS):
-        return Outcome(RETRY, error=_summary(exc))
-    return Outcome(PERMANENT, error=_summary(exc))
+        return Outcome(RETRY, error=_summary(exc, secrets))
+    return Outcome(PERMANENT, error=_summary(exc, secrets))

@@ -14,11 +14,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._guard import Guarded
+from ._redact import scrub
 from .attempt import Attempt
 from .calls.base import describe_target
+from .calls.secrets import known_secrets
 from .clock import Clock
 from .core import AttemptKind, Core
-from .outcome import Outcome, Reason
+from .outcome import Outcome, Reason, clean_text
 from .policy import Decision, RetryPolicy
 from .records import DeadLetter, Task, new_id, utc
 from .scheduler import Pause
@@ -58,15 +60,23 @@ class Callbacks:
 def dead_letter_for(
     task: Task, error: str | None, outcome: Outcome | None, reason: Reason
 ) -> DeadLetter:
-    """The dead letter `task` becomes now."""
+    """The dead letter `task` becomes now.
+
+    Its text is cleaned of what a store cannot hold (NUL, a lone surrogate) and of the
+    task's own secrets: an outcome's error is already, but `error` may be a retry
+    policy's own words. A letter that cannot be stored would leave its task to run again
+    at every lease expiry."""
     progress = task.progress
+    text = error or (outcome.error if outcome else None) or reason
+    if outcome is None or text is not outcome.error:
+        text = scrub(clean_text(text), known_secrets(task.call, task.args, task.kwargs))
     return DeadLetter(
         id=new_id(),
         task_id=task.id,
-        description=describe_target(task.call),
+        description=clean_text(describe_target(task.call)),
         key=task.key,
         attempts=progress.attempts,
-        error=error or (outcome.error if outcome else None) or reason,
+        error=text,
         status=outcome.status if outcome else None,
         reason=reason,
         first_attempt_at=utc(progress.first_attempt_at),

@@ -18,6 +18,7 @@ import base64
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -221,6 +222,93 @@ def test_no_planted_secret_comes_out(
     assert any(r.name.startswith("urllib3") for r in caplog.records)
     if _has_cli():
         assert sum(k.startswith("cli") for k in texts) >= 5
+
+
+BRACKET_KEY = "PLANTEDbracketKey0015"
+BRACKET_TOKEN = "PLANTEDbracketToken0016"
+PROSE_KEY = "sk_live_PLANTEDprose0017"
+POSITIONAL_KEY = "sk_live_PLANTEDpositional0018"
+MISTYPED_SECRET = "PLANTEDmistyped0019"
+OWN_SECRETS = [BRACKET_KEY, BRACKET_TOKEN, PROSE_KEY, POSITIONAL_KEY, MISTYPED_SECRET]
+
+
+def refuses_key(amount: int, api_key: str) -> None:
+    """Quotes its key in prose, as many SDKs word it: no pattern finds it there."""
+    raise PermissionError(f"the API refused key {api_key} for {amount}")
+
+
+def test_a_calls_own_secrets_never_come_out(
+    server: ScriptedServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Secrets no pattern finds: bracketed query names (`user[api_key]`, sent as
+    `user%5Bapi_key%5D`) in requests' path-only URLs and urllib3's request lines, a key a
+    function's exception quotes in prose, a value botocore quotes when it refuses it."""
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", AWS_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+    server.script("/denied", Answer(400))
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    store = f"sqlite:///{tmp_path / 'offload.db'}"
+    off = Offloader(store=store, retry=RetryPolicy(stop=tenacity.stop_after_attempt(1)))
+    try:
+        off.enqueue_task(
+            offload.http(
+                "GET", f"http://127.0.0.1:{closed}/v1/me", params={"user[api_key]": BRACKET_KEY}
+            )
+        )
+        off.enqueue_task(offload.http("GET", server.url(f"/denied?auth[token]={BRACKET_TOKEN}")))
+        off.enqueue_task(
+            offload.http("GET", server.url("/denied"), params={"auth[token]": BRACKET_TOKEN})
+        )
+        off.enqueue_task(refuses_key, 10, api_key=PROSE_KEY)
+        off.enqueue_task(refuses_key, 10, POSITIONAL_KEY)
+        off.enqueue_task(
+            offload.aws(
+                "secretsmanager",
+                "create_secret",
+                region="eu-west-1",
+                Name="db",
+                SecretString=MISTYPED_SECRET.encode(),  # bytes: refused before it is sent
+            )
+        )
+        assert off.flush(30)
+        letters = off.dead_letters()
+    finally:
+        off.shutdown(5)
+
+    sent = [request.query.get("auth[token]") for request in server.requests_to("/denied")]
+    assert sent == [[BRACKET_TOKEN]] * 2  # the secrets were real: they reached the server
+    errors = sorted(letter.error.split(":")[0] for letter in letters)
+    assert errors == [
+        "ConnectionError",
+        "HTTP 400 Bad Request",
+        "HTTP 400 Bad Request",
+        "ParamValidationError",
+        "PermissionError",
+        "PermissionError",
+    ]
+    texts = log_texts(caplog.records)
+    for letter in letters:
+        texts[f"dead letter {letter.id} json"] = json.dumps(letter.to_json())
+    texts |= cli_texts(store, [letter.id for letter in letters])
+    found = [
+        f"{secret} in {where}: ...{_around(text, secret)}..."
+        for where, text in texts.items()
+        for secret in OWN_SECRETS
+        if secret in text
+    ]
+    assert found == [], "\n".join(found[:10])
+    # The texts that would have held them were looked at.
+    assert any(
+        "Max retries exceeded with url: /v1/me?user%5Bapi_key%5D=***" in t for t in texts.values()
+    )
+    assert any("GET /denied?auth%5Btoken%5D=*** HTTP/1.1" in t for t in texts.values())
+    assert any("the API refused key *** for 10" in t for t in texts.values())
 
 
 def _raises_secret() -> None:

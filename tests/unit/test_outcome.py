@@ -25,6 +25,8 @@ from offload.outcome import (
     classify_result,
     parse_retry_after,
 )
+from offload.records import Task
+from offload.settle import dead_letter_for
 
 NOW = 1_700_000_000.0  # a fixed wall clock for HTTP-dates
 
@@ -171,6 +173,72 @@ def test_error_summary_is_one_line_redacted_and_bounded() -> None:
     assert error.startswith("ConnectionError: Max retries exceeded with url: /x?token=*** (Caused")
     assert "\n" not in error and "SECRET123" not in error
     assert len(error) == 300 and error.endswith("…")
+
+
+def test_a_long_message_is_redacted_before_it_is_cut() -> None:
+    # Cut first, the URL would lose its `@` and no longer read as userinfo; the spaces
+    # collapse afterwards, which pulls the cut end into the first 300 characters.
+    message = "upstream said:" + " " * 1956 + "retry at https://bob:SECRET_PW@api.example.com/v1"
+    error = classify_exception(RuntimeError(message)).error
+    assert error == "RuntimeError: upstream said: retry at https://bob:***@api.example.com/v1"
+    huge = "x " * 60_000 + "https://bob:SECRET_PW@api.example.com/v1"  # beyond what is read
+    assert "SECRET_PW" not in (classify_exception(RuntimeError(huge)).error or "")
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("bad\x00thing", "RuntimeError: badthing"),  # PostgreSQL refuses NUL in text
+        ("half \ud800 a pair", "RuntimeError: half \ufffd a pair"),  # SQLite refuses it
+        (
+            "Oops \x1b]0;owned\x07\x1b[2J\x1b[31mFAKE\x1b[0m \x9b31m",
+            "RuntimeError: Oops ]0;owned[2J[31mFAKE[0m 31m",
+        ),
+        ("del\x7f and\r\nlines\x0b\x0c\x85end\x1c", "RuntimeError: del and lines end"),
+        ("caf\u00e9 \u65e5\u672c", "RuntimeError: caf\u00e9 \u65e5\u672c"),
+    ],
+)
+def test_an_error_text_holds_no_control_character_or_lone_surrogate(
+    message: str, expected: str
+) -> None:
+    assert classify_exception(RuntimeError(message)).error == expected
+    assert classify_exception(GiveUp(message)).error == expected.removeprefix("RuntimeError: ")
+
+
+def test_a_reason_phrase_holds_no_terminal_escape() -> None:
+    error = classify_result(response(500, reason="Oops \x1b]0;title\x07\x1b[2J")).error
+    assert error == "HTTP 500 Oops ]0;title[2J"
+
+
+def test_the_calls_own_secrets_are_scrubbed_from_the_error_text() -> None:
+    secrets = {"sk_live_SECRET", "abc"}  # "abc" is too short to scrub
+    outcome = classify_exception(
+        PermissionError("the API refused key sk_live_SECRET for abc"), secrets=lambda: secrets
+    )
+    assert outcome.error == "PermissionError: the API refused key *** for abc"
+    reason = classify_result(
+        response(401, reason="bad key sk_live_SECRET"), secrets=lambda: secrets
+    )
+    assert reason.error == "HTTP 401 bad key ***"
+    assert (
+        classify_exception(GiveUp("no sk_live_SECRET"), secrets=lambda: secrets).error == "no ***"
+    )
+
+
+def test_a_secret_at_the_cut_is_scrubbed_whole() -> None:
+    message = "x" * 280 + " sk_live_SECRET_SECRET_SECRET"
+    error = classify_exception(
+        RuntimeError(message), secrets=lambda: {"sk_live_SECRET_SECRET_SECRET"}
+    )
+    assert error.error is not None and "sk_live" not in error.error
+
+
+def test_a_success_never_asks_for_the_secrets() -> None:
+    def secrets() -> set[str]:
+        raise AssertionError("asked on success")
+
+    assert classify_result(response(200), secrets=secrets).kind == SUCCESS
+    assert classify_result("done", secrets=secrets).kind == SUCCESS
 
 
 def test_an_exception_whose_str_raises_is_named_by_type() -> None:
@@ -409,3 +477,15 @@ def test_a_hand_made_client_error_without_metadata() -> None:
     outcome = classify_exception(exc)
     assert (outcome.kind, outcome.status) == (PERMANENT, None)
     assert outcome.error
+
+
+def _charge(amount: int, api_key: str) -> None:
+    """A task's function with a secret-named argument."""
+
+
+def test_a_dead_letter_holds_only_text_a_store_can_hold_and_no_known_secret() -> None:
+    # A text that no outcome made (a retry policy's own words) is cleaned when the letter is.
+    task = Task(_charge, (1,), {"api_key": "sk_live_SECRET"})
+    letter = dead_letter_for(task, "policy said \x00no to sk_live_SECRET \ud800", None, "permanent")
+    assert letter.error == "policy said no to *** \ufffd"
+    assert letter.description == "test_outcome._charge"
