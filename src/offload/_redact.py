@@ -118,15 +118,13 @@ def _hide_userinfo(url: str, keep_user: bool) -> str:
     browsers read an authority, a password may hold `#` or `?` unencoded
     (`postgresql://app:Pa#ss@db/app`), where urlsplit ends the netloc. The userinfo is
     what lies between `://` and the last `@` before the first `/`."""
-    start = url.find("://")
-    if start < 0 or "@" not in url:
+    userinfo = userinfo_of(url)
+    if userinfo is None:
         return url
-    start += 3
-    slash = url.find("/", start)
-    at = url.rfind("@", start, len(url) if slash < 0 else slash)
-    if at < 0 or "@" in _netloc_of(url, start):
-        return url  # none, or urlsplit sees it: the usual way redacts it
-    return _hidden_userinfo(url, start, at, keep_user)
+    start = url.index("://") + 3
+    if "@" in _netloc_of(url, start):
+        return url  # urlsplit sees it: the usual way redacts it
+    return _hidden_userinfo(url, start, start + len(userinfo), keep_user)
 
 
 def userinfo_of(url: str) -> str | None:

@@ -42,6 +42,9 @@ def test_secrets_as_a_url_quotes_them() -> None:
 def test_a_token_as_the_url_user_name() -> None:
     call = http("GET", "https://ghp_TOKEN01@h.example/x")
     assert "ghp_TOKEN01" in known_secrets(call, (), {})
+    # Unencoded, the `#` ends the host: requests goes to host ghp_TOKEN02 and says so.
+    broken = http("GET", "https://ghp_TOKEN02#x@h.example/x")
+    assert {"ghp_TOKEN02#x", "ghp_TOKEN02", "ghp_token02"} <= known_secrets(broken, (), {})
 
 
 def test_short_values_are_left_out() -> None:

@@ -14,6 +14,7 @@ import base64
 import functools
 import inspect
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
@@ -94,8 +95,12 @@ def _url(url: str, found: list[str]) -> None:
     if userinfo:
         user, colon, password = userinfo.partition(":")
         # A lone user name is how several APIs take a token (https://ghp_xxx@github.com).
-        for value in (password,) if colon and password else (user,):
-            found.extend({value, unquote(value)})
+        secret = password if colon and password else user
+        found.extend({secret, unquote(secret)})
+        # Unencoded, a `#` or `?` ends the host for requests: https://tok#en@h goes to
+        # host `tok`, which its connection errors then name (in lower case).
+        for piece in re.split(r"[#?/]", secret):
+            found.extend({piece, piece.lower()})
     split = urlsplit(url)
     for part in (split.query, split.fragment):
         found.extend(v for k, v in parse_qsl(part) if is_secret_name(k))
