@@ -241,9 +241,9 @@ _PAIR = re.compile(
 # it: "Max retries exceeded with url: /v1/me?token=..." and "GET /v1/me?token=... HTTP/1.1".
 _PATH_QUERY = re.compile(r"(?<![\w/:.@-])/[^\s?'\"<>`]*\?([^\s'\"<>`]+)")
 # botocore's ParamValidationError quotes the value it refused: call data, often a secret.
-_PARAM_VALUE = re.compile(
-    r"(\bparameter [^\s,]+, value: )(.*?)(?=, (?:type: |valid min ))", re.DOTALL
-)
+# "Invalid type for parameter NAME, value: VALUE, type: ..." (or ", valid min ...").
+_PARAM_VALUE = re.compile(r"\bparameter [^\s,]+, value: ")
+_PARAM_VALUE_END = re.compile(r", (?:type: |valid min )")
 # 'name': 'value', "name": "value" and 'name': b'value'  (dict reprs and JSON)
 _QUOTED_PAIR = re.compile(r"(['\"])([^'\"]{1,100})\1(\s*:\s*b?)(['\"])(.*?)(?<!\\)\4")
 # Name: value at the start of a line (header dumps). Only header-shaped names (with a
@@ -291,6 +291,20 @@ def _path_query(match: re.Match[str]) -> str:
     return f"{whole[: match.start(1) - match.start(0)]}{redacted}{query[len(stripped) :]}"
 
 
+def _param_values(text: str) -> str:
+    """botocore's quoted parameter values as `***`: one pass, each value up to its end
+    marker (a lazy regex over the whole text would take quadratic time)."""
+    parts: list[str] = []
+    pos = 0
+    while (start := _PARAM_VALUE.search(text, pos)) is not None:
+        end = _PARAM_VALUE_END.search(text, start.end())
+        if end is None:
+            break  # no value further on has an end either
+        parts += (text[pos : start.end()], REDACTED)
+        pos = end.start()
+    return "".join(parts) + text[pos:] if parts else text
+
+
 def redact_text(text: str) -> str:
     """Free text (an exception message, a log line) with the secrets in it replaced by `***`.
 
@@ -304,7 +318,7 @@ def redact_text(text: str) -> str:
     if "?" in text:
         text = _PATH_QUERY.sub(_path_query, text)
     if "value: " in text:
-        text = _PARAM_VALUE.sub(lambda m: f"{m.group(1)}{REDACTED}", text)
+        text = _param_values(text)
     text = _AUTH_SCHEME.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
     text = _AWS_KEY_ID.sub(REDACTED, text)
     text = _QUOTED_PAIR.sub(_quoted_pair, text)

@@ -62,7 +62,7 @@ REASONS: Final[frozenset[Reason]] = frozenset(get_args(Reason))
 
 MAX_ERROR_CHARS: Final = 300
 # Read no more of a message: all of it that is read is redacted before it is cut short.
-_MAX_MESSAGE_CHARS = 100_000
+_MAX_MESSAGE_CHARS = 20_000
 # C0 control characters but for the whitespace ones (which become spaces), DEL, and C1
 # controls but for NEL (whitespace too); lone surrogates. PostgreSQL refuses NUL in text,
 # SQLite a surrogate, and ESC would start a terminal escape in the CLI's output.
