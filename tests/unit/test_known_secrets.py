@@ -83,3 +83,13 @@ def test_arguments_a_signature_refuses_are_still_looked_at() -> None:
     found = known_secrets(charge, (), {"api_key": "KWKEY001", "extra": {"token": "EXTRA001"}})
     assert {"KWKEY001", "EXTRA001"} <= found
     assert known_secrets(print, ("x",), {"password": "BUILTIN1"}) >= {"BUILTIN1"}
+
+
+def test_an_auth_password_not_in_utf8_leaves_the_rest_found() -> None:
+    call = http(
+        "GET",
+        "https://h.example/x",
+        headers={"X-Api-Key": "HEADER01"},
+        auth=(b"bob", b"\xffPW0001"),
+    )
+    assert {"HEADER01", "\ufffdPW0001"} <= known_secrets(call, (), {})

@@ -71,7 +71,7 @@ def _http(call: HttpCall, found: list[str]) -> None:
         found.append(value)  # whatever its name, a cookie is a session's
     auth = kwargs.get("auth")
     if isinstance(auth, tuple):
-        user, password = (v.decode() if isinstance(v, bytes) else v for v in auth)
+        user, password = (v.decode(errors="replace") if isinstance(v, bytes) else v for v in auth)
         found.append(password)
         found.append(base64.b64encode(f"{user}:{password}".encode()).decode())
     for keyword in ("params", "data"):
