@@ -58,17 +58,20 @@ def whole(request: Any) -> bool:
     return bool(request.body) and len(request.body) == int(request.headers["Content-Length"])
 
 
-def test_a_killed_process_loses_nothing(tmp_path: Path, server: ScriptedServer) -> None:
-    calls, workers = 300, 4
-    server.script("/pay", Answer(200, delay=0.005))  # a slow API: the drain takes a while
-    url = f"sqlite:///{tmp_path / 'q.db'}"
+def kill_mid_drain(
+    url: str, server: ScriptedServer, calls: int, workers: int, seen: int, options: str = ""
+) -> Counter[int]:
+    """Run a process that enqueues `calls` POSTs to /pay (with `options` added to each
+    `http(...)`) and drains them with `workers`; SIGKILL it once `seen` have arrived.
+    Returns what had been delivered by then."""
     victim = spawn(
         f"""
         import sys, offload
         off = offload.Offloader(store={url!r}, workers={workers})
         for i in range({calls}):
-            off.enqueue_task(offload.http("POST", {server.url("/pay")!r}, json={{"i": i}},
-                                          idempotency_key=True))
+            off.enqueue_task(
+                offload.http("POST", {server.url("/pay")!r}, json={{"i": i}}{options})
+            )
         print("enqueued", flush=True)
         sys.stdin.read()
         """
@@ -76,15 +79,23 @@ def test_a_killed_process_loses_nothing(tmp_path: Path, server: ScriptedServer) 
     try:
         assert victim.stdout is not None
         assert victim.stdout.readline().strip() == "enqueued"
-        assert server.wait_for(50, "/pay", timeout=30)
+        assert server.wait_for(seen, "/pay", timeout=30)
     finally:
         victim.send_signal(signal.SIGKILL)
         victim.communicate()
     assert victim.returncode == -signal.SIGKILL
     before = delivered(server, "/pay")
     assert len(before) < calls, "the drain finished before the kill; nothing was tested"
+    return before
 
-    # What the killed process held: still in the file, leased to a pid that is gone.
+
+def test_a_killed_process_loses_nothing(tmp_path: Path, server: ScriptedServer) -> None:
+    calls, workers = 300, 4
+    server.script("/pay", Answer(200, delay=0.005))  # a slow API: the drain takes a while
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    before = kill_mid_drain(url, server, calls, workers, 50, ", idempotency_key=True")
+
+    # What the killed process held: still in the file, its leases no one's (its pid is gone).
     store = SQLiteStore(tmp_path / "q.db")
     try:
         counts = store.counts()
@@ -137,25 +148,7 @@ def test_a_process_open_before_the_kill_takes_over_what_the_killed_one_held(
     survivor = offload.Offloader(store=url, workers=workers, idle_timeout=0.05)
     try:
         assert not survivor.running
-        victim = spawn(
-            f"""
-            import sys, offload
-            off = offload.Offloader(store={url!r}, workers={workers})
-            for i in range({calls}):
-                off.enqueue_task(offload.http("POST", {server.url("/pay")!r}, json={{"i": i}}))
-            print("enqueued", flush=True)
-            sys.stdin.read()
-            """
-        )
-        try:
-            assert victim.stdout is not None
-            assert victim.stdout.readline().strip() == "enqueued"
-            assert server.wait_for(30, "/pay", timeout=30)
-        finally:
-            victim.send_signal(signal.SIGKILL)
-            victim.communicate()
-        before = delivered(server, "/pay")
-        assert len(before) < calls, "the drain finished before the kill; nothing was tested"
+        before = kill_mid_drain(url, server, calls, workers, 30)
         assert not survivor.running
         assert survivor.flush(60)
         after = delivered(server, "/pay")
