@@ -14,7 +14,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -807,7 +807,7 @@ class FailingStore(SQLiteStore):
 @pytest.mark.parametrize(
     ("failing", "lease_timeout"),
     [
-        (["bury"], 0.5),  # handed back at once: it runs again without waiting for a lapse
+        (["bury"], 60.0),  # handed back at once, due in 0.5 s: it runs again, no lapse
         (["bury", "release"], 60.0),  # the hand-back failed too: flush() makes it again
     ],
 )
@@ -841,6 +841,71 @@ def test_a_delivered_task_the_store_could_not_forget_is_forgotten_not_sent_again
     assert off.shutdown(5)
     assert delivered == [7]
     assert store.failed == failing
+
+
+class RefusingCompleteStore(SQLiteStore):
+    """A real SQLite file that refuses `complete` until `allow` is set, and counts the
+    renewals of each task's lease, as a lock held for a while would make it."""
+
+    def __init__(self, path: Path, **options: Any) -> None:
+        super().__init__(path, **options)
+        self.allow = threading.Event()
+        self.renewed_enough = threading.Event()
+        self.renewals: dict[str, int] = {}
+
+    def complete(self, task: Task) -> None:
+        if not self.allow.is_set():
+            raise StoreError(f"{self.url}: complete failed: injected")
+        super().complete(task)
+
+    def renew(self, tasks: Sequence[Task]) -> None:
+        super().renew(tasks)
+        for task in tasks:
+            self.renewals[task.id] = self.renewals.get(task.id, 0) + 1
+            if self.renewals[task.id] >= 4:
+                self.renewed_enough.set()
+
+
+def test_a_delivered_task_whose_complete_waits_keeps_its_lease_and_runs_once(
+    tmp_path: Path, make_offloader: Any
+) -> None:
+    # The store refuses the delete for longer than a lease: the lease keeper goes on
+    # renewing the delivered task, so that no flush() or other process takes it back and
+    # sends it a second time; once the store takes the delete, it is gone.
+    store = RefusingCompleteStore(tmp_path / "q.db", lease_timeout=0.3)
+    off = make_offloader(store=store, idle_timeout=0.05)
+    off.enqueue_task(record, 7)
+    assert store.renewed_enough.wait(30), store.renewals  # renewed after it was delivered
+    assert not off.flush(0.5)  # the delete still waits: not settled
+    store.allow.set()
+    assert off.flush(30)
+    assert delivered == [7]
+    assert store.counts() == StoreCounts(0, 0, 0, 0)
+    assert off.shutdown(5)
+
+
+def test_shutdown_reports_a_dead_letter_the_store_never_kept(
+    tmp_path: Path, make_offloader: Any
+) -> None:
+    # Every bury is refused; each hand-back succeeds, so the task runs again and again:
+    # shutdown() cannot say all went well, and the file still holds the task.
+    store = FailingStore(tmp_path / "q.db", failing=["bury"] * 10_000)
+    off = make_offloader(store=store, idle_timeout=0.05)
+    twice = threading.Event()
+    real_bury = store.bury
+
+    def bury(task: Task, letter: offload.DeadLetter) -> None:
+        if len(delivered) >= 2:  # (its second run)
+            twice.set()
+        real_bury(task, letter)
+
+    store.bury = bury  # type: ignore[method-assign]
+    off.enqueue_task(record_then_fail, 7)
+    assert twice.wait(30)
+    assert off.shutdown(5) is False
+    assert set(store.failed) == {"bury"} and delivered[:2] == [7, 7]
+    with raw(tmp_path / "q.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM tasks").fetchone()[0] == 1
 
 
 def test_shutdown_reports_a_task_the_store_could_not_settle(

@@ -247,7 +247,8 @@ class DurableBacklog:
         return self.unsettled.bury(task, letter)
 
     def forget(self, task: Task) -> None:
-        self.leased.pop(task.id, None)
+        if not self.unsettled.holds(task):  # (delivered, its complete refused: renew it)
+            self.leased.pop(task.id, None)
         if task.dedup_key is not None and not self.store.dedups:
             self.dedup.release(task, self.clock.monotonic())
 
@@ -317,6 +318,7 @@ class DurableBacklog:
                     core.lock.acquire()
                 if settled and counts is not None and not (counts.ready or counts.delayed):
                     if idle():
+                        self.unsettled.settled_elsewhere()
                         return True
                     continue
                 if self.consume and not self.pool.threads:
@@ -365,8 +367,9 @@ class DurableBacklog:
                     running,
                     store.url,
                 )
-        self.pool.join([*threads, *([keeper] if keeper is not None else [])], deadline)
-        settled = self.unsettled.at_close()
+        self.pool.join(threads, deadline)
+        settled = self.unsettled.at_close()  # (it lets go of what the keeper still renews)
+        self.pool.join([keeper] if keeper is not None else [], deadline)
         return ok and not left and not running and settled
 
     # -- dead letters, stats --------------------------------------------------------------
