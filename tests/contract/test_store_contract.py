@@ -688,6 +688,29 @@ def test_a_dead_letter_lets_its_key_go_and_a_replay_takes_it_again(
     assert_free(operator)
 
 
+def test_a_replay_leaves_the_key_to_a_live_task_that_took_it_meanwhile(
+    dedup_stores: tuple[MakeStore, FakeClock],
+) -> None:
+    """Once a dead letter let its key go, a new task may take it; replaying the letter
+    then must not take the key from that task, or a third enqueue would be let in while
+    both live (and the replayed task's end would free the key of the live one)."""
+    make, _ = dedup_stores
+    worker, operator = make(), make()
+    task = keyed("first")
+    worker.put(task, lease=True)
+    letter = letter_for(task)
+    worker.bury(task, letter)
+    newer = assert_free(operator)  # the key was free: a new task holds it
+    replayed = operator.replay(letter.id)
+    assert replayed.id == task.id and operator.counts().ready == 2  # both run
+    assert_held_by(worker, newer)
+    claimed = {t.id: t for t in worker.claim(5)}
+    worker.complete(claimed[task.id])  # the replayed task's end leaves the key alone
+    assert_held_by(operator, newer)
+    worker.complete(claimed[newer.id])
+    assert_free(operator)
+
+
 def test_a_task_this_process_cannot_load_keeps_its_key_until_its_dead_letter(
     dedup_stores: tuple[MakeStore, FakeClock],
 ) -> None:

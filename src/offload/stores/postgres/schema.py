@@ -148,9 +148,14 @@ class Sql:
         s = self.schema = f'"{schema}"'  # a plain identifier (url.py checked it), quoted
         tasks, letters, dedup = f"{s}.tasks", f"{s}.dead_letters", f"{s}.dedup"
         take_key = f"INSERT INTO {dedup} (key, task_id, idempotency_key, until)"
+        # A key whose holder's row is gone (a process of an older format settled it, and
+        # its key stayed) is held by no one: never returned, freed when next taken.
+        alive = f"EXISTS (SELECT 1 FROM {tasks} WHERE {tasks}.id = d.task_id)"
+        # A replay takes its key again only from no live task (a window it may end).
         retake_key = (
             "ON CONFLICT (key) DO UPDATE SET task_id = EXCLUDED.task_id, "
-            "idempotency_key = EXCLUDED.idempotency_key, until = NULL"
+            "idempotency_key = EXCLUDED.idempotency_key, until = NULL "
+            f"WHERE d.until IS NOT NULL OR NOT {alive}"
         )
         self.ddl = _ddl(s)
         self.channel = channel(schema)
@@ -205,19 +210,34 @@ class Sql:
         # -- dedup keys (dedup.py) ----------------------------------------------------------
         #: Take the key and write the task, in one statement, or neither when it is held
         #: (a row comes back when it was taken); {then}: the NOTIFY of a waiting task.
-        self.put_unique = (
-            f"WITH k AS ({take_key} VALUES (%s, %s, %s, NULL) ON CONFLICT (key) DO NOTHING "
+        #: {wait}: on the store's own connection, a short wait at the key's index (set
+        #: before the INSERT reads its row; local: it ends with the statement).
+        put_unique = (  # (the template)
+            "WITH {wait}"
+            f"k AS ({take_key} SELECT %s, %s, %s, NULL {{after}}ON CONFLICT (key) DO NOTHING "
             f"RETURNING task_id), t AS (INSERT INTO {tasks} (id, idempotency_key, key, call, "
             "retry, due, owner, lease_until, dedup_key, dedup_window) "
             "SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s FROM k) SELECT {then} FROM k"
         )
-        self.put_unique_leased = self.put_unique.format(then="1")
-        self.put_unique_waiting = self.put_unique.format(then="pg_notify(%s, '')")
+        short = "w AS (SELECT set_config('lock_timeout', '50ms', true)), "
+        #: (alone: on the store's own connection, notify): the statement
+        self.put_unique = {
+            (alone, notify): put_unique.format(
+                wait=short if alone else "",
+                after="FROM w " if alone else "",
+                then="pg_notify(%s, '')" if notify else "1",
+            )
+            for alone in (False, True)
+            for notify in (False, True)
+        }
         self.key_holder = (
-            f"SELECT task_id, idempotency_key FROM {dedup} "
-            "WHERE key = %s AND (until IS NULL OR until > %s)"
+            f"SELECT task_id, idempotency_key FROM {dedup} d "
+            f"WHERE key = %s AND (until > %s OR (until IS NULL AND {alive}))"
         )
-        self.free_key = f"DELETE FROM {dedup} WHERE key = %s AND until <= %s"
+        self.free_key = (
+            f"DELETE FROM {dedup} d "
+            f"WHERE key = %s AND (until <= %s OR (until IS NULL AND NOT {alive}))"
+        )
         self.free_keys = f"DELETE FROM {dedup} WHERE until <= %s"
         self.let_key_go = f"DELETE FROM {dedup} WHERE key = %s AND task_id = %s"
         self.let_key_go_later = f"UPDATE {dedup} SET until = %s WHERE key = %s AND task_id = %s"
@@ -266,8 +286,9 @@ class Sql:
             f"put AS (INSERT INTO {tasks} (id, idempotency_key, key, call, retry, due, "
             "dedup_key, dedup_window) SELECT task_id, NULLIF(idempotency_key, task_id), key, "
             "call, retry, %s, dedup_key, dedup_window FROM letter), "
-            # A replayed dead letter takes its key again (as on SQLite).
-            f"keyed AS ({take_key} SELECT dedup_key, task_id, idempotency_key, NULL "
+            # A replayed dead letter takes its key again, unless a live task holds it.
+            f"keyed AS (INSERT INTO {dedup} AS d (key, task_id, idempotency_key, until) "
+            "SELECT dedup_key, task_id, idempotency_key, NULL "
             f"FROM letter WHERE dedup_key IS NOT NULL {retake_key}) "
             f"SELECT {revived}, pg_notify(%s, '') FROM letter"
         )

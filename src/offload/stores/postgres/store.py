@@ -37,7 +37,7 @@ from ...records import DeadLetter, Task
 from .._shared import new_owner
 from ..base import NO_KEYS, StoreCounts
 from .budgets import take_tokens
-from .dedup import free_keys, let_key_go, put_unique
+from .dedup import free_keys, let_key_go, put_alone, put_unique
 from .joining import psycopg_connection
 from .letters import LetterMethods, bury_task
 from .listener import Listener
@@ -279,7 +279,8 @@ class PostgresStore(LetterMethods):
         row = task_row(record, now if due is None else due, None, None)
         try:
             if record.dedup_key is not None:
-                return self._unique(connection, task, record, row, now, notify=True)
+                held = put_unique(connection, sql, task, record, row, now, notify=True)
+                return self._kept(held, record)
             connection.execute(sql.put_waiting, (*row, sql.channel))
         except Exception as exc:
             if not _is_psycopg_error(exc):
@@ -297,35 +298,30 @@ class PostgresStore(LetterMethods):
         one INSERT, committed (autocommit). A task not leased here NOTIFYs the listening
         workers (a delayed one too: they learn when it is due). A task with a dedup key
         takes it in the same statement; while another task holds it, that task is
-        returned and nothing is written (dedup.py)."""
+        returned and nothing is written; one an open transaction took is waited for, with
+        the store's lock let go between tries (dedup.put_alone)."""
         record = TaskRecord.of(task)  # NotSerializable before touching the database
         now = self._clock.time()
         sql = self._sql
+        if lease:
+            row = task_row(record, now, self._owner, now + self.lease_timeout)
+        else:
+            row = task_row(record, now if due is None else due, None, None)
+        if record.dedup_key is not None:  # one statement takes the key, for everyone
+            kept = put_alone(
+                self._use, sql, task, record, row, self._clock.time, notify=not lease,
+                patience=self.lease_timeout, shown=self.url,
+            )  # fmt: skip
+            return self._kept(kept, record)
         with self._use("enqueue") as cur:
-            if lease:
-                row = task_row(record, now, self._owner, now + self.lease_timeout)
-            else:
-                row = task_row(record, now if due is None else due, None, None)
-            if record.dedup_key is not None:  # one statement takes the key, for everyone
-                return self._unique(cur, task, record, row, now, notify=not lease)
             if lease:
                 cur.execute(sql.put_leased, row)
             else:
                 cur.execute(sql.put_waiting, (*row, sql.channel))
         return task
 
-    def _unique(
-        self,
-        conn: Any,
-        task: Task,
-        record: TaskRecord,
-        row: tuple[Any, ...],
-        now: float,
-        *,
-        notify: bool,
-    ) -> Task:
-        """`task` written with its dedup key taken, or the task holding the key (dedup.py)."""
-        kept = put_unique(conn, self._sql, task, record, row, now, notify=notify)
+    def _kept(self, kept: Task | None, record: TaskRecord) -> Task:
+        """The task written, or the one holding its key (dedup.py); None: it kept moving."""
         if kept is None:
             raise StoreError(f"{self.url}: dedup key {record.dedup_key!r} kept changing hands")
         return kept

@@ -16,7 +16,7 @@ from ...records import Task
 from .._shared import holder_handle
 from .schema import PUT_UNIQUE, transaction
 
-__all__ = ["holder_handle", "key_holder", "let_key_go", "put_unique", "take_key"]
+__all__ = ["holder_handle", "key_holder", "let_key_go", "put_unique", "retake_key", "take_key"]
 
 
 def key_holder(conn: sqlite3.Connection, key: str, now: float) -> tuple[str, str] | None:
@@ -33,6 +33,20 @@ def take_key(conn: sqlite3.Connection, record: TaskRecord) -> None:
     conn.execute(
         "INSERT OR REPLACE INTO dedup (key, task_id, idempotency_key, until) "
         "VALUES (?, ?, ?, NULL)",
+        (record.dedup_key, record.id, record.idempotency_key),
+    )
+
+
+def retake_key(conn: sqlite3.Connection, record: TaskRecord) -> None:
+    """A replayed dead letter's task takes its key again, unless a live task holds it (one
+    enqueued after the dead letter let the key go: taking the key from it would let a third
+    enqueue in); a window still running it may end."""
+    conn.execute(
+        "INSERT INTO dedup (key, task_id, idempotency_key, until) VALUES (?, ?, ?, NULL) "
+        "ON CONFLICT (key) DO UPDATE SET task_id = excluded.task_id, "
+        "idempotency_key = excluded.idempotency_key, until = NULL "
+        "WHERE dedup.until IS NOT NULL "
+        "OR NOT EXISTS (SELECT 1 FROM tasks WHERE tasks.id = dedup.task_id)",
         (record.dedup_key, record.id, record.idempotency_key),
     )
 

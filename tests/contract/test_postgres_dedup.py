@@ -1,0 +1,182 @@
+"""The PostgreSQL store's dedup keys where another session is involved: a key an open
+transaction took, a key whose task row went without it, and a role that may only read.
+
+The session's throwaway server (conftest.py), a schema of its own per test; the dedup
+contract shared with SQLite is in test_store_contract.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from offload import StoreError, Task
+from offload.stores import StoreCounts
+from offload.stores.postgres import PostgresStore, parse_postgres_url
+from offload.testing import FakeClock
+from pgserver import PASSWORD
+
+
+def record(value: Any) -> None:
+    """A module-level function a worker can import."""
+
+
+def keyed(value: str) -> Task:
+    return Task(record, (value,), dedup_key="crm-sync:7")
+
+
+@pytest.fixture
+def stores(postgres_url: str) -> Iterator[list[PostgresStore]]:
+    """Stores opened by a test, closed after it."""
+    opened: list[PostgresStore] = []
+    yield opened
+    for store in opened:
+        store.close()
+
+
+def open_store(stores: list[PostgresStore], url: str, **options: Any) -> PostgresStore:
+    store = PostgresStore(url, **options)
+    stores.append(store)
+    return store
+
+
+class Tries:
+    """Counts the store's enqueue transactions (each takes its lock once): a second one
+    means the first waited at the key's index, gave up, and let the lock go."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self.count = 0
+        self.again = threading.Event()
+        use = store._use
+
+        @contextlib.contextmanager
+        def counting(what: str) -> Iterator[Any]:
+            if what == "enqueue":
+                self.count += 1
+                if self.count >= 2:
+                    self.again.set()
+            with use(what) as cur:
+                yield cur
+
+        store._use = counting  # type: ignore[method-assign]
+
+
+def enqueue_in_thread(store: PostgresStore, task: Task) -> tuple[threading.Thread, list[Any]]:
+    got: list[Any] = []
+
+    def run() -> None:
+        try:
+            got.append(store.put(task, lease=False))
+        except BaseException as exc:
+            got.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, got
+
+
+def counts_in_time(store: PostgresStore) -> StoreCounts:
+    """The store's counts, read from another thread: it must get the store's lock."""
+    got: list[StoreCounts] = []
+    reader = threading.Thread(target=lambda: got.append(store.counts()))
+    reader.start()
+    reader.join(10)
+    assert got, "counts() waited for the store's lock: the keyed enqueue holds it"
+    return got[0]
+
+
+@pytest.mark.parametrize("end", ["commit", "rollback"])
+def test_a_key_an_open_transaction_took_is_waited_for_without_holding_the_store(
+    postgres: Any, postgres_url: str, stores: list[PostgresStore], end: str
+) -> None:
+    store = open_store(stores, postgres_url)
+    tries = Tries(store)
+    with psycopg.connect(postgres.url()) as app:
+        first = keyed("in the transaction")
+        assert store.put_in(store.join(app), first) is first  # open: not committed
+        second = keyed("outside")
+        thread, got = enqueue_in_thread(store, second)
+        assert tries.again.wait(10)  # it waited a moment, let go of the lock, tries again
+        assert thread.is_alive()
+        # Meanwhile the store's other work (renewals, claims, counts) goes on.
+        assert counts_in_time(store) == StoreCounts(0, 0, 0, 0)
+        getattr(app, end)()
+        thread.join(10)
+    assert not thread.is_alive()
+    (kept,) = got
+    if end == "commit":  # the transaction's task holds the key: handed back
+        assert kept is not second and kept.id == first.id
+        assert store.counts().ready == 1
+    else:  # rolled back: the key was free, and the enqueue took it
+        assert kept is second
+        assert store.counts().ready == 1
+
+
+def test_a_key_held_open_past_a_lease_timeout_is_a_store_error(
+    postgres: Any, postgres_url: str, stores: list[PostgresStore]
+) -> None:
+    store = open_store(stores, postgres_url, lease_timeout=0.5)
+    with psycopg.connect(postgres.url()) as app:
+        store.put_in(store.join(app), keyed("in the transaction"))
+        thread, got = enqueue_in_thread(store, keyed("outside"))
+        thread.join(30)
+        assert not thread.is_alive(), "the enqueue waits for the transaction without end"
+        app.rollback()
+    (error,) = got
+    assert isinstance(error, StoreError)
+    message = str(error)
+    assert "dedup key 'crm-sync:7' is held by a transaction not yet committed" in message
+    assert store.url in message and PASSWORD not in message
+    assert store.put(keyed("later"), lease=False).args == ("later",)  # free now
+
+
+def test_a_key_whose_task_row_is_gone_is_free(
+    postgres: Any, postgres_url: str, stores: list[PostgresStore]
+) -> None:
+    """A process of an older format settles a task by deleting its row only (it knows no
+    `dedup` table): the key it leaves behind must not hold every later enqueue off."""
+    store = open_store(stores, postgres_url)
+    old = keyed("old")
+    store.put(old, lease=False)
+    schema = parse_postgres_url(postgres_url).schema
+    with psycopg.connect(postgres.url(), autocommit=True) as raw:
+        raw.execute(f'DELETE FROM "{schema}".tasks WHERE id = %s', (old.id,))
+        (left,) = raw.execute(f'SELECT task_id FROM "{schema}".dedup').fetchall()
+        assert left == (old.id,)  # the orphaned key
+    new = keyed("new")
+    assert store.put(new, lease=False) is new
+    assert store.put(keyed("again"), lease=False).id == new.id  # held by the new one
+
+
+def test_a_role_that_may_only_read_counts_a_lapsed_lease(
+    postgres: Any, postgres_url: str, stores: list[PostgresStore]
+) -> None:
+    """A console's role may SELECT only: counts() still counts a lease that lapsed (as
+    ready), and leaves taking it back to a worker's next claim."""
+    clock = FakeClock()
+    writer = open_store(stores, postgres_url, lease_timeout=10, clock=clock)
+    writer.put(Task(record, ("leased",)), lease=True)
+    schema = parse_postgres_url(postgres_url).schema
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres.url(), autocommit=True) as raw:
+        raw.execute(f"CREATE ROLE {role} LOGIN")
+        raw.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO {role}')
+        raw.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO {role}')
+    try:
+        url = postgres.url(user=role, query=f"schema={schema}")
+        reader = open_store(stores, url, clock=clock)
+        clock.advance(11)
+        assert reader.counts() == StoreCounts(ready=1, delayed=0, leased=0, dead_letters=0)
+        assert writer.counts().leased == 0  # a role that may write takes it back
+    finally:
+        for store in stores:
+            store.close()
+        with psycopg.connect(postgres.url(), autocommit=True) as raw:
+            raw.execute(f"DROP OWNED BY {role}")
+            raw.execute(f"DROP ROLE {role}")
