@@ -671,15 +671,24 @@ def test_a_dedup_window_holds_the_key_after_its_task_ended(
     assert_held_by(one, later)
 
 
-def test_a_dead_letter_lets_its_key_go_and_a_replay_takes_it_again(
+def keyed_dead_letter(
     dedup_stores: tuple[MakeStore, FakeClock],
-) -> None:
+) -> tuple[DurableStore, DurableStore, Task, DeadLetter]:
+    """A worker's and an operator's handle on one store, and a keyed task the worker
+    dead-lettered (its key let go), with its letter."""
     make, _ = dedup_stores
     worker, operator = make(), make()
     task = keyed("first")
     worker.put(task, lease=True)
     letter = letter_for(task)
     worker.bury(task, letter)
+    return worker, operator, task, letter
+
+
+def test_a_dead_letter_lets_its_key_go_and_a_replay_takes_it_again(
+    dedup_stores: tuple[MakeStore, FakeClock],
+) -> None:
+    worker, operator, task, letter = keyed_dead_letter(dedup_stores)
     replayed = operator.replay(letter.id)
     assert (replayed.id, replayed.dedup_key) == (task.id, "crm-sync:7")
     assert_held_by(worker, task)
@@ -694,12 +703,7 @@ def test_a_replay_leaves_the_key_to_a_live_task_that_took_it_meanwhile(
     """Once a dead letter let its key go, a new task may take it; replaying the letter
     then must not take the key from that task, or a third enqueue would be let in while
     both live (and the replayed task's end would free the key of the live one)."""
-    make, _ = dedup_stores
-    worker, operator = make(), make()
-    task = keyed("first")
-    worker.put(task, lease=True)
-    letter = letter_for(task)
-    worker.bury(task, letter)
+    worker, operator, task, letter = keyed_dead_letter(dedup_stores)
     newer = assert_free(operator)  # the key was free: a new task holds it
     replayed = operator.replay(letter.id)
     assert replayed.id == task.id and operator.counts().ready == 2  # both run
