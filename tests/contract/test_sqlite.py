@@ -28,6 +28,7 @@ from offload.settle import dead_letter_for
 from offload.stores import StoreCounts, open_store
 from offload.stores.base import LetterQuery
 from offload.stores.sqlite import SQLiteStore, parse_sqlite_url
+from offload.stores.sqlite.dedup import ANY_PASSED, FREE_KEYS
 from offload.stores.sqlite.listing import _where
 from offload.stores.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
 from offload.testing import FakeClock
@@ -194,12 +195,37 @@ def test_a_store_of_format_2_gains_the_dead_letter_indexes_and_keeps_its_letters
     assert [letter.task_id for letter in page.letters] == [task.id] and page.total == 1
     again.close()
     with raw(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
         indexes = {
             row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
         }
     wanted = {s.split(" ON ")[0].split()[-1] for s in MIGRATIONS[4]}
     assert {"dead_letters_key", "dead_letters_text"} <= wanted <= indexes
+
+
+def test_the_sweep_deletes_passed_keys_through_an_index_a_format_5_store_gains(
+    tmp_path: Path,
+) -> None:
+    """The sweep's read and delete of keys whose window passed search the index of keys
+    with an `until`: they never read the keys of live tasks, most of the table."""
+    path = tmp_path / "old.db"
+    store = SQLiteStore(path)
+    store.counts()
+    store.close()
+    with raw(path) as conn:  # as offload wrote it before the sweep deleted keys
+        conn.execute("DROP INDEX IF EXISTS dedup_until")
+        conn.execute("PRAGMA user_version = 5")
+    again = SQLiteStore(path)
+    again.counts()
+    conn = again._connection
+    assert conn is not None
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    for statement in (ANY_PASSED, FREE_KEYS):
+        plan = " ".join(
+            str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {statement}", (0.0,))
+        )
+        assert "INDEX dedup_until" in plan and "SCAN" not in plan, (statement, plan)
+    again.close()
 
 
 def test_filtered_pages_read_an_index_not_the_table(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ when it holds tasks).
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -669,6 +671,39 @@ def test_a_dedup_window_holds_the_key_after_its_task_ended(
     assert one.next_due() is None  # a sweep, which may delete the key whose window passed
     later = assert_free(two)
     assert_held_by(one, later)
+
+
+def keys_in_table(store: Any, request: pytest.FixtureRequest) -> set[str]:
+    """The keys in the store's `dedup` table, read behind its back."""
+    if isinstance(store, SQLiteStore):
+        with contextlib.closing(sqlite3.connect(store.path)) as conn:
+            return {row[0] for row in conn.execute("SELECT key FROM dedup")}
+    import psycopg
+
+    server = request.getfixturevalue("postgres")
+    with psycopg.connect(server.url(), autocommit=True) as pg:
+        return {row[0] for row in pg.execute(f'SELECT key FROM "{store.schema}".dedup')}
+
+
+def test_the_sweep_deletes_the_keys_whose_window_passed(
+    dedup_stores: tuple[MakeStore, FakeClock], request: pytest.FixtureRequest
+) -> None:
+    """A key nothing holds any longer is deleted, not merely free: a store used with a key
+    per event would otherwise grow for ever. Keys of live tasks and running windows stay."""
+    make, clock = dedup_stores
+    one, two = make(), make()
+    for name, window in (("passed", 60), ("running", 600)):
+        task = keyed(name, key=f"event:{name}", window=window)
+        one.put(task, lease=True)
+        one.complete(task)
+    live = keyed("live", key="event:live")
+    one.put(live, lease=False, due=clock.time() + 3600)
+    assert two.next_due() is not None  # a sweep, with every key held
+    assert keys_in_table(two, request) == {"event:passed", "event:running", "event:live"}
+    clock.advance(61)
+    assert two.next_due() is not None  # the next sweep: one window has passed
+    assert keys_in_table(two, request) == {"event:running", "event:live"}
+    assert_held_by(one, live, "event:live")
 
 
 def keyed_dead_letter(

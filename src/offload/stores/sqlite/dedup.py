@@ -4,7 +4,9 @@ A task with a dedup key is written by an INSERT in a write transaction (not thro
 journal) that first reads the key's row: while a task holds the key (`until` NULL), or
 until its window has passed, the enqueue adds nothing and gets that task back. Settling a
 task lets its key go in the transaction that deletes its row: at once, or after its window.
-The key is the table's primary key, so two processes racing for it cannot both win.
+The key is the table's primary key, so two processes racing for it cannot both win. The
+sweep deletes keys whose window has passed (`free_keys`), through an index of the rows
+with an `until`: never reading the keys of live tasks.
 """
 
 from __future__ import annotations
@@ -16,7 +18,22 @@ from ...records import Task
 from .._shared import holder_handle
 from .schema import PUT_UNIQUE, transaction
 
-__all__ = ["holder_handle", "key_holder", "let_key_go", "put_unique", "retake_key", "take_key"]
+__all__ = [
+    "ANY_PASSED",
+    "FREE_KEYS",
+    "free_keys",
+    "holder_handle",
+    "key_holder",
+    "let_key_go",
+    "put_unique",
+    "retake_key",
+    "take_key",
+]
+
+# The keys whose window passed, through the index dedup_until (schema.py, format 6).
+_PASSED = "FROM dedup WHERE until <= ?"
+ANY_PASSED = f"SELECT 1 {_PASSED} LIMIT 1"
+FREE_KEYS = f"DELETE {_PASSED}"
 
 
 def key_holder(conn: sqlite3.Connection, key: str, now: float) -> tuple[str, str] | None:
@@ -63,6 +80,13 @@ def let_key_go(conn: sqlite3.Connection, task: Task, now: float) -> None:
         )
     else:
         conn.execute("DELETE FROM dedup WHERE key = ? AND task_id = ?", (key, task.id))
+
+
+def free_keys(conn: sqlite3.Connection, now: float) -> None:
+    """Delete the keys whose window has passed by `now` (the sweep's). A read first: a
+    DELETE takes the write lock even when it deletes nothing."""
+    if conn.execute(ANY_PASSED, (now,)).fetchone():
+        conn.execute(FREE_KEYS, (now,))
 
 
 def put_unique(

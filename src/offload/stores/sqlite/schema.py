@@ -42,8 +42,8 @@ __all__ = [
 log = logging.getLogger("offload")
 
 # 2: the journals and meta tables, the index on tasks.id; 3: dedup; 4: dead-letter indexes;
-# 5: rate budgets
-SCHEMA_VERSION = 5
+# 5: rate budgets; 6: the index of dedup keys with a window
+SCHEMA_VERSION = 6
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS tasks (
         seq INTEGER PRIMARY KEY,      -- insertion order, and the handle of a leased row
@@ -129,6 +129,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             tokens REAL NOT NULL,         -- left at `stamp`
             stamp REAL NOT NULL           -- epoch seconds
         )""",
+    ),
+    6: (
+        # The sweep deletes the keys whose window passed (dedup.free_keys): through this
+        # index, without reading the keys of live tasks (`until` NULL), which are most.
+        "CREATE INDEX IF NOT EXISTS dedup_until ON dedup (until) WHERE until IS NOT NULL",
     ),
 }
 

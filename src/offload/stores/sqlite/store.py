@@ -56,7 +56,7 @@ from .tasks import (
     earliest_due,
     release_task,
     renew_leases,
-    take_back,
+    sweep,
 )
 
 __all__ = ["SQLiteStore"]
@@ -65,6 +65,7 @@ log = logging.getLogger("offload")
 
 # Sweeping leases (expired ones, and those of dead processes) reads every leased row, so
 # it runs at most this often per store object; the first claim or next_due runs it at once.
+# The sweep also deletes the dedup keys whose window passed (dedup.free_keys).
 _SWEEP_EVERY = 2.0
 
 # Connections inherited over fork(): never used again and never closed, since closing a
@@ -292,10 +293,10 @@ class SQLiteStore(LetterListing):
 
     def _sweep(self, conn: sqlite3.Connection, now: float) -> None:
         """Take back expired leases, and at once those of dead processes of this host;
-        delete the journal files that are done with."""
+        delete the journal files that are done with, and dedup keys whose window passed."""
         self._next_sweep = now + min(_SWEEP_EVERY, self.lease_timeout / 4)
         self._journals.tidy(conn)
-        take_back(conn, owner=self._owner, now=now)
+        sweep(conn, owner=self._owner, now=now)
 
     def renew(self, tasks: Sequence[Task]) -> None:
         """Extend the leases of `tasks` (one UPDATE)."""

@@ -20,6 +20,7 @@ from ...codec.task import TaskRecord, attempt_state
 from ...codec.trust import TRUST_ANY, Trust
 from ...records import Task
 from .._shared import json_list, owner_dead, tally_tasks
+from .dedup import free_keys
 from .schema import TASK_COLUMNS, transaction
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "earliest_due",
     "release_task",
     "renew_leases",
+    "sweep",
     "take_back",
 ]
 
@@ -108,6 +110,13 @@ def take_back(conn: sqlite3.Connection, *, owner: str, now: float) -> None:
                 [f"{o} (process gone)" for o in dead] + [f"{o} (lease expired)" for o in expired]
             ),
         )
+
+
+def sweep(conn: sqlite3.Connection, *, owner: str, now: float) -> None:
+    """The sweep's work in the tables: take back leases (see take_back), and delete the
+    dedup keys whose window passed by `now`, which nothing else ever deletes."""
+    take_back(conn, owner=owner, now=now)
+    free_keys(conn, now)
 
 
 def renew_leases(
