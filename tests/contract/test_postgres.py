@@ -529,7 +529,7 @@ def test_pages_are_filtered_and_cut_in_sql_as_page_of_does(make_store: MakeStore
                 last_attempt_at=None if i == 7 else base + timedelta(hours=i),
             ),
         )
-    every = list(enumerate(store.dead_letters()))  # numbered from the oldest, as SQS does
+    every = list(enumerate(store.dead_letters()))  # numbered from the oldest
     queries = [
         LetterQuery(),
         LetterQuery(key="k1"),
@@ -542,14 +542,14 @@ def test_pages_are_filtered_and_cut_in_sql_as_page_of_does(make_store: MakeStore
     ]
     for query in queries:
         for limit in (1, 4, 50):
-            expected = page_of(every, query, limit, None)
+            expected = page_of(every, query, limit, None, str)
             page = store.dead_letter_page(query, limit=limit)
             assert page.total == expected.total, query
             seen = list(page.letters)
             while page.cursor is not None:
                 page = store.dead_letter_page(query, limit=limit, cursor=page.cursor)
                 seen += page.letters
-            everything = page_of(every, query, 1000, None).letters
+            everything = page_of(every, query, 1000, None, str).letters
             assert seen == everything, (query, limit)
     with pytest.raises(ValueError, match="cursor"):
         store.dead_letter_page(LetterQuery(), cursor="not-a-cursor")

@@ -283,11 +283,7 @@ def test_a_letter_buried_between_pages_moves_no_other_onto_two_pages(store: Stor
     assert len(set(ids)) == 4
 
 
-@pytest.mark.parametrize("kind", [kind for kind in STORES if kind != "sqs"])  # SQS: no seq
-def test_letters_removed_between_pages_move_no_other_onto_two_pages(
-    kind: str, request: pytest.FixtureRequest
-) -> None:
-    store = request.getfixturevalue(f"{kind}_stores")()
+def test_letters_removed_between_pages_move_no_other_onto_two_pages(store: Store) -> None:
     letters = [buried(store, make_task(str(i))) for i in range(9)]
     first = store.dead_letter_page(LetterQuery(), limit=3)
     store.discard(letters[0].id)  # older than the cursor: every position below it shifts
@@ -296,6 +292,40 @@ def test_letters_removed_between_pages_move_no_other_onto_two_pages(
     shown = [x.id for x in first.letters + second.letters]
     assert shown == [letter.id for letter in reversed(letters[3:])]
     assert second.total == 7
+
+
+def test_letters_replayed_or_discarded_between_pages_repeat_and_skip_none(
+    durable_stores: MakeStore,
+) -> None:
+    store, other = durable_stores(), durable_stores()  # the console pages from another
+    letters = [buried(store, make_task(str(i))) for i in range(7)]
+    first = other.dead_letter_page(LetterQuery(), limit=3)
+    assert first.letters == letters[:3:-1]
+    store.discard(letters[5].id)  # shown on page 1
+    store.replay(letters[4].id)  # shown on page 1: the page's last, its cursor's letter
+    store.replay(letters[2].id)  # not shown yet: older than the cursor
+    second = other.dead_letter_page(LetterQuery(), limit=3, cursor=first.cursor)
+    shown = [x.id for x in first.letters + second.letters]
+    assert len(shown) == len(set(shown)), "a letter shown on both pages"
+    left = [x.id for x in other.dead_letters()]
+    assert set(left) <= set(shown), "a letter still there shown on neither page"
+    assert [x.id for x in second.letters] == [letters[i].id for i in (3, 1, 0)]
+    assert (second.total, second.cursor) == (4, None)
+
+
+def test_a_cursor_from_another_kind_of_store_is_refused(
+    sqlite_stores: MakeStore, sqs_stores: MakeStore
+) -> None:
+    """SQS's cursors name a place, the others' a number: neither reads the other's."""
+    sqlite, sqs = sqlite_stores(), sqs_stores()
+    for store in (sqlite, sqs):
+        for i in range(2):
+            buried(store, make_task(str(i)))
+    for store, foreign in [(sqlite, sqs), (sqs, sqlite)]:
+        cursor = foreign.dead_letter_page(LetterQuery(), limit=1).cursor
+        assert cursor is not None
+        with pytest.raises(ValueError, match="not a cursor a page gave"):
+            store.dead_letter_page(LetterQuery(), limit=1, cursor=cursor)
 
 
 def test_pages_filter_by_key_status_reason_since_and_text(stores: MakeStore) -> None:
@@ -362,7 +392,9 @@ def test_a_text_page_beyond_the_first(store: Store) -> None:
 
 @pytest.mark.parametrize(
     ("limit", "cursor"),
-    [(0, None), (1001, None), (True, None), (5, "x"), (5, "²"), (5, "9" * 19), (5, "9" * 5000)],
+    [(0, None), (1001, None), (True, None), (5, "x"), (5, "²"), (5, "9" * 19), (5, "9" * 5000)]
+    # and what no SQS page gives: no id, no time, not hex, not UTF-8, spaces, a sign
+    + [(5, c) for c in ["5.", ".61", "5.6", "5.zz", "5.ff", "5.61 62", "-5.61", "5.\u0661"]],
 )
 def test_a_page_refuses_a_bad_limit_or_cursor(store: Store, limit: Any, cursor: Any) -> None:
     with pytest.raises(ValueError):

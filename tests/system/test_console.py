@@ -28,6 +28,7 @@ from offload.console import make_app
 from offload.console.http import MAX_FORM
 from offload.records import new_id
 from offload.stores.sqlite import SQLiteStore
+from offload.stores.sqs import SqsStore
 from procs import python_env
 from server import Answer, ScriptedServer
 from wsgi import WsgiServer
@@ -61,7 +62,7 @@ def secret_call(path: str, port: int = 9) -> offload.HttpCall:
 
 
 def bury(
-    store: SQLiteStore,
+    store: SQLiteStore | SqsStore,
     call: Any,
     *,
     key: str | None = None,
@@ -72,7 +73,9 @@ def bury(
 ) -> DeadLetter:
     when = when or datetime.now(timezone.utc)
     task = Task(call, key=key)
-    store.put(task, lease=True)
+    store.put(task, lease=store.leases_on_put)
+    if not store.leases_on_put:
+        (task,) = store.claim(1)
     letter = DeadLetter(
         id=new_id(),
         task_id=task.id,
@@ -566,6 +569,31 @@ def test_pages_of_fifty_newest_first_with_every_filter(
     assert bad.status_code == 400 and "status" in bad.text and row_count(bad.text) == 0
     assert console.get("/dead-letters?since=yesterday").status_code == 400
     assert console.get("/dead-letters?reason=bored").status_code == 400
+
+
+def test_the_console_pages_over_sqs_by_the_cursor_the_store_gave(
+    console_of: Callable[..., Console], sqs_store_url: str
+) -> None:
+    """An SQS cursor is no number: the console passes it on, and refuses what the store
+    refuses (a cursor of SQLite's) with a 400."""
+    store = SqsStore.from_url(sqs_store_url)
+    try:
+        letters = [bury(store, secret_call(f"/orders/{i}")) for i in range(3)]
+        console = console_of(sqs_store_url)
+        first = console.script("GET", "/api/dead-letters", params={"limit": 2}).json()
+        rest = console.script("GET", "/api/dead-letters", params={"cursor": first["cursor"]})
+        assert rest.status_code == 200 and rest.json()["cursor"] is None
+        shown = [item["id"] for item in first["items"] + rest.json()["items"]]
+        assert shown == [letter.id for letter in reversed(letters)]
+        console.log_in()
+        page = console.get("/dead-letters?" + urlencode({"cursor": first["cursor"]}))
+        assert page.status_code == 200 and letters[0].id in page.text
+        assert letters[2].id not in page.text
+        for path in ("/dead-letters?cursor=12", "/api/dead-letters?cursor=12"):
+            refused = console.script("GET", path) if "api" in path else console.get(path)
+            assert refused.status_code == 400 and "not a page this console gave" in refused.text
+    finally:
+        store.close()
 
 
 def test_a_number_that_is_not_plain_digits_is_a_400_never_a_500(console: Console) -> None:

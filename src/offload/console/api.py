@@ -42,9 +42,12 @@ class Api:
         limit = plain_int(request.arg("limit") or "50")
         if limit is None or not 1 <= limit <= 1000:
             return Response.json({"error": "limit: an integer from 1 to 1000"}, 400)
-        if cursor is not None and plain_int(cursor) is None:
+        try:
+            page = self.source.page(filters.query, cursor, limit=limit)
+        except ValueError:
+            if cursor is None:
+                raise  # the limit was checked: the store is at fault, not the request
             return Response.json({"error": "cursor: not a page this console gave"}, 400)
-        page = self.source.page(filters.query, cursor, limit=limit)
         return Response.json(
             {
                 "items": [letter.to_json() for letter in page.letters],

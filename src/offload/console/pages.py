@@ -114,9 +114,14 @@ class Pages:
         filters = Filters.read(request.arg)
         cursor = request.arg("cursor") or None
         error = filters.error
-        if cursor is not None and plain_int(cursor) is None:
-            error, cursor = "cursor: not a page this console gave", None
-        page = self.source.page(filters.query, cursor) if error is None else None
+        page = None
+        if error is None:
+            try:
+                page = self.source.page(filters.query, cursor)
+            except ValueError:
+                if cursor is None:
+                    raise  # the store is at fault, not the request
+                error, cursor = "cursor: not a page this console gave", None
         return self._render(
             request,
             "letters.html",

@@ -83,6 +83,8 @@ class Source:
         return None if offloader is None else list(offloader.keys().values())
 
     def page(self, query: LetterQuery, cursor: str | None, limit: int = PAGE) -> LetterPage:
+        """A page of dead letters; ValueError for a cursor that is none of the store's
+        (each store reads its own: the console passes it on as it came)."""
         return self.store.dead_letter_page(query, limit=limit, cursor=cursor)
 
     def matching_ids(self, query: LetterQuery) -> list[str]:

@@ -21,9 +21,9 @@ import os
 import secrets
 import socket
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._numbers import plain_int
 from ..config import describe_range
@@ -31,9 +31,13 @@ from ..errors import StoreError
 from ..records import DeadLetter, Task
 from .base import LetterPage, LetterQuery, LetterTally
 
+if TYPE_CHECKING:
+    from _typeshed import SupportsDunderLT
+
 __all__ = [
     "LETTER_FIELDS",
     "bool_option",
+    "check_cursor",
     "check_page",
     "check_tally",
     "epoch",
@@ -49,6 +53,9 @@ __all__ = [
     "tally_of",
     "tally_tasks",
 ]
+
+
+Mark = TypeVar("Mark", bound="SupportsDunderLT[Any]")  # a dead letter's place in a listing
 
 
 def new_owner() -> str:
@@ -159,25 +166,26 @@ def epoch(value: datetime | None) -> float | None:
 
 
 def page_of(
-    letters: Sequence[tuple[int, DeadLetter]],
+    letters: Sequence[tuple[Mark, DeadLetter]],
     query: LetterQuery,
     limit: int,
-    cursor: str | None,
+    after: Mark | None,
+    cursor_of: Callable[[Mark], str],
 ) -> LetterPage:
     """A page of `letters`, filtered and newest first: for stores that list by reading
-    every dead letter. Each letter comes with its number, rising from the oldest.
+    every dead letter. Each letter comes with its mark, rising from the oldest, that lasts
+    as long as the letter (removing or burying others changes no letter's mark).
 
-    The cursor is the number of the page's last letter, and the next page the letters
-    numbered below it, so that letters buried meanwhile (numbered higher) move nothing from
-    one page onto the next. The memory store numbers each letter once, when it buries it:
-    one removed meanwhile moves nothing either. The SQS store has no such number (SQS gives
-    none that lasts) and numbers them by their place in the queue."""
-    after = check_page(limit, cursor)
+    `after` is the mark of the previous page's last letter (what `check_cursor` read from
+    its cursor; None for the first page), and this page the letters marked below it, so
+    that letters buried (marked higher) or removed meanwhile move nothing from one page
+    onto the next. `cursor_of` writes a mark as the next page's cursor. The memory store
+    numbers each letter when it buries it; the SQS store marks each by (SentTimestamp,
+    id), SQS giving no number that lasts."""
     text = query.text.lower() if query.text else None
-    chosen: list[DeadLetter] = []
+    chosen: list[tuple[Mark, DeadLetter]] = []
     total = 0
-    last = 0
-    for number, letter in reversed(letters):
+    for mark, letter in reversed(letters):
         if not (
             (query.key is None or letter.key == query.key)
             and (query.status is None or letter.status == query.status)
@@ -190,12 +198,10 @@ def page_of(
         ):
             continue
         total += 1
-        if (after is None or number < after) and len(chosen) <= limit:
-            chosen.append(letter)
-            if len(chosen) == limit:
-                last = number
-    more = len(chosen) > limit
-    return LetterPage(chosen[:limit], total, str(last) if more else None)
+        if (after is None or mark < after) and len(chosen) <= limit:
+            chosen.append((mark, letter))
+    cursor = cursor_of(chosen[limit - 1][0]) if len(chosen) > limit else None
+    return LetterPage([letter for _, letter in chosen[:limit]], total, cursor)
 
 
 def tally_of(letters: Sequence[DeadLetter], limit: int) -> LetterTally:
@@ -224,11 +230,17 @@ def check_tally(limit: int) -> None:
 def check_page(limit: int, cursor: str | None) -> int | None:
     """The cursor as the number it is (None for the first page); ValueError for a page
     size or cursor a listing cannot take."""
+    return check_cursor(limit, cursor, plain_int)
+
+
+def check_cursor(limit: int, cursor: str | None, read: Callable[[str], Mark | None]) -> Mark | None:
+    """The mark `read` finds in the cursor (None for the first page); ValueError for a
+    page size a listing cannot take, or a cursor `read` finds none in (None)."""
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
         raise ValueError(f"limit must be an integer from 1 to 1000, got {limit!r}")
     if cursor is None:
         return None
-    after = plain_int(cursor) if isinstance(cursor, str) else None
+    after = read(cursor) if isinstance(cursor, str) else None
     if after is None:
         raise ValueError(f"not a cursor a page gave: {cursor!r}")
     return after

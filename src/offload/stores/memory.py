@@ -8,7 +8,7 @@ from collections import OrderedDict
 from ..codec.view import view_of
 from ..errors import UnknownDeadLetter
 from ..records import DeadLetter, Task
-from ._shared import page_of, tally_of
+from ._shared import check_page, page_of, tally_of
 from .base import LetterDetail, LetterPage, LetterQuery, LetterTally
 
 __all__ = ["MemoryStore"]
@@ -47,9 +47,10 @@ class MemoryStore:
     def dead_letter_page(
         self, query: LetterQuery, *, limit: int = 50, cursor: str | None = None
     ) -> LetterPage:
+        after = check_page(limit, cursor)
         with self._lock:
             letters = [(number, letter) for number, letter, _ in self._letters.values()]
-        return page_of(letters, query, limit, cursor)
+        return page_of(letters, query, limit, after, str)
 
     def dead_letter_detail(self, dead_letter_id: str) -> LetterDetail:
         with self._lock:

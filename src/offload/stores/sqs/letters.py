@@ -13,6 +13,11 @@ again. Replay sends the task to NAME and then deletes the dead letter (moto lack
 StartMessageMoveTask); revive/discard/purge delete. Each of these scans the DLQ, so they
 suit the hundreds, not millions: so does the console's listing of them, a page at a time
 (`dead_letter_page` reads the whole DLQ for each page: SQS cannot filter or seek).
+
+A page's cursor names the last letter's place, (SentTimestamp in ms, letter id): the
+order `letters` gives, which lasts as long as the letter does, so that letters removed or
+buried between two pages move no other onto both or off both (a place counted in the
+queue would). It reads `<ms>.<id as UTF-8 hex>`: nothing else is one (`_read_place`).
 """
 
 from __future__ import annotations
@@ -21,18 +26,40 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ..._numbers import plain_int
 from ...codec.trust import TRUST_ANY, Trust
 from ...codec.view import CallView, view_call
 from ...errors import StoreError, UnknownDeadLetter
 from ...records import DeadLetter, Task
-from .._shared import page_of, tally_of
+from .._shared import check_cursor, page_of, tally_of
 from ..base import LetterDetail, LetterPage, LetterQuery, LetterTally
 from .messages import Entry, read_entry
 from .queues import BATCH, Queues
 
-__all__ = ["DeadLetterQueue", "LetterViews", "Scan", "task_of"]
+__all__ = ["DeadLetterQueue", "LetterViews", "Place", "Scan", "task_of"]
 
 _LIST_VISIBILITY = 30  # seconds a DLQ scan hides what it read, if it dies before unhiding
+
+Place = tuple[int, str]
+"""A dead letter's place in the DLQ's order: (SentTimestamp in ms, letter id)."""
+
+
+def _place_cursor(place: Place) -> str:
+    """The cursor of a page that ends at `place`."""
+    sent, letter_id = place
+    return f"{sent}.{letter_id.encode('utf-8', 'surrogatepass').hex()}"
+
+
+def _read_place(cursor: str) -> Place | None:
+    """The place a cursor of `_place_cursor` names; None for any other text."""
+    sent_text, dot, id_hex = cursor.partition(".")
+    sent = plain_int(sent_text)
+    if sent is None or not dot or not (id_hex.isascii() and id_hex.isalnum()):
+        return None  # isalnum: bytes.fromhex would admit spaces
+    try:
+        return sent, bytes.fromhex(id_hex).decode("utf-8", "surrogatepass")
+    except ValueError:  # not hex, or not UTF-8
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +93,13 @@ class DeadLetterQueue:
 
     def letters(self) -> list[DeadLetter]:
         """Every dead letter in the DLQ, oldest first, left as it was (see `scan`)."""
+        return [letter for _, letter in self.placed()]
+
+    def placed(self) -> list[tuple[Place, DeadLetter]]:
+        """Every dead letter in the DLQ with its place, oldest first (see `scan`)."""
         with self.scan() as scan:
-            ordered = sorted(scan.entries, key=lambda e: (e.sent, e.letter.id))
-        return [entry.letter for entry in ordered]
+            placed = [((e.sent, e.letter.id), e.letter) for e in scan.entries]
+        return sorted(placed, key=lambda pair: pair[0])
 
     @contextmanager
     def scan(self, stop: Callable[[Entry], bool] | None = None) -> Iterator[Scan]:
@@ -157,8 +188,10 @@ class LetterViews:
     def dead_letter_page(
         self, query: LetterQuery, *, limit: int = 50, cursor: str | None = None
     ) -> LetterPage:
-        """A page of the dead letters matching `query`, newest first (see Store)."""
-        return page_of(list(enumerate(self._letters.letters())), query, limit, cursor)
+        """A page of the dead letters matching `query`, newest first (see Store), from the
+        place a cursor names (see above); ValueError for a cursor no page gave."""
+        after = check_cursor(limit, cursor, _read_place)
+        return page_of(self._letters.placed(), query, limit, after, _place_cursor)
 
     def dead_letter_detail(self, dead_letter_id: str) -> LetterDetail:
         """One dead letter and its task's call."""
