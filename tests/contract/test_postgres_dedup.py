@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +17,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from offload import StoreError, Task
+from offload import DeadLetter, StoreError, Task
+from offload.records import new_id
 from offload.stores import StoreCounts
 from offload.stores.postgres import PostgresStore, parse_postgres_url
 from offload.testing import FakeClock
@@ -180,3 +182,116 @@ def test_a_role_that_may_only_read_counts_a_lapsed_lease(
         with psycopg.connect(postgres.url(), autocommit=True) as raw:
             raw.execute(f"DROP OWNED BY {role}")
             raw.execute(f"DROP ROLE {role}")
+
+
+class StopBeforeFreeing:
+    """A cursor or connection that stops before the statement deleting a key it found free
+    (its window passed), until `go`: where another session's change of that key falls."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.reached = threading.Event()
+        self.go = threading.Event()
+
+    def execute(self, query: str, params: Any = None) -> Any:
+        if "DELETE FROM" in query and ".dedup d" in query and not self.reached.is_set():
+            self.reached.set()
+            assert self.go.wait(10)
+        return self._inner.execute(query, params)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def a_key_whose_window_passed(
+    stores: list[PostgresStore], url: str, clock: FakeClock
+) -> tuple[PostgresStore, str, Task]:
+    """An operator's store, the dead letter of a task whose key's window has passed (not
+    yet swept), and that task."""
+    operator = open_store(stores, url, clock=clock)
+    task = Task(record, ("first",), dedup_key="crm-sync:7", dedup_window=5.0)
+    operator.put(task, lease=True)
+    letter = DeadLetter(
+        id=new_id(), task_id=task.id, description="tests.record", key=None, attempts=1,
+        error="HTTP 503", status=503, reason="exhausted", first_attempt_at=None,
+        last_attempt_at=None,
+    )  # fmt: skip
+    operator.bury(task, letter)
+    clock.advance(6)
+    return operator, letter.id, task
+
+
+@contextlib.contextmanager
+def replay_uncommitted(operator: PostgresStore, letter_id: str) -> Iterator[None]:
+    """The operator's replay of `letter_id`, made in a transaction that commits when the
+    block ends (the statement's own, held open)."""
+    with operator._use("test") as cur:
+        cur.execute("BEGIN")
+    try:
+        operator.replay(letter_id)
+        yield
+    finally:
+        with operator._use("test") as cur:
+            cur.execute("COMMIT")
+
+
+def assert_waits_for_a_lock(postgres: Any, statement: str) -> None:
+    """Some session's statement beginning with `statement` waits for a lock (seen by the
+    server: pg_stat_activity), within a few seconds."""
+    with psycopg.connect(postgres.url(), autocommit=True) as watcher:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if watcher.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                (f"%{statement}%",),
+            ).fetchone():
+                return
+            time.sleep(0.01)  # the server announces no wait: look again
+    raise AssertionError(f"no statement {statement!r} waited for a lock")
+
+
+def test_a_key_freed_while_another_transaction_retakes_it_does_not_hold_the_store(
+    postgres: Any, postgres_url: str, stores: list[PostgresStore]
+) -> None:
+    """An enqueue that found the key free (its window passed) deletes it; if a replay
+    retakes it meanwhile in a transaction still open, that delete waits for it: not with
+    the store's lock held. Once the replay commits, its task holds the key."""
+    clock = FakeClock()
+    operator, letter_id, first = a_key_whose_window_passed(stores, postgres_url, clock)
+    store = open_store(stores, postgres_url, clock=clock)
+    store.counts()  # connected
+    stop = store._cur = StopBeforeFreeing(store._cur)
+    thread, got = enqueue_in_thread(store, keyed("outside"))
+    assert stop.reached.wait(10)
+    with replay_uncommitted(operator, letter_id):
+        stop.go.set()
+        assert counts_in_time(store).ready == 0  # the replay is not committed yet
+    thread.join(10)
+    (kept,) = got
+    assert isinstance(kept, Task) and kept.id == first.id  # the replayed task's key
+
+
+def test_a_key_freed_in_the_applications_transaction_is_not_taken_from_a_replay(
+    postgres: Any, postgres_url: str, stores: list[PostgresStore]
+) -> None:
+    """The delete of a key found free waits, in the application's transaction, for a
+    replay that retakes it; once that commits, the key is the replayed task's: the
+    delete must not judge the new row by what it saw before (its task row not yet there),
+    or both tasks would live with one key."""
+    clock = FakeClock()
+    operator, letter_id, first = a_key_whose_window_passed(stores, postgres_url, clock)
+    store = open_store(stores, postgres_url, clock=clock)
+    with psycopg.connect(postgres.url()) as app:
+        stop = StopBeforeFreeing(store.join(app))
+        got: list[Any] = []
+        thread = threading.Thread(target=lambda: got.append(store.put_in(stop, keyed("in"))))
+        thread.start()
+        assert stop.reached.wait(10)
+        with replay_uncommitted(operator, letter_id):
+            stop.go.set()
+            assert_waits_for_a_lock(postgres, "DELETE FROM %.dedup d")  # for the replay's commit
+        thread.join(10)
+        (kept,) = got
+        app.commit()
+    assert kept.id == first.id  # held by the replayed task: nothing written
+    assert store.counts().ready == 1

@@ -63,10 +63,13 @@ def put_unique(
             return task
         # Held: by a task committed before this statement, or by one whose transaction
         # this statement waited for at the index (read now, by a statement of its own).
-        held = conn.execute(sql.key_holder, (key, now)).fetchone()
-        if held is not None:
-            return holder_handle(task, (str(held[0]), str(held[1])))
-        conn.execute(sql.free_key, (key, now))  # its window has passed (or it just went)
+        found = conn.execute(sql.key_holder, (now, key)).fetchone()
+        if found is None:
+            continue  # it just went
+        holder, idempotency_key, holds, version = found
+        if holds:
+            return holder_handle(task, (str(holder), str(idempotency_key)))
+        conn.execute(sql.free_key[alone], (key, version, now))  # its window has passed
     return None
 
 

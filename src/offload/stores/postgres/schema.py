@@ -219,7 +219,8 @@ class Sql:
             "retry, due, owner, lease_until, dedup_key, dedup_window) "
             "SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s FROM k) SELECT {then} FROM k"
         )
-        short = "w AS (SELECT set_config('lock_timeout', '50ms', true)), "
+        moment = "w AS (SELECT set_config('lock_timeout', '50ms', true))"
+        short = f"{moment}, "
         #: (alone: on the store's own connection, notify): the statement
         self.put_unique = {
             (alone, notify): put_unique.format(
@@ -230,14 +231,24 @@ class Sql:
             for alone in (False, True)
             for notify in (False, True)
         }
+        #: The key's row, if any: (task_id, idempotency_key, whether it holds the key at
+        #: now, the row's version for free_key).
         self.key_holder = (
-            f"SELECT task_id, idempotency_key FROM {dedup} d "
-            f"WHERE key = %s AND (until > %s OR (until IS NULL AND {alive}))"
+            f"SELECT task_id, idempotency_key, COALESCE(until > %s, {alive}), xmin::text "
+            f"FROM {dedup} d WHERE key = %s"
         )
-        self.free_key = (
-            f"DELETE FROM {dedup} d "
-            f"WHERE key = %s AND (until <= %s OR (until IS NULL AND NOT {alive}))"
-        )
+        #: (alone): delete the row version key_holder found free, and no later one: a
+        #: delete that meets a row changed meanwhile (a replay took the key again) judges
+        #: the new row with the tasks as it saw them (the replay's task not yet there). On
+        #: the store's own connection, it waits a moment only for another's row lock.
+        self.free_key = {
+            alone: (
+                f"{f'WITH {moment} ' if alone else ''}DELETE FROM {dedup} d "
+                f"{'USING w ' if alone else ''}WHERE key = %s AND d.xmin = %s::xid "
+                f"AND (until <= %s OR (until IS NULL AND NOT {alive}))"
+            )
+            for alone in (False, True)
+        }
         self.free_keys = f"DELETE FROM {dedup} WHERE until <= %s"
         self.let_key_go = f"DELETE FROM {dedup} WHERE key = %s AND task_id = %s"
         self.let_key_go_later = f"UPDATE {dedup} SET until = %s WHERE key = %s AND task_id = %s"
