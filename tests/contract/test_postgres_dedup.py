@@ -295,3 +295,26 @@ def test_a_key_freed_in_the_applications_transaction_is_not_taken_from_a_replay(
         app.commit()
     assert kept.id == first.id  # held by the replayed task: nothing written
     assert store.counts().ready == 1
+
+
+def test_the_sweep_passes_a_key_an_open_transaction_is_taking(
+    postgres: Any, postgres_url: str, stores: list[PostgresStore]
+) -> None:
+    """An application's transaction that takes a key whose window passed deletes its row
+    first; the sweep of a claim must not wait for that transaction, with the store's lock
+    held (renewals wait for it), but leave the row to it."""
+    clock = FakeClock()
+    _, _, _ = a_key_whose_window_passed(stores, postgres_url, clock)
+    store = open_store(stores, postgres_url, clock=clock)
+    with psycopg.connect(postgres.url()) as app:
+        taken = keyed("in the transaction")
+        assert store.put_in(store.join(app), taken) is taken  # open: not committed
+        claimed: list[Any] = []
+        claimer = threading.Thread(target=lambda: claimed.append(store.claim(5)))
+        claimer.start()
+        claimer.join(10)
+        alive = claimer.is_alive()
+        app.commit()
+        claimer.join(10)
+    assert not alive, "the sweep waited for the application's transaction"
+    assert claimed == [[]] and store.put(keyed("later"), lease=False).id == taken.id

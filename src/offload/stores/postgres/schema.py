@@ -249,7 +249,12 @@ class Sql:
             )
             for alone in (False, True)
         }
-        self.free_keys = f"DELETE FROM {dedup} WHERE until <= %s"
+        #: The sweep: a row another transaction has locked (one taking the key again, in
+        #: the application's transaction, say) is left to it, not waited for.
+        self.free_keys = (
+            f"DELETE FROM {dedup} WHERE key IN (SELECT key FROM {dedup} WHERE until <= %s "
+            "FOR UPDATE SKIP LOCKED)"
+        )
         self.let_key_go = f"DELETE FROM {dedup} WHERE key = %s AND task_id = %s"
         self.let_key_go_later = f"UPDATE {dedup} SET until = %s WHERE key = %s AND task_id = %s"
         self.next_due = f"SELECT MIN(due) FROM {tasks} WHERE owner IS NULL"
