@@ -934,6 +934,66 @@ def test_shutdown_reports_a_dead_letter_the_store_never_kept(
         assert conn.execute("SELECT COUNT(*) FROM tasks").fetchone()[0] == 1
 
 
+class TimedReleases(FailingStore):
+    """Records how far ahead each hand-back is due."""
+
+    def __init__(self, path: Path, **options: Any) -> None:
+        super().__init__(path, **options)
+        self.waits: list[float] = []
+        self.twice = threading.Event()
+
+    def release(self, task: Task, due: float) -> None:
+        super().release(task, due)
+        self.waits.append(due - time.time())
+        if len(self.waits) >= 2:
+            self.twice.set()
+
+
+def test_a_refused_dead_letter_waits_longer_at_each_hand_back(
+    tmp_path: Path, make_offloader: Any
+) -> None:
+    # A store that keeps refusing the dead letter: the task is handed back due in 0.5 s,
+    # then 1 s (doubled each time), not sent again and again.
+    store = TimedReleases(tmp_path / "q.db", failing=["bury"] * 10_000)
+    off = make_offloader(store=store, idle_timeout=0.05)
+    off.enqueue_task(record_then_fail, 7)
+    assert store.twice.wait(30)
+    first, second = store.waits[:2]
+    assert 0.3 < first <= 0.5 and 0.8 < second <= 1.0, store.waits
+    off.shutdown(5)
+
+
+gate = threading.Event()
+at_gate = threading.Event()
+
+
+def record_at_gate(value: Any) -> None:
+    at_gate.set()
+    assert gate.wait(30)
+    record(value)
+
+
+def test_a_task_whose_complete_is_refused_after_a_timed_out_shutdown_is_let_go(
+    tmp_path: Path, make_offloader: Any
+) -> None:
+    # shutdown() gave up waiting for a running call; the call then ends and the store
+    # refuses its delete: nothing will retry it any more, so its lease is let go (it lapses,
+    # and the task runs elsewhere) instead of being renewed for the life of the process.
+    gate.clear()
+    at_gate.clear()
+    store = RefusingCompleteStore(tmp_path / "q.db", lease_timeout=0.3)
+    off = make_offloader(store=store, idle_timeout=0.05)
+    off.enqueue_task(record_at_gate, 7)
+    assert at_gate.wait(30)
+    assert off.shutdown(timeout=0.1) is False  # the call still runs
+    keeper = off._backlog.keeper.thread
+    assert keeper is not None
+    gate.set()
+    keeper.join(30)
+    assert not keeper.is_alive(), "the lease keeper renews a task nothing will settle"
+    assert delivered == [7]
+
+
 def test_shutdown_reports_a_task_the_store_could_not_settle(
     tmp_path: Path, make_offloader: Any
 ) -> None:

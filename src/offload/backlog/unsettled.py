@@ -42,11 +42,13 @@ class Unsettled:
         self.trying = 0  # second calls under way outside the lock (flush() waits for them)
         # Tasks whose dead letter the store refused, until they settle: id -> refusals.
         self.unkept: dict[str, int] = {}
+        self.closed = False  # at_close ran: nothing retries a second call any more
 
     def holds(self, task: Task) -> bool:
-        """Lock held: `task` was delivered and waits for its complete (keep renewing it)."""
+        """Lock held: `task` was delivered and waits for its complete (keep renewing it),
+        before `at_close`: a worker that outlived a shutdown's wait has its task let go."""
         waiting = self.waiting.get(task.id)
-        return waiting is not None and waiting[1]
+        return waiting is not None and waiting[1] and not self.closed
 
     def complete(self, task: Task) -> None:
         """A delivered task (still in flight: flush() cannot miss it meanwhile)."""
@@ -72,13 +74,14 @@ class Unsettled:
             self.unkept.pop(task.id, None)
             return True
         backlog.keeper.let_go([task])
-        back = self._second_call(task, False, error)
         core = backlog.core
+        with core.lock:  # counted first: this refusal sets the hand-back's wait
+            self.unkept[task.id] = self.unkept.get(task.id, 0) + 1
+        back = self._second_call(task, False, error)
         with core.lock:
             core.sched.settle(task, None)
             core.wake()
             core.ledger.released += 1
-            self.unkept[task.id] = self.unkept.get(task.id, 0) + 1
             if not back:
                 self.waiting[task.id] = (task, False)
             core.notify_if_drained()
@@ -121,6 +124,7 @@ class Unsettled:
         backlog = self.backlog
         with backlog.core.lock:
             settled = self.retry()
+            self.closed = True
             for task, _ in self.waiting.values():
                 backlog.leased.pop(task.id, None)
             backlog.keeper.wake()
