@@ -30,7 +30,9 @@ from offload import (
     UnknownDeadLetter,
 )
 from offload.stores import DurableStore, open_store
+from offload.stores.base import LetterQuery
 from offload.stores.sqs import SqsStore, task_record
+from offload.stores.sqs.messages import letter_body
 
 MakeStore = Callable[..., SqsStore]
 
@@ -466,6 +468,43 @@ def test_bury_keeps_offloads_record_and_listing_hides_nothing(
     assert attributes(sqs, dlq, "ApproximateNumberOfMessages")["ApproximateNumberOfMessages"] == "2"
     assert sorted(d.id for d in elsewhere.dead_letters()) == sorted(d.id for d in buried)
     assert len(store) == 2
+
+
+def test_copies_of_a_letter_sent_in_one_millisecond_are_all_paged(
+    make_store: MakeStore, sqs: Any
+) -> None:
+    """A bury whose send SQS took but whose answer was lost is sent again: two messages
+    with one letter id, maybe in one SentTimestamp millisecond. Each is a place of its
+    own (its MessageId breaks the tie): a page that ends on one does not skip the other."""
+    store = make_store()
+    dlq = sqs.get_queue_url(QueueName=store.dlq)["QueueUrl"]
+    task = http_task()
+    body = letter_body(task, letter_for(task))
+    for _ in range(5):  # moto stamps each of a batch in turn: two share a millisecond
+        entries = [{"Id": str(i), "MessageBody": body} for i in range(10)]
+        sqs.send_message_batch(QueueUrl=dlq, Entries=entries)
+        sent = [
+            m["Attributes"]["SentTimestamp"]
+            for m in sqs.receive_message(
+                QueueUrl=dlq,
+                MaxNumberOfMessages=10,
+                VisibilityTimeout=0,
+                AttributeNames=["SentTimestamp"],
+            )["Messages"]
+        ]
+        if len(set(sent)) < len(sent):
+            break
+        sqs.purge_queue(QueueUrl=dlq)
+    else:
+        pytest.fail("no two messages of a batch shared a millisecond")
+    every = store.dead_letters()
+    assert len(every) == 10
+    page = store.dead_letter_page(LetterQuery(), limit=1)
+    seen = list(page.letters)
+    while page.cursor is not None:
+        page = store.dead_letter_page(LetterQuery(), limit=1, cursor=page.cursor)
+        seen += page.letters
+    assert page.total == 10 and len(seen) == 10, "a copy skipped by the page before"
 
 
 def test_long_errors_are_clipped_in_the_record(make_store: MakeStore) -> None:

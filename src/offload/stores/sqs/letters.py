@@ -14,10 +14,13 @@ StartMessageMoveTask); revive/discard/purge delete. Each of these scans the DLQ,
 suit the hundreds, not millions: so does the console's listing of them, a page at a time
 (`dead_letter_page` reads the whole DLQ for each page: SQS cannot filter or seek).
 
-A page's cursor names the last letter's place, (SentTimestamp in ms, letter id): the
-order `letters` gives, which lasts as long as the letter does, so that letters removed or
-buried between two pages move no other onto both or off both (a place counted in the
-queue would). It reads `<ms>.<id as UTF-8 hex>`: nothing else is one (`_read_place`).
+A page's cursor names the last letter's place, (SentTimestamp in ms, letter id,
+MessageId): the order `letters` gives, which lasts as long as the message does, so that
+letters removed or buried between two pages move no other onto both or off both (a place
+counted in the queue would). The MessageId parts two copies of one letter sent in one
+millisecond (a bury sent again when its answer was lost): a page that ended on one would
+skip the other. It reads `<ms>.<id as UTF-8 hex>.<MessageId as UTF-8 hex>`: nothing else
+is one (`_read_place`).
 """
 
 from __future__ import annotations
@@ -40,26 +43,31 @@ __all__ = ["DeadLetterQueue", "LetterViews", "Place", "Scan", "task_of"]
 
 _LIST_VISIBILITY = 30  # seconds a DLQ scan hides what it read, if it dies before unhiding
 
-Place = tuple[int, str]
-"""A dead letter's place in the DLQ's order: (SentTimestamp in ms, letter id)."""
+Place = tuple[int, str, str]
+"""A dead letter's place in the DLQ's order: (SentTimestamp in ms, letter id, MessageId)."""
 
 
 def _place_cursor(place: Place) -> str:
     """The cursor of a page that ends at `place`."""
-    sent, letter_id = place
-    return f"{sent}.{letter_id.encode('utf-8', 'surrogatepass').hex()}"
+    sent, *texts = place
+    return ".".join([str(sent), *(t.encode("utf-8", "surrogatepass").hex() for t in texts)])
 
 
 def _read_place(cursor: str) -> Place | None:
     """The place a cursor of `_place_cursor` names; None for any other text."""
-    sent_text, dot, id_hex = cursor.partition(".")
-    sent = plain_int(sent_text)
-    if sent is None or not dot or not (id_hex.isascii() and id_hex.isalnum()):
-        return None  # isalnum: bytes.fromhex would admit spaces
-    try:
-        return sent, bytes.fromhex(id_hex).decode("utf-8", "surrogatepass")
-    except ValueError:  # not hex, or not UTF-8
+    parts = cursor.split(".")
+    sent = plain_int(parts[0])
+    if sent is None or len(parts) != 3:
         return None
+    texts = []
+    for part in parts[1:]:
+        if not (part.isascii() and part.isalnum()):
+            return None  # isalnum: bytes.fromhex would admit spaces
+        try:
+            texts.append(bytes.fromhex(part).decode("utf-8", "surrogatepass"))
+        except ValueError:  # not hex, or not UTF-8
+            return None
+    return sent, texts[0], texts[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +106,9 @@ class DeadLetterQueue:
     def placed(self) -> list[tuple[Place, DeadLetter]]:
         """Every dead letter in the DLQ with its place, oldest first (see `scan`)."""
         with self.scan() as scan:
-            placed = [((e.sent, e.letter.id), e.letter) for e in scan.entries]
+            placed = [
+                ((e.sent, e.letter.id, e.message["MessageId"]), e.letter) for e in scan.entries
+            ]
         return sorted(placed, key=lambda pair: pair[0])
 
     @contextmanager
