@@ -28,6 +28,7 @@ from offload.settle import dead_letter_for
 from offload.stores import StoreCounts, open_store
 from offload.stores.base import LetterQuery
 from offload.stores.sqlite import SQLiteStore, parse_sqlite_url
+from offload.stores.sqlite import dedup as sqlite_dedup
 from offload.stores.sqlite.dedup import ANY_PASSED, FREE_KEYS
 from offload.stores.sqlite.listing import _where
 from offload.stores.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
@@ -220,12 +221,42 @@ def test_the_sweep_deletes_passed_keys_through_an_index_a_format_5_store_gains(
     conn = again._connection
     assert conn is not None
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
-    for statement in (ANY_PASSED, FREE_KEYS):
+    for statement, params in ((ANY_PASSED, (0.0,)), (FREE_KEYS, (0.0, 10))):
         plan = " ".join(
-            str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {statement}", (0.0,))
+            str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {statement}", params)
         )
         assert "INDEX dedup_until" in plan and "SCAN" not in plan, (statement, plan)
     again.close()
+
+
+def test_the_sweep_deletes_a_pile_of_passed_keys_a_batch_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pile of passed keys (a file an older offload used for months) goes a few batches
+    per sweep, each a short write of its own, the rest at the next sweep."""
+    monkeypatch.setattr(sqlite_dedup, "_BATCH", 10)
+    monkeypatch.setattr(sqlite_dedup, "_BATCHES", 2)
+    path = tmp_path / "q.db"
+    store = SQLiteStore(path)
+    store.counts()
+    with raw(path) as conn:
+        conn.executemany(
+            "INSERT INTO dedup (key, task_id, idempotency_key, until) VALUES (?, ?, ?, ?)",
+            [(f"k{i}", f"t{i}", f"t{i}", 1.0) for i in range(25)]
+            + [("live", "t-live", "t-live", None)],
+        )
+
+    def left() -> int:
+        with raw(path) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM dedup").fetchone()[0])
+
+    conn = store._connection
+    assert conn is not None
+    sqlite_dedup.free_keys(conn, now=2.0)
+    assert left() == 1 + 5  # two batches of ten; the live key stays
+    sqlite_dedup.free_keys(conn, now=2.0)
+    assert left() == 1
+    store.close()
 
 
 def test_filtered_pages_read_an_index_not_the_table(tmp_path: Path) -> None:
