@@ -244,6 +244,10 @@ _PATH_QUERY = re.compile(r"(?<![\w/:.@-])/[^\s?'\"<>`]*\?([^\s'\"<>`]+)")
 # "Invalid type for parameter NAME, value: VALUE, type: ..." (or ", valid min ...").
 _PARAM_VALUE = re.compile(r"\bparameter [^\s,]+, value: ")
 _PARAM_VALUE_END = re.compile(r", (?:type: |valid min )")
+# A header value refused before it was sent, as h11 (under httpx) and requests quote it:
+# "Illegal header value b'Bearer ...\\n'", "... in header value: 'sk-...\\n'". A token read
+# from a file with its line break is the usual cause, so the value is the secret itself.
+_HEADER_VALUE = re.compile(r"(\bheader value:? b?)(['\"])(.*?)(?<!\\)\2")
 # 'name': 'value', "name": "value" and 'name': b'value'  (dict reprs and JSON)
 _QUOTED_PAIR = re.compile(r"(['\"])([^'\"]{1,100})\1(\s*:\s*b?)(['\"])(.*?)(?<!\\)\4")
 # Name: value at the start of a line (header dumps). Only header-shaped names (with a
@@ -310,15 +314,17 @@ def redact_text(text: str) -> str:
 
     Covers URLs (userinfo and secret query parameters, also of a path-only URL as
     requests quotes it), `Bearer`/`Basic`/... credentials, AWS access key ids, the
-    values botocore quotes when it refuses a parameter, and `name=value` /
-    `'name': 'value'` / `Name: value` pairs whose name is secret. Best effort by nature:
-    it cannot know that an opaque word is a key.
+    values botocore quotes when it refuses a parameter, the value of a header refused
+    before sending, and `name=value` / `'name': 'value'` / `Name: value` pairs whose name
+    is secret. Best effort by nature: it cannot know that an opaque word is a key.
     """
     text = _URL.sub(_url, text)
     if "?" in text:
         text = _PATH_QUERY.sub(_path_query, text)
     if "value: " in text:
         text = _param_values(text)
+    if "header value" in text:
+        text = _HEADER_VALUE.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}{m.group(2)}", text)
     text = _AUTH_SCHEME.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
     text = _AWS_KEY_ID.sub(REDACTED, text)
     text = _QUOTED_PAIR.sub(_quoted_pair, text)

@@ -358,10 +358,16 @@ def classify_exception(
     for httpx in _httpx_modules():
         if isinstance(exc, httpx.HTTPStatusError):  # response.raise_for_status()
             response = exc.response
+            status = response.status_code
+            if status < 400:  # raised for a redirect httpx did not follow: not delivered
+                error = _http_summary(status, response.reason_phrase, secrets)
+                return Outcome(PERMANENT, status=status, error=error)
             return _classify_status(
-                response.status_code, response.reason_phrase, response.headers, None, now, secrets
+                status, response.reason_phrase, response.headers, None, now, secrets
             )
-        if isinstance(exc, httpx.UnsupportedProtocol):
+        # The request as built breaks the protocol (a header value with a line break, a
+        # body shorter than its Content-Length): sending it again cannot help.
+        if isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError)):
             return Outcome(PERMANENT, error=_summary(exc, secrets))
         if isinstance(exc, (httpx.TimeoutException, httpx.TransportError)):
             return Outcome(RETRY, error=_summary(exc, secrets))

@@ -334,6 +334,33 @@ def test_httpx_async_calls_are_retried_and_judged_like_requests(
     assert refused and refused[0].reason == "exhausted" and refused[0].attempts == 3
 
 
+_KEY = "sk-live-4f9a1c\n"  # as read from a file: the task's own, not among its arguments
+
+
+async def httpx_with_key(url: str) -> Any:
+    async with httpx.AsyncClient(timeout=5) as client:
+        return await client.get(url, headers={"X-Api-Key": _KEY})
+
+
+def test_httpx_raised_redirects_and_refused_headers_are_dead_letters_without_secrets(
+    server: ScriptedServer, make_offloader: MakeOffloader
+) -> None:
+    """raise_for_status() on a redirect httpx did not follow is not a delivery, and a header
+    value h11 refuses (a key read with its line break) fails the same way every time: both
+    are permanent, and the refused value, quoted by h11, stays out of the letter."""
+    server.script("/moved", Answer(301, headers={"Location": "https://elsewhere.invalid/"}))
+    off = make_offloader(retry=FAST)
+    off.enqueue_task(httpx_raising, server.url("/moved"))
+    off.enqueue_task(httpx_with_key, server.url("/keyed"))
+    assert off.flush(20)
+    assert off.stats().succeeded == 0
+    moved, keyed = sorted(off.dead_letters(), key=lambda dl: dl.status is None)
+    assert moved.reason == "permanent" and moved.status == 301 and moved.attempts == 1
+    assert keyed.reason == "permanent" and keyed.attempts == 1
+    assert "LocalProtocolError" in keyed.error and "sk-live-4f9a1c" not in keyed.error
+    assert not server.requests_to("/keyed")
+
+
 # -- trusted functions ----------------------------------------------------------------------
 
 
