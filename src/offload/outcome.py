@@ -12,6 +12,7 @@ always is when one of them was raised.
 
 from __future__ import annotations
 
+import builtins
 import email.utils
 import http
 import logging
@@ -328,6 +329,41 @@ def _classify_client_error(exc: BaseException, now: float | None, secrets: Secre
     return Outcome(PERMANENT, status=status, error=error)
 
 
+def _exception_groups() -> tuple[type[BaseException], ...]:
+    """BaseExceptionGroup (3.11+), and the `exceptiongroup` backport's where it is
+    imported (anyio's task groups raise it on 3.10)."""
+    found = []
+    for module in (builtins, sys.modules.get("exceptiongroup")):
+        group = getattr(module, "BaseExceptionGroup", None)
+        if isinstance(group, type) and group not in found:
+            found.append(group)
+    return tuple(found)
+
+
+def _classify_group(exc: BaseException, now: float | None, secrets: Secrets) -> Outcome:
+    """A task group's errors (asyncio.TaskGroup, anyio): permanent if any of them is,
+    else a retry, throttled if any is, no sooner than the longest Retry-After of them."""
+    outcomes = [
+        classify_exception(inner, now=now, secrets=secrets)
+        for inner in getattr(exc, "exceptions", ())
+    ]
+    if not outcomes:
+        return Outcome(PERMANENT, error=_summary(exc, secrets))
+    for outcome in outcomes:
+        if outcome.kind == PERMANENT:
+            return outcome
+    throttled = [o for o in outcomes if o.throttled]
+    first = (throttled or outcomes)[0]
+    afters = [o.retry_after for o in outcomes if o.retry_after is not None]
+    return Outcome(
+        RETRY,
+        throttled=bool(throttled),
+        retry_after=max(afters) if afters else None,
+        status=first.status,
+        error=first.error,
+    )
+
+
 def classify_exception(
     exc: BaseException, *, now: float | None = None, secrets: Secrets = _no_secrets
 ) -> Outcome:
@@ -336,9 +372,13 @@ def classify_exception(
     `offload.Retry` is throttled (with its `after`), `offload.GiveUp` permanent (with its
     reason). botocore ClientErrors go by error code and HTTP status; network errors and
     timeouts of requests, urllib3, botocore and the builtins are transient; anything
-    else is permanent. `secrets()` gives values to scrub from the error text (the call's
-    own headers, params and passwords, which an exception may quote).
+    else is permanent. An exception group is judged by what it holds. `secrets()` gives
+    values to scrub from the error text (the call's own headers, params and passwords,
+    which an exception may quote).
     """
+    groups = _exception_groups()
+    if groups and isinstance(exc, groups):
+        return _classify_group(exc, now, secrets)
     if isinstance(exc, Retry):
         error = "Retry requested" + (f" after {exc.after:g}s" if exc.after is not None else "")
         return Outcome(RETRY, throttled=True, retry_after=exc.after, error=error)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import email.utils
 import logging
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -490,3 +492,20 @@ def test_a_dead_letter_holds_only_text_a_store_can_hold_and_no_known_secret() ->
     letter = dead_letter_for(task, "policy said \x00no to sk_live_SECRET \ud800", None, "permanent")
     assert letter.error == "policy said no to *** \ufffd"
     assert letter.description == "test_outcome._charge"
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception groups: 3.11+")
+def test_a_task_group_is_judged_by_the_errors_it_holds() -> None:
+    """asyncio.TaskGroup and anyio raise a group: a transient error inside one is still
+    transient; any permanent one makes the group permanent; a throttled one throttles it,
+    no sooner than the longest Retry-After it holds."""
+    group: Any = vars(builtins)["ExceptionGroup"]
+    refused = ConnectionRefusedError("refused")
+    transient = classify_exception(group("tg", [refused, TimeoutError()]))
+    assert transient.kind == RETRY and not transient.throttled
+    throttled = classify_exception(
+        group("tg", [refused, Retry(after=5), group("inner", [Retry(after=9)])])
+    )
+    assert throttled.kind == RETRY and throttled.throttled and throttled.retry_after == 9
+    given_up = classify_exception(group("tg", [Retry(after=5), GiveUp("card declined")]))
+    assert given_up.kind == PERMANENT and given_up.error == "card declined"

@@ -5,6 +5,7 @@ the trusted-function rule (its registry and checks; stores that refuse rows: con
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -359,6 +360,34 @@ def test_httpx_raised_redirects_and_refused_headers_are_dead_letters_without_sec
     assert keyed.reason == "permanent" and keyed.attempts == 1
     assert "LocalProtocolError" in keyed.error and "sk-live-4f9a1c" not in keyed.error
     assert not server.requests_to("/keyed")
+
+
+async def httpx_fan_out(urls: list[str]) -> None:
+    async with httpx.AsyncClient(timeout=5) as client:
+
+        async def post(url: str) -> None:
+            (await client.post(url)).raise_for_status()
+
+        async with asyncio.TaskGroup() as group:
+            for url in urls:
+                group.create_task(post(url))
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception groups: 3.11+")
+def test_an_async_task_group_is_retried_by_the_errors_it_holds(
+    server: ScriptedServer, make_offloader: MakeOffloader
+) -> None:
+    """A 503 inside an asyncio.TaskGroup reaches offload as an ExceptionGroup: still
+    transient (retried), while a 404 in one is permanent."""
+    server.script("/flaky", Answer(503), Answer(200))
+    server.script("/missing", Answer(404))
+    off = make_offloader(retry=FAST)
+    off.enqueue_task(httpx_fan_out, [server.url("/flaky"), server.url("/fine")])
+    off.enqueue_task(httpx_fan_out, [server.url("/missing")])
+    assert off.flush(20)
+    assert len(server.requests_to("/flaky")) == 2 and off.stats().succeeded == 1
+    [letter] = off.dead_letters()
+    assert letter.reason == "permanent" and letter.status == 404 and letter.attempts == 1
 
 
 # -- trusted functions ----------------------------------------------------------------------
