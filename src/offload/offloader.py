@@ -48,7 +48,7 @@ from .errors import OffloadError
 from .health_check import HeadWatch
 from .limits import Limit, check_limits
 from .policy import RetryPolicy
-from .records import DeadLetter, Task
+from .records import DeadLetter, Task, not_performable
 from .settle import Callbacks, Settler
 from .status import Health, KeyState, Stats
 from .stores import DurableStore, Store, TransactionalStore, open_store
@@ -224,7 +224,7 @@ class Offloader:
         else:
             raise TypeError(
                 "enqueue_task takes a callable, an offload.http(...)/offload.aws(...) call or an "
-                f"offload.Task; got {type(call).__name__}"
+                f"offload.Task; got {not_performable(call)}"
             )
         if guard.active:
             raise OffloadError(

@@ -11,6 +11,7 @@ hand-written queue costs.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import os
@@ -101,6 +102,18 @@ class Progress:
         return f"Progress(attempts={self.attempts}, failures={self.failures})"
 
 
+def not_performable(call: Any) -> str:
+    """What a refused `call` is, for its TypeError. A coroutine (`fn(x)` where `fn(x)`'s
+    function was meant) is closed, so that refusing it warns of no coroutine never awaited."""
+    if inspect.iscoroutine(call):
+        call.close()
+        return (
+            f"the coroutine {call.__qualname__}(...); pass the async function and its "
+            "arguments, not the result of calling it"
+        )
+    return type(call).__name__
+
+
 class TaskMeta:
     """A task's identity and options; `progress` once it has made an attempt."""
 
@@ -188,7 +201,7 @@ class Task:
         if not callable(call) and not isinstance(call, PERFORMED):
             raise TypeError(
                 f"a task performs a callable, an offload.http(...) or an offload.aws(...) call; "
-                f"got {type(call).__name__}"
+                f"got {not_performable(call)}"
             )
         if isinstance(call, PERFORMED) and (args or kwargs):
             raise TypeError("an HttpCall or AwsCall takes no extra arguments; put them in the call")

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 import io
 import math
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -467,6 +469,31 @@ def test_an_async_function_is_run_to_completion_not_counted_as_done(
     assert off.flush(5)
     assert off.stats().succeeded == 1 and off.dead_letters() == []
     assert ran.is_set()
+
+
+def test_a_coroutine_passed_for_its_function_is_refused_closed_and_named(
+    make_offloader: MakeOffloader,
+) -> None:
+    """`enqueue_task(notify(x))` instead of `enqueue_task(notify, x)`: the TypeError says
+    so, and the refused coroutine is closed, not left to warn it was never awaited."""
+
+    async def notify(channel: str) -> None:
+        await asyncio.sleep(0)
+
+    off = make_offloader()
+    for enqueue in (off.enqueue_task, Task):
+        coroutine, message = notify("#ops"), ""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                enqueue(coroutine)
+            except TypeError as exc:
+                message = str(exc)
+            del coroutine  # (the exception, with the frames that held it, is gone)
+            gc.collect()
+        assert "coroutine" in message and "async function and its arguments" in message
+        assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert off.stats().enqueued == 0 and not off.running
 
 
 def test_a_call_that_never_returns_is_bounded_by_its_timeout(
