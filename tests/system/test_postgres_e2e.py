@@ -9,6 +9,7 @@ time it arrived), real subprocesses for the workers, the web process and the CLI
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -269,6 +270,34 @@ def test_the_block_belongs_to_the_thread_that_opened_it(
     app_conn.rollback()
     delivered_after(off, server, "/marker")
     assert server.requests_to("/mine") == []
+
+
+def test_a_task_that_outlives_the_block_enqueues_outside_it(
+    postgres_url: str, server: ScriptedServer, app_conn: Any, make_offloader: Any
+) -> None:
+    """An asyncio task made in the block copies its context, and with it the binding: once
+    the block has closed, its enqueues must not still write through the application's
+    connection, into whatever transaction that connection runs next."""
+    off = make_offloader(store=postgres_url)
+
+    async def request() -> None:
+        closed = asyncio.Event()
+
+        async def later() -> None:
+            await closed.wait()
+            off.enqueue_task(call(server, "/later"))
+
+        with off.transaction(app_conn):
+            off.enqueue_task(call(server, "/mine"))
+            child = asyncio.create_task(later())
+        app_conn.commit()
+        closed.set()
+        await child
+
+    asyncio.run(request())
+    app_conn.rollback()  # the connection's next transaction, rolled back
+    assert server.wait_for(1, path="/mine", timeout=10)
+    assert server.wait_for(1, path="/later", timeout=10)
 
 
 def test_the_module_level_transaction_uses_the_default_offloader(

@@ -6,7 +6,8 @@ durable backlog's `add` asks `joined_connection(store)` and, when the block is f
 store, writes the task through the application's connection (`TransactionalStore.put_in`)
 instead of its own. The binding lives in a ContextVar: it belongs to the thread or the
 asyncio task that opened the block (a new thread starts with none; each task has its own
-copy), so concurrent requests never write through each other's connections. Blocks nest:
+copy), so concurrent requests never write through each other's connections; a copy that
+outlives the block (a task made in it) is bound no more once it has closed. Blocks nest:
 an inner block for another store adds to the outer, one for the same store replaces it
 until it closes.
 """
@@ -23,10 +24,22 @@ from ..stores.base import TransactionalStore
 
 __all__ = ["joined", "joined_connection"]
 
-_NONE: MappingProxyType[int, tuple[TransactionalStore, Any]] = MappingProxyType({})
-# id(store) -> (store, the driver connection to write through); the store is kept so that
-# its id cannot be reused by another object while the block is open.
-_joined: ContextVar[MappingProxyType[int, tuple[TransactionalStore, Any]]] = ContextVar(
+
+class _Block:
+    """One open block: its store (kept, so that its id cannot be reused by another object
+    while the block is open), the driver connection, and whether it is still open."""
+
+    __slots__ = ("driver", "open", "store")
+
+    def __init__(self, store: TransactionalStore, driver: Any) -> None:
+        self.store = store
+        self.driver = driver
+        self.open = True
+
+
+_NONE: MappingProxyType[int, _Block] = MappingProxyType({})
+# id(store) -> its block.
+_joined: ContextVar[MappingProxyType[int, _Block]] = ContextVar(
     "offload_transaction", default=_NONE
 )
 
@@ -36,10 +49,14 @@ def joined(store: TransactionalStore, connection: Any) -> Iterator[Any]:
     """While the block runs, this context's enqueues to `store` write through
     `connection`; yields the driver connection they use."""
     driver = store.join(connection)  # TypeError/ValueError before anything is bound
-    token = _joined.set(MappingProxyType({**_joined.get(), id(store): (store, driver)}))
+    block = _Block(store, driver)
+    token = _joined.set(MappingProxyType({**_joined.get(), id(store): block}))
     try:
         yield driver
     finally:
+        # A copy of this context (an asyncio task made in the block, asyncio.to_thread)
+        # may outlive it: closed, the block binds none of them any more.
+        block.open = False
         _joined.reset(token)
 
 
@@ -49,5 +66,5 @@ def joined_connection(store: object) -> Any:
     bound = _joined.get()
     if not bound:
         return None
-    entry = bound.get(id(store))
-    return entry[1] if entry is not None and entry[0] is store else None
+    block = bound.get(id(store))
+    return block.driver if block is not None and block.store is store and block.open else None
