@@ -145,7 +145,22 @@ class Settler:
             decision = Decision(False, reason="permanent", error=f"retry policy raised {error!r}")
         if not decision.retry:
             assert decision.reason is not None
-            self.dead_letter(task, outcome, decision.reason, error=decision.error, in_flight=True)
+            closed = None
+            if outcome.throttled and task.key is not None:
+                # Its key stays closed for the Retry-After (at most as long as the policy
+                # lets a task wait for one): the held calls must not go at once because
+                # this one gave up, nor an ending probe release them.
+                closed = now + min(outcome.retry_after or 0.0, policy.max_retry_after)
+                with core.lock:  # before the store's round trip, as a hand-back's
+                    core.sched.close_gate(task.key, closed)
+            self.dead_letter(
+                task,
+                outcome,
+                decision.reason,
+                error=decision.error,
+                in_flight=True,
+                throttled_until=closed,
+            )
             return
         if self.backlog.can_retry():
             with Guarded():
@@ -195,9 +210,11 @@ class Settler:
         *,
         error: str | None = None,
         in_flight: bool = False,
+        throttled_until: float | None = None,
     ) -> None:
         """Bury `task` in the store, then count it (with its attempt, if `in_flight`) in
-        one step, so that the ledger holds for every reader of stats()."""
+        one step, so that the ledger holds for every reader of stats(). `throttled_until`:
+        its last attempt was throttled, and its key stays closed until then."""
         progress = task.progress
         if outcome is None:
             outcome = progress.last
@@ -218,17 +235,25 @@ class Settler:
         callbacks = self.callbacks
         if callbacks.on_dead_letter is not None:
             callbacks.call("on_dead_letter", callbacks.on_dead_letter, task, letter)
-        self._finish(task, in_flight=in_flight, delivered=False, reason=reason)
+        self._finish(
+            task, in_flight=in_flight, delivered=False, reason=reason, closed=throttled_until
+        )
 
     def _finish(
-        self, task: Task, *, in_flight: bool, delivered: bool, reason: Reason | None = None
+        self,
+        task: Task,
+        *,
+        in_flight: bool,
+        delivered: bool,
+        reason: Reason | None = None,
+        closed: float | None = None,
     ) -> None:
         """The task leaves this offloader, delivered (its attempt counted a success) or
         dead-lettered (counted by `reason`): one step."""
         core = self.core
         now = self.clock.monotonic()
         with core.lock:
-            released = in_flight and core.sched.settle(task, None, now=now, delivered=delivered)
+            released = in_flight and core.sched.settle(task, closed, now=now, delivered=delivered)
             if not in_flight:  # left over at shutdown: it stops counting as waiting
                 core.leaving.one_gone()
             if released:
