@@ -308,10 +308,20 @@ class SharedTokens:
         return not self.held and not self.asking and now >= self.retry_at
 
 
-class Pace:
-    """One key's limits: its declared Limit, its adaptive rate, and its calls in flight."""
+_MOST_STARTS = 10_000  # starts a declared rate's window keeps (a longer one is scaled down)
 
-    __slots__ = ("adaptive", "bucket", "limit", "running", "shared")
+
+class Pace:
+    """One key's limits: its declared Limit, its adaptive rate, and its calls in flight.
+
+    A declared rate is a token bucket and a window: a bucket alone lets a full bucket go at
+    once and then `rate` more within the same `per` seconds (HubSpot's `"100/10s"`: 199
+    calls in the first 10 s). The window holds the starts of the last `per` seconds (of
+    as many seconds as `burst` tokens take to come, when it is the larger, or `rate` is
+    not whole), and a call starts only while fewer than `rate` (`burst`) are in it.
+    """
+
+    __slots__ = ("adaptive", "bucket", "limit", "most", "running", "shared", "span", "starts")
 
     def __init__(
         self, limit: Limit | None, adaptive: bool, now: float, *, shared: bool = False
@@ -324,9 +334,15 @@ class Pace:
         #: The declared rate's budget shared with other processes (`shared`: the store
         #: keeps one); None: this process's own bucket alone.
         self.shared: SharedTokens | None = None
+        self.starts: deque[float] | None = None  # a declared rate's starts in its window
+        self.most = 0  # starts the window may hold
+        self.span = 0.0  # the window's seconds
         if limit is not None and rate is not None:
             burst = limit.burst if limit.burst is not None else max(1.0, float(limit.rate or 1))
             self.bucket = TokenBucket(rate, burst, now)
+            self.most = min(math.ceil(max(float(limit.rate or 1), burst)), _MOST_STARTS)
+            self.span = self.most / rate
+            self.starts = deque()
             if shared:
                 self.shared = SharedTokens(rate, burst)
 
@@ -348,7 +364,15 @@ class Pace:
         slots = None if limit is None else limit.concurrency
         if slots is not None and self.running >= slots:
             return None
-        return 0.0 if self.bucket is None else self.bucket.wait(now)
+        wait = 0.0 if self.bucket is None else self.bucket.wait(now)
+        starts = self.starts
+        if starts is not None:
+            edge = now - self.span
+            while starts and starts[0] <= edge:
+                starts.popleft()
+            if len(starts) >= self.most:
+                wait = max(wait, starts[0] + self.span - now)
+        return wait
 
     def wants_tokens(self, now: float) -> int:
         """How many calls could start now (by the concurrency cap and this process's own
@@ -362,12 +386,16 @@ class Pace:
         limit = self.limit
         slots = None if limit is None else limit.concurrency
         room = int(bucket.tokens)  # whole tokens of its own, refilled by _own_wait
+        if self.starts is not None:  # and room in its window (pruned by _own_wait)
+            room = min(room, self.most - len(self.starts))
         return max(1, room if slots is None else min(room, slots - self.running))
 
     def start(self, now: float) -> None:
         self.running += 1
         if self.bucket is not None:
             self.bucket.take(now)
+        if self.starts is not None:
+            self.starts.append(now)
         if self.shared is not None:
             self.shared.held = max(0, self.shared.held - 1)
         if self.adaptive is not None:

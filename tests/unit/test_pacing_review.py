@@ -1,13 +1,17 @@
-"""Gates at their edges, on a FakeClock with a real worker thread."""
+"""Gates and paces at their edges: a real worker thread on a FakeClock, and the scheduler."""
 
 from __future__ import annotations
 
+import bisect
+import math
 import threading
 from collections.abc import Callable
 
+import pytest
 import tenacity
 
-from offload import Offloader, Retry, RetryPolicy, Task
+from offload import Limit, Offloader, Retry, RetryPolicy, Task
+from offload.scheduler import Scheduler
 from offload.testing import FakeClock
 
 MakeOffloader = Callable[..., Offloader]
@@ -63,3 +67,34 @@ def test_a_throttled_probe_that_gives_up_keeps_its_key_closed_for_its_retry_afte
     clock.advance(11)  # past the Retry-After the probe was given (and its jitter)
     assert clock.wait_parks(4)
     assert calls[-1] == ("second", 1022.0)
+
+
+def _noop() -> None:
+    pass
+
+
+@pytest.mark.parametrize("limit", [Limit(rate=100, per=10), Limit(rate=25), Limit(rate=2.5)])
+def test_a_declared_rate_starts_at_most_rate_calls_in_any_per_seconds(limit: Limit) -> None:
+    """`Limit(rate=100, per=10)` (HubSpot's 100 calls in any 10 s): a backlog's calls go
+    100 at once, then none until those 10 s have passed, never 100 and then 10 a second
+    more (199 in the first 10 s, half of them answered 429)."""
+    sched = Scheduler({"api": limit})
+    for _ in range(int(limit.rate or 0) * 4):
+        sched.put(Task(_noop, key="api"))
+    now, starts = 1000.0, []
+    while not sched.idle():
+        task = sched.take(now)
+        if task is not None:
+            starts.append(now)
+            sched.settle(task, None, now=now, delivered=True)
+            continue
+        wait = sched.next_wake(now)
+        assert wait is not None
+        now = max(now + wait, math.nextafter(now, math.inf))  # (a token due in 1e-14 s)
+    window = limit.per * math.ceil(limit.rate or 0) / (limit.rate or 1)
+    allowed = math.ceil(limit.rate or 0)
+    for i, start in enumerate(starts):
+        within = bisect.bisect_left(starts, start + window - 1e-9) - i
+        assert within <= allowed, f"{within} calls started in {window:g} s from {start}"
+    # and no slower than the rate: the last call starts when the rate says it may
+    assert starts[-1] - starts[0] <= len(starts) / limit.per_second  # type: ignore[operator]
