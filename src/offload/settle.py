@@ -148,11 +148,13 @@ class Settler:
             closed = None
             if outcome.throttled and task.key is not None:
                 # Its key stays closed for the Retry-After (at most as long as the policy
-                # lets a task wait for one): the held calls must not go at once because
-                # this one gave up, nor an ending probe release them.
-                closed = now + min(outcome.retry_after or 0.0, policy.max_retry_after)
+                # lets a task wait for one): the key's calls must not go earlier because
+                # this one gave up, nor an ending probe release its held calls at once.
+                wait = min(outcome.retry_after or 0.0, policy.max_retry_after)
                 with core.lock:  # before the store's round trip, as a hand-back's
-                    core.sched.close_gate(task.key, closed)
+                    if wait > 0 or task.key in core.sched.gates:
+                        closed = now + wait
+                        core.sched.close_gate(task.key, closed)
             self.dead_letter(
                 task,
                 outcome,

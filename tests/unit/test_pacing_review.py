@@ -69,6 +69,32 @@ def test_a_throttled_probe_that_gives_up_keeps_its_key_closed_for_its_retry_afte
     assert calls[-1] == ("second", 1022.0)
 
 
+def test_a_retry_after_beyond_max_retry_after_closes_its_key_for_max_retry_after(
+    make_offloader: MakeOffloader,
+) -> None:
+    """Told "not before an hour", a task dead-letters at once (max_retry_after 60 s), and
+    its key closes for those 60 s: the next call does not go to the API the same instant."""
+    clock = _ParkingClock()
+    calls: list[tuple[str, float]] = []
+
+    def fn(name: str) -> None:
+        calls.append((name, clock.monotonic()))
+        if name == "first":
+            raise Retry(after=3600)
+
+    off = make_offloader(clock=clock, adaptive=False, retry=RetryPolicy(max_retry_after=60))
+    off.enqueue_task(Task(fn, ("first",), key="api"))
+    assert clock.wait_parks(1)
+    [letter] = off.dead_letters()
+    assert "max_retry_after" in letter.error
+    off.enqueue_task(Task(fn, ("second",), key="api"))
+    assert clock.wait_parks(2)
+    assert calls == [("first", 1000.0)]
+    clock.advance(60)
+    assert off.flush(5)
+    assert calls == [("first", 1000.0), ("second", 1060.0)]
+
+
 def _noop() -> None:
     pass
 
