@@ -185,9 +185,13 @@ class TokenBucket:
             self.stamp = now
 
     def wait(self, now: float) -> float:
-        """Seconds until a token is there (0.0: now)."""
+        """Seconds until a token is there (0.0: now, and when the token is short only by
+        the refill's rounding: a wait too small to move `now`, which no clock would end)."""
         self._refill(now)
-        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
+        if self.tokens >= 1.0:
+            return 0.0
+        wait = (1.0 - self.tokens) / self.rate
+        return wait if now + wait > now else 0.0
 
     def take(self, now: float) -> None:
         self._refill(now)
@@ -371,7 +375,9 @@ class Pace:
             while starts and starts[0] <= edge:
                 starts.popleft()
             if len(starts) >= self.most:
-                wait = max(wait, starts[0] + self.span - now)
+                window = starts[0] + self.span - now
+                if now + window > now:  # (not only rounding, as the bucket's wait)
+                    wait = max(wait, window)
         return wait
 
     def wants_tokens(self, now: float) -> int:

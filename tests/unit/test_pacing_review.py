@@ -115,8 +115,8 @@ def test_a_declared_rate_starts_at_most_rate_calls_in_any_per_seconds(limit: Lim
             sched.settle(task, None, now=now, delivered=True)
             continue
         wait = sched.next_wake(now)
-        assert wait is not None
-        now = max(now + wait, math.nextafter(now, math.inf))  # (a token due in 1e-14 s)
+        assert wait is not None and wait > 0
+        now += wait
     window = limit.per * math.ceil(limit.rate or 0) / (limit.rate or 1)
     allowed = math.ceil(limit.rate or 0)
     for i, start in enumerate(starts):
@@ -124,3 +124,20 @@ def test_a_declared_rate_starts_at_most_rate_calls_in_any_per_seconds(limit: Lim
         assert within <= allowed, f"{within} calls started in {window:g} s from {start}"
     # and no slower than the rate: the last call starts when the rate says it may
     assert starts[-1] - starts[0] <= len(starts) / limit.per_second  # type: ignore[operator]
+
+
+def test_a_token_due_now_is_there_when_time_has_moved_by_exactly_its_interval() -> None:
+    """25 calls a second, one at a time: 0.04 s after a call the next one's token has come.
+    The refill's float rounding (0.99999999999909 of a token) said "in 3.6e-14 s", a wait
+    the clock cannot represent: next_wake said 0.0 while take() gave nothing, so a worker
+    on a FakeClock spun until the test moved time again, and the call never ran."""
+    clock = FakeClock()
+    sched = Scheduler({"api": Limit(rate=25, burst=1)})
+    for _ in range(2):
+        sched.put(Task(_noop, key="api"))
+    first = sched.take(clock.monotonic())
+    assert first is not None
+    sched.settle(first, None, now=clock.monotonic(), delivered=True)
+    assert sched.take(clock.monotonic()) is None
+    clock.advance(0.04)
+    assert sched.take(clock.monotonic()) is not None
