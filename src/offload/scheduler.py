@@ -34,7 +34,7 @@ from .limits import Limit, Pace
 if TYPE_CHECKING:
     from .records import Task
 
-__all__ = ["OUTAGE_AFTER", "Gate", "Pause", "Scheduler"]
+__all__ = ["OUTAGE_AFTER", "Gate", "Pause", "Scheduler", "next_probe"]
 
 OUTAGE_AFTER = 3
 """Distinct tasks of a key failing in a row, nothing succeeding, that make it suspect, and
@@ -465,3 +465,13 @@ class Scheduler:
     def known_keys(self) -> set[str]:
         """Every key the scheduler knows a state of: gated, limited, held or running."""
         return {*self.gates, *self.paces, *self.held, *self.running, *self.limits}
+
+
+def next_probe(sched: Scheduler, key: str) -> None:
+    """A throttled task of `key` gave up (settled, its gate closed): the key's first held
+    task probes in its place, put on the delay heap for the gate's reopening as a retry
+    is; left held, it would probe only once the ready queue is empty, which other keys'
+    calls may never leave it."""
+    gate = sched.gates.get(key)
+    if gate is not None and gate.probe is None and sched.held.get(key):
+        sched.delay(sched._unhold(key), gate.open_at)

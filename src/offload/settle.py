@@ -23,7 +23,7 @@ from .core import AttemptKind, Core
 from .outcome import Outcome, Reason, clean_text
 from .policy import Decision, RetryPolicy
 from .records import DeadLetter, Task, new_id, utc
-from .scheduler import Pause
+from .scheduler import Pause, next_probe
 
 if TYPE_CHECKING:
     from .backlog.base import Backlog
@@ -256,6 +256,8 @@ class Settler:
         now = self.clock.monotonic()
         with core.lock:
             released = in_flight and core.sched.settle(task, closed, now=now, delivered=delivered)
+            if closed is not None and task.key is not None:  # it will not probe its key again
+                next_probe(core.sched, task.key)
             if not in_flight:  # left over at shutdown: it stops counting as waiting
                 core.leaving.one_gone()
             if released:

@@ -11,7 +11,7 @@ import pytest
 import tenacity
 
 from offload import Limit, Offloader, Retry, RetryPolicy, Task
-from offload.scheduler import Scheduler
+from offload.scheduler import Scheduler, next_probe
 from offload.testing import FakeClock
 
 MakeOffloader = Callable[..., Offloader]
@@ -141,3 +141,29 @@ def test_a_token_due_now_is_there_when_time_has_moved_by_exactly_its_interval() 
     assert sched.take(clock.monotonic()) is None
     clock.advance(0.04)
     assert sched.take(clock.monotonic()) is not None
+
+
+def test_when_a_throttled_probe_gives_up_the_next_held_call_probes_despite_other_keys() -> None:
+    """The probe of a closed key gives up: the key's first held call probes when the gate
+    opens, as a retry would, not only once other keys leave the ready queue empty (a busy
+    key kept it waiting for ever)."""
+    sched = Scheduler()
+    probe, held = Task(_noop, key="api"), Task(_noop, key="api")
+    sched.put(probe)
+    assert sched.take(1000.0) is probe
+    sched.settle(probe, 1010.0, now=1000.0)
+    sched.delay(probe, 1010.0)
+    sched.put(held)
+    assert sched.take(1001.0) is None  # held behind the gate
+    assert sched.take(1010.0) is probe  # it probes, is throttled again, and gives up
+    sched.settle(probe, 1020.0, now=1010.0)  # as the settler does for a task that gives up
+    next_probe(sched, "api")
+    sched.put(Task(_noop, key="busy"))
+    for _ in range(10):  # the busy key's calls keep coming
+        sched.put(Task(_noop, key="busy"))
+        task = sched.take(1020.0)
+        assert task is not None
+        sched.settle(task, None, now=1020.0, delivered=True)
+        if task is held:
+            return
+    raise AssertionError("the held call never probed")
