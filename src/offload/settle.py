@@ -146,10 +146,11 @@ class Settler:
         if not decision.retry:
             assert decision.reason is not None
             closed = None
-            if outcome.throttled and task.key is not None:
+            if outcome.throttled and not outage and task.key is not None:
                 # Its key stays closed for the Retry-After (at most as long as the policy
                 # lets a task wait for one): the key's calls must not go earlier because
                 # this one gave up, nor an ending probe release its held calls at once.
+                # (A key that is down has its own pause: `Scheduler.failed`.)
                 wait = min(outcome.retry_after or 0.0, policy.max_retry_after)
                 with core.lock:  # before the store's round trip, as a hand-back's
                     if wait > 0 or task.key in core.sched.gates:
