@@ -26,7 +26,6 @@ __all__ = [
     "key_holder",
     "let_key_go",
     "put_unique",
-    "retake_key",
     "take_key",
 ]
 
@@ -50,18 +49,10 @@ def key_holder(conn: sqlite3.Connection, key: str, now: float) -> tuple[str, str
 
 
 def take_key(conn: sqlite3.Connection, record: TaskRecord) -> None:
-    """`record`'s task holds its key from now on (in the caller's transaction)."""
-    conn.execute(
-        "INSERT OR REPLACE INTO dedup (key, task_id, idempotency_key, until) "
-        "VALUES (?, ?, ?, NULL)",
-        (record.dedup_key, record.id, record.idempotency_key),
-    )
-
-
-def retake_key(conn: sqlite3.Connection, record: TaskRecord) -> None:
-    """A replayed dead letter's task takes its key again, unless a live task holds it (one
-    enqueued after the dead letter let the key go: taking the key from it would let a third
-    enqueue in); a window still running it may end."""
+    """`record`'s task holds its key from now on (in the caller's transaction), unless a
+    live task holds it: a put takes a key it found free (or its window passed); a replayed
+    dead letter's task takes its key again, but not from a task enqueued after the dead
+    letter let it go (a third enqueue would get in), and may end a window still running."""
     conn.execute(
         "INSERT INTO dedup (key, task_id, idempotency_key, until) VALUES (?, ?, ?, NULL) "
         "ON CONFLICT (key) DO UPDATE SET task_id = excluded.task_id, "

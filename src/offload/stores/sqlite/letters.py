@@ -17,7 +17,7 @@ from ...codec.trust import TRUST_ANY, Trust
 from ...errors import StoreError, UnknownDeadLetter
 from ...records import DeadLetter, Task
 from .._shared import epoch, letter_of
-from .dedup import let_key_go, retake_key
+from .dedup import let_key_go, take_key
 from .schema import LETTER_COLUMNS, PUT_UNIQUE, transaction
 
 __all__ = [
@@ -136,7 +136,7 @@ def replay_letter(
             task_id, idempotency_key, key, call, retry, dedup_key=dedup_key, dedup_window=window
         )
         if dedup_key is not None:
-            retake_key(conn, record)  # its key again, unless a live task holds it
+            take_key(conn, record)  # its key again, unless a live task holds it
         conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
     return record.load(trust)
 
