@@ -20,10 +20,10 @@ hold go, and a response never closed lets its hold go when it is dropped.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from typing import Any
 
+from ._threads import daemon_thread
 from .worker import HOLD, WakeHold
 
 __all__ = ["ASGIMiddleware", "WSGIMiddleware"]
@@ -74,7 +74,7 @@ class _Closing:
         hold = self._hold
         if hold.kept:
             with contextlib.suppress(RuntimeError):  # at exit: shutdown() lets it go
-                threading.Thread(target=hold.release, name="offload-release", daemon=True).start()
+                daemon_thread(hold.release, "offload-release").start()
 
 
 class _SizedClosing(_Closing):

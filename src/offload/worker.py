@@ -26,6 +26,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from ._guard import Guarded
+from ._threads import daemon_thread
 from ._uwsgi import master_thread_hazard, threads_hint
 from .calls.connections import Resources
 from .clock import Clock
@@ -101,7 +102,7 @@ class WorkerPool:
             raise ShutDown("the interpreter is shutting down; offload cannot start a worker")
         index = len(self.threads)
         name = "offload-worker" if self.size == 1 else f"offload-worker-{index}"
-        thread = threading.Thread(target=self._run, name=name, daemon=True)
+        thread = daemon_thread(self._run, name)
         try:
             thread.start()
         except RuntimeError as exc:  # 3.12+: "can't create new thread at interpreter shutdown"

@@ -6,6 +6,7 @@ import logging
 import threading
 
 from .._guard import Guarded
+from .._threads import daemon_thread
 from ..core import Core
 from ..records import Task
 from ..stores.base import DurableStore
@@ -46,7 +47,7 @@ class LeaseKeeper:
         thread = self.thread
         if thread is not None and thread.is_alive():
             return
-        thread = threading.Thread(target=self._run, name="offload-leases", daemon=True)
+        thread = daemon_thread(self._run, "offload-leases")
         try:
             thread.start()
         except RuntimeError:

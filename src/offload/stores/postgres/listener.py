@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..._guard import Guarded
+from ..._threads import daemon_thread
 
 __all__ = ["Listener"]
 
@@ -73,7 +74,7 @@ class Listener:
         """Called with the lock held."""
         if self._stop_r < 0:
             self._stop_r, self._stop_w = os.pipe()
-        thread = threading.Thread(target=self._run, name="offload-listen", daemon=True)
+        thread = daemon_thread(self._run, "offload-listen")
         try:
             thread.start()
         except RuntimeError:  # interpreter exit: the watchers poll as they would without it
