@@ -17,10 +17,14 @@ suit the hundreds, not millions: so does the console's listing of them, a page a
 A page's cursor names the last letter's place, (SentTimestamp in ms, letter id,
 MessageId): the order `letters` gives, which lasts as long as the message does, so that
 letters removed or buried between two pages move no other onto both or off both (a place
-counted in the queue would). The MessageId parts two copies of one letter sent in one
-millisecond (a bury sent again when its answer was lost): a page that ended on one would
-skip the other. It reads `<ms>.<id as UTF-8 hex>.<MessageId as UTF-8 hex>`: nothing else
+counted in the queue would). The MessageId makes a place unique where two messages share
+a millisecond and a letter id (copies of one letter, see below). It reads `<ms>.<id as UTF-8 hex>.<MessageId as UTF-8 hex>`: nothing else
 is one (`_read_place`).
+
+Copies of one letter (that bury sent again, or a task SQS delivered twice and both
+deliveries buried) are one dead letter, as in every other store: listed once, at the
+oldest copy's place, and replay, revive and discard remove every copy (they read the
+whole DLQ to find them). `count()` is SQS's count of messages, copies included.
 """
 
 from __future__ import annotations
@@ -70,6 +74,21 @@ def _read_place(cursor: str) -> Place | None:
     return sent, texts[0], texts[1]
 
 
+def _place_of(entry: Entry) -> Place:
+    return entry.sent, entry.letter.id, entry.message["MessageId"]
+
+
+def _oldest_copies(entries: list[Entry]) -> list[Entry]:
+    """One entry per dead letter: the oldest of its copies (a bury sent again when its
+    answer was lost leaves two messages with one letter)."""
+    oldest: dict[str, Entry] = {}
+    for entry in entries:
+        kept = oldest.get(entry.letter.id)
+        if kept is None or _place_of(entry) < _place_of(kept):
+            oldest[entry.letter.id] = entry
+    return list(oldest.values())
+
+
 @dataclass(frozen=True, slots=True)
 class Scan:
     """The DLQ messages one scan read (hidden until it ends), and those it deleted."""
@@ -104,12 +123,11 @@ class DeadLetterQueue:
         return [letter for _, letter in self.placed()]
 
     def placed(self) -> list[tuple[Place, DeadLetter]]:
-        """Every dead letter in the DLQ with its place, oldest first (see `scan`)."""
+        """Every dead letter in the DLQ with its place, oldest first (see `scan`): once,
+        at its oldest copy's place, however many copies of it the DLQ holds."""
         with self.scan() as scan:
-            placed = [
-                ((e.sent, e.letter.id, e.message["MessageId"]), e.letter) for e in scan.entries
-            ]
-        return sorted(placed, key=lambda pair: pair[0])
+            oldest = _oldest_copies(scan.entries)
+        return sorted(((_place_of(e), e.letter) for e in oldest), key=lambda pair: pair[0])
 
     @contextmanager
     def scan(self, stop: Callable[[Entry], bool] | None = None) -> Iterator[Scan]:
@@ -152,13 +170,13 @@ class DeadLetterQueue:
 
     @contextmanager
     def find(self, dead_letter_id: str) -> Iterator[tuple[Scan, Entry]]:
-        """The scan that found a dead letter, and its entry; UnknownDeadLetter if none."""
-        with self.scan(lambda e: e.letter.id == dead_letter_id) as scan:
-            for entry in scan.entries:
-                if entry.letter.id == dead_letter_id:
-                    yield scan, entry
-                    return
-            raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r} in {self.name}")
+        """The scan that found a dead letter, and its oldest copy; UnknownDeadLetter if
+        none. It reads the whole DLQ, so that `delete` finds every copy."""
+        with self.scan() as scan:
+            copies = [e for e in scan.entries if e.letter.id == dead_letter_id]
+            if not copies:
+                raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r} in {self.name}")
+            yield scan, min(copies, key=_place_of)
 
     def detail(self, dead_letter_id: str) -> LetterDetail:
         """One dead letter and its task's call, read from offload's record in the message
@@ -173,9 +191,18 @@ class DeadLetterQueue:
             return LetterDetail(entry.letter, call)
 
     def delete(self, scan: Scan, entry: Entry) -> None:
-        """Delete a dead letter `scan` read."""
+        """Delete a dead letter `scan` read, and every other copy of it the scan read (a
+        copy SQS fails to delete is logged, and is listed again later)."""
         self.queues.delete(self.url, entry.message["ReceiptHandle"])
         scan.deleted.add(entry.message["MessageId"])
+        others = [
+            e.message
+            for e in scan.entries
+            if e.letter.id == entry.letter.id and e.message["MessageId"] not in scan.deleted
+        ]
+        if others:
+            self.queues.delete_many(self.url, [m["ReceiptHandle"] for m in others])
+            scan.deleted.update(m["MessageId"] for m in others)
 
     def purge(self) -> int:
         """Delete every dead letter; returns how many."""
