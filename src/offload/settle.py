@@ -131,12 +131,12 @@ class Settler:
                 if kind == "transient" and task.key is not None
                 else None
             )
+        policy = task.retry or self.policy
         if pause is not None:
             # The key is down (or suspected), not this call: its backlog waits, one probe
             # when the pause ends; an outage's calls wait as a throttle's do, using no attempts.
             outage = pause.down
-            outcome = self._outage(task, outcome, pause)
-        policy = task.retry or self.policy
+            outcome = self._outage(task, outcome, pause, policy.max_retry_after)
         try:
             decision = policy.decide(progress, outcome, attempt.exc, now)
         except Exception as error:  # a user's stop/wait strategy must not kill the worker
@@ -183,13 +183,19 @@ class Settler:
         # shutdown() has begun and this backlog cannot keep a retry for later.
         self.dead_letter(task, outcome, "shutdown", error=outcome.error, in_flight=True)
 
-    def _outage(self, task: Task, outcome: Outcome, pause: Pause) -> Outcome:
+    def _outage(
+        self, task: Task, outcome: Outcome, pause: Pause, max_retry_after: float
+    ) -> Outcome:
         """The outcome of a call to a key held by `pause`: "not now" for that long at least,
-        a throttle once the key is down; one log line when it goes down."""
+        a throttle once the key is down; one log line when it goes down.
+
+        The hold is offload's own, not a server's Retry-After: it is no floor beyond
+        `max_retry_after`, which would dead-letter the call as if a server had asked for
+        it. The key's gate stays closed for the whole hold, so the call retried sooner
+        waits behind it, using no attempt."""
+        hold = max(min(pause.seconds, max_retry_after), outcome.retry_after or 0.0)
         if not pause.down:  # suspected: the failure counts, the retry waits out the hold
-            return dataclasses.replace(
-                outcome, retry_after=max(pause.seconds, outcome.retry_after or 0.0)
-            )
+            return dataclasses.replace(outcome, retry_after=hold)
         with Guarded():
             log.log(
                 logging.WARNING if pause.news else logging.DEBUG,
@@ -201,7 +207,7 @@ class Settler:
         return dataclasses.replace(
             outcome,
             throttled=True,
-            retry_after=max(pause.seconds, outcome.retry_after or 0.0),
+            retry_after=hold,
             error=f"{outcome.error} (its API is down)" if outcome.error else "its API is down",
         )
 

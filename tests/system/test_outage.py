@@ -117,3 +117,33 @@ def test_calls_that_fail_on_their_own_while_the_host_answers_give_up_after_their
     messages = [r.getMessage() for r in caplog.records]
     assert not any(" is down " in m for m in messages), messages
     assert not any(state.down for state in off.keys().values())
+
+
+@pytest.mark.parametrize(
+    "max_retry_after",
+    [
+        pytest.param(0.1, id="below-the-suspect-hold"),
+        pytest.param(0.5, id="below-the-first-pause"),
+    ],
+)
+def test_an_outage_is_waited_out_with_max_retry_after_below_its_pause(
+    make_offloader: MakeOffloader,
+    server: ScriptedServer,
+    monkeypatch: pytest.MonkeyPatch,
+    max_retry_after: float,
+) -> None:
+    """The hold of a suspect key and the pause of a down one are offload's own, not a
+    server's Retry-After: a policy whose `max_retry_after` is shorter must not dead-letter
+    the key's calls as if a server had asked for a wait beyond it. No server here sends a
+    Retry-After; the host fails six calls (three tasks, then three probes: down, as soon as
+    its probes fail) and then answers."""
+    monkeypatch.setattr(offload.scheduler, "OUTAGE_SECONDS", 0.0)
+    server.script("/flaky", *[Answer(500)] * 6, Answer(200))
+    policy = RetryPolicy(wait=wait_fixed(0.01), max_retry_after=max_retry_after)
+    off = make_offloader(workers=1, retry=policy, idle_timeout=30)
+    for _ in range(3):
+        off.enqueue_task(offload.http("POST", server.url("/flaky")))
+    assert off.flush(timeout=60), off.stats()
+
+    assert [(letter.attempts, letter.error) for letter in off.dead_letters()] == []
+    assert off.stats().succeeded == 3
