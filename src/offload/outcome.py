@@ -143,8 +143,10 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
     """Seconds to wait from a `Retry-After` value: delay-seconds or an HTTP-date.
 
     `now` is the wall-clock time (epoch seconds) an HTTP-date is measured from. A time in
-    the past or a negative delay is 0.0. A malformed value is logged and ignored (None):
-    a misbehaving server must not break the worker.
+    the past or a negative delay is 0.0. Several delay-seconds joined by commas (the
+    header sent twice, as HTTP clients join repeated headers: "5, 5") are the longest of
+    them. A malformed value is logged and ignored (None): a misbehaving server must not
+    break the worker.
     """
     if value is None:
         return None
@@ -158,6 +160,14 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
     if _DELAY_SECONDS.match(text):
         seconds = float(text)
         if not math.isfinite(seconds):  # hundreds of digits
+            _ignored(value, "out-of-range")
+            return None
+        return max(seconds, 0.0)
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) > 1 and all(_DELAY_SECONDS.match(part) for part in parts):
+        # Never earlier than any of them asked.
+        seconds = max(float(part) for part in parts)
+        if not math.isfinite(seconds):
             _ignored(value, "out-of-range")
             return None
         return max(seconds, 0.0)

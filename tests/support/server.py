@@ -39,7 +39,7 @@ class Answer:
 
     status: int = 200
     body: bytes = b""
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str | list[str]] = field(default_factory=dict)
     delay: float = 0.0  # the server simulating a slow API; the test itself never sleeps
     action: str = _RESPOND
     event: threading.Event | None = None
@@ -119,7 +119,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(answer.status)
         names = {name.lower() for name in answer.headers}
         for name, value in answer.headers.items():
-            self.send_header(name, value)
+            for one in [value] if isinstance(value, str) else value:  # a list: sent repeated
+                self.send_header(name, one)
         if "content-length" not in names:
             self.send_header("Content-Length", str(len(answer.body)))
         self.end_headers()

@@ -90,6 +90,20 @@ def test_retry_after_is_a_floor(
     assert off.stats().succeeded == 1
 
 
+def test_a_retry_after_sent_twice_is_a_floor(
+    server: ScriptedServer, make_offloader: MakeOffloader
+) -> None:
+    """A Retry-After header sent twice reaches the classifier as requests joins repeated
+    headers ("1, 1"): it is still the server's floor, not a malformed value to ignore."""
+    server.script("/rl2", Answer(429, headers={"Retry-After": ["1", "1"]}), Answer(200))
+    off = make_offloader(retry=FAST)
+    off.enqueue_task(offload.http("POST", server.url("/rl2")))
+    assert off.flush(15)
+    first, second = server.requests_to("/rl2")
+    assert second.at - first.at >= 1.0
+    assert off.stats().succeeded == 1
+
+
 def test_throttled_host_does_not_delay_other_hosts(
     server: ScriptedServer, other_server: ScriptedServer, make_offloader: MakeOffloader
 ) -> None:

@@ -282,6 +282,8 @@ def test_outcome_is_frozen_and_checked() -> None:
         (email.utils.formatdate(NOW + 60, localtime=False), 60.0),  # "-0000" zone: UTC
         ("Tue, 14 Nov 2023 22:13:20 +0100", 0.0),  # an hour before NOW
         ("Tue, 14 Nov 2023 23:13:50 +0100", 30.0),
+        ("5, 5", 5.0),  # the header sent twice, joined as HTTP clients join it
+        ("2, 7", 7.0),  # never earlier than either asked
     ],
 )
 def test_parse_retry_after(value: str, expected: float) -> None:
