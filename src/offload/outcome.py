@@ -12,7 +12,9 @@ always is when one of them was raised.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import concurrent.futures
 import email.utils
 import http
 import logging
@@ -109,6 +111,10 @@ _TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
     urllib3.exceptions.NewConnectionError,
     ConnectionError,  # builtin: resets, refusals, broken pipes
     TimeoutError,
+    # Python 3.10's own classes (aliases of TimeoutError from 3.11 on): what
+    # asyncio.wait_for() and a future's result(timeout=...) raise in an async task.
+    asyncio.TimeoutError,
+    concurrent.futures.TimeoutError,
 )
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import concurrent.futures
 import dataclasses
 import email.utils
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import boto3
@@ -131,6 +133,31 @@ def test_reason_from_the_server_is_one_line_and_redacted() -> None:
 def test_transient_exceptions(exc: BaseException) -> None:
     outcome = classify_exception(exc)
     assert (outcome.kind, outcome.throttled, outcome.status) == (RETRY, False, None)
+
+
+def _async_timeout() -> BaseException:
+    async def slow() -> None:
+        await asyncio.wait_for(asyncio.sleep(60), 0.001)
+
+    with pytest.raises(asyncio.TimeoutError) as raised:
+        asyncio.run(slow())
+    return raised.value
+
+
+def _future_timeout() -> BaseException:
+    with pytest.raises(concurrent.futures.TimeoutError) as raised:
+        concurrent.futures.Future().result(timeout=0.001)
+    return raised.value
+
+
+@pytest.mark.parametrize("timeout", [_async_timeout, _future_timeout], ids=lambda f: f.__name__)
+def test_an_async_or_future_timeout_is_transient_on_every_python(
+    timeout: Callable[[], BaseException],
+) -> None:
+    """asyncio.wait_for's and a future's timeouts are TimeoutError from Python 3.11 on, and
+    classes of their own on 3.10: an async task that timed out is retried on both."""
+    outcome = classify_exception(timeout())
+    assert (outcome.kind, outcome.throttled, outcome.error) == (RETRY, False, "TimeoutError")
 
 
 @pytest.mark.parametrize(
