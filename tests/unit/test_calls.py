@@ -642,6 +642,37 @@ def test_stubbed_run_instances_gets_the_client_token(aws_env: None, resources: R
         stubber.assert_no_pending_responses()
 
 
+def test_a_token_that_must_be_a_uuid_is_one_and_alike_on_every_try(
+    aws_env: None, resources: Resources
+) -> None:
+    """SSM's DeleteInventory takes its ClientToken only as a UUID (the model's pattern, which
+    the service enforces): a task's key, as the engine makes it, is sent as its own UUID,
+    the same on every attempt, another task's another."""
+    import re
+    import uuid
+
+    from offload.records import new_id
+
+    client = resources.client("ssm", "eu-west-1")
+    shape = client.meta.service_model.operation_model("DeleteInventory").input_shape
+    pattern = shape.members["ClientToken"].metadata["pattern"]
+    sent: list[str] = []
+    client.meta.events.register(
+        "provide-client-params.ssm.DeleteInventory",
+        lambda params, **_: sent.append(params["ClientToken"]),
+    )
+    call = aws("ssm", "delete_inventory", region="eu-west-1", TypeName="Custom:Stock")
+    key, other = new_id(), new_id()
+    with Stubber(client) as stubber:
+        for _ in range(3):
+            stubber.add_response("delete_inventory", {"DeletionId": str(uuid.uuid4())})
+        for each in (key, key, other):
+            call.perform(resources, each)
+        stubber.assert_no_pending_responses()
+    assert all(re.search(pattern, token) for token in sent), (pattern, sent)
+    assert sent[0] == sent[1] != sent[2]
+
+
 def test_an_operation_without_a_token_is_left_alone(aws_env: None, resources: Resources) -> None:
     client = resources.client("glue", "eu-west-1")
     with Stubber(client) as stubber:

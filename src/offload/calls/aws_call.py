@@ -10,6 +10,7 @@ import difflib
 import functools
 import os
 import re
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -77,6 +78,28 @@ def _resolve_region(region: str | None) -> str | None:
     return region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
 
 
+def _token(idempotency_key: str, shape: Any) -> str:
+    """The task's idempotency key as the operation's token member, alike on every try.
+
+    Some tokens must be longer than the key (Athena's and Secrets Manager's
+    ClientRequestToken: 32 characters at least): it is padded. Some must be a UUID (SSM's
+    DeleteInventory): the key's own name-based UUID then, which the service would
+    otherwise refuse on every try."""
+    metadata = shape.metadata if shape is not None else {}
+    token = idempotency_key.ljust(metadata.get("min", 0), "0")
+    pattern = metadata.get("pattern")
+    if isinstance(pattern, str):
+        try:
+            fits = re.search(pattern, token) is not None
+        except re.error:  # a pattern Python cannot read: leave it to the service
+            fits = True
+        if not fits:
+            as_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"offload:{idempotency_key}"))
+            if re.search(pattern, as_uuid) is not None:
+                return as_uuid
+    return token
+
+
 @dataclass(frozen=True, slots=True)
 class AwsCall:
     """An AWS API call to perform on a worker with a per-thread boto3 client.
@@ -134,11 +157,8 @@ class AwsCall:
         if api_name is not None:
             operation_model = client.meta.service_model.operation_model(api_name)
             for member in operation_model.idempotent_members:
-                # Some tokens must be longer than the key (Athena's and Secrets Manager's
-                # ClientRequestToken: 32 characters at least): pad it, alike on every try.
                 shape = operation_model.input_shape.members.get(member)
-                minimum = shape.metadata.get("min", 0) if shape is not None else 0
-                params.setdefault(member, idempotency_key.ljust(minimum, "0"))
+                params.setdefault(member, _token(idempotency_key, shape))
         return cast("dict[str, Any]", getattr(client, self.operation)(**params))
 
     def to_json(self) -> dict[str, Any]:
