@@ -386,9 +386,10 @@ def classify_exception(
     """The outcome of an attempt that raised `exc`.
 
     `offload.Retry` is throttled (with its `after`), `offload.GiveUp` permanent (with its
-    reason). botocore ClientErrors go by error code and HTTP status; network errors and
-    timeouts of requests, urllib3, botocore and the builtins are transient; anything
-    else is permanent. An exception group is judged by what it holds. `secrets()` gives
+    reason). A requests or httpx `raise_for_status()` error goes by its response, as a
+    returned response would; botocore ClientErrors by error code and HTTP status; network
+    errors and timeouts of requests, urllib3, botocore and the builtins are transient;
+    anything else is permanent. An exception group is judged by what it holds. `secrets()` gives
     values to scrub from the error text (the call's own headers, params and passwords,
     which an exception may quote).
     """
@@ -410,6 +411,18 @@ def classify_exception(
         # (EndpointConnectionError, ConnectionClosedError, connect and read timeouts).
         if isinstance(exc, (botocore.ConnectionError, botocore.HTTPClientError)):
             return Outcome(RETRY, error=_summary(exc, secrets))
+
+    response = getattr(exc, "response", None)
+    if (
+        isinstance(exc, requests.HTTPError)
+        and isinstance(response, requests.Response)
+        and isinstance(response.status_code, int)
+        and response.status_code >= 400
+    ):
+        # response.raise_for_status() in a task function: judged as its response would be.
+        return _classify_status(
+            response.status_code, response.reason, response.headers, None, now, secrets
+        )
 
     for httpx in _httpx_modules():
         if isinstance(exc, httpx.HTTPStatusError):  # response.raise_for_status()

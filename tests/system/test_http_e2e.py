@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from email.utils import formatdate
 
 import pytest
+import requests
 import tenacity
 
 import offload
@@ -102,6 +103,31 @@ def test_a_retry_after_sent_twice_is_a_floor(
     first, second = server.requests_to("/rl2")
     assert second.at - first.at >= 1.0
     assert off.stats().succeeded == 1
+
+
+def post_and_raise(url: str) -> None:
+    """A task function as users write them with requests: a 4xx or 5xx raises HTTPError."""
+    requests.post(url, json={"n": 1}, timeout=5).raise_for_status()
+
+
+def test_raise_for_status_is_judged_by_its_response(
+    server: ScriptedServer, make_offloader: MakeOffloader
+) -> None:
+    """requests' HTTPError from raise_for_status() is retried or kept as the response it
+    carries would be: a throttle with its Retry-After, a 5xx, and a 4xx dead-lettered."""
+    server.script("/sync", Answer(429, headers={"Retry-After": "1"}), Answer(502), Answer(200))
+    server.script("/gone", Answer(404))
+    off = make_offloader(retry=FAST)
+    off.enqueue_task(post_and_raise, server.url("/sync"))
+    off.enqueue_task(post_and_raise, server.url("/gone"))
+    assert off.flush(15)
+
+    first, second, _delivered = server.requests_to("/sync")
+    assert second.at - first.at >= 1.0  # the 429's Retry-After
+    assert off.stats().succeeded == 1
+    [letter] = off.dead_letters()
+    assert (letter.reason, letter.attempts, letter.status) == ("permanent", 1, 404)
+    assert len(server.requests_to("/gone")) == 1
 
 
 def test_throttled_host_does_not_delay_other_hosts(

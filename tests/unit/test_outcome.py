@@ -135,6 +135,33 @@ def test_transient_exceptions(exc: BaseException) -> None:
     assert (outcome.kind, outcome.throttled, outcome.status) == (RETRY, False, None)
 
 
+@pytest.mark.parametrize(
+    ("status", "headers", "expected"),
+    [
+        (503, {"Retry-After": "7"}, (RETRY, True, 7.0, 503)),
+        (429, {}, (RETRY, True, None, 429)),
+        (500, {}, (RETRY, False, None, 500)),
+        (404, {}, (PERMANENT, False, None, 404)),
+    ],
+)
+def test_raise_for_status_goes_by_its_response(
+    status: int, headers: dict[str, str], expected: tuple[object, ...]
+) -> None:
+    r = response(status, headers)
+    with pytest.raises(requests.HTTPError) as raised:
+        r.raise_for_status()
+    outcome = classify_exception(raised.value, now=NOW)
+    assert (outcome.kind, outcome.throttled, outcome.retry_after, outcome.status) == expected
+
+
+@pytest.mark.parametrize("carried", [None, response(200)], ids=["no response", "200"])
+def test_an_http_error_without_a_failed_response_is_permanent(
+    carried: requests.Response | None,
+) -> None:
+    outcome = classify_exception(requests.HTTPError("odd", response=carried))
+    assert (outcome.kind, outcome.status) == (PERMANENT, None)
+
+
 def _async_timeout() -> BaseException:
     async def slow() -> None:
         await asyncio.wait_for(asyncio.sleep(60), 0.001)
