@@ -75,7 +75,9 @@ Secrets = Callable[[], Collection[str]]
 """What gives the secret values a failed call holds (its own headers, params, password),
 asked only when there is an error text to scrub them from."""
 
-_TRANSIENT_STATUS = frozenset({408, 425, 500, 502, 503, 504})
+# 520-524: the answers of a proxy in front of the API (Cloudflare's) when the API itself did
+# not answer: an unknown error, refused, timed out connecting, unreachable, timed out.
+_TRANSIENT_STATUS = frozenset({408, 425, 500, 502, 503, 504, 520, 521, 522, 523, 524})
 _AWS_TRANSIENT_STATUS = frozenset({500, 502, 503, 504})
 # botocore's standard retry mode (botocore/retries/standard.py), plus Glue's answer while
 # the previous run of a job is still going: that one lasts minutes and must not use up
@@ -278,7 +280,7 @@ def classify_result(
 
     A `requests.Response` (or an httpx one, when httpx is imported) is judged by its
     status: < 400 success; 429, and 503 with a Retry-After, throttled; 408, 425, 500, 502,
-    503, 504 transient; any other status permanent (other 4xx, 501). Anything else
+    503, 504 and a proxy's 520-524 transient; any other status permanent (other 4xx, 501). Anything else
     returned is a success. `secrets()`, asked only for a failure, gives values to scrub
     from the error text.
     """

@@ -57,13 +57,15 @@ def test_status_below_400_is_success(status: int) -> None:
     assert outcome == Outcome(SUCCESS, status=status, value=r)
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 405, 409, 410, 413, 422, 451, 501, 505])
+@pytest.mark.parametrize(
+    "status", [400, 401, 403, 404, 405, 409, 410, 413, 422, 451, 501, 505, 511, 525, 526]
+)
 def test_other_4xx_and_501_are_permanent(status: int) -> None:
     outcome = classify_result(response(status))
     assert (outcome.kind, outcome.throttled, outcome.status) == (PERMANENT, False, status)
 
 
-@pytest.mark.parametrize("status", [408, 425, 500, 502, 503, 504])
+@pytest.mark.parametrize("status", [408, 425, 500, 502, 503, 504, 520, 521, 522, 523, 524])
 def test_transient_statuses(status: int) -> None:
     outcome = classify_result(response(status))
     assert (outcome.kind, outcome.throttled, outcome.retry_after) == (RETRY, False, None)
