@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import threading
 import weakref
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,7 @@ from .config import shutdown_timeout_from_env
 if TYPE_CHECKING:
     from .offloader import Offloader
 
-__all__ = ["live", "register", "shutdown_all"]
+__all__ = ["fork_lock", "live", "register", "shutdown_all"]
 
 log = logging.getLogger("offload")
 
@@ -34,6 +35,12 @@ EXIT_QUIET = 1.0
 """Seconds the exit hook waits for calls to be delivered before saying that it waits."""
 
 live: weakref.WeakSet[Offloader] = weakref.WeakSet()
+_fork_locks: dict[int, threading.Lock] = {}  # by process: a lock held at fork stays held
+
+
+def fork_lock() -> threading.Lock:
+    """This process's lock for starting an offloader over after a fork."""
+    return _fork_locks.setdefault(os.getpid(), threading.Lock())
 
 
 def register(offloader: Offloader) -> None:

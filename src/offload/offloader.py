@@ -385,6 +385,13 @@ class Offloader:
     # -- fork -----------------------------------------------------------------------------
 
     def _after_fork(self) -> None:
-        """In a forked child: start empty. The parent's tasks and threads stay the parent's."""
-        self._assemble()
-        self._store.after_fork()
+        """In a forked child: start empty. The parent's tasks and threads stay the parent's.
+
+        Once per child: where the server ran no fork hooks (uWSGI), the first enqueues of
+        several request threads get here together, and a second start-over would abandon
+        the tasks the first had taken (and a memory store's dead letters)."""
+        with lifecycle.fork_lock():
+            if self._pid == os.getpid():
+                return  # another thread of this child started over already
+            self._store.after_fork()  # before the pid is ours, as enqueues then go ahead
+            self._assemble()

@@ -1,0 +1,57 @@
+"""The offloader's life cycle under races: starting over in a forked child, delayed tasks,
+flush and shutdown."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from offload import Offloader
+from offload.backlog import Backlog
+from offload.core import Core
+from offload.worker import WorkerPool
+
+
+class _SlowStartOver(Offloader):
+    """An offloader whose first start-over after a fork waits (briefly) for a second
+    thread to start over too: what two request threads of a uWSGI worker, forked
+    without the fork hooks, may do when both make their first enqueue at once."""
+
+    def __init__(self, **options: Any) -> None:
+        self.made = 0
+        self.starting = threading.Event()
+        self.second = threading.Event()
+        super().__init__(**options)
+
+    def _make_backlog(self, core: Core, pool: WorkerPool) -> Backlog:
+        self.made += 1
+        if self.made == 2:  # the first start-over
+            self.starting.set()
+            self.second.wait(0.5)  # bounded: once per child, no second one comes
+        elif self.made > 2:
+            self.second.set()
+        return super()._make_backlog(core, pool)
+
+
+def test_threads_of_a_child_forked_without_hooks_start_the_offloader_over_once() -> None:
+    """Two threads' first enqueues in a child that no fork hook reached: the offloader
+    starts over once, and both tasks are in the one this process keeps (a second start-
+    over abandoned the first's task: stats(), flush() and shutdown() never saw it)."""
+    off = _SlowStartOver(idle_timeout=0.5)
+    ran: list[int] = []
+    try:
+        off._pid = -1  # the state a child inherits when its server runs no fork hooks
+        first = threading.Thread(target=off.enqueue_task, args=(ran.append, 1))
+        first.start()
+        assert off.starting.wait(5)
+        second = threading.Thread(target=off.enqueue_task, args=(ran.append, 2))
+        second.start()
+        first.join(5)
+        second.join(5)
+        assert off.flush(5)
+        s = off.stats()
+        assert (s.enqueued, s.succeeded) == (2, 2), s
+        assert sorted(ran) == [1, 2]
+        assert off.made == 2, "started over more than once"
+    finally:
+        off.shutdown(5)
