@@ -48,7 +48,7 @@ from .errors import OffloadError
 from .health_check import HeadWatch
 from .limits import Limit, check_limits
 from .policy import RetryPolicy
-from .records import DeadLetter, Task, not_performable
+from .records import DeadLetter, Task, not_performable, renew_ids_after_fork
 from .settle import Callbacks, Settler
 from .status import Health, KeyState, Stats
 from .stores import DurableStore, Store, TransactionalStore, open_store
@@ -148,6 +148,7 @@ class Offloader:
         #: Which functions a stored task may name ("any", "registered", module prefixes).
         self.trusted = trust
         self._clock: Clock = clock if clock is not None else SystemClock()
+        renew_ids_after_fork()  # made in a child forked without the fork hooks (uWSGI)?
         self._assemble()
         lifecycle.register(self)
         if isinstance(self._backlog, DurableBacklog) and consume:
@@ -393,5 +394,6 @@ class Offloader:
         with lifecycle.fork_lock():
             if self._pid == os.getpid():
                 return  # another thread of this child started over already
+            renew_ids_after_fork()
             self._store.after_fork()  # before the pid is ours, as enqueues then go ahead
             self._assemble()

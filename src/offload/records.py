@@ -47,18 +47,35 @@ _counter = itertools.count(1)
 _meta_lock = threading.Lock()  # a worker and a handler may both make a fast task's meta
 
 
+_ids_pid = os.getpid()  # the process `_prefix` was made in
+_renew_locks: dict[int, threading.Lock] = {}  # by process: a lock held at fork stays held
+
+
 def _renew_ids() -> None:
-    global _prefix, _counter, _meta_lock
+    global _prefix, _counter, _meta_lock, _ids_pid
     _prefix = secrets.token_hex(8)
     _counter = itertools.count(1)
     _meta_lock = threading.Lock()  # another thread may have held it at fork()
+    _ids_pid = os.getpid()
 
 
 os.register_at_fork(after_in_child=_renew_ids)
 
 
+def renew_ids_after_fork() -> None:
+    """Ids of this process's own in a child forked without the fork hooks (uWSGI's
+    default): sibling workers would make the same ids, and over a shared store one's task
+    would take the other's place."""
+    if _ids_pid != os.getpid():
+        with _renew_locks.setdefault(os.getpid(), threading.Lock()):
+            if _ids_pid != os.getpid():
+                _renew_ids()
+
+
 def new_id() -> str:
     """A fresh task id, also used as the task's idempotency key."""
+    if _ids_pid != os.getpid():  # (a Task made before the child's first enqueue)
+        renew_ids_after_fork()
     return f"{_prefix}{next(_counter):08x}"
 
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,48 @@ def test_enqueue_during_interpreter_shutdown_raises_shutdown() -> None:
     assert result.returncode == 0, result.stderr
     assert "early" in result.stdout
     assert "refused: ShutDown" in result.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_children_forked_without_fork_hooks_make_ids_of_their_own(tmp_path: Path) -> None:
+    """uWSGI's default forks its workers from the master in C, so no fork hook runs. Two
+    such children must still make different task ids (they are idempotency keys too),
+    whether the offloader was made in the parent or in the child, or a Task before either
+    enqueues: over a shared SQLite file a second task with the first's id took its place,
+    and one of the two calls was lost."""
+    result = run_python(
+        f"""
+        import ctypes, json, os
+        import offload
+        url = "sqlite:///{tmp_path / "shared.db"}"
+        parent = offload.Offloader(store=url, consume=False)
+        fork = ctypes.CDLL(None).fork  # as uWSGI forks: CPython's fork hooks do not run
+        read, write = os.pipe()
+        pids = []
+        for n in range(2):
+            pid = fork()
+            if pid == 0:
+                made = offload.Task(offload.http("POST", f"http://127.0.0.1:9/made/{{n}}"))
+                own = offload.Offloader(store=url, consume=False)
+                ids = [
+                    made.id,
+                    parent.enqueue_task(offload.http("POST", f"http://127.0.0.1:9/p/{{n}}")).id,
+                    own.enqueue_task(offload.http("POST", f"http://127.0.0.1:9/c/{{n}}")).id,
+                    own.enqueue_task(made).id,
+                ]
+                os.write(write, (json.dumps(ids) + "\\n").encode())
+                os._exit(0)
+            pids.append(pid)
+        for pid in pids:
+            os.waitpid(pid, 0)
+        os.close(write)
+        with os.fdopen(read) as lines:
+            ids = [i for line in lines for i in json.loads(line)]
+        print(json.dumps({{"ids": ids, "stored": parent.stats().stored_ready}}))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert len(out["ids"]) == 8
+    assert len(set(out["ids"])) == 6, out["ids"]  # each child's Task enqueued keeps its id
+    assert out["stored"] == 6, "a child's task took the place of its sibling's"
