@@ -378,10 +378,12 @@ class Task:
         return meta is None or meta.enqueued
 
     def _restart(self) -> None:
-        """A fresh attempt budget, not yet enqueued (a replay); the ids stay."""
+        """A fresh attempt budget, not yet enqueued (a replay); the ids stay. Due now, as
+        every store replays: its delay was served before its first attempt."""
         meta = self.meta
         meta.progress = None
         meta.enqueued = False
+        meta.delay, meta.at = 0.0, None
 
     def __repr__(self) -> str:
         return f"<offload.Task {self.id} {describe_target(self.call)}>"

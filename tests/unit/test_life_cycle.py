@@ -4,11 +4,13 @@ flush and shutdown."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
-from offload import Offloader
+from offload import GiveUp, Offloader, Task
 from offload.backlog import Backlog
 from offload.core import Core
+from offload.testing import FakeClock
 from offload.worker import WorkerPool
 
 
@@ -55,3 +57,27 @@ def test_threads_of_a_child_forked_without_hooks_start_the_offloader_over_once()
         assert off.made == 2, "started over more than once"
     finally:
         off.shutdown(5)
+
+
+def test_a_replayed_delayed_task_is_due_now(make_offloader: Callable[..., Offloader]) -> None:
+    """A delayed task that became a dead letter is replayed due now, as the durable stores
+    replay it: the memory store put it on the delay heap for its whole delay again."""
+    clock = FakeClock()
+    off = make_offloader(clock=clock)
+    calls: list[int] = []
+
+    def refuse() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise GiveUp("not yet")
+
+    off.enqueue_task(Task(refuse, delay=3600))
+    assert off.stats().delayed == 1
+    clock.advance(3600)
+    assert off.flush(5)
+    [letter] = off.dead_letters()
+    off.replay(letter.id)
+    assert off.stats().delayed == 0, "replayed onto the delay heap"
+    assert off.flush(5) and len(calls) == 2
+    s = off.stats()
+    assert (s.enqueued, s.succeeded, s.dead_lettered) == (2, 1, 1)
