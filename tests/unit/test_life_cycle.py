@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+import offload
 from offload import GiveUp, Offloader, Task
 from offload.backlog import Backlog
+from offload.clock import SystemClock
 from offload.core import Core
+from offload.stores.sqlite import SQLiteStore
 from offload.testing import FakeClock
 from offload.worker import WorkerPool
+from server import Answer, ScriptedServer
 
 
 class _SlowStartOver(Offloader):
@@ -81,3 +88,70 @@ def test_a_replayed_delayed_task_is_due_now(make_offloader: Callable[..., Offloa
     assert off.flush(5) and len(calls) == 2
     s = off.stats()
     assert (s.enqueued, s.succeeded, s.dead_lettered) == (2, 1, 1)
+
+
+class _ReadingStore(SQLiteStore):
+    """A SQLite store that, once armed, holds a worker's look for the next due time after
+    reading it, until the test has enqueued meanwhile."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.armed = False
+        self.read = threading.Event()
+        self.go = threading.Event()
+
+    def next_due(self) -> float | None:
+        due = super().next_due()
+        if self.armed:
+            self.armed = False
+            self.read.set()
+            self.go.wait(5)
+        return due
+
+
+class _WaitsClock(SystemClock):
+    """The real clock, noting how long each wait was meant to last once `noting` is set."""
+
+    def __init__(self) -> None:
+        self.noting = False
+        self.waits: list[float | None] = []
+
+    def wait(self, cond: threading.Condition, timeout: float | None) -> None:
+        if self.noting:
+            self.waits.append(timeout)
+        super().wait(cond, timeout)
+
+
+@pytest.mark.parametrize("put", ["delayed enqueue", "replay"])
+def test_a_task_stored_while_a_worker_reads_the_store_is_not_late_by_a_poll(
+    tmp_path: Path, server: ScriptedServer, put: str
+) -> None:
+    """A durable store's idle worker reads when the next task is due; a task put meanwhile
+    (delayed, or a replayed dead letter) was missed by that read, and the worker waited a
+    whole poll before it looked again (a task due in a few milliseconds ran half a second
+    late). The put now tells the reading worker to look again at once."""
+    server.script("/soon", Answer(status=400), Answer(status=200))
+    store = _ReadingStore(tmp_path / "offload.db")
+    clock = _WaitsClock()
+    off = Offloader(store=store, clock=clock, idle_timeout=5)
+    try:
+        call = offload.http("POST", server.url("/soon"))
+        if put == "replay":
+            off.enqueue_task(call)
+            assert off.flush(5)
+            [letter] = off.dead_letters()
+        store.armed = True
+        off.start()  # a worker looks at the store, now or at its next poll
+        assert store.read.wait(5)
+        if put == "replay":
+            off.replay(letter.id)
+        else:
+            off.enqueue_task(Task(call, delay=0.05))
+        clock.noting = True
+        store.go.set()
+        assert server.wait_for(1 if put != "replay" else 2, "/soon")
+        first = clock.waits[0]
+        assert first is not None and first <= 0.05, f"waited {first}s before looking again"
+    finally:
+        store.go.set()
+        off.shutdown(5)

@@ -143,6 +143,8 @@ class DurableBacklog:
                     self.leased[task.id] = task
                     core.sched.ready.append(task)
                     self.keeper.ensure()
+            else:  # for a claim: one under way may have read the store before this put
+                self.wakeups.heard += 1
             self.pool.engage()  # at interpreter exit the task is stored, for a later process
         if hand_back:
             self.hand_back([task])
@@ -383,6 +385,7 @@ class DurableBacklog:
         task = self.store.replay(dead_letter_id)
         with core.lock:
             core.ledger.enqueued += 1
+            self.wakeups.heard += 1  # (as an enqueue's put)
             if self.consume and not core.wake():
                 self.pool.ensure()
         return task
