@@ -3,7 +3,9 @@ flush and shutdown."""
 
 from __future__ import annotations
 
+import random
 import threading
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ from typing import Any
 import pytest
 
 import offload
-from offload import GiveUp, Offloader, Task
+from offload import GiveUp, Offloader, QueueFull, ShutDown, Task
 from offload.backlog import Backlog
 from offload.clock import SystemClock
 from offload.core import Core
@@ -155,3 +157,109 @@ def test_a_task_stored_while_a_worker_reads_the_store_is_not_late_by_a_poll(
     finally:
         store.go.set()
         off.shutdown(5)
+
+
+# -- shutdown racing producers ---------------------------------------------------------------
+
+_RAN: Counter[int] = Counter()
+_RAN_LOCK = threading.Lock()
+
+
+def count_run(n: int) -> None:
+    """A task that counts its runs (module level: a durable store names it)."""
+    with _RAN_LOCK:
+        _RAN[n] += 1
+
+
+def _race_shutdown(
+    off: Offloader, seed: int, base: int, longest: float = 3600
+) -> tuple[list[tuple[int, Task]], int]:
+    """Eight threads enqueue quick and delayed tasks while shutdown() (with a short or no
+    timeout) begins once they are under way; the ledger is read throughout. Returns the
+    tasks accepted (numbered from `base`) and how many stats() found the ledger broken."""
+    rng = random.Random(seed)
+    accepted: list[tuple[int, Task]] = []
+    broken = 0
+    lock = threading.Lock()
+    under_way = threading.Event()
+
+    def produce(p: int) -> None:
+        nonlocal broken
+        for i in range(300):
+            n = base + p * 1_000 + i
+            delay = rng.choice([None, None, None, 0.0, 0.001, 0.01, longest])
+            try:
+                if delay is None:
+                    task = off.enqueue_task(count_run, n)
+                else:
+                    task = off.enqueue_task(Task(count_run, (n,), delay=delay))
+            except (ShutDown, QueueFull):
+                pass
+            else:
+                with lock:
+                    accepted.append((n, task))
+            if i == 100:
+                under_way.set()
+            if i % 5 == 0:  # (also while shutdown() dead-letters what is left)
+                s = off.stats()
+                if s.enqueued != s.succeeded + s.dead_lettered + s.queued + s.delayed + s.in_flight:
+                    with lock:
+                        broken += 1
+
+    threads = [threading.Thread(target=produce, args=(p,)) for p in range(8)]
+    for thread in threads:
+        thread.start()
+    assert under_way.wait(10)
+    off.shutdown(timeout=rng.choice([0.0, 0.001, 0.05]))
+    for thread in threads:
+        thread.join(30)
+    for thread in list(off._pool.threads):  # a call in flight at the deadline ends
+        thread.join(10)
+    return accepted, broken
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_shutdown_racing_producers_of_quick_and_delayed_tasks_loses_nothing(
+    make_offloader: Callable[..., Offloader], seed: int
+) -> None:
+    """Memory store: each task accepted ends delivered once or as one "shutdown" dead
+    letter, those refused are counted nowhere, and the ledger holds for every reader."""
+    letters: Counter[str] = Counter()
+    off = make_offloader(
+        workers=1 + seed % 4,
+        idle_timeout=0.001,
+        max_queue=800,
+        on_dead_letter=lambda task, letter: letters.update([task.id]),
+    )
+    base = 10_000 * seed
+    accepted, broken = _race_shutdown(off, seed, base)
+    s = off.stats()
+    assert not broken
+    assert s.enqueued == len(accepted) == s.succeeded + s.dead_lettered, s
+    assert (s.queued, s.delayed, s.in_flight) == (0, 0, 0)
+    with _RAN_LOCK:
+        ends = [(_RAN[n], letters[task.id]) for n, task in accepted]
+    assert all(end in ((1, 0), (0, 1)) for end in ends), Counter(ends)
+    assert sum(dead for _, dead in ends) == s.dead_lettered
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shutdown_racing_producers_over_sqlite_leaves_the_rest_stored(
+    tmp_path: Path, seed: int
+) -> None:
+    """SQLite: what a shutdown racing enqueues did not deliver stays in the file (delayed
+    ones with their due times), and the offloader that comes after delivers it: each task
+    accepted runs once."""
+    url = f"sqlite:///{tmp_path / 'offload.db'}"
+    base = 1_000_000 + 10_000 * seed
+    off = Offloader(store=url, workers=1 + seed % 3, idle_timeout=0.001, max_queue=40)
+    accepted, _ = _race_shutdown(off, seed, base, longest=0.2)
+    assert off.stats().enqueued == len(accepted)
+    after = Offloader(store=url, workers=2, idle_timeout=0.05)
+    try:
+        assert after.flush(30), after.stats()
+    finally:
+        after.shutdown(5)
+    with _RAN_LOCK:
+        runs = Counter(_RAN[n] for n, _ in accepted)
+    assert runs == {1: len(accepted)}, runs
