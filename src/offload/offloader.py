@@ -331,12 +331,15 @@ class Offloader:
         What a memory store still holds at the deadline becomes dead letters with reason
         "shutdown" (one WARNING line with the count). A durable store keeps what is
         undelivered: the tasks held here are handed back to it, for any process to perform.
-        Safe to call more than once.
+        Safe to call more than once; OffloadError from one of its own tasks, which it
+        would wait for (as flush()).
         """
         if timeout is not None:
             check_number("timeout", timeout, minimum=0)
         if self._pid != os.getpid():
             self._after_fork()
+        if threading.current_thread() in self._pool.threads:
+            raise OffloadError("shutdown() called from one of this offloader's own tasks")
         core = self._core
         sched = core.sched
         self._pool.let_go()

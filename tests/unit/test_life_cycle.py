@@ -263,3 +263,28 @@ def test_shutdown_racing_producers_over_sqlite_leaves_the_rest_stored(
     with _RAN_LOCK:
         runs = Counter(_RAN[n] for n, _ in accepted)
     assert runs == {1: len(accepted)}, runs
+
+
+def test_shutdown_from_a_task_on_its_own_offloader_raises(
+    make_offloader: Callable[..., Offloader],
+) -> None:
+    """shutdown() waits for the tasks running: called from one, it waited for itself,
+    for ever without a timeout (only the process's exit cut it short). It raises, as
+    flush() does, and the offloader goes on."""
+    off = make_offloader()
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def stop() -> None:
+        try:
+            off.shutdown()
+        except offload.OffloadError as exc:
+            errors.append(exc)
+        done.set()
+
+    off.enqueue_task(stop)
+    assert done.wait(5), "shutdown() from its own task is waiting for itself"
+    assert len(errors) == 1 and "own tasks" in str(errors[0])
+    assert off.flush(5)
+    off.enqueue_task(print, end="")
+    assert off.flush(5) and off.stats().succeeded == 2
