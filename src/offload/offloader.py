@@ -273,6 +273,7 @@ class Offloader:
     def stats(self) -> Stats:
         """Counters and a snapshot; `enqueued == succeeded + dead_lettered + queued +
         delayed + in_flight` holds for the memory store."""
+        self._after_fork()  # a child forked without the fork hooks: a fresh one
         store = self._store
         counts = self._backlog.counts()
         held = counts.dead_letters if counts is not None else len(store)
@@ -302,6 +303,7 @@ class Offloader:
 
     def dead_letters(self) -> list[DeadLetter]:
         """The dead letters the store holds, oldest first."""
+        self._after_fork()
         return self._store.dead_letters()
 
     def replay(self, dead_letter_id: str) -> Task:
@@ -311,6 +313,7 @@ class Offloader:
         store does not hold; if the queue is full, the dead letter is put back. A durable
         store moves the task back into its queue itself, so that any process may perform it.
         """
+        self._after_fork()  # (the parent's scheduler would hold it, and no worker of ours)
         return self._backlog.replay(dead_letter_id)
 
     def discard(self, dead_letter_id: str) -> None:
@@ -320,6 +323,7 @@ class Offloader:
     def start(self) -> None:
         """Start a worker thread now rather than at the first enqueue (the `offload worker`
         command, which performs what other processes put); more start as tasks come."""
+        self._after_fork()
         core = self._core
         with core.lock:
             self._pool.ensure()
@@ -336,8 +340,7 @@ class Offloader:
         """
         if timeout is not None:
             check_number("timeout", timeout, minimum=0)
-        if self._pid != os.getpid():
-            self._after_fork()
+        self._after_fork()  # a child forked without the fork hooks: a fresh one
         if threading.current_thread() in self._pool.threads:
             raise OffloadError("shutdown() called from one of this offloader's own tasks")
         core = self._core
@@ -391,9 +394,12 @@ class Offloader:
     def _after_fork(self) -> None:
         """In a forked child: start empty. The parent's tasks and threads stay the parent's.
 
-        Once per child: where the server ran no fork hooks (uWSGI), the first enqueues of
-        several request threads get here together, and a second start-over would abandon
-        the tasks the first had taken (and a memory store's dead letters)."""
+        Once per child, at its first use where the server ran no fork hooks (uWSGI): the
+        first enqueues of several request threads get here together, and a second start-
+        over would abandon the tasks the first had taken (and a memory store's dead
+        letters). A no-op in the process the offloader is in already."""
+        if self._pid == os.getpid():
+            return
         with lifecycle.fork_lock():
             if self._pid == os.getpid():
                 return  # another thread of this child started over already

@@ -164,3 +164,42 @@ def test_children_forked_without_fork_hooks_make_ids_of_their_own(tmp_path: Path
     assert len(out["ids"]) == 8
     assert len(set(out["ids"])) == 6, out["ids"]  # each child's Task enqueued keeps its id
     assert out["stored"] == 6, "a child's task took the place of its sibling's"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_child_forked_without_fork_hooks_reads_a_fresh_offloader() -> None:
+    """Where no fork hook ran (uWSGI's default), a child's first stats(), dead_letters(),
+    replay() or start() are its own offloader's too, not the parent's: stats() showed the
+    parent's ledger and a worker running that the child does not have, and a parent's
+    dead letter replayed there went to the parent's scheduler, which no worker serves."""
+    result = run_python(
+        """
+        import ctypes, json, os
+        import offload
+        off = offload.Offloader(idle_timeout=30)
+        for _ in range(3):
+            off.enqueue_task(print, end="")
+        def refuse():
+            raise offload.GiveUp("no")
+        off.enqueue_task(refuse)
+        assert off.flush(5)
+        [letter] = off.dead_letters()
+        pid = ctypes.CDLL(None).fork()  # as uWSGI forks: CPython's fork hooks do not run
+        if pid == 0:
+            s = off.stats()
+            seen = [s.enqueued, s.succeeded, s.dead_letters, s.worker_running]
+            seen.append(len(off.dead_letters()))
+            try:
+                off.replay(letter.id)
+                seen.append("replayed")
+            except offload.UnknownDeadLetter:
+                seen.append("unknown")
+            off.enqueue_task(print, end="")
+            seen.append(off.flush(5) and off.stats().succeeded)
+            print(json.dumps(seen), flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [0, 0, 0, False, 0, "unknown", 1]
