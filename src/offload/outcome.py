@@ -280,9 +280,9 @@ def classify_result(
 
     A `requests.Response` (or an httpx one, when httpx is imported) is judged by its
     status: < 400 success; 429, and 503 with a Retry-After, throttled; 408, 425, 500, 502,
-    503, 504 and a proxy's 520-524 transient; any other status permanent (other 4xx, 501). Anything else
-    returned is a success. `secrets()`, asked only for a failure, gives values to scrub
-    from the error text.
+    503, 504 and a proxy's 520-524 transient; any other status permanent (other 4xx,
+    501). Anything else returned is a success. `secrets()`, asked only for a failure,
+    gives values to scrub from the error text.
     """
     if isinstance(value, requests.Response):
         return _classify_status(value.status_code, value.reason, value.headers, value, now, secrets)

@@ -18,8 +18,8 @@ A page's cursor names the last letter's place, (SentTimestamp in ms, letter id,
 MessageId): the order `letters` gives, which lasts as long as the message does, so that
 letters removed or buried between two pages move no other onto both or off both (a place
 counted in the queue would). The MessageId makes a place unique where two messages share
-a millisecond and a letter id (copies of one letter, see below). It reads `<ms>.<id as UTF-8 hex>.<MessageId as UTF-8 hex>`: nothing else
-is one (`_read_place`).
+a millisecond and a letter id (copies of one letter, see below). It reads
+`<ms>.<id as UTF-8 hex>.<MessageId as UTF-8 hex>`: nothing else is one (`_read_place`).
 
 Copies of one letter (that bury sent again, or a task SQS delivered twice and both
 deliveries buried) are one dead letter, as in every other store: listed once, at the
