@@ -358,3 +358,31 @@ def test_a_tampered_row_cannot_run_os_system_through_a_module_that_imports_os(
     finally:
         worker.shutdown(1)
     assert not os.path.exists(marker), "os.system ran from a stored row"
+
+
+@pytest.mark.parametrize(
+    ("column", "value"), [("dedup_window", -5.0), ("dedup_window", "soon"), ("dedup_key", b"k")]
+)
+def test_a_row_with_a_tampered_dedup_column_is_a_dead_letter(
+    tmp_path: Path, column: str, value: Any
+) -> None:
+    # Read like every other column: a bad value makes the row a dead letter, rather than
+    # failing the whole claim (the row then stayed leased and was never settled).
+    db = tmp_path / "q.db"
+    web = Offloader(store=url_of(db), consume=False)
+    web.enqueue_task(deliver, "tampered")
+    web.shutdown(0)
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"UPDATE tasks SET {column} = ?", (value,))
+    conn.close()
+    worker = Offloader(store=url_of(db), workers=1)
+    try:
+        worker.enqueue_task(deliver, "good")
+        assert worker.flush(10)
+        (letter,) = worker.dead_letters()
+        assert worker.store.counts().leased == 0  # type: ignore[attr-defined]
+    finally:
+        worker.shutdown(1)
+    assert letter.reason == "permanent" and "unreadable task record" in letter.error
+    with delivered_lock:
+        assert delivered == ["good"]

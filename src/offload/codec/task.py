@@ -291,6 +291,8 @@ class TaskRecord(NamedTuple):
                     _stamp(self.first_attempt_at, "attempt time"),
                     _stamp(self.last_attempt_at, "attempt time"),
                 )
+            dedup_key = _text(self.dedup_key, "dedup key", optional=True)
+            dedup_window = _window(self.dedup_window)
         except (ValueError, TypeError, RecursionError) as exc:
             return self.unreadable(str(exc))
         return Task._restore(
@@ -302,8 +304,8 @@ class TaskRecord(NamedTuple):
             key=key,
             retry=policy,
             progress=progress,
-            dedup_key=_text(self.dedup_key, "dedup key", optional=True),
-            dedup_window=_window(self.dedup_window),
+            dedup_key=dedup_key,
+            dedup_window=dedup_window,
         )
 
     def unreadable(self, error: str) -> Task:
