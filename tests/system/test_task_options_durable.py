@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -175,6 +176,37 @@ def test_prefixes_allow_their_modules_only(
         assert len(server.requests_to("/ok")) == 1 and server.requests_to("/planted") == []
     finally:
         off.shutdown(5)
+
+
+def test_prefixes_refuse_a_path_that_walks_out_of_their_module(
+    store_url: str, server: ScriptedServer
+) -> None:
+    # registered_tasks imports requests: `registered_tasks:requests.post` names a trusted
+    # module, but the function it reaches is requests' own.
+    import registered_tasks
+
+    web = Offloader(store=store_url, consume=False)
+    web.enqueue_task(registered_tasks.deliver, server.url("/ok"), 1)
+    web.shutdown(0)
+    planted = {
+        "offload": 1,
+        "target": {"type": "function", "path": "registered_tasks:requests.post"},
+        "args": [server.url("/planted")],
+        "kwargs": {},
+    }
+    with sqlite3.connect(store_url.removeprefix("sqlite:///")) as conn:
+        conn.execute("UPDATE tasks SET call = ?", (json.dumps(planted),))
+    conn.close()
+    off = Offloader(store=store_url, trusted=("registered_tasks",), workers=1)
+    try:
+        assert off.flush(20)
+        letters = off.dead_letters()
+    finally:
+        off.shutdown(5)
+    assert server.requests_to("/planted") == [], "requests.post ran from a planted row"
+    [letter] = letters
+    assert letter.reason == "permanent"
+    assert "requests.api.post, which is outside the trusted modules" in letter.error
 
 
 def test_an_offloader_that_trusts_registered_functions_refuses_to_enqueue_others(

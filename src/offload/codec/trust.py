@@ -244,7 +244,8 @@ class Trust:
     `"registered"`: only functions registered with `@offload.task` in this process; a
     stored task naming another is refused without importing anything. A tuple of module
     prefixes (`("myapp.tasks",)`): only functions of those modules (and their
-    submodules), checked before the module is imported.
+    submodules), checked before the module is imported, and where the function found
+    is defined (`myapp.tasks:requests.post` is requests' function, refused).
     """
 
     __slots__ = ("mode", "prefixes")
@@ -292,7 +293,9 @@ class Trust:
             return True
         if self.mode == "registered":
             return path in _registry
-        module = path.partition(":")[0]
+        return self._within(path.partition(":")[0])
+
+    def _within(self, module: str) -> bool:
         return any(module == p or module.startswith(p + ".") for p in self.prefixes)
 
     def refusal(self, path: str) -> str:
@@ -313,7 +316,16 @@ class Trust:
             raise ValueError(self.refusal(path))
         if self.mode == "registered":
             return _registry[path]
-        return resolve_task_function(path)
+        fn = resolve_task_function(path)
+        # Where the function is defined, too: `myapp.tasks:requests.post` walks out of a
+        # trusted module into a package it imports.
+        module = getattr(fn, "__module__", None)
+        if self.mode == "prefixes" and not (isinstance(module, str) and self._within(module)):
+            raise ValueError(
+                f"{path!r} leads to {name_of(fn)}, which is outside the trusted modules "
+                f"{', '.join(self.prefixes)}"
+            )
+        return fn
 
     def check(self, fn: Callable[..., Any]) -> None:
         """NotSerializable when an enqueue names a function this offloader would refuse to
