@@ -205,6 +205,24 @@ def test_replay_by_id_and_unknown_ids(store_url: str, letters: list[DeadLetter])
     assert counts(store_url) == (1, 0, 0, 2)
 
 
+def test_replay_does_not_import_the_function_a_dead_letter_names(
+    store_url: str, tmp_path: Path
+) -> None:
+    # The dead letter may be one a worker refused: the command moves its row back and
+    # names its ids, and the operator's process never imports (runs) the module.
+    import untrusted_tasks
+
+    letter = bury(store_url, untrusted_tasks.job, status=None, reason="permanent")
+    marker = tmp_path / "imported.txt"
+    result = cli(
+        "dead-letters", "replay", letter.id, "--store", store_url, OFFLOAD_TEST_MARKER=str(marker)
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == f"replayed {letter.id} (task {letter.task_id})\n"
+    assert not marker.exists(), "the command imported the dead letter's module"
+    assert counts(store_url) == (1, 0, 0, 0)
+
+
 def test_replay_all_with_a_dry_run_first(store_url: str, letters: list[DeadLetter]) -> None:
     dry = cli("dead-letters", "replay", "--all", "--key", "crm", "--dry-run", "--store", store_url)
     assert dry.returncode == 0, dry.stderr

@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any, TextIO
 
+from ..codec.trust import Trust
 from ..stores import DurableStore, Store, open_store
 
 __all__ = ["CommandError", "UsageError", "dump", "open_durable", "printable", "store_url"]
@@ -49,6 +50,9 @@ def open_durable(args: argparse.Namespace, *, must_exist: bool = True) -> Durabl
     if not store.durable:
         store.close()
         raise CommandError(f"{store.url} is not a durable store")
+    # The commands move rows and print ids: a replayed task's function is never imported
+    # here (this process registers none), since a dead letter may be one a worker refused.
+    store.trust = Trust("registered")  # type: ignore[attr-defined]  # durable: it has trust
     return store  # type: ignore[return-value]  # durable: it has the DurableStore methods
 
 
