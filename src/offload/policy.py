@@ -19,7 +19,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from .codec import strategies
-from .codec.trust import TRUST_ANY, Trust, callable_path, resolve_callable, task_function_path
+from .codec.trust import TRUST_ANY, Trust, callable_path, task_function_path
 from .errors import NotSerializable
 from .outcome import Outcome, Reason
 
@@ -159,7 +159,7 @@ class RetryPolicy:
         if isinstance(on, dict) and set(on) == {"types"} and isinstance(on["types"], list):
             types = []
             for path in on["types"]:
-                exc_type = resolve_callable(path)
+                exc_type = trust.resolve_type(path)
                 if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
                     raise ValueError(f"retry_on names {path!r}, which is not an exception type")
                 types.append(exc_type)

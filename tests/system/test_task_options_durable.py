@@ -155,6 +155,59 @@ def test_a_worker_trusting_registered_functions_refuses_a_planted_row_without_im
         reap(worker)
 
 
+def test_a_stored_retry_policy_cannot_make_a_trusting_worker_import_a_module(
+    store_url: str, server: ScriptedServer, worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    # A policy's retry_on types are imported by path too: under trusted="registered" a
+    # planted one naming another module is a dead letter, the module never imported; one
+    # whose module the worker has imported (requests, by registered_tasks) is still read.
+    planter = run_python(
+        f"""
+        import requests, offload, registered_tasks
+        off = offload.Offloader(store={store_url!r}, consume=False)
+        policy = offload.RetryPolicy(retry_on=(requests.ConnectionError,))
+        off.enqueue_task(offload.Task(registered_tasks.deliver, ({server.url("/ok")!r}, 1),
+                                      retry=policy))
+        off.enqueue_task(offload.Task(registered_tasks.deliver,
+                                      ({server.url("/planted")!r}, 2), retry=policy))
+        off.shutdown()
+        """,
+        env={"OFFLOAD_TEST_MARKER": ""},
+    )
+    assert planter.returncode == 0, planter.stderr
+    db = store_url.removeprefix("sqlite:///")
+    with sqlite3.connect(db) as conn:
+        (text,) = conn.execute("SELECT retry FROM tasks WHERE call LIKE '%planted%'").fetchone()
+        policy = json.loads(text)
+        policy["retry_on"] = {"types": ["untrusted_tasks:job"]}
+        conn.execute(
+            "UPDATE tasks SET retry = ? WHERE call LIKE '%planted%'", (json.dumps(policy),)
+        )
+    conn.close()
+    worker = spawn_worker(
+        store_url, worker_env, "--trusted", "registered", "--import", "registered_tasks"
+    )
+    try:
+        assert server.wait_for(1, "/ok", timeout=20)
+        off = Offloader(store=store_url, consume=False)
+        try:
+            deadline = time.monotonic() + 20
+            while not off.dead_letters() and time.monotonic() < deadline:
+                assert worker.poll() is None
+                server.wait_for(99, "/never", timeout=0.1)  # a bounded pause, no sleep
+            letters = off.dead_letters()
+        finally:
+            off.shutdown(0)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=30)
+        reap(worker)
+    assert not (tmp_path / "imported.txt").exists(), "the policy's module was imported"
+    [letter] = letters
+    assert letter.reason == "permanent" and "untrusted_tasks:job" in letter.error
+    assert server.requests_to("/planted") == []
+
+
 def test_prefixes_allow_their_modules_only(
     store_url: str, server: ScriptedServer, worker_env: dict[str, str], tmp_path: Path
 ) -> None:

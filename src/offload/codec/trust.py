@@ -327,6 +327,18 @@ class Trust:
             )
         return fn
 
+    def resolve_type(self, path: str) -> Callable[..., Any]:
+        """The class a stored retry policy's `retry_on` names (`resolve_callable`). Under
+        'registered' or module prefixes, a module neither trusted nor already imported is
+        not imported for it (ValueError): importing runs the module's code."""
+        module = path.partition(":")[0] if isinstance(path, str) else ""
+        if self.mode != "any" and module not in sys.modules and not self._within(module):
+            raise ValueError(
+                f"retry_on names {path!r}, whose module is not imported in this process "
+                f"and is not trusted ({self!r}); it was not imported"
+            )
+        return resolve_callable(path)
+
     def check(self, fn: Callable[..., Any]) -> None:
         """NotSerializable when an enqueue names a function this offloader would refuse to
         perform (found now rather than as a dead letter later)."""
