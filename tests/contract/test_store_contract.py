@@ -581,6 +581,7 @@ def test_next_due_is_none_for_an_empty_store(durable: DurableStore) -> None:
         (greet, (), {"when": datetime(2026, 1, 1)}, "datetime"),
         (greet, ({1: "x"},), {}, "key"),
         (greet, (float("nan"),), {}, "nan"),
+        (greet, (10**5000,), {}, "digits"),
     ],
 )
 def test_put_refuses_what_json_cannot_hold(

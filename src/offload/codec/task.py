@@ -86,8 +86,14 @@ def dump_call(call: Call, args: Any, kwargs: Any) -> str:
         if problem:
             raise NotSerializable(f"cannot store a task for {name_of(call)}: {problem}")
         args, kwargs = list(args), dict(kwargs)
-    # Most calls pass keywords only: no encoder call for the empty positional list.
-    return f'{opening}{dumps(args) if args else "[]"},"kwargs":{dumps(kwargs)}}}'
+    try:
+        # Most calls pass keywords only: no encoder call for the empty positional list.
+        return f'{opening}{dumps(args) if args else "[]"},"kwargs":{dumps(kwargs)}}}'
+    except ValueError:  # the values are checked: only an int too long to write is left
+        raise NotSerializable(
+            f"cannot store a task for {name_of(call)}: an argument is an int of more digits "
+            "than Python writes as text (sys.get_int_max_str_digits()); pass it as a str"
+        ) from None
 
 
 def load_call(
