@@ -592,6 +592,18 @@ def test_put_refuses_what_json_cannot_hold(
     assert durable.counts().ready == 0
 
 
+def test_put_keeps_arguments_exactly(durable: DurableStore) -> None:
+    # A lone surrogate is what os.fsdecode makes of a file name's undecodable byte; the
+    # tags a call's own fields use are plain keys in arguments.
+    args = ("caf\udce9.txt", 2**64, -0.0, 5e-324, {"$bytes": "AAAA"}, [{"$dict": {}}])
+    kwargs = {"punctuation": "\ud800?", "$dict": {"$bytes": 1}}
+    durable.put(Task(greet, args, kwargs), lease=False)
+    (task,) = durable.claim(1)
+    assert task.args == args and task.kwargs == kwargs
+    assert [type(a) for a in task.args] == [type(a) for a in args]
+    assert str(task.args[2]) == "-0.0"
+
+
 def test_put_refuses_a_local_function(durable: DurableStore) -> None:
     def local() -> None:
         pass

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, NamedTuple
 
 from .._redact import redact_text
@@ -51,6 +52,7 @@ _openings: dict[Any, str] = {}
 _MAX_OPENINGS = 4_096
 _SCALARS = frozenset({str, int, bool, type(None)})
 _TEXT = frozenset({str})
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def dump_call(call: Call, args: Any, kwargs: Any) -> str:
@@ -88,12 +90,17 @@ def dump_call(call: Call, args: Any, kwargs: Any) -> str:
         args, kwargs = list(args), dict(kwargs)
     try:
         # Most calls pass keywords only: no encoder call for the empty positional list.
-        return f'{opening}{dumps(args) if args else "[]"},"kwargs":{dumps(kwargs)}}}'
+        text = f'{opening}{dumps(args) if args else "[]"},"kwargs":{dumps(kwargs)}}}'
     except ValueError:  # the values are checked: only an int too long to write is left
         raise NotSerializable(
             f"cannot store a task for {name_of(call)}: an argument is an int of more digits "
             "than Python writes as text (sys.get_int_max_str_digits()); pass it as a str"
         ) from None
+    if text.isascii() or _SURROGATE.search(text) is None:
+        return text
+    # A lone surrogate (os.fsdecode's for an undecodable byte) is text no store can
+    # encode: written as JSON's escape, it reads back the same.
+    return _SURROGATE.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
 
 
 def load_call(
