@@ -25,7 +25,7 @@ import tenacity
 import offload
 from offload import Offloader, RetryPolicy, Task
 from offload.codec.trust import resolve_task_function
-from procs import SRC
+from procs import SRC, run_python
 from server import Answer, ScriptedServer
 
 delivered: list[Any] = []
@@ -386,3 +386,37 @@ def test_a_row_with_a_tampered_dedup_column_is_a_dead_letter(
     assert letter.reason == "permanent" and "unreadable task record" in letter.error
     with delivered_lock:
         assert delivered == ["good"]
+
+
+def test_a_row_naming_a_function_of_the_main_script_is_refused(tmp_path: Path) -> None:
+    # Nothing stores a `__main__:` path (a script's functions are refused at enqueue), but
+    # a worker would resolve one in its own main module: the script's, or the one that
+    # started the process.
+    marker = tmp_path / "ran"
+    result = run_python(
+        f"""
+        import json, sqlite3
+        import offload
+
+        def wipe(path):
+            open(path, "w").write("ran")
+
+        url = {url_of(tmp_path / "q.db")!r}
+        web = offload.Offloader(store=url, consume=False)
+        web.enqueue_task(offload.http("POST", "http://127.0.0.1:9/x"))
+        web.shutdown(0)
+        record = {{"offload": 1, "target": {{"type": "function", "path": "__main__:wipe"}},
+                   "args": [{str(marker)!r}], "kwargs": {{}}}}
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            conn.execute("UPDATE tasks SET call = ?", (json.dumps(record),))
+        conn.close()
+        worker = offload.Offloader(store=url)
+        assert worker.flush(10)
+        print(json.dumps([letter.error for letter in worker.dead_letters()]))
+        worker.shutdown(1)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists(), "a function of the main script ran from a stored row"
+    [error] = json.loads(result.stdout)
+    assert "'__main__:wipe'" in error

@@ -127,6 +127,10 @@ def resolve_task_function(path: str) -> Callable[..., Any]:
         raise ValueError(
             f"{path!r} is in Python's standard library, whose functions a stored task may not name"
         )
+    if isinstance(path, str) and path.partition(":")[0] == "__main__":
+        # Never written (callable_path names the module, or refuses a script), and it
+        # would name whatever started this process.
+        raise ValueError(f"{path!r} names the main module, which a stored task may not name")
     fn = resolve_callable(path)
     # Where the function is defined, not only the path: `mymodule:os.system`, or a module
     # that imports `system` from os, must not reach it. (An alias or a re-export of one of
