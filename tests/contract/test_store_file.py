@@ -420,3 +420,30 @@ def test_a_row_naming_a_function_of_the_main_script_is_refused(tmp_path: Path) -
     assert not marker.exists(), "a function of the main script ran from a stored row"
     [error] = json.loads(result.stdout)
     assert "'__main__:wipe'" in error
+
+
+@pytest.mark.parametrize("path", [5, None, ["test_store_file:deliver"]])
+def test_a_row_whose_path_is_not_text_is_a_dead_letter_under_trusted_prefixes(
+    tmp_path: Path, path: Any
+) -> None:
+    db = tmp_path / "q.db"
+    web = Offloader(store=url_of(db), consume=False)
+    web.enqueue_task(deliver, "tampered")
+    web.shutdown(0)
+    record = {"offload": 1, "target": {"type": "function", "path": path}, "args": [], "kwargs": {}}
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE tasks SET call = ?", (json.dumps(record),))
+    conn.close()
+    worker = Offloader(store=url_of(db), workers=1, trusted=(__name__,))
+    try:
+        worker.enqueue_task(deliver, "good")
+        assert worker.flush(10)
+        letters = worker.dead_letters()
+        leased = worker.store.counts().leased  # type: ignore[attr-defined]
+    finally:
+        worker.shutdown(1)
+    assert leased == 0, "the tampered row was claimed and never settled"
+    (letter,) = letters
+    assert letter.reason == "permanent" and "not a 'module:qualname' function path" in letter.error
+    with delivered_lock:
+        assert delivered == ["good"]

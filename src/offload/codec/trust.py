@@ -316,6 +316,8 @@ class Trust:
     def resolve(self, path: str) -> Callable[..., Any]:
         """The function a stored task names, if it is trusted; ValueError otherwise (and
         nothing imported)."""
+        if not isinstance(path, str):  # a tampered record's
+            raise ValueError(f"not a 'module:qualname' function path: {path!r}")
         if not self.allows(path):
             raise ValueError(self.refusal(path))
         if self.mode == "registered":
