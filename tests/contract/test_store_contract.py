@@ -602,6 +602,10 @@ def test_put_keeps_arguments_exactly(durable: DurableStore) -> None:
     assert task.args == args and task.kwargs == kwargs
     assert [type(a) for a in task.args] == [type(a) for a in args]
     assert str(task.args[2]) == "-0.0"
+    call = offload.http("POST", "http://127.0.0.1:9/x", json={"name": "caf\udce9"})
+    durable.put(Task(call), lease=False)
+    (task,) = durable.claim(1)
+    assert task.call == call
 
 
 def test_put_refuses_a_local_function(durable: DurableStore) -> None:

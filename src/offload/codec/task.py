@@ -65,7 +65,9 @@ def dump_call(call: Call, args: Any, kwargs: Any) -> str:
     if isinstance(call, PERFORMED):
         if args or kwargs:
             raise TypeError(f"{type(call).__name__} takes no arguments; put them in the call")
-        return f'{{"offload":{CALL_FORMAT},"target":{call.json_text()},"args":[],"kwargs":{{}}}}'
+        return _storable(
+            f'{{"offload":{CALL_FORMAT},"target":{call.json_text()},"args":[],"kwargs":{{}}}}'
+        )
     try:
         opening = _openings.get(call)
     except TypeError:  # an unhashable callable object: not a function a path can name
@@ -96,10 +98,14 @@ def dump_call(call: Call, args: Any, kwargs: Any) -> str:
             f"cannot store a task for {name_of(call)}: an argument is an int of more digits "
             "than Python writes as text (sys.get_int_max_str_digits()); pass it as a str"
         ) from None
+    return _storable(text)
+
+
+def _storable(text: str) -> str:
+    """`text` with each lone surrogate (os.fsdecode's for an undecodable byte), which no
+    store can encode, written as JSON's escape: it reads back the same."""
     if text.isascii() or _SURROGATE.search(text) is None:
         return text
-    # A lone surrogate (os.fsdecode's for an undecodable byte) is text no store can
-    # encode: written as JSON's escape, it reads back the same.
     return _SURROGATE.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
 
 
