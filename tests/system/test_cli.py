@@ -223,6 +223,33 @@ def test_replay_does_not_import_the_function_a_dead_letter_names(
     assert counts(store_url) == (1, 0, 0, 0)
 
 
+def test_the_console_on_a_store_url_replays_without_importing_the_function(
+    store_url: str, tmp_path: Path
+) -> None:
+    # make_app("sqlite:///...") in a process of its own (a console deployed apart from the
+    # workers): its replay, as the CLI's, never imports the module a dead letter names.
+    import untrusted_tasks
+
+    letter = bury(store_url, untrusted_tasks.job, status=None, reason="permanent")
+    marker = tmp_path / "imported.txt"
+    code = (
+        "import sys, offload.console\n"
+        "app = offload.console.make_app(sys.argv[1], token='t' * 16)\n"
+        "print(app.source.replay(sys.argv[2]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, store_url, letter.id],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env(OFFLOAD_TEST_MARKER=str(marker)),
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (0, f"{letter.task_id}\n"), result.stderr
+    assert not marker.exists(), "the console imported the dead letter's module"
+    assert counts(store_url) == (1, 0, 0, 0)
+
+
 def test_replay_all_with_a_dry_run_first(store_url: str, letters: list[DeadLetter]) -> None:
     dry = cli("dead-letters", "replay", "--all", "--key", "crm", "--dry-run", "--store", store_url)
     assert dry.returncode == 0, dry.stderr

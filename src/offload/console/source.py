@@ -10,6 +10,7 @@ from typing import Any
 
 from .. import _default
 from .._redact import redact_url
+from ..codec.trust import Trust
 from ..errors import UnknownDeadLetter
 from ..health_check import store_health
 from ..offloader import Offloader
@@ -44,6 +45,11 @@ class Source:
                     "the memory store lives inside one Offloader: pass that Offloader "
                     "to make_app (or a durable store's URL)"
                 )
+            if isinstance(target, str):
+                # Opened here, for the console alone: a replay moves the row back and
+                # never imports the function it names (a dead letter may be one a worker
+                # refused), as the CLI's commands (cli/common.py).
+                store.trust = Trust("registered")  # type: ignore[attr-defined]  # durable
             self._store = store
             self._offloader = lambda: None
 
