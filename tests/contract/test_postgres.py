@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -502,6 +503,26 @@ def test_join_refuses_what_it_cannot_write_through(make_store: MakeStore, postgr
     other = postgres.create_database(f"other{new_id()[:8]}")
     with psycopg.connect(other) as conn, pytest.raises(ValueError, match="database"):
         store.join(conn)
+
+
+def test_join_refuses_another_database_when_the_url_names_none(postgres: Any) -> None:
+    """A URL without a database is in libpq's default one (the user's name): a connection
+    to another database is refused, not joined to abort the application's transaction at
+    its first enqueue (or to write into another store)."""
+    url = f"postgresql://postgres@127.0.0.1:{postgres.port}?schema=nodb{uuid.uuid4().hex[:12]}"
+    store = PostgresStore(url)
+    try:
+        other = postgres.create_database(f"other{uuid.uuid4().hex[:12]}")
+        with psycopg.connect(other) as conn, pytest.raises(ValueError, match="'postgres'"):
+            store.join(conn)
+        with psycopg.connect(postgres.url()) as conn:  # the default database: the same
+            store.put_in(store.join(conn), Task(record, (1,)))
+            conn.commit()
+        assert store.counts().ready == 1
+    finally:
+        store.close()
+        with raw(postgres) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{store.schema}" CASCADE')
 
 
 def test_the_offloaders_transaction_needs_a_store_that_can_join(make_offloader: Any) -> None:

@@ -99,7 +99,6 @@ class PostgresStore(LetterMethods):
         self.create = parsed.create
         self._conninfo = parsed.conninfo
         self._password = parsed.password
-        self._dbname = _dbname(parsed.conninfo)
         self._sql = Sql(parsed.schema)
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._init_process_state()
@@ -257,14 +256,16 @@ class PostgresStore(LetterMethods):
         store's tables made first (so an enqueue cannot fail the application's transaction
         for want of them). TypeError or ValueError when it cannot be used."""
         driver = psycopg_connection(connection)
+        with self._use("opening the store") as cur:
+            # The database the store is in, as its server says (a URL may name none:
+            # libpq's default, PGDATABASE, a service file).
+            ours = cur.connection.info.dbname
         dbname = driver.info.dbname
-        if self._dbname is not None and dbname != self._dbname:
+        if dbname != ours:
             raise ValueError(
                 f"offload.transaction: the connection is to database {dbname!r}, but the "
-                f"store is {self.url}"
+                f"store {self.url} is in {ours!r}"
             )
-        with self._use("opening the store"):
-            pass
         return driver
 
     def put_in(self, connection: Any, task: Task, *, due: float | None = None) -> Task:
@@ -418,11 +419,3 @@ def _is_psycopg_error(exc: BaseException) -> bool:
     import psycopg  # noqa: PLC0415
 
     return isinstance(exc, psycopg.Error)
-
-
-def _dbname(conninfo: str) -> str | None:
-    """The database a connection string names, if it names one (else libpq's default)."""
-    from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415
-
-    name = conninfo_to_dict(conninfo).get("dbname")
-    return None if name is None else str(name)
