@@ -329,6 +329,37 @@ def test_a_dead_letter_the_store_could_not_keep_runs_again_before_flush_returns(
     assert off.shutdown(5)
 
 
+def test_a_role_that_may_only_read_answers_next_due_and_health(
+    make_store: MakeStore, postgres: Any, postgres_url: str
+) -> None:
+    """`offload health` and a console run with a role that may only SELECT: next_due()
+    answers (the sweep of leases and dedup keys is left to the workers), so the store is
+    not reported unreachable."""
+    from offload.health_check import store_health
+
+    clock = FakeClock()
+    writer = make_store(lease_timeout=10, clock=clock)
+    writer.put(Task(record, ("waiting",)), lease=False)
+    writer.put(Task(record, ("leased",)), lease=True)
+    schema = parse_postgres_url(postgres_url).schema
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    with raw(postgres) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO {role}')
+        conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO {role}')
+    reader = PostgresStore(postgres.url(user=role, query=f"schema={schema}"), clock=clock)
+    try:
+        clock.advance(11)  # the lease lapsed: a sweep would take it back
+        assert reader.next_due() == pytest.approx(clock.time() - 11)
+        health = store_health(reader, clock.time())
+        assert health.store_ok and health.problems == (), health.problems
+    finally:
+        reader.close()
+        with raw(postgres) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
 def test_a_lost_lease_is_reported_at_renewal(
     make_store: MakeStore, caplog: pytest.LogCaptureFixture
 ) -> None:

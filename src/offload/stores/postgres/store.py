@@ -14,7 +14,8 @@ never used across fork(): the child opens its own, and the parent's is left alon
 Leases. As in the SQLite store: a claimed row is leased to this store object's owner
 ('host:pid:token') until `lease_until`, renewed while held; a claim or `next_due` first
 takes back expired leases, and at once those of processes of this host that are gone
-(at most every SWEEP_EVERY seconds).
+(at most every SWEEP_EVERY seconds); a role that may only read (`offload health`, a
+console) leaves that to the workers.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from .letters import LetterMethods, bury_task
 from .listener import Listener
 from .schema import Sql, ensure_tables
 from .tasks import (
+    NO_PRIVILEGE,
     claim_due,
     count_tasks,
     earliest_due,
@@ -348,8 +350,12 @@ class PostgresStore(LetterMethods):
 
     def _sweep(self, cur: Any, now: float) -> None:
         self._next_sweep = now + min(SWEEP_EVERY, self.lease_timeout / 4)
-        take_back(cur, self._sql, owner=self._owner, now=now)
-        free_keys(cur, self._sql, now)
+        try:
+            take_back(cur, self._sql, owner=self._owner, now=now)
+            free_keys(cur, self._sql, now)
+        except Exception as exc:  # a role that may only read (offload health) leaves it
+            if getattr(exc, "sqlstate", None) != NO_PRIVILEGE:
+                raise
 
     def renew(self, tasks: Sequence[Task]) -> None:
         """Extend the leases of `tasks` (one UPDATE)."""

@@ -25,6 +25,7 @@ from .._shared import owner_dead, tally_tasks
 from .schema import Sql
 
 __all__ = [
+    "NO_PRIVILEGE",
     "claim_due",
     "count_tasks",
     "earliest_due",
@@ -36,7 +37,7 @@ __all__ = [
 
 log = logging.getLogger("offload")
 
-_NO_PRIVILEGE = "42501"  # insufficient_privilege: a role that may not UPDATE the tasks
+NO_PRIVILEGE = "42501"  # insufficient_privilege: a role that may not UPDATE the tasks
 
 
 def task_row(
@@ -130,7 +131,7 @@ def count_tasks(cur: Any, sql: Sql, *, owner: str, now: float) -> tuple[int, int
         try:
             take_back(cur, sql, owner=owner, now=now)
         except Exception as exc:
-            if getattr(exc, "sqlstate", None) != _NO_PRIVILEGE:
+            if getattr(exc, "sqlstate", None) != NO_PRIVILEGE:
                 raise
             log.debug("offload: counted without taking leases back: %s", exc)
     return ready, delayed, leased, sum(int(row[4]) for row in rows)
