@@ -518,6 +518,26 @@ def test_the_listener_listens_again_after_its_connection_is_cut(
     assert "lost the connection that listens" in caplog.text
 
 
+def test_a_schema_of_the_longest_name_puts_and_wakes(postgres: Any) -> None:
+    """A schema name of 63 characters (the most the URL takes) leaves no room for the
+    channel's prefix: the channel is cut to fit, or every NOTIFY would fail its enqueue."""
+    schema = f"s{uuid.uuid4().hex}".ljust(63, "x")
+    url = postgres.url(query=f"schema={schema}")
+    worker, web = PostgresStore(url), PostgresStore(url)
+    try:
+        woken = Woken()
+        worker.watch(woken)
+        assert woken.wait_for(1)
+        web.put(Task(record, (1,)), lease=False)
+        assert woken.wait_for(2), "the enqueue's NOTIFY was not heard"
+        assert len(worker.claim(10)) == 1
+    finally:
+        worker.close()
+        web.close()
+        with raw(postgres) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
 def test_sqlite_and_sqs_do_not_watch(tmp_path: Any) -> None:
     from offload.stores.sqlite import SQLiteStore
 

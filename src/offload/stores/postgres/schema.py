@@ -46,9 +46,14 @@ TASK_FIELDS = (
 _TASK_COLUMNS = ", ".join(f"t.{name}" for name in TASK_FIELDS)
 
 
+_CHANNEL_CHARS = 63  # NAMEDATALEN - 1: pg_notify refuses a longer channel name
+
+
 def channel(schema: str) -> str:
-    """The LISTEN/NOTIFY channel of the store in `schema` (channels are per database)."""
-    return f"offload:{schema}"
+    """The LISTEN/NOTIFY channel of the store in `schema` (channels are per database), cut
+    to the length PostgreSQL takes: a schema name may be longer than the channel's room.
+    Two schemas that share the cut name share the channel: only extra wake-ups."""
+    return f"offload:{schema}"[:_CHANNEL_CHARS]
 
 
 def _ddl(s: str) -> tuple[str, ...]:
