@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
+from textwrap import dedent
 from typing import Any
 
 import psycopg
@@ -29,7 +33,7 @@ from offload.stores.base import LetterQuery
 from offload.stores.postgres import PostgresStore, parse_postgres_url
 from offload.testing import FakeClock
 from pgserver import PASSWORD, PASSWORD_USER
-from procs import run_python
+from procs import python_env, reap, run_python
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -293,6 +297,70 @@ def test_leases_of_a_dead_process_are_taken_back_at_once(postgres_url: str) -> N
         assert sorted(t.args[0] for t in taken) == [0, 1, 2]
     finally:
         store.close()
+
+
+def _unshare_works() -> bool:
+    """Whether this machine lets us run a process in a PID namespace of its own."""
+    if shutil.which("unshare") is None:
+        return False
+    done = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, check=False
+    )
+    return done.returncode == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PID namespaces are Linux's")
+def test_a_live_lease_of_a_container_with_the_same_host_name_is_not_taken_back(
+    postgres_url: str,
+) -> None:
+    """Containers that share a host name (host networking, a compose `hostname:`) number
+    their processes each in a PID namespace of its own: a live process of another one,
+    whose id is no process here, holds its lease until it expires, as another machine's."""
+    if not _unshare_works():
+        pytest.skip("cannot make a PID namespace here (unshare)")
+    # A process id free here, which the container's process will have (ids are handed
+    # out in order in a new namespace: 1 is the first process, then 2, 3, ...).
+    pid = next(p for p in range(3, 1000) if not os.path.exists(f"/proc/{p}"))
+    code = f"""
+        import os, sys
+        sys.path[:0] = [{HERE!r}]
+        while True:  # fork until this namespace hands out the id that is free outside it
+            child = os.fork()
+            if child == 0:
+                if os.getpid() == {pid}:
+                    break
+                os._exit(0)
+            os.waitpid(child, 0)
+            if child >= {pid}:
+                sys.exit(1)
+        from offload import Task
+        from offload.stores.postgres import PostgresStore
+        import test_postgres
+        store = PostgresStore({postgres_url!r}, lease_timeout=3600)
+        store.put(Task(test_postgres.record, ("held",)), lease=True)
+        print(store.owner, flush=True)
+        sys.stdin.read()  # holds its lease until the test ends
+        os._exit(0)
+    """
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", dedent(code)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=python_env(),
+    )
+    store = PostgresStore(postgres_url, lease_timeout=3600)
+    try:
+        assert proc.stdout is not None
+        owner = proc.stdout.readline().strip()
+        assert owner, proc.stderr.read()
+        assert owner.split(":")[1] == str(pid), owner
+        assert store.claim(10) == []  # its lease runs: not taken back
+        assert store.counts().leased == 1
+    finally:
+        store.close()
+        reap(proc)
 
 
 runs: list[Any] = []

@@ -4,7 +4,10 @@ A lease owner is `host:pid:token`: the machine and process holding a lease, and 
 token per store object, so that two store objects of one process are two owners. A store
 that meets an owner of its own host whose process is gone takes its leases back at once;
 any other owner's leases only when they expire. `new_owner` writes that string and
-`owner_dead` reads it.
+`owner_dead` reads it. The host is the host name and, where /proc tells, the PID
+namespace (`this_host`): containers that share a host name (host networking, one compose
+`hostname:` for every replica) each number their processes alone, and one must not read
+another's live process as its own gone one.
 
 URL options (`?lease_timeout=60&create=false`) are strings: `number_option` and
 `bool_option` turn them into values, each error naming the option and what it takes.
@@ -52,15 +55,26 @@ __all__ = [
     "pid_alive",
     "tally_of",
     "tally_tasks",
+    "this_host",
 ]
 
 
 Mark = TypeVar("Mark", bound="SupportsDunderLT[Any]")  # a dead letter's place in a listing
 
 
+def this_host() -> str:
+    """This machine as lease owners name it: the host name, and the PID namespace whose
+    process ids `pid_alive` can check (see the module docstring)."""
+    try:
+        namespace = f"/pid{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # no /proc (macOS): the host name alone
+        namespace = ""
+    return socket.gethostname() + namespace
+
+
 def new_owner() -> str:
     """A lease owner for a store object of this process: 'host:pid:token'."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
+    return f"{this_host()}:{os.getpid()}:{secrets.token_hex(6)}"
 
 
 def owner_dead(owner: str, host: str) -> bool:
@@ -85,7 +99,7 @@ def tally_tasks(
     whose lease expired, or whose owner is a process of this host that is gone, is
     ready or delayed by its due time (`lapsed` counts those): the next sweep takes it
     back, and a flush() must not take it for one that some process is performing."""
-    host = socket.gethostname()
+    host = this_host()
     ready = delayed = leased = lapsed = 0
     for other, running, due, total in groups:
         tasks, due_now = int(total), int(due or 0)

@@ -14,14 +14,13 @@ when it commits, and not before.
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ...codec.task import TaskRecord, attempt_state
 from ...codec.trust import TRUST_ANY, Trust
 from ...records import Task
-from .._shared import owner_dead, tally_tasks
+from .._shared import owner_dead, tally_tasks, this_host
 from .schema import Sql
 
 __all__ = [
@@ -73,7 +72,7 @@ def claim_due(
 def take_back(cur: Any, sql: Sql, *, owner: str, now: float) -> int:
     """Take back the leases that expired by `now`, and at once every lease of a process of
     this host that is gone (never `owner`'s own live ones); returns how many."""
-    host = socket.gethostname()
+    host = this_host()
     dead: list[str] = []
     expired = False
     for other, until in cur.execute(sql.owners).fetchall():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 from ...codec.task import TaskRecord, attempt_state
 from ...codec.trust import TRUST_ANY, Trust
 from ...records import Task
-from .._shared import json_list, owner_dead, tally_tasks
+from .._shared import json_list, owner_dead, tally_tasks, this_host
 from .dedup import free_keys
 from .schema import TASK_COLUMNS, transaction
 
@@ -78,7 +77,7 @@ def claim_due(
 def take_back(conn: sqlite3.Connection, *, owner: str, now: float) -> None:
     """Take back the leases that expired by `now`, and at once every lease of a process of
     this host that is gone (never `owner`'s, the caller's own)."""
-    host = socket.gethostname()
+    host = this_host()
     expired: list[str] = []
     dead: list[str] = []
     for other, until in conn.execute(
