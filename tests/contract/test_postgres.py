@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -604,6 +605,30 @@ def test_a_schema_of_the_longest_name_puts_and_wakes(postgres: Any) -> None:
         web.close()
         with raw(postgres) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def test_close_while_the_listener_still_connects_ends_its_thread_cleanly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """close() while the server does not answer (the listener's connect runs until the
+    URL's connect_timeout) must not pull the stop pipe from under the thread: it ends on
+    its own, without an exception, once its connect gives up."""
+    from offload.stores.postgres import listener
+
+    monkeypatch.setattr(listener, "CLOSE_WAIT", 0.05)
+    failures: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: failures.append(args.exc_value))
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
+        port = silent.getsockname()[1]
+        store = PostgresStore(f"postgresql://u@127.0.0.1:{port}/db?connect_timeout=2")
+        store.watch(lambda: None)
+        assert store._listener is not None
+        thread = store._listener._thread
+        assert thread is not None
+        store.close()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert failures == []
 
 
 def test_sqlite_and_sqs_do_not_watch(tmp_path: Any) -> None:

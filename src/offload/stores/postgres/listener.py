@@ -32,6 +32,10 @@ log = logging.getLogger("offload")
 RETRY = 1.0
 """Seconds between attempts to listen again after the connection was lost."""
 
+CLOSE_WAIT = 5.0
+"""Seconds close() waits for the thread to end; one still connecting (an unreachable
+server: up to the URL's connect_timeout) ends on its own, and closes the stop pipe then."""
+
 # Inherited over fork(): never used again and never closed (see the module docstring).
 _orphans: list[Any] = []
 
@@ -53,6 +57,7 @@ class Listener:
         self._thread: threading.Thread | None = None
         self._conn: Any = None
         self._stop_r, self._stop_w = -1, -1
+        self._closed = False  # close() ran: the thread, when it ends, closes the pipe
 
     def add(self, wake: Callable[[], None]) -> Callable[[], None]:
         """Call `wake()` on every notification from now on (the thread starts with the first
@@ -92,6 +97,14 @@ class Listener:
                     log.error("offload: a wake-up callback failed: %s", exc)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            with self._lock:
+                if self._closed:
+                    self._close_pipe()
+
+    def _serve(self) -> None:
         complained = False
         while True:
             try:
@@ -160,10 +173,18 @@ class Listener:
             self._watchers.clear()
             thread = self._thread
             self._thread = None
-        if self._stop_w >= 0:
-            os.write(self._stop_w, b"x")
+            self._closed = True
+            if self._stop_w >= 0:
+                os.write(self._stop_w, b"x")
         if thread is not None and thread is not threading.current_thread():
-            thread.join(5)
+            thread.join(CLOSE_WAIT)
+        with self._lock:
+            # A thread still connecting reads the pipe once it is done: it closes it.
+            if thread is None or not thread.is_alive():
+                self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        """Called with the lock held; once."""
         for fd in (self._stop_r, self._stop_w):
             if fd >= 0:
                 os.close(fd)
@@ -183,6 +204,7 @@ class Listener:
         self._thread = None
         self._conn = None
         self._stop_r, self._stop_w = -1, -1
+        self._closed = False
 
 
 def _close_quietly(conn: Any) -> None:
