@@ -669,6 +669,31 @@ def test_join_refuses_another_database_when_the_url_names_none(postgres: Any) ->
             conn.execute(f'DROP SCHEMA IF EXISTS "{store.schema}" CASCADE')
 
 
+def test_an_sqlalchemy_connection_commits_a_block_that_only_enqueued(
+    make_store: MakeStore, postgres: Any
+) -> None:
+    """`engine.connect()`: SQLAlchemy begins its transaction at the first statement it
+    runs, and an enqueue's INSERT is not one of its own. A block that only enqueued is
+    committed by the connection's commit() (and dropped by its rollback()), instead of
+    rolled back unseen when the connection goes back to the pool."""
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    store = make_store()
+    engine = sqlalchemy.create_engine(
+        f"postgresql+psycopg://postgres@127.0.0.1:{postgres.port}/postgres"
+    )
+    try:
+        with engine.connect() as conn:
+            store.put_in(store.join(conn), Task(record, ("kept",)))
+            conn.commit()
+        with engine.connect() as conn:
+            store.put_in(store.join(conn), Task(record, ("dropped",)))
+            conn.rollback()
+    finally:
+        engine.dispose()
+    (only,) = store.claim(10)
+    assert only.args == ("kept",)
+
+
 def test_the_offloaders_transaction_needs_a_store_that_can_join(make_offloader: Any) -> None:
     off = make_offloader()
     with pytest.raises(TypeError, match="postgresql"):

@@ -7,7 +7,9 @@ Accepted, without importing any framework:
 - Django's `django.db.connection` (or `connections["name"]`): its psycopg 3 connection,
   opened if it is not yet; inside `transaction.atomic()` the enqueue joins that block;
 - SQLAlchemy's `session.connection()` or `engine.connect()` (a `Connection` over the
-  `postgresql+psycopg` dialect): the DBAPI connection it holds, in its transaction.
+  `postgresql+psycopg` dialect): the DBAPI connection it holds, in its transaction (begun
+  when the block opens if SQLAlchemy has not begun one yet, so that its commit() commits
+  a block that only enqueued).
 
 psycopg 2, an async connection and anything else are refused with TypeError: a task
 written outside the application's transaction would break the promise of the block.
@@ -44,7 +46,15 @@ def psycopg_connection(connection: Any) -> Any:
     if module.startswith("sqlalchemy."):
         # A Connection holds a pool proxy; the proxy holds the DBAPI connection.
         proxy = getattr(connection, "connection", connection)
-        return _checked(getattr(proxy, "driver_connection", None), "SQLAlchemy's connection")
+        driver = _checked(getattr(proxy, "driver_connection", None), "SQLAlchemy's connection")
+        # SQLAlchemy begins at a Connection's first statement, and offload's go to the
+        # driver, unseen: begun here as that statement would, or its commit() would do
+        # nothing and the pool's rollback would drop the enqueues.
+        if callable(getattr(connection, "in_transaction", None)) and not (
+            connection.in_transaction()
+        ):
+            connection.begin()
+        return driver
     raise TypeError(
         "offload.transaction takes a psycopg 3 connection, Django's django.db.connection or "
         f"SQLAlchemy's session.connection(); got {type(connection).__name__}"
