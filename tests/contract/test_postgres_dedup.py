@@ -199,6 +199,12 @@ class StopBeforeFreeing:
             assert self.go.wait(10)
         return self._inner.execute(query, params)
 
+    def cursor(self, *args: Any, **kwargs: Any) -> StopBeforeFreeing:
+        """A cursor of the connection (put_in writes through one), stopping as it does."""
+        wrapped = StopBeforeFreeing(self._inner.cursor(*args, **kwargs))
+        wrapped.reached, wrapped.go = self.reached, self.go
+        return wrapped
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
@@ -318,3 +324,20 @@ def test_the_sweep_passes_a_key_an_open_transaction_is_taking(
         claimer.join(10)
     assert not alive, "the sweep waited for the application's transaction"
     assert claimed == [[]] and store.put(keyed("later"), lease=False).id == taken.id
+
+
+def test_an_application_connection_of_dict_rows_gets_the_holder_of_a_key(
+    postgres: Any, stores: list[PostgresStore], postgres_url: str
+) -> None:
+    """The application's connection may make rows of its own kind (psycopg's dict_row, a
+    common choice): the key's holder is read all the same, not the names of its columns."""
+    from psycopg.rows import dict_row
+
+    store = open_store(stores, postgres_url)
+    with psycopg.connect(postgres.url(), row_factory=dict_row) as app:
+        first = keyed("first")
+        assert store.put_in(store.join(app), first) is first
+        held = store.put_in(store.join(app), keyed("second"))
+        assert (held.id, held.idempotency_key) == (first.id, first.idempotency_key)
+        app.commit()
+    assert [task.args for task in store.claim(10)] == [("first",)]

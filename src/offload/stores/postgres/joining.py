@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["psycopg_connection"]
+__all__ = ["app_cursor", "psycopg_connection"]
 
 
 def psycopg_connection(connection: Any) -> Any:
@@ -71,3 +71,11 @@ def _checked(driver: Any, what: str) -> Any:
         "through psycopg 3 (Django 4.2+ uses it when installed; SQLAlchemy: "
         "postgresql+psycopg://)"
     )
+
+
+def app_cursor(driver: Any) -> Any:
+    """A cursor on the application's connection that makes tuples, as offload reads them,
+    whatever rows the connection makes for the application (`row_factory=dict_row`)."""
+    from psycopg.rows import tuple_row  # noqa: PLC0415
+
+    return driver.cursor(row_factory=tuple_row)

@@ -39,7 +39,7 @@ from .._shared import new_owner
 from ..base import NO_KEYS, StoreCounts
 from .budgets import take_tokens
 from .dedup import free_keys, let_key_go, put_alone, put_unique
-from .joining import psycopg_connection
+from .joining import app_cursor, psycopg_connection
 from .letters import LetterMethods, bury_task
 from .listener import Listener
 from .schema import Sql, ensure_tables
@@ -259,9 +259,7 @@ class PostgresStore(LetterMethods):
         for want of them). TypeError or ValueError when it cannot be used."""
         driver = psycopg_connection(connection)
         with self._use("opening the store") as cur:
-            # The database the store is in, as its server says (a URL may name none:
-            # libpq's default, PGDATABASE, a service file).
-            ours = cur.connection.info.dbname
+            ours = cur.connection.info.dbname  # the URL may name none (libpq's default)
         dbname = driver.info.dbname
         if dbname != ours:
             raise ValueError(
@@ -281,10 +279,11 @@ class PostgresStore(LetterMethods):
         now = self._clock.time()
         row = task_row(record, now if due is None else due, None, None)
         try:
+            cur = app_cursor(connection)  # tuples, whatever the application's rows are
             if record.dedup_key is not None:
-                held = put_unique(connection, sql, task, record, row, now, notify=True)
+                held = put_unique(cur, sql, task, record, row, now, notify=True)
                 return self._kept(held, record)
-            connection.execute(sql.put_waiting, (*row, sql.channel))
+            cur.execute(sql.put_waiting, (*row, sql.channel))
         except Exception as exc:
             if not _is_psycopg_error(exc):
                 raise
