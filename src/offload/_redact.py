@@ -26,6 +26,7 @@ __all__ = [
     "REDACTED",
     "RedactingFilter",
     "is_secret_name",
+    "join_dsn",
     "redact_dsn",
     "redact_headers",
     "redact_text",
@@ -221,8 +222,16 @@ def redact_dsn(url: str) -> str:
     if at:
         user, colon, _password = userinfo.partition(":")
         netloc = f"{user}:{REDACTED}@{hostport}" if colon else f"{user}@{hostport}"
-    return urlunsplit(
-        (split.scheme, netloc, split.path, _redact_pairs(split.query), split.fragment)
+    return join_dsn(split.scheme, netloc, split.path, _redact_pairs(split.query), split.fragment)
+
+
+def join_dsn(scheme: str, netloc: str, path: str, query: str, fragment: str = "") -> str:
+    """A database URL from its parts, with `//` kept when the authority is empty
+    (`postgresql:///app`: the local socket; urlunsplit would make it `postgresql:/app`)."""
+    return (
+        f"{scheme}://{netloc}{path}"
+        + (f"?{query}" if query else "")
+        + (f"#{fragment}" if fragment else "")
     )
 
 

@@ -111,6 +111,25 @@ def test_the_url_options_and_libpq_parameters() -> None:
     assert isinstance(open_store("postgres://app@db.example/shop"), PostgresStore)
 
 
+def test_a_url_of_the_local_socket_opens_the_store(postgres: Any) -> None:
+    """`postgresql:///db` (no host: libpq's unix socket, the usual form on the database's
+    own machine) is a URL libpq takes: the store opens it, and shows it as given."""
+    schema = f"sock{uuid.uuid4().hex[:12]}"
+    url = (
+        f"postgresql:///postgres?host={postgres.directory}&port={postgres.port}"
+        f"&user=postgres&schema={schema}"
+    )
+    store = PostgresStore(url)
+    try:
+        assert store.url.startswith("postgresql:///postgres?")
+        store.put(Task(record, (1,)), lease=False)
+        assert [task.args for task in store.claim(10)] == [(1,)]
+    finally:
+        store.close()
+        with raw(postgres) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [

@@ -153,6 +153,10 @@ def test_redact_url_never_raises_on_an_unparseable_url() -> None:
             "postgresql://db/app?application_name=me@host",
         ),
         (f"postgresql://u:{SECRET}@h1:5432,h2:5433/db", "postgresql://u:***@h1:5432,h2:5433/db"),
+        (  # the local socket: no authority, and its `//` kept
+            f"postgresql:///app?host=/run/postgresql&password={SECRET}",
+            "postgresql:///app?host=/run/postgresql&password=***",
+        ),
     ],
 )
 def test_redact_dsn(url: str, expected: str) -> None:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from ..._redact import REDACTED, redact_dsn
+from ..._redact import REDACTED, join_dsn, redact_dsn
 from .._shared import bool_option, number_option
 
 __all__ = ["SCHEMES", "PostgresUrl", "parse_postgres_url"]
@@ -84,7 +84,7 @@ def parse_postgres_url(url: str) -> PostgresUrl:
     create = bool_option("postgresql", "create", ours["create"]) if "create" in ours else True
     if not any(name == "connect_timeout" for name, _ in theirs):
         theirs.append(("connect_timeout", DEFAULT_CONNECT_TIMEOUT))
-    conninfo = urlunsplit((split.scheme, split.netloc, split.path, urlencode(theirs), ""))
+    conninfo = join_dsn(split.scheme, split.netloc, split.path, urlencode(theirs))
     password = _check_with_libpq(conninfo, shown, split.password)
     return PostgresUrl(
         shown=shown,
