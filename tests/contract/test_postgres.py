@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -481,15 +482,21 @@ def test_claims_of_many_threads_never_share_a_task(make_store: MakeStore) -> Non
     assert len(ids) == 200 and len(set(ids)) == 200
 
 
-def test_a_broken_connection_is_replaced(make_store: MakeStore, postgres: Any) -> None:
+def test_a_connection_the_server_ended_is_replaced_before_the_next_enqueue(
+    make_store: MakeStore, postgres: Any
+) -> None:
+    """A connection the server ended while it was idle (a restart, a failover,
+    pg_terminate_backend, idle_session_timeout) is found gone before the next statement
+    is sent: that enqueue goes through a new connection instead of failing."""
     store = make_store()
     store.put(Task(record, (1,)), lease=False)
     backend = store._conn.info.backend_pid
-    with raw(postgres) as conn:
-        conn.execute("SELECT pg_terminate_backend(%s)", (backend,))
-    with pytest.raises(StoreError):
-        store.counts()  # the first use finds it broken, and drops it
-    assert store.counts().ready == 1
+    fd = store._conn.fileno()
+    with raw(postgres) as conn:  # (waits for the backend to exit)
+        conn.execute("SELECT pg_terminate_backend(%s, 5000)", (backend,))
+    select.select([fd], [], [], 5)  # its hang-up has reached this end
+    store.put(Task(record, (2,)), lease=False)
+    assert store.counts().ready == 2
     assert store._conn.info.backend_pid != backend
 
 

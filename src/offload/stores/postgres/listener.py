@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import select
 import threading
@@ -25,7 +26,7 @@ from typing import Any
 from ..._guard import Guarded
 from ..._threads import daemon_thread
 
-__all__ = ["Listener"]
+__all__ = ["Listener", "wait_readable"]
 
 log = logging.getLogger("offload")
 
@@ -210,3 +211,15 @@ class Listener:
 def _close_quietly(conn: Any) -> None:
     with contextlib.suppress(Exception):  # a broken connection: nothing left to close
         conn.close()
+
+
+def wait_readable(fds: list[int], timeout: float | None) -> list[int]:
+    """Those of `fds` readable (or hung up) within `timeout` seconds (None: no limit), by
+    poll(), which takes any descriptor (select() refuses one past FD_SETSIZE, 1024: a busy
+    process's), where the system has it."""
+    if not hasattr(select, "poll"):
+        return list(select.select(fds, [], [], timeout)[0])
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ in poller.poll(None if timeout is None else math.ceil(timeout * 1000))]

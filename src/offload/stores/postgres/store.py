@@ -7,7 +7,8 @@ starting over in a forked child.
 Connections. Each process opens one connection (autocommit: every statement is its own
 transaction) on first use, shared by its threads under a lock, and checks the tables
 then (making them unless `create=false`); a second one LISTENs once a worker waits for
-tasks (`watch`). A broken connection is dropped and the next use opens a new one; a
+tasks (`watch`). A broken connection is dropped and the next use opens a new one (one
+the server ended while idle is found so before a statement is sent: `_hung_up`); a
 psycopg error becomes a StoreError whose text never holds the password. A connection is
 never used across fork(): the child opens its own, and the parent's is left alone.
 
@@ -41,7 +42,7 @@ from .budgets import take_tokens
 from .dedup import free_keys, let_key_go, put_alone, put_unique
 from .joining import app_cursor, psycopg_connection
 from .letters import LetterMethods, bury_task
-from .listener import Listener
+from .listener import Listener, wait_readable
 from .schema import Sql, ensure_tables
 from .tasks import (
     NO_PRIVILEGE,
@@ -172,6 +173,8 @@ class PostgresStore(LetterMethods):
         """This process's cursor, connecting (and checking the tables) first if need be;
         the lock is held."""
         cur = self._cur
+        if cur is not None and _hung_up(self._conn):  # ended by the server while idle
+            cur = self._conn = self._cur = None
         if cur is None:
             conn = self._connect()
             try:
@@ -260,11 +263,10 @@ class PostgresStore(LetterMethods):
         driver = psycopg_connection(connection)
         with self._use("opening the store") as cur:
             ours = cur.connection.info.dbname  # the URL may name none (libpq's default)
-        dbname = driver.info.dbname
-        if dbname != ours:
+        if driver.info.dbname != ours:
             raise ValueError(
-                f"offload.transaction: the connection is to database {dbname!r}, but the "
-                f"store {self.url} is in {ours!r}"
+                f"offload.transaction: the connection is to database {driver.info.dbname!r}, "
+                f"but the store {self.url} is in {ours!r}"
             )
         return driver
 
@@ -418,6 +420,21 @@ class PostgresStore(LetterMethods):
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.url!r}, lease_timeout={self.lease_timeout:g})"
+
+
+def _hung_up(conn: Any) -> bool:
+    """Whether the server ended idle `conn` (closed here, quietly): an idle autocommit
+    connection has nothing to read unless the server hung up (a restart, a failover,
+    pg_terminate_backend, idle_session_timeout), which is found now, before a statement
+    is sent, rather than by that statement's failure."""
+    try:
+        readable = bool(wait_readable([conn.fileno()], 0))
+    except Exception:  # closed already
+        readable = True
+    if readable:  # (a notice the server sent meanwhile costs a new connection: no harm)
+        with contextlib.suppress(Exception):
+            conn.close()
+    return readable
 
 
 def _is_psycopg_error(exc: BaseException) -> bool:
