@@ -657,6 +657,28 @@ def test_close_while_the_listener_still_connects_ends_its_thread_cleanly(
     assert failures == []
 
 
+def test_the_listener_listens_on_a_descriptor_past_1024(
+    make_store: MakeStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A busy process holds more than 1024 descriptors, and the listener's connection gets
+    one past select()'s FD_SETSIZE: it listens all the same, on the one connection, rather
+    than taking each refusal of select() for a lost connection and connecting again."""
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        worker, web = make_store(), make_store()
+        woken = Woken()
+        worker.watch(woken)
+        assert woken.wait_for(1)
+        web.put(Task(record, (1,)), lease=False)
+        assert woken.wait_for(2)
+        assert worker._listener is not None and worker._listener._conn is not None
+        assert worker._listener._conn.fileno() >= 1024
+        assert "lost the connection that listens" not in caplog.text
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
 def test_sqlite_and_sqs_do_not_watch(tmp_path: Any) -> None:
     from offload.stores.sqlite import SQLiteStore
 

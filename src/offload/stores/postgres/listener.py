@@ -1,7 +1,7 @@
 """Wake-ups without polling: a thread that LISTENs on the store's channel with a connection
 of its own and calls every watcher's `wake()` when a NOTIFY arrives.
 
-The thread waits in `select()` on its connection's socket and on a pipe that `close()`
+The thread waits in `poll()` on its connection's socket and on a pipe that `close()`
 writes to, so it sleeps until there is something to read, and stops at once. It calls
 `wake()` once as soon as it listens (what was put before that was not heard of, or while
 it could not listen), and on each batch of notifications. While it cannot listen (the
@@ -154,7 +154,7 @@ class Listener:
         """Wake the watchers on each batch of notifications; True once told to stop."""
         fd = conn.fileno()
         while True:
-            readable, _, _ = select.select([fd, self._stop_r], [], [])
+            readable = wait_readable([fd, self._stop_r], None)
             if self._stop_r in readable:
                 return True
             if list(conn.notifies(timeout=0)):
@@ -162,8 +162,7 @@ class Listener:
 
     def _stopped(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for close(); True if it came."""
-        readable, _, _ = select.select([self._stop_r], [], [], timeout)
-        return bool(readable)
+        return bool(wait_readable([self._stop_r], timeout))
 
     def close(self) -> None:
         """Stop the thread and close its connection (in the process that made them)."""
