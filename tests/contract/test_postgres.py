@@ -105,6 +105,12 @@ def test_the_url_options_and_libpq_parameters() -> None:
     assert "s3cret" not in parsed.shown and "app:***@db.example:6543/shop" in parsed.shown
     assert "schema=" not in parsed.conninfo and "sslmode=disable" in parsed.conninfo
     assert "connect_timeout=10" in parsed.conninfo  # an enqueue never waits forever
+    # A connection that dies silently is noticed: TCP keepalives and a user timeout.
+    for option in ("keepalives=1", "keepalives_idle=30", "tcp_user_timeout=30000"):
+        assert option in parsed.conninfo
+    mine = parse_postgres_url("postgresql://app@db/shop?keepalives_idle=5&tcp_user_timeout=0")
+    assert "keepalives_idle=5" in mine.conninfo and "keepalives_idle=30" not in mine.conninfo
+    assert "tcp_user_timeout=0" in mine.conninfo and "tcp_user_timeout=30000" not in mine.conninfo
     assert "s3cret" not in repr(parsed)
     store = PostgresStore(url)  # nothing is connected yet
     assert store.lease_timeout == 12.5 and store.schema == "jobs"

@@ -27,6 +27,17 @@ _OURS = ("schema", "lease_timeout", "create")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # libpq waits forever for an unreachable host unless told otherwise; an enqueue must not.
 DEFAULT_CONNECT_TIMEOUT = "10"
+# A connection that dies without a word (a NAT's idle timeout, a host gone) is noticed in
+# about a minute when idle (TCP keepalives) and within 30 s of unanswered data (Linux's
+# TCP_USER_TIMEOUT), not the kernel's quarter of an hour: a statement stuck on it holds the
+# store's lock, and the leases it should renew would lapse. A URL's own values win.
+DEFAULT_TCP = (
+    ("keepalives", "1"),
+    ("keepalives_idle", "30"),
+    ("keepalives_interval", "10"),
+    ("keepalives_count", "3"),
+    ("tcp_user_timeout", "30000"),
+)
 
 
 @dataclass(frozen=True)
@@ -82,8 +93,10 @@ def parse_postgres_url(url: str) -> PostgresUrl:
             "postgresql", "lease_timeout", ours["lease_timeout"], minimum=0, above=True
         )
     create = bool_option("postgresql", "create", ours["create"]) if "create" in ours else True
-    if not any(name == "connect_timeout" for name, _ in theirs):
-        theirs.append(("connect_timeout", DEFAULT_CONNECT_TIMEOUT))
+    given = {name for name, _ in theirs}
+    for name, value in (("connect_timeout", DEFAULT_CONNECT_TIMEOUT), *DEFAULT_TCP):
+        if name not in given:
+            theirs.append((name, value))
     conninfo = join_dsn(split.scheme, split.netloc, split.path, urlencode(theirs))
     password = _check_with_libpq(conninfo, shown, split.password)
     return PostgresUrl(
