@@ -11,12 +11,18 @@ did before 3.14.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["daemon_thread"]
+from ._guard import Guarded
+
+log = logging.getLogger("offload")
+
+__all__ = ["after_threads", "daemon_thread"]
 
 
 def daemon_thread(target: Callable[[], Any], name: str) -> threading.Thread:
@@ -24,3 +30,26 @@ def daemon_thread(target: Callable[[], Any], name: str) -> threading.Thread:
     return threading.Thread(
         target=contextvars.Context().run, args=(target,), name=name, daemon=True
     )
+
+
+def after_threads(threads: list[threading.Thread], then: Callable[[], Any]) -> None:
+    """Run `then` once every one of `threads` has ended: now when none is alive, else on
+    a daemon thread that waits for them (a shutdown that timed out closes its store when
+    its last call ends, not never: an open SQLite or PostgreSQL connection is a resource
+    Python 3.13 warns about when it is collected). At interpreter exit, not at all."""
+    alive = [t for t in threads if t.is_alive()]
+    if not alive:
+        then()
+        return
+
+    def wait_then() -> None:
+        for thread in alive:
+            thread.join()
+        try:
+            then()
+        except Exception as exc:  # nothing is left to tell but the log
+            with Guarded():
+                log.warning("offload: closing the store after shutdown failed: %s", exc)
+
+    with contextlib.suppress(RuntimeError):  # interpreter exit: the process's end closes all
+        daemon_thread(wait_then, "offload-close").start()

@@ -27,6 +27,7 @@ from typing import Any, cast
 
 from . import lifecycle
 from ._guard import guard
+from ._threads import after_threads
 from .attempt import perform
 from .backlog import Backlog, DurableBacklog, MemoryBacklog
 from .backlog.transaction import joined
@@ -363,8 +364,8 @@ class Offloader:
             core.wake_all()
             threads = list(self._pool.threads)
         ok = self._backlog.close(left, ok, threads, deadline)
-        if self._owns_store and not any(t.is_alive() for t in threads):
-            self._store.close()
+        if self._owns_store:  # once nothing of ours uses it: now, or when the last ends
+            after_threads([*threads, *self._backlog.store_threads()], self._store.close)
         return ok
 
     def _finished(self) -> bool:

@@ -1025,6 +1025,42 @@ def test_a_task_whose_complete_is_refused_after_a_timed_out_shutdown_is_let_go(
     assert delivered == [7]
 
 
+def open_files(path: Path) -> list[str]:
+    """This process's descriptors open on `path` or its journals and WAL (Linux)."""
+    fds = Path("/proc/self/fd")
+    found = []
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith(str(path)):
+                found.append(target)
+    return found
+
+
+def test_a_shutdown_that_timed_out_closes_its_store_when_the_last_call_ends(
+    tmp_path: Path,
+) -> None:
+    # shutdown() gave up waiting for a running call: the store stays open for that call's
+    # settling, and is closed once it ends, not left open for the life of the process.
+    gate.clear()
+    at_gate.clear()
+    db = tmp_path / "q.db"
+    off = Offloader(store=url_of(db))
+    off.enqueue_task(record_at_gate, 8)
+    assert at_gate.wait(30)
+    assert off.shutdown(timeout=0.1) is False  # the call still runs
+    assert open_files(db), "the store was closed under a running call"
+    closers = [t for t in threading.enumerate() if t.name == "offload-close"]
+    gate.set()
+    for closer in closers:
+        closer.join(30)
+    assert len(closers) == 1 and not closers[0].is_alive()
+    assert delivered == [8]
+    assert open_files(db) == []
+    with raw(db) as conn:  # settled before the close: delivered once, gone from the file
+        assert conn.execute("SELECT COUNT(*) FROM tasks").fetchone()[0] == 0
+
+
 def test_shutdown_reports_a_task_the_store_could_not_settle(
     tmp_path: Path, make_offloader: Any
 ) -> None:

@@ -81,6 +81,11 @@ class Backlog(Protocol):
         `deadline`. True when nothing was left undelivered."""
         ...
 
+    def store_threads(self) -> list[threading.Thread]:
+        """Threads of the backlog's own that use the store (a lease keeper), which a
+        shutdown lets end before it closes the store."""
+        ...
+
     def replay(self, dead_letter_id: str) -> Task:
         """Enqueue a dead letter's task again with a fresh attempt budget."""
         ...

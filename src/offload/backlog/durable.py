@@ -339,6 +339,10 @@ class DurableBacklog:
         self.keeper.wake()
         return left
 
+    def store_threads(self) -> list[threading.Thread]:
+        keeper = self.keeper.thread
+        return [] if keeper is None else [keeper]
+
     def close(
         self,
         left: list[Task],

@@ -170,6 +170,9 @@ class MemoryBacklog:
         core.leaving.delayed += len(sched.delayed)
         return sched.drain()
 
+    def store_threads(self) -> list[threading.Thread]:
+        return []
+
     def close(
         self,
         left: list[Task],
