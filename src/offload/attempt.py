@@ -19,11 +19,19 @@ from collections.abc import Awaitable, Collection
 from typing import Any, NamedTuple
 
 from ._guard import Guarded
+from .calls.aws_call import AwsCall
 from .calls.base import PERFORMED, describe_target
 from .calls.connections import Resources
 from .calls.secrets import known_secrets
 from .clock import Clock
-from .outcome import PERMANENT, Outcome, Secrets, classify_exception, classify_result
+from .outcome import (
+    PERMANENT,
+    Modeled,
+    Outcome,
+    Secrets,
+    classify_exception,
+    classify_result,
+)
 from .records import Task
 
 __all__ = ["Attempt", "perform"]
@@ -81,6 +89,21 @@ def _secrets(task: Task) -> Secrets:
     return secrets
 
 
+def _modeled(call: Any, resources: Resources) -> Modeled:
+    """What an AwsCall's operation model marks retryable, for its ClientError; nothing
+    for any other call (a user's own boto3 call has no model offload knows)."""
+
+    def modeled(code: str) -> bool | None:
+        if not isinstance(call, AwsCall):
+            return None
+        try:
+            return call.retryable(resources, code)
+        except Exception:  # a model that cannot be read leaves the table as it is
+            return None
+
+    return modeled
+
+
 def perform(task: Task, resources: Resources, clock: Clock) -> Attempt:
     """Make one attempt at `task` on this worker thread; never raises."""
     now, wall = clock.monotonic(), clock.time()
@@ -114,7 +137,9 @@ def perform(task: Task, resources: Resources, clock: Clock) -> Attempt:
         return Attempt(classify_result(result, now=wall, secrets=_secrets(task)), None, result)
     except BaseException as error:
         try:
-            outcome = classify_exception(error, now=wall, secrets=_secrets(task))
+            outcome = classify_exception(
+                error, now=wall, secrets=_secrets(task), modeled=_modeled(call, resources)
+            )
         except BaseException:
             outcome = Outcome(PERMANENT, error=type(error).__name__)
         return Attempt(outcome, error, None)

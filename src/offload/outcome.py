@@ -40,6 +40,7 @@ __all__ = [
     "RETRY",
     "SUCCESS",
     "Kind",
+    "Modeled",
     "Outcome",
     "Reason",
     "Secrets",
@@ -74,6 +75,12 @@ _UNSHOWABLE = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ud800-\udfff]")
 Secrets = Callable[[], Collection[str]]
 """What gives the secret values a failed call holds (its own headers, params, password),
 asked only when there is an error text to scrub them from."""
+
+Modeled = Callable[[str], bool | None]
+"""What an AWS operation's service model says of an error code, asked only for a
+ClientError the table does not already throttle: True if marked retryable as a throttle,
+False if marked retryable, None if not marked (botocore's standard retry mode reads the
+same `retryable` trait)."""
 
 # 520-524: the answers of a proxy in front of the API (Cloudflare's) when the API itself did
 # not answer: an unknown error, refused, timed out connecting, unreachable, timed out.
@@ -321,7 +328,13 @@ def _classify_status(
     return Outcome(PERMANENT, status=status, error=error)
 
 
-def _classify_client_error(exc: BaseException, now: float | None, secrets: Secrets) -> Outcome:
+def _no_model(code: str) -> bool | None:
+    return None
+
+
+def _classify_client_error(
+    exc: BaseException, now: float | None, secrets: Secrets, modeled: Modeled
+) -> Outcome:
     response = getattr(exc, "response", None)
     response = response if isinstance(response, Mapping) else {}
     details = response.get("Error")
@@ -338,10 +351,15 @@ def _classify_client_error(exc: BaseException, now: float | None, secrets: Secre
     )
     error = _clean(f"{error} (HTTP {status})" if status is not None else error)
 
-    if code in _AWS_THROTTLING_CODES or status == 429:
+    throttled = code in _AWS_THROTTLING_CODES or status == 429
+    transient = code in _AWS_TRANSIENT_CODES or status in _AWS_TRANSIENT_STATUS
+    if code and not throttled:
+        marked = modeled(code)  # what the operation's model marks retryable, as botocore
+        throttled, transient = marked is True, transient or marked is False
+    if throttled:
         retry_after = _aws_retry_after(meta.get("HTTPHeaders"), _now(now))
         return Outcome(RETRY, throttled=True, retry_after=retry_after, status=status, error=error)
-    if code in _AWS_TRANSIENT_CODES or status in _AWS_TRANSIENT_STATUS:
+    if transient:
         retry_after = _aws_retry_after(meta.get("HTTPHeaders"), _now(now))
         return Outcome(RETRY, retry_after=retry_after, status=status, error=error)
     return Outcome(PERMANENT, status=status, error=error)
@@ -358,11 +376,13 @@ def _exception_groups() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def _classify_group(exc: BaseException, now: float | None, secrets: Secrets) -> Outcome:
+def _classify_group(
+    exc: BaseException, now: float | None, secrets: Secrets, modeled: Modeled
+) -> Outcome:
     """A task group's errors (asyncio.TaskGroup, anyio): permanent if any of them is,
     else a retry, throttled if any is, no sooner than the longest Retry-After of them."""
     outcomes = [
-        classify_exception(inner, now=now, secrets=secrets)
+        classify_exception(inner, now=now, secrets=secrets, modeled=modeled)
         for inner in getattr(exc, "exceptions", ())
     ]
     if not outcomes:
@@ -383,13 +403,18 @@ def _classify_group(exc: BaseException, now: float | None, secrets: Secrets) -> 
 
 
 def classify_exception(
-    exc: BaseException, *, now: float | None = None, secrets: Secrets = _no_secrets
+    exc: BaseException,
+    *,
+    now: float | None = None,
+    secrets: Secrets = _no_secrets,
+    modeled: Modeled = _no_model,
 ) -> Outcome:
     """The outcome of an attempt that raised `exc`.
 
     `offload.Retry` is throttled (with its `after`), `offload.GiveUp` permanent (with its
     reason). A requests or httpx `raise_for_status()` error goes by its response, as a
-    returned response would; botocore ClientErrors by error code and HTTP status; network
+    returned response would; botocore ClientErrors by error code and HTTP status, and by
+    what `modeled(code)` says the operation's model marks retryable (an AwsCall's); network
     errors and timeouts of requests, urllib3, botocore and the builtins are transient;
     anything else is permanent. An exception group is judged by what it holds. `secrets()` gives
     values to scrub from the error text (the call's own headers, params and passwords,
@@ -397,7 +422,7 @@ def classify_exception(
     """
     groups = _exception_groups()
     if groups and isinstance(exc, groups):
-        return _classify_group(exc, now, secrets)
+        return _classify_group(exc, now, secrets, modeled)
     if isinstance(exc, Retry):
         error = "Retry requested" + (f" after {exc.after:g}s" if exc.after is not None else "")
         return Outcome(RETRY, throttled=True, retry_after=exc.after, error=error)
@@ -408,7 +433,7 @@ def classify_exception(
     botocore = sys.modules.get("botocore.exceptions")
     if botocore is not None:
         if isinstance(exc, botocore.ClientError):
-            return _classify_client_error(exc, now, secrets)
+            return _classify_client_error(exc, now, secrets, modeled)
         # As botocore's standard mode: every connection error and HTTP client error
         # (EndpointConnectionError, ConnectionClosedError, connect and read timeouts).
         if isinstance(exc, (botocore.ConnectionError, botocore.HTTPClientError)):

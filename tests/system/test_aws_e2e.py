@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,6 +16,7 @@ from moto import mock_aws
 import offload
 from offload import Offloader, RetryPolicy, Task
 from offload.testing import FakeClock
+from server import Answer, ScriptedServer
 
 MakeOffloader = Callable[..., Offloader]
 
@@ -140,3 +142,88 @@ def test_stubbed_client_errors_through_the_worker(
     else:
         [letter] = off.dead_letters()
         assert letter.reason == "permanent" and code in letter.error and letter.status == status
+
+
+@pytest.fixture
+def aws_server(server: ScriptedServer, monkeypatch: pytest.MonkeyPatch) -> ScriptedServer:
+    """Real boto3 clients, with botocore's real models, talking to the scripted server."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server.base_url)
+    return server
+
+
+def _aws_error(code: str, status: int = 400) -> Answer:
+    body = json.dumps({"__type": code, "message": f"{code} from the test"}).encode()
+    return Answer(status, body, {"Content-Type": "application/x-amz-json-1.0"})
+
+
+def test_an_error_the_operation_model_marks_retryable_is_retried(
+    aws_server: ScriptedServer, make_offloader: MakeOffloader
+) -> None:
+    # DynamoDB's model marks PutItem's ReplicatedWriteConflictException retryable (not a
+    # throttle): botocore's standard mode retries it, and so does offload, though its
+    # status is a 400 and its code is in no list.
+    aws_server.script("/", _aws_error("ReplicatedWriteConflictException"), Answer(200, b"{}"))
+    retries: list[str | None] = []
+    off = make_offloader(
+        retry=RetryPolicy(wait=tenacity.wait_none()),
+        on_retry=lambda task, delay, error: retries.append(error),
+    )
+    off.enqueue_task(
+        offload.aws("dynamodb", "put_item", TableName="t", Item={"k": {"S": "1"}}),
+    )
+    assert off.flush(10)
+    assert len(aws_server.requests_to("/")) == 2
+    assert off.stats().succeeded == 1 and off.dead_letters() == []
+    assert len(retries) == 1 and "ReplicatedWriteConflictException" in (retries[0] or "")
+
+
+def test_a_code_the_operation_does_not_mark_retryable_stays_permanent(
+    aws_server: ScriptedServer, make_offloader: MakeOffloader
+) -> None:
+    # GetItem's model lists no ReplicatedWriteConflictException: the model is the
+    # operation's, not the service's.
+    aws_server.script("/", _aws_error("ReplicatedWriteConflictException"), Answer(200, b"{}"))
+    off = make_offloader(retry=RetryPolicy(wait=tenacity.wait_none()))
+    off.enqueue_task(offload.aws("dynamodb", "get_item", TableName="t", Key={"k": {"S": "1"}}))
+    assert off.flush(10)
+    [letter] = off.dead_letters()
+    assert letter.reason == "permanent" and letter.status == 400
+    assert "ReplicatedWriteConflictException" in letter.error
+    assert len(aws_server.requests_to("/")) == 1
+
+
+def test_an_error_the_model_marks_a_throttle_is_throttled(
+    aws_server: ScriptedServer, make_offloader: MakeOffloader
+) -> None:
+    # SageMaker's inference router marks ModelNotReadyException `"throttling": true`:
+    # answered with a 400 (no 429 to go by), it is still a throttle, which uses no
+    # attempts: one attempt allowed, and the call goes through on the third.
+    path = "/inference-routers/r/invocations"
+    aws_server.script(
+        path,
+        _aws_error("ModelNotReadyException"),
+        _aws_error("ModelNotReadyException"),
+        Answer(200, b"ok", {"Content-Type": "application/octet-stream"}),
+    )
+    throttled: list[str | None] = []
+    off = make_offloader(
+        retry=RetryPolicy(stop=tenacity.stop_after_attempt(1), wait=tenacity.wait_none()),
+        on_retry=lambda task, delay, error: throttled.append(error),
+    )
+    off.enqueue_task(
+        offload.aws(
+            "sagemaker-inference-router-runtime",
+            "invoke_inference_router",
+            InferenceRouterName="r",
+            RoutingTargetName="a",
+            Body="{}",
+        )
+    )
+    assert off.flush(10)
+    assert off.stats().succeeded == 1 and off.dead_letters() == []
+    assert len(aws_server.requests_to(path)) == 3
+    assert len(throttled) == 2 and "ModelNotReadyException" in (throttled[0] or "")

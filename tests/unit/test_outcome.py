@@ -19,6 +19,8 @@ import requests
 import urllib3.exceptions
 from botocore.stub import Stubber
 
+import offload
+from offload.calls.connections import Resources
 from offload.errors import GiveUp, Retry
 from offload.outcome import (
     PERMANENT,
@@ -467,6 +469,65 @@ def test_client_error_codes(
     outcome = classify_exception(client_error(glue, code, status))
     assert (outcome.kind, outcome.throttled, outcome.status) == (kind, throttled, status)
     assert outcome.error == f"{code}: {code} happened (HTTP {status})"
+
+
+@pytest.mark.parametrize(
+    ("service", "operation", "code", "status", "kind", "throttled"),
+    [
+        # Marked retryable in the operation's model: transient, though a 400.
+        ("dynamodb", "put_item", "ReplicatedWriteConflictException", 400, RETRY, False),
+        ("dynamodb", "update_item", "ReplicatedWriteConflictException", 400, RETRY, False),
+        # Not an error of this operation: the table's answer, permanent.
+        ("dynamodb", "get_item", "ReplicatedWriteConflictException", 400, PERMANENT, False),
+        ("dynamodb", "put_item", "ConditionalCheckFailedException", 400, PERMANENT, False),
+        # A 429 stays a throttle, whatever the model says of its code.
+        ("bedrock-runtime", "invoke_model", "ModelNotReadyException", 429, RETRY, True),
+        # Marked a throttle: throttled even from a 400, or a 503 that is transient else.
+        (
+            "sagemaker-inference-router-runtime",
+            "invoke_inference_router",
+            "ModelNotReadyException",
+            503,
+            RETRY,
+            True,
+        ),
+    ],
+)
+def test_client_error_codes_the_operation_model_marks_retryable(
+    glue: tuple[Any, Stubber],
+    service: str,
+    operation: str,
+    code: str,
+    status: int,
+    kind: str,
+    throttled: bool,
+) -> None:
+    call = offload.aws(service, operation)
+    resources = Resources()
+    try:
+        outcome = classify_exception(
+            client_error(glue, code, status), modeled=lambda code: call.retryable(resources, code)
+        )
+    finally:
+        resources.close()
+    assert (outcome.kind, outcome.throttled, outcome.status) == (kind, throttled, status)
+
+
+def test_the_model_is_asked_only_for_a_code_not_already_throttled(
+    glue: tuple[Any, Stubber],
+) -> None:
+    asked: list[str] = []
+
+    def modeled(code: str) -> bool | None:
+        asked.append(code)
+        return None
+
+    assert classify_exception(client_error(glue, "SlowDown", 503), modeled=modeled).throttled
+    assert classify_exception(client_error(glue, "Whatever", 429), modeled=modeled).throttled
+    assert (
+        classify_exception(client_error(glue, "Conflict", 409), modeled=modeled).kind == PERMANENT
+    )
+    assert asked == ["Conflict"]
 
 
 @pytest.mark.parametrize(

@@ -161,6 +161,27 @@ class AwsCall:
                 params.setdefault(member, _token(idempotency_key, shape))
         return cast("dict[str, Any]", getattr(client, self.operation)(**params))
 
+    def retryable(self, resources: Resources, code: str) -> bool | None:
+        """Whether the operation's model marks the error `code` retryable: True as a
+        throttle (`"throttling": true`), False as a transient error, None if it does not.
+
+        botocore's standard retry mode retries these too (DynamoDB's
+        ReplicatedWriteConflictException, Bedrock AgentCore's RetryableConflictException).
+        Looked up only for a failed call, in the model its client already holds.
+        """
+        client = resources.client(self.service, _resolve_region(self.region))
+        api_name = client.meta.method_to_api_mapping.get(self.operation)
+        if api_name is None:
+            return None
+        for shape in client.meta.service_model.operation_model(api_name).error_shapes:
+            trait = shape.metadata.get("retryable")
+            if (
+                trait is not None
+                and (shape.metadata.get("error", {}).get("code") or shape.name) == code
+            ):
+                return bool(trait.get("throttling"))
+        return None
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; NotSerializable names a parameter JSON cannot hold."""
         return {
