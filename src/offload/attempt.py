@@ -134,11 +134,17 @@ def perform(task: Task, resources: Resources, clock: Clock) -> Attempt:
             result = call(*task.args, **task.kwargs)
             if inspect.isawaitable(result):  # an `async def`: run it to completion here
                 result = _await(result, resources)
-        return Attempt(classify_result(result, now=wall, secrets=_secrets(task)), None, result)
+        # A Retry-After HTTP-date counts from when the answer came, not from the start:
+        # a slow call would otherwise wait its own duration more than the server asked.
+        ended = clock.time()
+        return Attempt(classify_result(result, now=ended, secrets=_secrets(task)), None, result)
     except BaseException as error:
         try:
             outcome = classify_exception(
-                error, now=wall, secrets=_secrets(task), modeled=_modeled(call, resources)
+                error,
+                now=clock.time(),
+                secrets=_secrets(task),
+                modeled=_modeled(call, resources),
             )
         except BaseException:
             outcome = Outcome(PERMANENT, error=type(error).__name__)

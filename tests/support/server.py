@@ -7,6 +7,7 @@ answered, so a test can wait for it (`wait_for`) even when the answer hangs.
 
     server.script("/charge", Answer(503), Answer(429, headers={"Retry-After": "3"}), Answer(200))
     server.script("/slow", Answer.hang(release))
+    server.script("/late", Answer(503, event=release))  # answers once `release` is set
     assert server.wait_for(3, path="/charge")
 
 Tests use it through the `server` fixture (tests/conftest.py) and import the helpers as
@@ -42,7 +43,7 @@ class Answer:
     headers: Mapping[str, str | list[str]] = field(default_factory=dict)
     delay: float = 0.0  # the server simulating a slow API; the test itself never sleeps
     action: str = _RESPOND
-    event: threading.Event | None = None
+    event: threading.Event | None = None  # a response waits for it; a hang, then closes
 
     @classmethod
     def reset(cls) -> Answer:
@@ -112,7 +113,11 @@ class _Handler(BaseHTTPRequestHandler):
             answer.event.wait()  # close() sets every scripted event
             self._reset()
             return
-        if answer.delay and owner._stopped.wait(answer.delay):
+        if answer.event is not None:
+            answer.event.wait()  # held until the test releases it (or close() does)
+        if (answer.event is not None and owner._stopped.is_set()) or (
+            answer.delay and owner._stopped.wait(answer.delay)
+        ):
             self._reset()
             return
 

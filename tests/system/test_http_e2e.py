@@ -13,6 +13,7 @@ import tenacity
 
 import offload
 from offload import Offloader, RetryPolicy
+from offload.testing import FakeClock
 from server import Answer, ScriptedServer
 
 MakeOffloader = Callable[..., Offloader]
@@ -103,6 +104,47 @@ def test_a_retry_after_sent_twice_is_a_floor(
     first, second = server.requests_to("/rl2")
     assert second.at - first.at >= 1.0
     assert off.stats().succeeded == 1
+
+
+@pytest.mark.parametrize("how", ["returned", "raised"])
+def test_a_retry_after_date_counts_from_when_the_answer_came(
+    how: str, server: ScriptedServer, make_offloader: MakeOffloader
+) -> None:
+    """An HTTP-date is "not before then": a call that took 45 s of the clock to answer
+    "come back at start + 60" waits 15 s more, not 60, and is within a 30 s
+    max_retry_after, not a dead letter for a wait the server never asked for. Alike for
+    a response returned and one a task function's raise_for_status() raised."""
+    clock = FakeClock()
+    release = threading.Event()
+    not_before = formatdate(clock.time() + 60, usegmt=True)
+    server.script(
+        "/late", Answer(503, headers={"Retry-After": not_before}, event=release), Answer(200)
+    )
+    delays: list[float] = []
+    retried = threading.Event()
+
+    def on_retry(task: object, delay: float, error: str | None) -> None:
+        delays.append(delay)
+        retried.set()
+
+    off = make_offloader(
+        clock=clock,
+        retry=RetryPolicy(wait=tenacity.wait_none(), max_retry_after=30),
+        on_retry=on_retry,
+    )
+    if how == "returned":
+        off.enqueue_task(offload.http("POST", server.url("/late")))
+    else:
+        off.enqueue_task(post_and_raise, server.url("/late"))
+    assert server.wait_for(1, path="/late")
+    clock.advance(45)  # the answer takes this long
+    release.set()
+    assert retried.wait(5), off.dead_letters()
+    [delay] = delays
+    assert 15 <= delay < 16  # the rest of the server's wait, and its small jitter
+    clock.advance(16)
+    assert off.flush(10)
+    assert off.stats().succeeded == 1 and len(server.requests_to("/late")) == 2
 
 
 def post_and_raise(url: str) -> None:
