@@ -23,6 +23,7 @@ __all__ = [
     "AdaptiveRate",
     "Limit",
     "Pace",
+    "SharedSlots",
     "SharedTokens",
     "TokenBucket",
     "limits_from_json",
@@ -312,6 +313,36 @@ class SharedTokens:
         return not self.held and not self.asking and now >= self.retry_at
 
 
+class SharedSlots:
+    """A declared concurrency's slots from the store every process shares
+    (`stores.base.BudgetStore`): the backlog takes them with the core's lock let go
+    (`backlog/slots.py`), a call starting takes one in hand (`started`, which the backlog
+    records against its task), and the call's settling gives it back to the store. The
+    process's own count of calls in flight still applies."""
+
+    __slots__ = ("asking", "ids", "retry_at", "slots", "started")
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots  # the declared concurrency
+        self.ids: list[str] = []  # taken from the store, no call started with them yet
+        self.started: str | None = None  # the slot of the call that started last
+        self.asking = False  # a worker is asking the store now
+        self.retry_at = -math.inf  # (monotonic) the store had none free before then
+
+    def wait(self, now: float) -> float | None:
+        """0.0 with a slot in hand, the seconds until the store is asked again, or None
+        while it is to be asked (or being asked)."""
+        if self.ids:
+            return 0.0
+        if self.asking or now >= self.retry_at:
+            return None
+        return self.retry_at - now
+
+    def wanted(self, now: float) -> bool:
+        """No slot in hand, nobody asking, and the store may have one now."""
+        return not self.ids and not self.asking and now >= self.retry_at
+
+
 _MOST_STARTS = 10_000  # starts a declared rate's window keeps (a longer one is scaled down)
 
 
@@ -325,7 +356,17 @@ class Pace:
     not whole), and a call starts only while fewer than `rate` (`burst`) are in it.
     """
 
-    __slots__ = ("adaptive", "bucket", "limit", "most", "running", "shared", "span", "starts")
+    __slots__ = (
+        "adaptive",
+        "bucket",
+        "limit",
+        "most",
+        "running",
+        "shared",
+        "slots",
+        "span",
+        "starts",
+    )
 
     def __init__(
         self, limit: Limit | None, adaptive: bool, now: float, *, shared: bool = False
@@ -338,6 +379,10 @@ class Pace:
         #: The declared rate's budget shared with other processes (`shared`: the store
         #: keeps one); None: this process's own bucket alone.
         self.shared: SharedTokens | None = None
+        #: The declared concurrency's slots shared with other processes (`shared`).
+        self.slots: SharedSlots | None = None
+        if shared and limit is not None and limit.concurrency is not None:
+            self.slots = SharedSlots(limit.concurrency)
         self.starts: deque[float] | None = None  # a declared rate's starts in its window
         self.most = 0  # starts the window may hold
         self.span = 0.0  # the window's seconds
@@ -359,9 +404,15 @@ class Pace:
         """Seconds until a call may start (0.0: now), None while every slot is taken (a
         call that settles frees one)."""
         wait = self._own_wait(now)
-        if wait != 0.0 or self.shared is None:
+        if wait != 0.0:
             return wait
-        return self.shared.wait(now)  # None: the shared budget is to be asked first
+        if self.shared is not None:
+            wait = self.shared.wait(now)  # None: the shared budget is to be asked first
+            if wait != 0.0:
+                return wait
+        # A slot is asked for once the token is in hand: a slot held waiting for a token
+        # would keep other processes' calls out meanwhile.
+        return wait if self.slots is None else self.slots.wait(now)
 
     def _own_wait(self, now: float) -> float | None:
         limit = self.limit
@@ -396,8 +447,26 @@ class Pace:
             room = min(room, self.most - len(self.starts))
         return max(1, room if slots is None else min(room, slots - self.running))
 
+    def wants_slots(self, now: float) -> int:
+        """How many calls could start now (by this process's own limits and the tokens in
+        hand) but for slots of the shared concurrency, which nobody here is asking the
+        store for yet; 0 when none."""
+        slots = self.slots
+        if slots is None or not slots.wanted(now) or self._own_wait(now) != 0.0:
+            return 0
+        room = slots.slots - self.running  # >= 1: _own_wait checked the cap
+        shared = self.shared
+        if shared is not None:
+            if not shared.held:
+                return 0
+            room = min(room, shared.held)
+        return max(1, room)
+
     def start(self, now: float) -> None:
         self.running += 1
+        slots = self.slots
+        if slots is not None and slots.ids:
+            slots.started = slots.ids.pop()
         if self.bucket is not None:
             self.bucket.take(now)
         if self.starts is not None:

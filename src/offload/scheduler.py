@@ -18,7 +18,8 @@ starts a call only when its pace has a token and a free slot; until then its tas
 held in order, and the key's next token is among the times a worker wakes for. Over a
 store that keeps rate budgets (`shared_rates`), a declared rate's token also comes from
 the budget every process on the store shares: `wanting()` names the keys waiting for
-one, and the durable backlog asks the store for them with the lock let go.
+one, and the durable backlog asks the store for them with the lock let go; a declared
+concurrency's slot too (`Pace.slots`, backlog/slots.py).
 """
 
 from __future__ import annotations
@@ -131,8 +132,8 @@ class Scheduler:
         self.limits: Mapping[str, Limit] = dict(limits or {})
         self.adaptive = adaptive
         self.paces: dict[str, Pace] = {}
-        #: Declared rates take their tokens from the store's shared budget too (set by a
-        #: durable backlog whose store keeps one).
+        #: Declared rates and concurrencies take tokens and slots from the store's shared
+        #: budgets too (set by a durable backlog whose store keeps them).
         self.shared_rates = False
         self._paced: dict[str, None] = {}  # keys with held tasks waiting for their pace
         self._outages: dict[str, _Outage] = {}

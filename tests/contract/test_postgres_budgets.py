@@ -79,7 +79,7 @@ def test_a_format_1_store_gains_the_budgets_table(postgres: Any, postgres_url: s
         again.close()
     with psycopg.connect(postgres.url(), autocommit=True) as conn:
         version = conn.execute(f'SELECT value FROM "{schema}".meta').fetchone()
-        assert version == (str(SCHEMA_VERSION),) == ("3",)
+        assert version == (str(SCHEMA_VERSION),) == ("4",)
 
 
 def test_two_processes_on_one_database_together_stay_within_the_declared_rate(

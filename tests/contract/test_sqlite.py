@@ -196,7 +196,7 @@ def test_a_store_of_format_2_gains_the_dead_letter_indexes_and_keeps_its_letters
     assert [letter.task_id for letter in page.letters] == [task.id] and page.total == 1
     again.close()
     with raw(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
         indexes = {
             row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
         }
@@ -220,7 +220,7 @@ def test_the_sweep_deletes_passed_keys_through_an_index_a_format_5_store_gains(
     again.counts()
     conn = again._connection
     assert conn is not None
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
     for statement, params in ((ANY_PASSED, (0.0,)), (FREE_KEYS, (0.0, 10))):
         plan = " ".join(
             str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {statement}", params)

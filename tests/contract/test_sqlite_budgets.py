@@ -160,7 +160,7 @@ def test_a_format_4_store_gains_the_budgets_table(tmp_path: Path) -> None:
         again.close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
         assert conn.execute("SELECT key FROM budgets").fetchall() == [("api",)]
     finally:
         conn.close()

@@ -1,6 +1,7 @@
 """The scheduler's side of a shared rate budget, step by step: a declared rate's call waits
-for a token the backlog takes from the store (`wanting`, `SharedTokens`); other keys flow,
-and order within a key is kept."""
+for a token the backlog takes from the store (`wanting`, `SharedTokens`), a declared
+concurrency's for a slot (`Pace.wants_slots`, `SharedSlots`); other keys flow, and order
+within a key is kept."""
 
 from __future__ import annotations
 
@@ -30,6 +31,13 @@ def grant(s: Scheduler, key: str, count: int = 1) -> None:
     tokens = s.paces[key].shared
     assert tokens is not None
     tokens.held += count
+
+
+def give_slot(s: Scheduler, key: str, slot: str = "slot-1") -> None:
+    """What the backlog does when the store gave a slot."""
+    slots = s.paces[key].slots
+    assert slots is not None
+    slots.ids.append(slot)
 
 
 def test_a_limited_call_waits_for_a_shared_token_and_others_flow() -> None:
@@ -74,9 +82,14 @@ def test_the_own_bucket_and_the_concurrency_cap_come_first() -> None:
     s.put(second)
     assert s.take(0.0) is None
     grant(s, "api")
+    pace = s.paces["api"]
+    assert s.take(0.0) is None  # a token in hand: now the shared slot
+    assert pace.wants_slots(0.0) == 1
+    give_slot(s, "api")
     assert s.take(0.0) is first
-    # Its one slot is taken: no token is asked for meanwhile.
-    assert s.wanting(0.0) == []
+    assert pace.slots is not None and pace.slots.started == "slot-1"
+    # Its one slot is taken: no token, nor slot, is asked for meanwhile.
+    assert s.wanting(0.0) == [] and pace.wants_slots(0.0) == 0
     s.settle(first, None)
     assert s.wanting(0.5) == []  # the process's own bucket: one a second
     assert s.wanting(1.0) == [("api", 1)]
@@ -99,13 +112,23 @@ def test_a_gated_key_asks_once_its_gate_opens_and_its_probe_spends_the_token() -
     assert s.gates["api"].probe is probe
 
 
-def test_unlimited_keys_and_concurrency_caps_never_ask() -> None:
+def test_unlimited_keys_never_ask_and_a_concurrency_cap_asks_for_slots_alone() -> None:
     s = shared(capped=Limit(concurrency=2))
-    for key in ("capped", "free", None):
-        s.put(task(key))
-    assert all(s.take(0.0) is not None for _ in range(3))
-    assert s.wanting(0.0) == []
-    assert s.paces["capped"].shared is None
+    capped = [task("capped"), task("capped"), task("capped")]
+    for t in (*capped, task("free"), task(None)):
+        s.put(t)
+    assert s.take(0.0) is not None and s.take(0.0) is not None  # the free and None ones
+    assert s.take(0.0) is None  # the capped ones wait for a shared slot
+    pace = s.paces["capped"]
+    assert s.wanting(0.0) == [] and pace.shared is None  # no token: it has no rate
+    assert pace.wants_slots(0.0) == 2  # its own cap lets two start
+    give_slot(s, "capped", "a")
+    give_slot(s, "capped", "b")
+    assert s.take(0.0) is capped[0] and s.take(0.0) is capped[1]
+    assert s.take(0.0) is None and pace.wants_slots(0.0) == 0  # its own cap is full
+    s.settle(capped[0], None)
+    assert pace.wants_slots(0.0) == 1
+    assert "free" not in s.paces or s.paces["free"].slots is None
 
 
 def test_without_shared_rates_the_process_paces_alone() -> None:

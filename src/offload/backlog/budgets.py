@@ -6,8 +6,8 @@ limited key's calls until its pace has a token (`limits.SharedTokens`); a worker
 finds keys waiting for one asks the store with the core's lock let go (the store's
 transaction never holds up an enqueue or another key's calls), for as many tokens as it
 and the idle workers can start calls with, then looks at the scheduler again. Keys
-without a declared rate never ask; the adaptive rate and concurrency caps stay per
-process.
+without a declared rate never ask; the adaptive rate stays per process. A declared
+concurrency is shared the same way, a slot per call in flight (slots.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ..core import Core
     from ..stores.base import BudgetStore
     from ..worker import WorkerPool
+    from .slots import Slots
 
 __all__ = ["ASK_AGAIN", "Budgets"]
 
@@ -35,17 +36,28 @@ ASK_AGAIN = 1.0
 class Budgets:
     """Takes shared tokens from the store for the keys the scheduler holds for one."""
 
-    def __init__(self, core: Core, pool: WorkerPool, store: BudgetStore, clock: Clock) -> None:
+    def __init__(
+        self, core: Core, pool: WorkerPool, store: BudgetStore, clock: Clock, slots: Slots
+    ) -> None:
         self.core = core
         self.pool = pool
         self.store = store
         self.clock = clock
+        self.slots = slots  # a declared concurrency's slots, asked for once a token is in hand
         self.asking = 0  # workers asking the store now (each notifies when done)
 
     def ask(self, now: float) -> bool:
         """Called with the lock held, which it lets go while it asks the store: a token
-        for each key waiting for one. True when it asked (the scheduler may have a task
-        to start now, or a time to wake at)."""
+        for each key waiting for one, then a slot for each key waiting for one
+        (slots.py). True when it asked (the scheduler may have a task to start now, or a
+        time to wake at)."""
+        core = self.core
+        asked = self._ask_tokens(now)
+        if asked and (core.stopping or core.forked()):
+            return True
+        return self.slots.ask(self.clock.monotonic() if asked else now) or asked
+
+    def _ask_tokens(self, now: float) -> bool:
         core = self.core
         sched = core.sched
         keys = sched.wanting(now)

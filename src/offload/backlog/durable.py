@@ -8,7 +8,9 @@ held here every `lease_timeout / 3` seconds. An idle worker looks for tasks that
 processes put every POLL_INTERVAL seconds (a worker that has tasks, or knows when the next
 one is due, does not wait for that), unless the store can tell it (`DurableStore.watch`:
 PostgreSQL's LISTEN/NOTIFY; see wakeups.py). Over a store that keeps rate budgets, a
-worker takes a limited key's tokens from the budget every process shares (budgets.py).
+worker takes a limited key's tokens from the budget every process shares (budgets.py),
+and a slot of its declared concurrency, which its call gives back as it settles
+(slots.py).
 
 Inside `Offloader.transaction(connection)` an enqueue writes through the application's
 connection instead (see transaction.py): the task is not leased here, nor queued here,
@@ -37,6 +39,7 @@ from .budgets import Budgets
 from .claims import Claims
 from .leases import LeaseKeeper
 from .memory import DedupIndex
+from .slots import Slots
 from .transaction import joined_connection
 from .unsettled import Unsettled
 from .wakeups import POLL_INTERVAL, Wakeups
@@ -74,14 +77,16 @@ class DurableBacklog:
         self.dedup = DedupIndex()  # this process's, for a store that does not dedup
         self.claims = Claims(self, POLL_INTERVAL)
         self.keeper = LeaseKeeper(core, pool, store, self.leased)
+        # Declared rates and concurrencies shared by every process: a store that keeps them.
+        shared = store if isinstance(store, BudgetStore) else None
+        self.slots = self.keeper.slots = Slots(core, pool, shared, clock)  # (none: no keys)
+        self.budgets = None if shared is None else Budgets(core, pool, shared, clock, self.slots)
+        core.sched.shared_rates = shared is not None
         # Settling finished tasks, and those the store refused to settle (unsettled.py).
         self.unsettled = Unsettled(self)
         self.wakeups = Wakeups(core, pool, store, consume=consume)
         # Enqueues inside the application's transaction: only a store that can join one.
         self._joins = isinstance(store, TransactionalStore)
-        # Declared rates shared by every process on the store: only one that keeps them.
-        self.budgets = Budgets(core, pool, store, clock) if isinstance(store, BudgetStore) else None
-        core.sched.shared_rates = self.budgets is not None
 
     # -- enqueue --------------------------------------------------------------------------
 
@@ -191,19 +196,19 @@ class DurableBacklog:
         sched = core.sched
         task = sched.take(now)
         if task is not None:
-            return Take(task)
+            return self.slots.started(task)
         budgets = self.budgets
-        if budgets is not None:  # shared tokens for limited keys
+        if budgets is not None:  # shared tokens and slots for limited keys
             if budgets.ask(now):
                 if core.stopping or core.forked():
                     return Take(None, 0.0)
                 now = self.clock.monotonic()
                 task = sched.take(now)
                 if task is not None:
-                    return Take(task)
-            elif budgets.asking:
-                # Another worker is taking a token, and notifies when it has: reading the
-                # store meanwhile (a claim per token) would cost more than the token.
+                    return self.slots.started(task)
+            elif budgets.asking or self.slots.asking:
+                # Another worker is taking a token (or slot), and notifies when it has:
+                # reading the store meanwhile (a claim per token) would cost more.
                 return Take(None, self.wakeups.look())
         claimed, store_wait = self.claims.poll(now)
         if core.stopping or core.forked():
@@ -211,7 +216,7 @@ class DurableBacklog:
         now = self.clock.monotonic()
         task = sched.take(now)  # enqueued here while the store was being read
         if task is not None:
-            return Take(task)
+            return self.slots.started(task)
         if claimed:
             return Take(None, 0.0)  # another worker took them meanwhile: look again
         look = self.wakeups.look()
@@ -229,6 +234,7 @@ class DurableBacklog:
         """Back to the store with its attempt state: any process continues it when due."""
         core = self.core
         due = now + delay
+        self.slots.release(task)  # the call ended: its shared slot, if it holds one
         if throttled and task.key is not None:
             with core.lock:  # before the store has it back: other workers must wait now
                 core.sched.close_gate(task.key, due)
@@ -243,10 +249,10 @@ class DurableBacklog:
         return True
 
     def complete(self, task: Task) -> None:
-        self.unsettled.complete(task)
+        self.unsettled.complete(task)  # (its shared slot first, if its call holds one)
 
     def bury(self, task: Task, letter: DeadLetter) -> bool:
-        return self.unsettled.bury(task, letter)
+        return self.unsettled.bury(task, letter)  # (as complete)
 
     def forget(self, task: Task) -> None:
         if not self.unsettled.holds(task):  # (delivered, its complete refused: renew it)
@@ -374,6 +380,7 @@ class DurableBacklog:
                     store.url,
                 )
         self.pool.join(threads, deadline)
+        self.slots.give_back()
         settled = self.unsettled.at_close()  # (it lets go of what the keeper still renews)
         self.pool.join([keeper] if keeper is not None else [], deadline)
         return ok and not left and not running and settled

@@ -1,4 +1,5 @@
-"""The lease keeper: a durable backlog's thread that renews the leases it holds."""
+"""The lease keeper: a durable backlog's thread that renews the leases it holds (and the
+shared concurrency slots of its calls in flight, backlog/slots.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ..core import Core
 from ..records import Task
 from ..stores.base import DurableStore
 from ..worker import WorkerPool
+from .slots import Slots
 
 __all__ = ["LeaseKeeper"]
 
@@ -30,6 +32,7 @@ class LeaseKeeper:
         self.store = store
         self.leased = leased  # the durable backlog's own dict: it adds and removes
         self.thread: threading.Thread | None = None
+        self.slots: Slots | None = None  # shared concurrency slots, renewed with the leases
         self._wake = threading.Condition(core.lock)
         # Held while a renewal is under way, so that a task handed back meanwhile is not
         # renewed after its hand-back (and then reported lost): see `let_go`.
@@ -78,3 +81,5 @@ class LeaseKeeper:
                 except Exception as exc:
                     with Guarded():
                         log.error("offload: could not renew %d lease(s): %s", len(held), exc)
+            if self.slots is not None:
+                self.slots.renew()

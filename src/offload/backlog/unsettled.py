@@ -53,6 +53,7 @@ class Unsettled:
     def complete(self, task: Task) -> None:
         """A delivered task (still in flight: flush() cannot miss it meanwhile)."""
         backlog = self.backlog
+        backlog.slots.release(task)  # the call ended: its shared slot, if it holds one
         try:
             backlog.store.complete(task)
         except Exception as exc:
@@ -66,6 +67,7 @@ class Unsettled:
         """Keep `letter` in place of the task; False when the store refused it: then the
         task goes back as a retry does (no longer renewed, counted as handed back)."""
         backlog = self.backlog
+        backlog.slots.release(task)  # the call ended: its shared slot, if it holds one
         try:
             backlog.store.bury(task, letter)
         except Exception as exc:

@@ -279,6 +279,21 @@ class BudgetStore(DurableStore, Protocol):
         when the store cannot be read."""
         ...
 
+    def take_slots(self, key: str, slots: int, want: int = 1) -> tuple[list[str], float]:
+        """Take up to `want` of `key`'s `slots` slots for calls in flight, which every
+        process on the store shares, each held `lease_timeout` seconds unless renewed:
+        (their ids, 0.0), or ([], the seconds until the earliest held one lapses).
+        StoreError when the store cannot be read."""
+        ...
+
+    def release_slots(self, ids: Sequence[str]) -> None:
+        """Give back slots taken by `take_slots` (a lapsed one is gone already)."""
+        ...
+
+    def renew_slots(self, ids: Sequence[str]) -> None:
+        """Hold slots taken by `take_slots` `lease_timeout` seconds more."""
+        ...
+
 
 @runtime_checkable
 class TransactionalStore(DurableStore, Protocol):

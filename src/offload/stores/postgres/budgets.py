@@ -11,13 +11,30 @@ on hosts whose clocks differ, and one clock for every row keeps the bucket exact
 statement that waited for the row's lock may read a time before the row's: it refills
 nothing and leaves the row's time alone; a server clock set back (the row's time ahead by
 more than `STEP_BACK` seconds) restarts the row's time at now.
+
+Slots: a declared concurrency's row per call in flight, as the SQLite store's, by the
+server's clock; a transaction under an advisory lock on the key takes them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import secrets
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["STEP_BACK", "budget_statement", "take_tokens"]
+if TYPE_CHECKING:
+    from .schema import Sql
+
+__all__ = [
+    "STEP_BACK",
+    "SharedBudgets",
+    "budget_statement",
+    "release_slots",
+    "renew_slots",
+    "take_slots",
+    "take_tokens",
+]
 
 STEP_BACK = 1.0
 """Seconds the row's time may be ahead of the server's before its clock counts as set back."""
@@ -49,3 +66,78 @@ def take_tokens(
     row = cur.execute(statement, params).fetchone()
     taken, tokens = int(row[0]), float(row[1])
     return taken, (0.0 if taken else max(0.0, 1.0 - tokens) / rate)
+
+
+def take_slots(
+    cur: Any, schema: str, key: str, slots: int, want: int, lapse: float
+) -> tuple[list[str], float]:
+    """Take up to `want` of `key`'s `slots` concurrency slots, held `lapse` seconds unless
+    renewed: (their ids, 0.0), or ([], the seconds until the earliest live one lapses).
+
+    One transaction, under a lock on the key (an advisory one: two processes counting at
+    once would both see room for one): drop the key's lapsed slots, count the live ones,
+    insert the new."""
+    now = "extract(epoch FROM statement_timestamp())"
+    with cur.connection.transaction():
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"offload-slots:{key}",))
+        cur.execute(f"DELETE FROM {schema}.slots WHERE key = %s AND until <= {now}", (key,))
+        live, first, wall = cur.execute(
+            f"SELECT count(*), min(until), {now} FROM {schema}.slots WHERE key = %s", (key,)
+        ).fetchone()
+        room = min(int(want), int(slots) - int(live))
+        if room <= 0:
+            return [], max(0.0, float(first) - float(wall))
+        ids = [secrets.token_hex(8) for _ in range(room)]
+        cur.execute(
+            f"INSERT INTO {schema}.slots (id, key, until) "
+            f"SELECT unnest(%s::text[]), %s, {now} + %s",
+            (ids, key, float(lapse)),
+        )
+    return ids, 0.0
+
+
+def release_slots(cur: Any, schema: str, ids: Sequence[str]) -> None:
+    """Give back the slots `ids` (one statement)."""
+    cur.execute(f"DELETE FROM {schema}.slots WHERE id = ANY(%s)", (list(ids),))
+
+
+def renew_slots(cur: Any, schema: str, ids: Sequence[str], lapse: float) -> None:
+    """Hold the slots `ids` `lapse` seconds more, by the server's clock (one statement)."""
+    cur.execute(
+        f"UPDATE {schema}.slots SET until = extract(epoch FROM statement_timestamp()) + %s "
+        "WHERE id = ANY(%s)",
+        (float(lapse), list(ids)),
+    )
+
+
+class SharedBudgets:
+    """The PostgreSQL store's rate budgets and concurrency slots (PostgresStore's
+    methods), each on the store's connection under its lock."""
+
+    lease_timeout: float
+    _sql: Sql
+
+    def _use(self, what: str) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def take_tokens(self, key: str, rate: float, burst: float, want: int = 1) -> tuple[int, float]:
+        """Take up to `want` tokens of `key`'s rate budget, shared by every process on the
+        database: (taken, 0.0), or (0, the seconds until one is there)."""
+        with self._use("taking tokens of a rate budget") as cur:
+            return take_tokens(cur, self._sql.take_tokens, key, rate, burst, want)
+
+    def take_slots(self, key: str, slots: int, want: int = 1) -> tuple[list[str], float]:
+        """Up to `want` of `key`'s `slots` concurrency slots, for every process on the
+        database."""
+        with self._use("taking concurrency slots") as cur:
+            return take_slots(cur, self._sql.schema, key, slots, want, self.lease_timeout)
+
+    def release_slots(self, ids: Sequence[str]) -> None:
+        """Give back concurrency slots taken by `take_slots`."""
+        with self._use("releasing concurrency slots") as cur:
+            release_slots(cur, self._sql.schema, ids)
+
+    def renew_slots(self, ids: Sequence[str]) -> None:
+        """Hold concurrency slots for another lease timeout."""
+        with self._use("renewing concurrency slots") as cur:
+            renew_slots(cur, self._sql.schema, ids, self.lease_timeout)

@@ -24,8 +24,8 @@ from .budgets import budget_statement
 
 __all__ = ["SCHEMA_VERSION", "Sql", "channel", "ensure_tables"]
 
-# 2: rate budgets; 3: dedup keys
-SCHEMA_VERSION = 3
+# 2: rate budgets; 3: dedup keys; 4: concurrency slots
+SCHEMA_VERSION = 4
 
 _LETTER_COLUMNS = ", ".join(LETTER_FIELDS)
 TASK_FIELDS = (
@@ -101,6 +101,7 @@ def _ddl(s: str) -> tuple[str, ...]:
         f"CREATE INDEX IF NOT EXISTS dead_letters_last ON {s}.dead_letters (last_attempt_at)",
         *_MIGRATIONS[2](s),
         *_MIGRATIONS[3](s),
+        *_MIGRATIONS[4](s),
         f"CREATE TABLE IF NOT EXISTS {s}.meta (name text PRIMARY KEY, value text NOT NULL)",
         f"INSERT INTO {s}.meta (name, value) VALUES ('version', '{SCHEMA_VERSION}') "
         "ON CONFLICT (name) DO NOTHING",
@@ -141,9 +142,22 @@ def _dedup(s: str) -> tuple[str, ...]:
     )
 
 
+def _slots(s: str) -> tuple[str, ...]:
+    # A declared concurrency's slots: a row per call in flight of the key, shared by every
+    # process (budgets.py).
+    return (
+        f"""CREATE TABLE IF NOT EXISTS {s}.slots (
+            id text PRIMARY KEY,
+            key text NOT NULL,
+            until double precision NOT NULL    -- epoch seconds, the server's: it lapses then
+        )""",
+        f"CREATE INDEX IF NOT EXISTS slots_key ON {s}.slots (key, until)",
+    )
+
+
 # The statements that take a store from the format before to theirs (in the transaction
 # that sets the version); a new store runs them all with its tables.
-_MIGRATIONS = {2: _budgets, 3: _dedup}
+_MIGRATIONS = {2: _budgets, 3: _dedup, 4: _slots}
 
 
 class Sql:

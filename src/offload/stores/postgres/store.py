@@ -38,7 +38,7 @@ from ...errors import StoreError
 from ...records import DeadLetter, Task
 from .._shared import new_owner
 from ..base import NO_KEYS, StoreCounts
-from .budgets import take_tokens
+from .budgets import SharedBudgets
 from .dedup import free_keys, let_key_go, put_alone, put_unique
 from .joining import app_cursor, psycopg_connection
 from .letters import LetterMethods, bury_task
@@ -70,7 +70,7 @@ _orphans: list[Any] = []
 _fork_locks: dict[int, threading.Lock] = {}
 
 
-class PostgresStore(LetterMethods):
+class PostgresStore(LetterMethods, SharedBudgets):
     """A durable store in a PostgreSQL database (see the package docstring)."""
 
     durable = True
@@ -404,12 +404,6 @@ class PostgresStore(LetterMethods):
                 cur, self._sql, owner=self._owner, now=now
             )
         return StoreCounts(ready=ready, delayed=delayed, leased=leased, dead_letters=letters)
-
-    def take_tokens(self, key: str, rate: float, burst: float, want: int = 1) -> tuple[int, float]:
-        """Take up to `want` tokens of `key`'s rate budget, shared by every process on the
-        database (budgets.py): (taken, 0.0), or (0, the seconds until one is there)."""
-        with self._use("taking tokens of a rate budget") as cur:
-            return take_tokens(cur, self._sql.take_tokens, key, rate, burst, want)
 
     # -- dead letters -----------------------------------------------------------------------
 

@@ -42,8 +42,8 @@ __all__ = [
 log = logging.getLogger("offload")
 
 # 2: the journals and meta tables, the index on tasks.id; 3: dedup; 4: dead-letter indexes;
-# 5: rate budgets; 6: the index of dedup keys with a window
-SCHEMA_VERSION = 6
+# 5: rate budgets; 6: the index of dedup keys with a window; 7: concurrency slots
+SCHEMA_VERSION = 7
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS tasks (
         seq INTEGER PRIMARY KEY,      -- insertion order, and the handle of a leased row
@@ -134,6 +134,16 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         # The sweep deletes the keys whose window passed (dedup.free_keys): through this
         # index, without reading the keys of live tasks (`until` NULL), which are most.
         "CREATE INDEX IF NOT EXISTS dedup_until ON dedup (until) WHERE until IS NOT NULL",
+    ),
+    7: (
+        # A declared concurrency's slots: a row per call in flight of the key, shared by
+        # every process on the file (budgets.py).
+        """CREATE TABLE IF NOT EXISTS slots (
+            id TEXT PRIMARY KEY,
+            key TEXT NOT NULL,
+            until REAL NOT NULL           -- epoch seconds: it lapses then, unless renewed
+        )""",
+        "CREATE INDEX IF NOT EXISTS slots_key ON slots (key, until)",
     ),
 }
 
@@ -313,7 +323,7 @@ def _ensure_schema(conn: sqlite3.Connection, url: str) -> None:
             others = {
                 row[0]
                 for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            } - {"tasks", "dead_letters", "journals", "meta", "dedup", "budgets"}
+            } - {"tasks", "dead_letters", "journals", "meta", "dedup", "budgets", "slots"}
             if others:
                 raise StoreError(f"{url}: not an offload store (it has tables {sorted(others)})")
         if version < SCHEMA_VERSION:

@@ -34,7 +34,7 @@ from ...errors import StoreError
 from ...records import DeadLetter, Task
 from .._shared import new_owner
 from ..base import NO_KEYS, StoreCounts
-from .budgets import take_tokens
+from .budgets import SharedBudgets
 from .dedup import let_key_go, put_unique
 from .journal import CAN_JOURNAL, Journals, JournalWriter, done_line, lease_text, task_line
 from .letters import (
@@ -77,7 +77,7 @@ _orphans: list[sqlite3.Connection] = []
 _fork_locks: dict[int, threading.Lock] = {}
 
 
-class SQLiteStore(LetterListing):
+class SQLiteStore(LetterListing, SharedBudgets):
     """A durable store in one SQLite file (see the package docstring)."""
 
     durable = True
@@ -348,11 +348,6 @@ class SQLiteStore(LetterListing):
             if now >= self._next_sweep:
                 self._sweep(conn, now)
             return earliest_due(conn)
-
-    def take_tokens(self, key: str, rate: float, burst: float, want: int = 1) -> tuple[int, float]:
-        """Up to `want` tokens of `key`'s rate budget, for every process on the file."""
-        with self._use("taking tokens of a rate budget") as conn:
-            return take_tokens(conn, key, rate, burst, want, self._clock.time)
 
     def watch(self, wake: Callable[[], None]) -> Callable[[], None] | None:
         """None: a file says nothing of new rows: idle workers poll (see DurableStore.watch)."""
