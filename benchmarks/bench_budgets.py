@@ -9,6 +9,9 @@ Two figures, same run:
 - `PostgresStore.take_tokens` alone, on the run's own PostgreSQL server (as
   bench_postgres.py starts it; a row saying why when none can start here): one round
   trip, against a `SELECT 1` on the same connection.
+- A declared concurrency's slot, over each store: `take_slots` then `release_slots`
+  (what a call of a key with `Limit(concurrency=N)` adds: one transaction before it
+  starts, one as it settles), microseconds per pair.
 - Delivery over a SQLite file with 4 workers: a key with `Limit(rate=1_000_000)` (every
   start takes a token from the file, none ever waits) against the same calls on a key
   without a limit (which never touch the budget), from the first `enqueue_task` to
@@ -23,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from _harness import LocalAPI, Row, Samples, Scale, at_least, standalone
 
@@ -34,8 +38,18 @@ def nothing(i: int) -> None:
     """The call: free, so that what is measured is offload's own work."""
 
 
-def token_cost(n: int) -> tuple[float, float]:
-    """(µs per take_tokens, µs per SELECT 1) on one store object's connection."""
+def slot_cost(store: Any, n: int) -> float:
+    """µs per take_slots + release_slots of one slot (never short of one)."""
+    store.release_slots(store.take_slots("warm", 1)[0])
+    t0 = time.perf_counter()
+    for _ in range(n):
+        store.release_slots(store.take_slots("api", 1)[0])
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def token_cost(n: int) -> tuple[float, float, float]:
+    """(µs per take_tokens, µs per SELECT 1, µs per slot taken and given back) on one
+    store object's connection."""
     with tempfile.TemporaryDirectory(prefix="offload-budgets-") as directory:
         store = SQLiteStore(Path(directory) / "b.db")
         try:
@@ -49,14 +63,14 @@ def token_cost(n: int) -> tuple[float, float]:
                 for _ in range(n):
                     conn.execute("SELECT 1").fetchone()
                 select = (time.perf_counter() - t0) / n * 1e6
-            return take, select
+            return take, select, slot_cost(store, n)
         finally:
             store.close()
 
 
-def postgres_cost(n: int, repeats: int) -> list[tuple[float, float]] | str:
-    """Per run, (µs per take_tokens, µs per SELECT 1) on a PostgresStore's connection, on
-    one server for every run; or why there is none."""
+def postgres_cost(n: int, repeats: int) -> list[tuple[float, float, float]] | str:
+    """Per run, (µs per take_tokens, µs per SELECT 1, µs per slot taken and given back) on
+    a PostgresStore's connection, on one server for every run; or why there is none."""
     from bench_postgres import postgres_server
 
     from offload.stores.postgres import PostgresStore
@@ -77,7 +91,7 @@ def postgres_cost(n: int, repeats: int) -> list[tuple[float, float]] | str:
                         for _ in range(n):
                             cur.execute("SELECT 1").fetchone()
                         select = (time.perf_counter() - t0) / n * 1e6
-                    runs.append((take, select))
+                    runs.append((take, select, slot_cost(store, n)))
                 return runs
             finally:
                 store.close()
@@ -126,9 +140,10 @@ def run(scale: Scale) -> list[Row]:
     samples = Samples()
     with LocalAPI() as api:
         for run_index in range(scale.repeats):
-            take, select = token_cost(scale.n(5_000, 20))
+            take, select, slot = token_cost(scale.n(5_000, 20))
             samples.add("take", take)
             samples.add("select", select)
+            samples.add("slot", slot)
             order = [
                 ("unlimited", n, False, None),
                 ("limited", n, True, None),
@@ -139,9 +154,10 @@ def run(scale: Scale) -> list[Row]:
             for name, count, limited, url in order[shift:] + order[:shift]:
                 samples.add(name, drain(count, limited, url))
     pg = postgres_cost(scale.n(2_000, 20), scale.repeats)
-    for take, select in [] if isinstance(pg, str) else pg:
+    for take, select, slot in [] if isinstance(pg, str) else pg:
         samples.add("pg take", take)
         samples.add("pg select", select)
+        samples.add("pg slot", slot)
     ratio = samples.ratio("limited", "unlimited")
     http = samples.ratio("http limited", "http")
     if samples.count("pg take"):
@@ -155,8 +171,19 @@ def run(scale: Scale) -> list[Row]:
             note=samples.spread("pg take", "pg select"),
             runs=samples.count("pg take"),
         )
+        pg_slot = Row(
+            "budgets",
+            "PostgresStore.take_slots + release_slots, one slot",
+            samples.median("pg slot"),
+            "µs",
+            baseline="SELECT 1 on the same connection",
+            ratio=samples.ratio("pg slot", "pg select"),
+            note=samples.spread("pg slot", "pg select"),
+            runs=samples.count("pg slot"),
+        )
     else:
         pg_row = Row("budgets", "PostgresStore.take_tokens", None, "µs", note=str(pg))
+        pg_slot = Row("budgets", "PostgresStore.take_slots", None, "µs", note=str(pg))
     return [
         Row(
             "budgets",
@@ -168,7 +195,18 @@ def run(scale: Scale) -> list[Row]:
             note=samples.spread("take", "select"),
             runs=samples.count("take"),
         ),
+        Row(
+            "budgets",
+            "SQLiteStore.take_slots + release_slots, one slot",
+            samples.median("slot"),
+            "µs",
+            baseline="SELECT 1 on the same connection",
+            ratio=samples.ratio("slot", "select"),
+            note=samples.spread("slot", "select"),
+            runs=samples.count("slot"),
+        ),
         pg_row,
+        pg_slot,
         Row(
             "budgets",
             f"SQLite, 4 workers, {n:,} no-op calls, no limit",
