@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from .._guard import Guarded
 from ..clock import Clock
@@ -40,7 +40,7 @@ from .claims import Claims
 from .leases import LeaseKeeper
 from .memory import DedupIndex
 from .slots import Slots
-from .transaction import joined_connection
+from .transaction import joined_connection, put_joined
 from .unsettled import Unsettled
 from .wakeups import POLL_INTERVAL, Wakeups
 
@@ -116,7 +116,7 @@ class DurableBacklog:
         if self._joins:
             connection = joined_connection(self.store)
             if connection is not None:
-                return self._add_joined(task, connection, due)
+                return put_joined(self, task, connection, due)
         # A delayed task waits in the store, for whichever process is there when it is due.
         lease = self.lease_on_put and due is None and core.sched.size() < self.max_queue
         meta.enqueued = True
@@ -153,28 +153,6 @@ class DurableBacklog:
             self.pool.engage()  # at interpreter exit the task is stored, for a later process
         if hand_back:
             self.hand_back([task])
-        return task
-
-    def _add_joined(self, task: Task, connection: Any, due: float | None) -> Task:
-        """Write `task` through the application's connection, in its open transaction: not
-        leased, not queued here (it exists once that transaction commits)."""
-        meta = task.meta
-        meta.enqueued = True
-        try:
-            kept = cast("TransactionalStore", self.store).put_in(connection, task, due=due)
-        except BaseException:
-            meta.enqueued = False
-            raise
-        core = self.core
-        if kept is not task:  # the store found the key held (taken in that transaction)
-            meta.enqueued = False
-            with core.lock:
-                core.ledger.deduplicated += 1
-            return kept
-        with core.lock:
-            core.ledger.enqueued += 1
-            # Not in this process's dedup index: a rollback would leave the key taken here.
-            self.wakeups.ensure()  # so that this process hears of the commit
         return task
 
     def resume(self) -> None:

@@ -18,11 +18,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..stores.base import TransactionalStore
 
-__all__ = ["joined", "joined_connection"]
+if TYPE_CHECKING:
+    from ..records import Task
+    from .durable import DurableBacklog
+
+__all__ = ["joined", "joined_connection", "put_joined"]
 
 
 class _Block:
@@ -68,3 +72,27 @@ def joined_connection(store: object) -> Any:
         return None
     block = bound.get(id(store))
     return block.driver if block is not None and block.store is store and block.open else None
+
+
+def put_joined(backlog: DurableBacklog, task: Task, connection: Any, due: float | None) -> Task:
+    """Write `task` through the application's connection, in its open transaction (the
+    durable backlog's `add` inside a block): not leased, not queued here (it exists once
+    that transaction commits)."""
+    meta = task.meta
+    meta.enqueued = True
+    try:
+        kept = cast("TransactionalStore", backlog.store).put_in(connection, task, due=due)
+    except BaseException:
+        meta.enqueued = False
+        raise
+    core = backlog.core
+    if kept is not task:  # the store found the key held (taken in that transaction)
+        meta.enqueued = False
+        with core.lock:
+            core.ledger.deduplicated += 1
+        return kept
+    with core.lock:
+        core.ledger.enqueued += 1
+        # Not in this process's dedup index: a rollback would leave the key taken here.
+        backlog.wakeups.ensure()  # so that this process hears of the commit
+    return task
