@@ -40,6 +40,8 @@ def make_offloader() -> Iterator[Callable[..., Offloader]]:
     yield make
     for offloader in made:
         offloader.shutdown(timeout=5)
+        if not offloader._owns_store:  # a Store the test made: shutdown leaves it open
+            offloader.store.close()
 
 
 @pytest.fixture(autouse=True)
