@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from .._guard import Guarded
 from ..limits import SharedTokens
+from .slots import ask_unlocked
 
 if TYPE_CHECKING:
     from ..clock import Clock
@@ -72,17 +73,7 @@ class Budgets:
             assert shared is not None
             shared.asking = True
             asks.append((key, shared, min(count, workers)))
-        answers: list[tuple[int, float]] = []
-        self.asking += 1
-        core.lock.release()
-        try:
-            for key, shared, want in asks:
-                answers.append(self._take(key, shared, want))
-        finally:
-            core.lock.acquire()
-            self.asking -= 1
-            for _, shared, _ in asks:
-                shared.asking = False
+        answers = ask_unlocked(self, asks, self._take)
         now = self.clock.monotonic()
         taken = 0
         for (_, shared, _), (count, wait) in zip(asks, answers, strict=True):

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 from .._guard import Guarded
 from ..limits import SharedSlots
@@ -33,13 +34,48 @@ if TYPE_CHECKING:
     from ..stores.base import BudgetStore
     from ..worker import WorkerPool
 
-__all__ = ["ASK_AGAIN", "Slots"]
+__all__ = ["ASK_AGAIN", "Slots", "ask_unlocked"]
 
 log = logging.getLogger("offload")
 
 ASK_AGAIN = 1.0
 """Seconds at most before a key told "none free" (or whose store could not be read) asks
 again: another process's call that settles says nothing to this one."""
+
+
+class _Asking(Protocol):
+    asking: bool
+
+
+class _Asker(Protocol):
+    core: Core
+    asking: int
+
+
+_S = TypeVar("_S", bound=_Asking)
+_A = TypeVar("_A")
+
+
+def ask_unlocked(
+    owner: _Asker, asks: list[tuple[str, _S, int]], take: Callable[[str, _S, int], _A]
+) -> list[_A]:
+    """Called with the core's lock held, each of `asks` marked `asking`: `take(key,
+    shared, want)` for each with the lock let go (a store's transaction never holds up an
+    enqueue or another key's calls), the marks cleared once it is back. The answers, in
+    order; `owner.asking` counts the askers meanwhile (each notifies when done)."""
+    core = owner.core
+    answers: list[_A] = []
+    owner.asking += 1
+    core.lock.release()
+    try:
+        for key, shared, want in asks:
+            answers.append(take(key, shared, want))
+    finally:
+        core.lock.acquire()
+        owner.asking -= 1
+        for _, shared, _ in asks:
+            shared.asking = False
+    return answers
 
 
 class Slots:
@@ -93,17 +129,9 @@ class Slots:
         workers = self.pool.size
         for _, slots, _ in asks:
             slots.asking = True
-        answers: list[tuple[list[str], float]] = []
-        self.asking += 1
-        core.lock.release()
-        try:
-            for key, slots, want in asks:
-                answers.append(self._take(key, slots.slots, min(want, workers)))
-        finally:
-            core.lock.acquire()
-            self.asking -= 1
-            for _, slots, _ in asks:
-                slots.asking = False
+        answers = ask_unlocked(
+            self, asks, lambda key, slots, want: self._take(key, slots.slots, min(want, workers))
+        )
         now = self.clock.monotonic()
         taken = 0
         for (key, slots, _), (ids, wait) in zip(asks, answers, strict=True):
