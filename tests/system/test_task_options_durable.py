@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import offload
-from offload import Offloader, Task
+from offload import DeadLetter, Offloader, Task
 from offload.stores.sqlite.schema import SCHEMA_VERSION
 from offload.stores.sqs import SqsStore
 from procs import python_env, reap, run_python
@@ -115,6 +115,21 @@ def spawn_worker(store_url: str, env: dict[str, str], *args: str) -> subprocess.
     return proc
 
 
+def first_dead_letters(
+    store_url: str, worker: subprocess.Popen[str], server: ScriptedServer
+) -> list[DeadLetter]:
+    """The store's dead letters once it has any (20 s at most), the worker alive meanwhile."""
+    off = Offloader(store=store_url, consume=False)
+    try:
+        deadline = time.monotonic() + 20
+        while not off.dead_letters() and time.monotonic() < deadline:
+            assert worker.poll() is None
+            server.wait_for(99, "/never", timeout=0.1)  # a bounded pause, no sleep
+        return off.dead_letters()
+    finally:
+        off.shutdown(0)
+
+
 def test_a_worker_trusting_registered_functions_refuses_a_planted_row_without_importing(
     store_url: str, server: ScriptedServer, worker_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -136,15 +151,7 @@ def test_a_worker_trusting_registered_functions_refuses_a_planted_row_without_im
     )
     try:
         assert server.wait_for(1, "/ok", timeout=20)
-        off = Offloader(store=store_url, consume=False)
-        try:
-            deadline = time.monotonic() + 20
-            while not off.dead_letters() and time.monotonic() < deadline:
-                assert worker.poll() is None
-                server.wait_for(99, "/never", timeout=0.1)  # a bounded pause, no sleep
-            [letter] = off.dead_letters()
-        finally:
-            off.shutdown(0)
+        [letter] = first_dead_letters(store_url, worker, server)
         assert letter.reason == "permanent" and "not registered" in letter.error
         assert "untrusted_tasks" in letter.description
         assert server.requests_to("/planted") == []
@@ -189,15 +196,7 @@ def test_a_stored_retry_policy_cannot_make_a_trusting_worker_import_a_module(
     )
     try:
         assert server.wait_for(1, "/ok", timeout=20)
-        off = Offloader(store=store_url, consume=False)
-        try:
-            deadline = time.monotonic() + 20
-            while not off.dead_letters() and time.monotonic() < deadline:
-                assert worker.poll() is None
-                server.wait_for(99, "/never", timeout=0.1)  # a bounded pause, no sleep
-            letters = off.dead_letters()
-        finally:
-            off.shutdown(0)
+        letters = first_dead_letters(store_url, worker, server)
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.communicate(timeout=30)
