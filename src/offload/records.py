@@ -228,10 +228,8 @@ class Task:
             raise TypeError(f"Task(kwargs=...) must be a mapping, got {type(kwargs).__name__}")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"Task(retry=...) must be an offload.RetryPolicy, got {retry!r}")
-        if key is not None and not isinstance(key, str):
-            raise TypeError(f"Task(key=...) must be a str or None, got {type(key).__name__}")
-        if key == "":
-            raise ValueError("Task(key=...) must be a non-empty string or None")
+        if key is not None:
+            _check_key("key", key)
         self.call = call
         self.args = args
         self.kwargs = dict(kwargs) if kwargs else {}
@@ -415,11 +413,23 @@ def _check_when(delay: Any, at: Any) -> tuple[float, float | None]:
     return seconds, None
 
 
-def _check_dedup(key: Any, window: Any) -> tuple[str | None, float]:
-    if key is not None and not isinstance(key, str):
-        raise TypeError(f"Task(dedup_key=...) must be a str, got {type(key).__name__}")
+def _check_key(name: str, key: Any) -> None:
+    """A key is non-empty text every store can write: a lone surrogate (os.fsdecode's for
+    an undecodable byte) would fail the durable stores' encoding after the enqueue."""
+    if not isinstance(key, str):
+        raise TypeError(f"Task({name}=...) must be a str or None, got {type(key).__name__}")
     if key == "":
-        raise ValueError("Task(dedup_key=...) must be a non-empty string or None")
+        raise ValueError(f"Task({name}=...) must be a non-empty string or None")
+    if not key.isascii() and any("\ud800" <= char <= "\udfff" for char in key):
+        raise ValueError(
+            f"Task({name}=...) holds a lone surrogate (os.fsdecode's for an undecodable "
+            f"byte), which no store can write: {key!r}"
+        )
+
+
+def _check_dedup(key: Any, window: Any) -> tuple[str | None, float]:
+    if key is not None:
+        _check_key("dedup_key", key)
     seconds = window.total_seconds() if isinstance(window, timedelta) else window
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise TypeError(

@@ -204,6 +204,20 @@ CASES = [
     ),
     Case("Task(args=list)", lambda _: Task(module_level, [1]), TypeError, "tuple"),  # type: ignore[arg-type]
     Case("Task(key='')", lambda _: Task(module_level, key=""), ValueError, "key"),
+    # A lone surrogate (os.fsdecode's) in a key: SQLite cannot encode it, and its journal
+    # line then failed every later copy into the file (no task in that journal ran).
+    Case(
+        "Task(key=surrogate)",
+        lambda _: Task(module_level, key="host-\udcff"),
+        ValueError,
+        r"Task\(key=\.\.\.\) holds a lone surrogate",
+    ),
+    Case(
+        "Task(dedup_key=surrogate)",
+        lambda _: Task(module_level, dedup_key="order-\udcff"),
+        ValueError,
+        r"Task\(dedup_key=\.\.\.\) holds a lone surrogate",
+    ),
     Case("Task(Task)", lambda _: Task(Task(module_level)), TypeError, "not another Task"),  # type: ignore[arg-type]
     # -- dead letters, shutdown ---------------------------------------------------------
     Case("replay unknown id", lambda off: off.replay("nope"), UnknownDeadLetter, "nope"),
