@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -281,6 +282,27 @@ def test_discard_and_purge(store_url: str, letters: list[DeadLetter]) -> None:
     purged = cli("dead-letters", "purge", "--store", store_url)
     assert (purged.returncode, purged.stdout) == (0, "purged 2 dead letter(s)\n")
     assert counts(store_url) == (0, 0, 0, 0)
+
+
+def test_an_unreadable_letter_is_listed_among_the_others_and_can_be_discarded(
+    store_url: str, letters: list[DeadLetter]
+) -> None:
+    # A row edited by hand: before, every `list` (and the console's pages) failed on it.
+    with sqlite3.connect(store_url.removeprefix("sqlite:///")) as conn:
+        conn.execute("UPDATE dead_letters SET attempts = 'lots' WHERE id = ?", (letters[1].id,))
+    conn.close()
+    listed = cli("dead-letters", "list", "--store", store_url, "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert [row["id"] for row in rows] == [x.id for x in letters]
+    assert rows[1]["description"] == "(unreadable row)" and "attempts" in rows[1]["error"]
+    assert rows[0] == letters[0].to_json() and rows[2] == letters[2].to_json()
+    shown = cli("dead-letters", "show", letters[1].id, "--store", store_url)
+    assert shown.returncode == 0 and "unreadable" in shown.stdout, shown.stderr
+    discarded = cli("dead-letters", "discard", letters[1].id, "--store", store_url)
+    assert discarded.returncode == 0, discarded.stderr
+    left = cli("dead-letters", "list", "--store", store_url, "--json")
+    assert [row["id"] for row in json.loads(left.stdout)] == [letters[0].id, letters[2].id]
 
 
 def test_the_store_comes_from_offload_store(store_url: str, letters: list[DeadLetter]) -> None:

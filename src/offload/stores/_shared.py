@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._numbers import plain_int
 from ..config import describe_range
-from ..errors import StoreError
 from ..records import DeadLetter, Task
 from .base import LetterPage, LetterQuery, LetterTally
 
@@ -275,13 +274,26 @@ LETTER_FIELDS = (
 )
 
 
-def letter_of(row: Sequence[Any], shown: str) -> DeadLetter:
-    """The dead letter a row of LETTER_FIELDS holds; StoreError (naming the store as
-    `shown`) if it is unreadable."""
+def letter_of(row: Sequence[Any]) -> DeadLetter:
+    """The dead letter a row of LETTER_FIELDS holds. A row that does not read as one (edited
+    by hand, or by a newer offload) stands in as a letter saying so, under the row's id:
+    listed, shown and discarded like the others, instead of failing every listing."""
     try:
         return DeadLetter.from_json(dict(zip(LETTER_FIELDS, row, strict=True)))
     except ValueError as exc:
-        raise StoreError(f"{shown}: dead letter {row[0]!r} is unreadable: {exc}") from None
+        row_id = row[0] if isinstance(row[0], str) else str(row[0])
+        return DeadLetter(
+            id=row_id,
+            task_id=row[1] if isinstance(row[1], str) else row_id,
+            description="(unreadable row)",
+            key=None,
+            attempts=0,
+            error=f"this dead letter's row does not read as one ({exc}); discard it or repair it",
+            status=None,
+            reason="permanent",
+            first_attempt_at=None,
+            last_attempt_at=None,
+        )
 
 
 def letter_terms(query: LetterQuery) -> list[tuple[str, Any]]:

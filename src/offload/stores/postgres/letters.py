@@ -42,7 +42,6 @@ class LetterMethods:
     """The PostgreSQL store's dead-letter methods (PostgresStore's), each on the store's
     cursor under its lock."""
 
-    url: str
     trust: Trust
     _sql: Sql
     _clock: Clock
@@ -54,12 +53,12 @@ class LetterMethods:
     def dead_letters(self) -> list[DeadLetter]:
         """Every dead letter, oldest first."""
         with self._use("listing dead letters") as cur:
-            return read_letters(cur, self._sql, self.url)
+            return read_letters(cur, self._sql)
 
     def dead_letter(self, dead_letter_id: str) -> DeadLetter:
         """One dead letter by id; UnknownDeadLetter if none has it."""
         with self._use("reading a dead letter") as cur:
-            return read_letter(cur, self._sql, self.url, dead_letter_id)
+            return read_letter(cur, self._sql, dead_letter_id)
 
     def dead_letter_page(
         self, query: LetterQuery, *, limit: int = 50, cursor: str | None = None
@@ -67,12 +66,12 @@ class LetterMethods:
         """A page of the dead letters matching `query`, newest first, filtered and cut in
         SQL (see letters.py)."""
         with self._use("listing dead letters") as cur:
-            return letter_page(cur, self._sql, self.url, query, limit, cursor)
+            return letter_page(cur, self._sql, query, limit, cursor)
 
     def dead_letter_detail(self, dead_letter_id: str) -> LetterDetail:
         """One dead letter and its task's call, read without importing anything."""
         with self._use("reading a dead letter") as cur:
-            return letter_detail(cur, self._sql, self.url, dead_letter_id)
+            return letter_detail(cur, self._sql, dead_letter_id)
 
     def dead_letter_tally(self, *, limit: int = 20) -> LetterTally:
         """The dead letters counted in all and by key, reason and status."""
@@ -146,21 +145,21 @@ def _bury(cur: Any, sql: Sql, task: Task, letter: DeadLetter, now: float) -> Non
     )
 
 
-def read_letters(cur: Any, sql: Sql, shown: str) -> list[DeadLetter]:
+def read_letters(cur: Any, sql: Sql) -> list[DeadLetter]:
     """Every dead letter, oldest first."""
-    return [letter_of(row, shown) for row in cur.execute(sql.letters).fetchall()]
+    return [letter_of(row) for row in cur.execute(sql.letters).fetchall()]
 
 
-def read_letter(cur: Any, sql: Sql, shown: str, dead_letter_id: str) -> DeadLetter:
+def read_letter(cur: Any, sql: Sql, dead_letter_id: str) -> DeadLetter:
     """One dead letter by id; UnknownDeadLetter if none has it."""
     row = cur.execute(sql.letter, (dead_letter_id,)).fetchone()
     if row is None:
         raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
-    return letter_of(row, shown)
+    return letter_of(row)
 
 
 def letter_page(
-    cur: Any, sql: Sql, shown: str, query: LetterQuery, limit: int, cursor: str | None
+    cur: Any, sql: Sql, query: LetterQuery, limit: int, cursor: str | None
 ) -> LetterPage:
     """The dead letters matching `query`, newest first, `limit` at most, after `cursor`
     (the `seq` of the previous page's last letter)."""
@@ -180,17 +179,17 @@ def letter_page(
     rows = cur.execute(sql.page.format(where=matching), [*params, limit + 1]).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]
-    letters = [letter_of(row[1:], shown) for row in rows]
+    letters = [letter_of(row[1:]) for row in rows]
     return LetterPage(letters, total, str(rows[-1][0]) if more and rows else None)
 
 
-def letter_detail(cur: Any, sql: Sql, shown: str, dead_letter_id: str) -> LetterDetail:
+def letter_detail(cur: Any, sql: Sql, dead_letter_id: str) -> LetterDetail:
     """One dead letter and its call, read from the text the task was stored as (nothing is
     imported); UnknownDeadLetter if none has that id."""
     row = cur.execute(sql.letter_detail, (dead_letter_id,)).fetchone()
     if row is None:
         raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
-    return LetterDetail(letter_of(row[:-2], shown), view_call(str(row[-1]), row[-2]))
+    return LetterDetail(letter_of(row[:-2]), view_call(str(row[-1]), row[-2]))
 
 
 def letter_tally(cur: Any, sql: Sql, limit: int) -> LetterTally:

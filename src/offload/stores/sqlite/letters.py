@@ -70,20 +70,20 @@ def bury_task(conn: sqlite3.Connection, task: Task, letter: DeadLetter, now: flo
         let_key_go(conn, task, now)
 
 
-def read_letters(conn: sqlite3.Connection, url: str) -> list[DeadLetter]:
+def read_letters(conn: sqlite3.Connection) -> list[DeadLetter]:
     """Every dead letter, oldest first."""
     rows = conn.execute(f"SELECT {LETTER_COLUMNS} FROM dead_letters ORDER BY seq").fetchall()
-    return [letter_of(row, url) for row in rows]
+    return [letter_of(row) for row in rows]
 
 
-def read_letter(conn: sqlite3.Connection, url: str, dead_letter_id: str) -> DeadLetter:
+def read_letter(conn: sqlite3.Connection, dead_letter_id: str) -> DeadLetter:
     """One dead letter by id; UnknownDeadLetter if none has it."""
     row = conn.execute(
         f"SELECT {LETTER_COLUMNS} FROM dead_letters WHERE id = ?", (dead_letter_id,)
     ).fetchone()
     if row is None:
         raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
-    return letter_of(row, url)
+    return letter_of(row)
 
 
 def count_letters(conn: sqlite3.Connection) -> int:

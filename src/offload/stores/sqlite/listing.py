@@ -42,8 +42,6 @@ class LetterListing:
     """The SQLite store's listings for the console (SQLiteStore's methods), each on the
     store's connection under its lock."""
 
-    url: str
-
     def _use(self, what: str) -> AbstractContextManager[sqlite3.Connection]:
         raise NotImplementedError
 
@@ -52,12 +50,12 @@ class LetterListing:
     ) -> LetterPage:
         """A page of the dead letters matching `query`, newest first, filtered in SQL."""
         with self._use("listing dead letters") as conn:
-            return letter_page(conn, self.url, query, limit, cursor)
+            return letter_page(conn, query, limit, cursor)
 
     def dead_letter_detail(self, dead_letter_id: str) -> LetterDetail:
         """One dead letter and its task's call, read without importing anything."""
         with self._use("reading a dead letter") as conn:
-            return letter_detail(conn, self.url, dead_letter_id)
+            return letter_detail(conn, dead_letter_id)
 
     def dead_letter_tally(self, *, limit: int = 20) -> LetterTally:
         """The dead letters counted in all and by key, reason and status."""
@@ -79,7 +77,7 @@ def _where(query: LetterQuery) -> tuple[str, list[Any]]:
 
 
 def letter_page(
-    conn: sqlite3.Connection, url: str, query: LetterQuery, limit: int, cursor: str | None
+    conn: sqlite3.Connection, query: LetterQuery, limit: int, cursor: str | None
 ) -> LetterPage:
     """A page of the dead letters matching `query`, newest first (see the module docstring)."""
     below = check_page(limit, cursor)
@@ -88,7 +86,7 @@ def letter_page(
     if query.text or query.since is not None:
         rows = _newest_window(conn, where, args, below, limit)
         if rows is None:
-            return _page_of_matches(conn, url, where, args, below, limit)
+            return _page_of_matches(conn, where, args, below, limit)
     count = conn.execute(f"SELECT COUNT(*) FROM dead_letters WHERE {where}", args)
     total = int(count.fetchone()[0])
     if rows is None:
@@ -101,7 +99,7 @@ def letter_page(
             "ORDER BY seq DESC LIMIT ?",
             (*page_args, limit + 1),
         ).fetchall()
-    return _page(rows, url, total, limit)
+    return _page(rows, total, limit)
 
 
 def _newest_window(
@@ -123,7 +121,6 @@ def _newest_window(
 
 def _page_of_matches(
     conn: sqlite3.Connection,
-    url: str,
     where: str,
     args: list[Any],
     below: int | None,
@@ -138,18 +135,18 @@ def _page_of_matches(
         "WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq DESC",
         (json_list(heapq.nlargest(limit + 1, candidates)),),
     ).fetchall()
-    return _page(rows, url, len(seqs), limit)
+    return _page(rows, len(seqs), limit)
 
 
-def _page(rows: list[Any], url: str, total: int, limit: int) -> LetterPage:
+def _page(rows: list[Any], total: int, limit: int) -> LetterPage:
     """Rows of (seq, LETTER_COLUMNS...), up to `limit` + 1 of them, as a page."""
     more = len(rows) > limit
     rows = rows[:limit]
-    letters = [letter_of(row[1:], url) for row in rows]
+    letters = [letter_of(row[1:]) for row in rows]
     return LetterPage(letters, total, str(rows[-1][0]) if more else None)
 
 
-def letter_detail(conn: sqlite3.Connection, url: str, dead_letter_id: str) -> LetterDetail:
+def letter_detail(conn: sqlite3.Connection, dead_letter_id: str) -> LetterDetail:
     """One dead letter and its call, read from the text the task was stored as (nothing is
     imported); UnknownDeadLetter if none has that id."""
     row = conn.execute(
@@ -158,7 +155,7 @@ def letter_detail(conn: sqlite3.Connection, url: str, dead_letter_id: str) -> Le
     ).fetchone()
     if row is None:
         raise UnknownDeadLetter(f"no dead letter with id {dead_letter_id!r}")
-    letter: DeadLetter = letter_of(row[:-2], url)
+    letter: DeadLetter = letter_of(row[:-2])
     return LetterDetail(letter, view_call(str(row[-1]), row[-2]))
 
 

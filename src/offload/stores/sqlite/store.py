@@ -375,12 +375,12 @@ class SQLiteStore(LetterListing, SharedBudgets):
     def dead_letters(self) -> list[DeadLetter]:
         """Every dead letter, oldest first."""
         with self._use("listing dead letters") as conn:
-            return read_letters(conn, self.url)
+            return read_letters(conn)
 
     def dead_letter(self, dead_letter_id: str) -> DeadLetter:
         """One dead letter by id; UnknownDeadLetter if none has it."""
         with self._use("reading a dead letter") as conn:
-            return read_letter(conn, self.url, dead_letter_id)
+            return read_letter(conn, dead_letter_id)
 
     def __len__(self) -> int:
         with self._use("counting dead letters") as conn:
