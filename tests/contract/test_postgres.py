@@ -34,7 +34,7 @@ from offload.stores._shared import page_of
 from offload.stores.base import LetterQuery
 from offload.stores.postgres import PostgresStore, parse_postgres_url
 from offload.testing import FakeClock
-from pgserver import PASSWORD, PASSWORD_USER
+from pgserver import PASSWORD, PASSWORD_USER, PgServer
 from procs import python_env, reap, run_python
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -724,6 +724,30 @@ def test_join_refuses_another_database_when_the_url_names_none(postgres: Any) ->
         store.close()
         with raw(postgres) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{store.schema}" CASCADE')
+
+
+def test_join_refuses_the_same_database_name_on_another_server(
+    make_store: MakeStore, postgres: Any
+) -> None:
+    """Two servers each have a database `postgres`: a connection to the other one is
+    refused (its enqueues would go to a store no worker of this one reads), and one to
+    this server under another host name is taken. An application's aborted transaction
+    is a StoreError saying so, the transaction left as it was."""
+    store = make_store()
+    with PgServer.start() as other, psycopg.connect(other.url()) as conn:
+        with pytest.raises(ValueError, match="on another server than the store"):
+            store.join(conn)
+    with psycopg.connect(postgres.url().replace("127.0.0.1", "localhost")) as conn:
+        store.put_in(store.join(conn), Task(record, (1,)))
+        conn.commit()
+    assert store.counts().ready == 1
+    with psycopg.connect(postgres.url()) as conn:
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1 / 0")
+        with pytest.raises(StoreError, match="cannot ask the connection") as caught:
+            store.join(conn)
+        assert PASSWORD not in str(caught.value)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
 
 
 def test_an_sqlalchemy_connection_commits_a_block_that_only_enqueued(

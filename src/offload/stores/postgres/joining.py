@@ -17,9 +17,13 @@ written outside the application's transaction would break the promise of the blo
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["app_cursor", "psycopg_connection"]
+from ...errors import StoreError
+
+__all__ = ["app_cursor", "check_same_server", "psycopg_connection", "server_of"]
 
 
 def psycopg_connection(connection: Any) -> Any:
@@ -79,3 +83,49 @@ def app_cursor(driver: Any) -> Any:
     from psycopg.rows import tuple_row  # noqa: PLC0415
 
     return driver.cursor(row_factory=tuple_row)
+
+
+# What tells two PostgreSQL servers apart from a connection: the database's name alone
+# does not (one name in two clusters), nor do host names (one server under two names, or
+# a socket and a TCP port); a server's start time does, and any role may read it.
+_SERVER = "SELECT current_database(), pg_postmaster_start_time()"
+# Asked once per connection (a psycopg connection is one server's for its whole life).
+_servers: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+
+
+def server_of(driver: Any) -> tuple[Any, ...]:
+    """(database name, server start time) of a psycopg connection, asked once for it;
+    psycopg's errors (an application's aborted transaction) propagate."""
+    known = _servers.get(driver)
+    if known is None:
+        with app_cursor(driver) as cur:
+            known = _servers[driver] = tuple(cur.execute(_SERVER).fetchone())
+    return known
+
+
+def check_same_server(
+    ours: tuple[Any, ...], driver: Any, shown: str, scrub: Callable[[str], str]
+) -> None:
+    """ValueError unless the application's connection `driver` is to the store's database
+    on the store's server (`ours`, `server_of` the store's connection); StoreError when it
+    cannot be asked (an aborted transaction of the application's)."""
+    import psycopg  # noqa: PLC0415
+
+    try:
+        theirs = server_of(driver)
+    except psycopg.Error as exc:
+        raise StoreError(
+            f"{shown}: offload.transaction cannot ask the connection which server it is on: "
+            f"{scrub(str(exc))}"
+        ) from None
+    (our_db, our_server), (their_db, their_server) = ours, theirs
+    if their_db != our_db:
+        raise ValueError(
+            f"offload.transaction: the connection is to database {their_db!r}, but the store "
+            f"{shown} is in {our_db!r}"
+        )
+    if their_server != our_server:
+        raise ValueError(
+            f"offload.transaction: the connection is to database {their_db!r} on another "
+            f"server than the store {shown} (started {their_server}; the store's {our_server})"
+        )

@@ -40,7 +40,7 @@ from .._shared import new_owner
 from ..base import NO_KEYS, StoreCounts
 from .budgets import SharedBudgets
 from .dedup import free_keys, let_key_go, put_alone, put_unique
-from .joining import app_cursor, psycopg_connection
+from .joining import app_cursor, check_same_server, psycopg_connection, server_of
 from .letters import LetterMethods, bury_task
 from .listener import Listener, wait_readable
 from .schema import Sql, ensure_tables
@@ -262,12 +262,8 @@ class PostgresStore(LetterMethods, SharedBudgets):
         for want of them). TypeError or ValueError when it cannot be used."""
         driver = psycopg_connection(connection)
         with self._use("opening the store") as cur:
-            ours = cur.connection.info.dbname  # the URL may name none (libpq's default)
-        if driver.info.dbname != ours:
-            raise ValueError(
-                f"offload.transaction: the connection is to database {driver.info.dbname!r}, "
-                f"but the store {self.url} is in {ours!r}"
-            )
+            ours = server_of(cur.connection)
+        check_same_server(ours, driver, self.url, self._scrub)
         return driver
 
     def put_in(self, connection: Any, task: Task, *, due: float | None = None) -> Task:
