@@ -34,7 +34,7 @@ from offload.stores._shared import page_of
 from offload.stores.base import LetterQuery
 from offload.stores.postgres import PostgresStore, parse_postgres_url
 from offload.testing import FakeClock
-from pgserver import PASSWORD, PASSWORD_USER, PgServer
+from pgserver import PASSWORD, PASSWORD_USER, PgServer, assert_waits_for_a_lock
 from procs import python_env, reap, run_python
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -214,19 +214,25 @@ def test_tables_are_made_once_by_processes_opening_at_once(make_store: MakeStore
     assert len(held) == len(stores) and len(set(held)) == 1
 
 
-def test_a_format_2_store_is_upgraded_to_hold_dedup_keys(
-    make_store: MakeStore, postgres: Any, postgres_url: str
-) -> None:
-    old = Task(record, ("before",))
-    make_store().put(old, lease=False)
+def back_to_format_2(postgres: Any, postgres_url: str) -> str:
+    """The store's tables as an older offload made them (format 2); returns the schema."""
     schema = schema_of(postgres_url)
-    with raw(postgres) as conn:  # back to format 2, as an older offload made it
+    with raw(postgres) as conn:
         conn.execute(f'DROP TABLE "{schema}".dedup')
         for table in ("tasks", "dead_letters"):
             conn.execute(
                 f'ALTER TABLE "{schema}".{table} DROP COLUMN dedup_key, DROP COLUMN dedup_window'
             )
         conn.execute(f"UPDATE \"{schema}\".meta SET value = '2' WHERE name = 'version'")
+    return schema
+
+
+def test_a_format_2_store_is_upgraded_to_hold_dedup_keys(
+    make_store: MakeStore, postgres: Any, postgres_url: str
+) -> None:
+    old = Task(record, ("before",))
+    make_store().put(old, lease=False)
+    schema = back_to_format_2(postgres, postgres_url)
     store = make_store()
     (task,) = store.claim(5)
     assert task.id == old.id and task.dedup_key is None
@@ -236,6 +242,59 @@ def test_a_format_2_store_is_upgraded_to_hold_dedup_keys(
     with raw(postgres) as conn:
         version = conn.execute(f'SELECT value FROM "{schema}".meta').fetchone()
         assert version == ("4",)
+
+
+def test_an_upgrade_waiting_for_an_open_transaction_lets_the_others_through(
+    make_store: MakeStore, postgres: Any, postgres_url: str
+) -> None:
+    """An older process's transaction holds the tasks table while a new process opens the
+    store: its ALTER TABLE waits, but in short tries, so that the older processes' own
+    statements on the table are not held behind it (before, every one waited until that
+    transaction ended). Once it ends, the upgrade is made."""
+    make_store().counts()
+    schema = back_to_format_2(postgres, postgres_url)
+    opened: list[BaseException | None] = []
+    with psycopg.connect(postgres.url()) as holder:
+        holder.execute(f'SELECT count(*) FROM "{schema}".tasks')  # its transaction stays open
+        upgrading = threading.Thread(
+            target=lambda: opened.append(_error_of(make_store().counts)), daemon=True
+        )
+        upgrading.start()
+        assert_waits_for_a_lock(postgres, "ALTER TABLE")
+        with psycopg.connect(postgres.url(), autocommit=True) as older:
+            older.execute("SET statement_timeout = '10s'")
+            assert older.execute(f'SELECT count(*) FROM "{schema}".tasks').fetchone() == (0,)
+        holder.rollback()
+    upgrading.join(30)
+    assert opened == [None]
+    with raw(postgres) as conn:
+        assert conn.execute(f'SELECT value FROM "{schema}".meta').fetchone() == ("4",)
+
+
+def test_an_upgrade_held_off_past_its_patience_fails_the_opening_and_changes_nothing(
+    make_store: MakeStore, postgres: Any, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from offload.stores.postgres import schema as schema_module
+
+    monkeypatch.setattr(schema_module, "_UPGRADE_PATIENCE", 0.5)
+    make_store().counts()
+    schema = back_to_format_2(postgres, postgres_url)
+    with psycopg.connect(postgres.url()) as holder:
+        holder.execute(f'SELECT count(*) FROM "{schema}".tasks')
+        with pytest.raises(StoreError, match="an open transaction held them"):
+            make_store().counts()
+        holder.rollback()
+    with raw(postgres) as conn:
+        assert conn.execute(f'SELECT value FROM "{schema}".meta').fetchone() == ("2",)
+    make_store().counts()  # once it ended, the next opening upgrades
+
+
+def _error_of(action: Callable[[], Any]) -> BaseException | None:
+    try:
+        action()
+    except BaseException as exc:
+        return exc
+    return None
 
 
 def test_create_false_refuses_a_database_without_the_tables(make_store: MakeStore) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +21,7 @@ from offload.records import new_id
 from offload.stores import StoreCounts
 from offload.stores.postgres import PostgresStore, parse_postgres_url
 from offload.testing import FakeClock
-from pgserver import PASSWORD
+from pgserver import PASSWORD, assert_waits_for_a_lock
 
 
 def record(value: Any) -> None:
@@ -239,21 +238,6 @@ def replay_uncommitted(operator: PostgresStore, letter_id: str) -> Iterator[None
     finally:
         with operator._use("test") as cur:
             cur.execute("COMMIT")
-
-
-def assert_waits_for_a_lock(postgres: Any, statement: str) -> None:
-    """Some session's statement beginning with `statement` waits for a lock (seen by the
-    server: pg_stat_activity), within a few seconds."""
-    with psycopg.connect(postgres.url(), autocommit=True) as watcher:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if watcher.execute(
-                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
-                (f"%{statement}%",),
-            ).fetchone():
-                return
-            time.sleep(0.01)  # the server announces no wait: look again
-    raise AssertionError(f"no statement {statement!r} waited for a lock")
 
 
 def test_a_key_freed_while_another_transaction_retakes_it_does_not_hold_the_store(

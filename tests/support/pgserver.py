@@ -21,9 +21,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 __all__ = ["PASSWORD", "PASSWORD_USER", "PgServer", "PgUnavailable", "find_bin_dir"]
 
@@ -217,3 +219,20 @@ class PgServer:
         """A new, empty database; its URL."""
         self.psql(f'CREATE DATABASE "{name}"')
         return self.url(name)
+
+
+def assert_waits_for_a_lock(postgres: Any, statement: str) -> None:
+    """Some session's statement beginning with `statement` waits for a lock (seen by the
+    server: pg_stat_activity), within a few seconds."""
+    import psycopg
+
+    with psycopg.connect(postgres.url(), autocommit=True) as watcher:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if watcher.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                (f"%{statement}%",),
+            ).fetchone():
+                return
+            time.sleep(0.01)  # the server announces no wait: look again
+    raise AssertionError(f"no statement {statement!r} waited for a lock")

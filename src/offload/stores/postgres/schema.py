@@ -16,6 +16,7 @@ unique index that two processes racing for a key meet at.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ...errors import StoreError
@@ -359,12 +360,41 @@ def ensure_tables(conn: Any, sql: Sql, *, create: bool, shown: str) -> None:
     if version < 1:
         raise StoreError(f"{shown}: not a usable offload store (format {version!r})")
     if version < SCHEMA_VERSION:
-        _upgrade(conn, sql)
+        _upgrade(conn, sql, shown)
 
 
-def _upgrade(conn: Any, sql: Sql) -> None:
-    """Take the store's tables to this format, once, whichever process comes first."""
+# An upgrade's ALTER TABLE waits for every open transaction on the table, and while it
+# waits, every later statement on the table (other processes' enqueues and claims) waits
+# behind it: so each try waits this long at most, and lets them through between tries.
+_UPGRADE_LOCK_WAIT = "250ms"
+_UPGRADE_PATIENCE = 30.0  # seconds of tries before the store's opening fails
+
+
+def _upgrade(conn: Any, sql: Sql, shown: str) -> None:
+    """Take the store's tables to this format, once, whichever process comes first; a try
+    that finds a table held by an open transaction gives way and tries again."""
+    import psycopg  # noqa: PLC0415
+
+    deadline = time.monotonic() + _UPGRADE_PATIENCE
+    pause = 0.05
+    while True:
+        try:
+            _upgrade_once(conn, sql)
+            return
+        except psycopg.errors.LockNotAvailable:
+            if time.monotonic() >= deadline:
+                raise StoreError(
+                    f"{shown}: cannot take the store's tables to format {SCHEMA_VERSION}: "
+                    f"an open transaction held them through {_UPGRADE_PATIENCE:g} s of tries "
+                    "(a long transaction on them, or one left open?)"
+                ) from None
+        time.sleep(pause)  # a try's lock wait let the others through; give them a moment
+        pause = min(pause * 2, 1.0)
+
+
+def _upgrade_once(conn: Any, sql: Sql) -> None:
     with conn.transaction():
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (_UPGRADE_LOCK_WAIT,))
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (sql.channel,))
         version = int(conn.execute(sql.read_version).fetchone()[0])
         for step in range(version + 1, SCHEMA_VERSION + 1):
