@@ -289,6 +289,29 @@ def test_an_upgrade_held_off_past_its_patience_fails_the_opening_and_changes_not
     make_store().counts()  # once it ended, the next opening upgrades
 
 
+def test_a_role_that_may_not_upgrade_an_older_store_is_told_who_may(
+    make_store: MakeStore, postgres: Any, postgres_url: str
+) -> None:
+    make_store().counts()
+    schema = back_to_format_2(postgres, postgres_url)
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    with raw(postgres) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO {role}')
+        conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO {role}')
+    reader = PostgresStore(postgres.url(user=role, query=f"schema={schema}"))
+    try:
+        with pytest.raises(StoreError, match="at format 2, and this role may not take"):
+            reader.counts()
+        make_store().counts()  # its owner upgrades it; then the reader reads it
+        assert reader.counts().ready == 0
+    finally:
+        reader.close()
+        with raw(postgres) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
 def _error_of(action: Callable[[], Any]) -> BaseException | None:
     try:
         action()

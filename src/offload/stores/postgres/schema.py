@@ -360,7 +360,7 @@ def ensure_tables(conn: Any, sql: Sql, *, create: bool, shown: str) -> None:
     if version < 1:
         raise StoreError(f"{shown}: not a usable offload store (format {version!r})")
     if version < SCHEMA_VERSION:
-        _upgrade(conn, sql, shown)
+        _upgrade(conn, sql, shown, version)
 
 
 # An upgrade's ALTER TABLE waits for every open transaction on the table, and while it
@@ -370,7 +370,7 @@ _UPGRADE_LOCK_WAIT = "250ms"
 _UPGRADE_PATIENCE = 30.0  # seconds of tries before the store's opening fails
 
 
-def _upgrade(conn: Any, sql: Sql, shown: str) -> None:
+def _upgrade(conn: Any, sql: Sql, shown: str, version: int) -> None:
     """Take the store's tables to this format, once, whichever process comes first; a try
     that finds a table held by an open transaction gives way and tries again."""
     import psycopg  # noqa: PLC0415
@@ -381,6 +381,12 @@ def _upgrade(conn: Any, sql: Sql, shown: str) -> None:
         try:
             _upgrade_once(conn, sql)
             return
+        except psycopg.errors.InsufficientPrivilege:
+            raise StoreError(
+                f"{shown}: the store is at format {version}, and this role may not take its "
+                f"tables to format {SCHEMA_VERSION}: open it once as their owner (a worker's "
+                "role), and then this one can use it"
+            ) from None
         except psycopg.errors.LockNotAvailable:
             if time.monotonic() >= deadline:
                 raise StoreError(
