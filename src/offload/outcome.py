@@ -213,8 +213,12 @@ def _header(headers: Any, name: str) -> str | None:
 def _aws_retry_after(headers: Any, now: float) -> float | None:
     millis = _header(headers, "x-amz-retry-after")
     if millis is not None:
-        if _DELAY_SECONDS.match(millis.strip()) and math.isfinite(float(millis)):
-            return max(float(millis) / 1000.0, 0.0)
+        # Sent twice, it arrives joined ("500, 500"): the longest, as for Retry-After.
+        parts = [part.strip() for part in millis.split(",")]
+        if all(_DELAY_SECONDS.match(part) for part in parts):
+            seconds = max(float(part) for part in parts) / 1000.0
+            if math.isfinite(seconds):
+                return max(seconds, 0.0)
         log.warning("ignoring malformed x-amz-retry-after %r", millis[:100])
     return parse_retry_after(_header(headers, "Retry-After"), now=now)
 

@@ -537,6 +537,8 @@ def test_the_model_is_asked_only_for_a_code_not_already_throttled(
         ({"retry-after": "7"}, 7.0),
         ({"x-amz-retry-after": "250", "retry-after": "7"}, 0.25),  # x-amz wins
         ({"x-amz-retry-after": "soon", "retry-after": "7"}, 7.0),  # junk: fall back
+        ({"x-amz-retry-after": "500, 1500"}, 1.5),  # sent twice, joined: the longest
+        ({"x-amz-retry-after": "500, soon", "retry-after": "7"}, 7.0),
         ({"Retry-After": email.utils.formatdate(NOW + 20, usegmt=True)}, 20.0),
         ({}, None),
     ],
