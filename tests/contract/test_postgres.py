@@ -832,6 +832,31 @@ def test_join_refuses_the_same_database_name_on_another_server(
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
 
 
+def test_joining_leaves_no_transaction_of_its_own_open(
+    make_store: MakeStore, postgres: Any
+) -> None:
+    """`with off.transaction(conn):` and then `with conn.transaction():` (autocommit off):
+    the server check made at the join must not begin a transaction, or the application's
+    block would be a savepoint in it, and its commit would commit nothing."""
+    store = make_store()
+    table = f"app_{uuid.uuid4().hex[:8]}"
+    with raw(postgres) as conn:
+        conn.execute(f"CREATE TABLE {table} (id int)")
+    try:
+        with psycopg.connect(postgres.url()) as conn:
+            driver = store.join(conn)
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            with conn.transaction():
+                conn.execute(f"INSERT INTO {table} VALUES (1)")
+                store.put_in(driver, Task(record, (1,)))
+            with raw(postgres) as other:  # committed at the block's end, seen elsewhere
+                assert other.execute(f"SELECT count(*) FROM {table}").fetchone() == (1,)
+            assert store.counts().ready == 1
+    finally:
+        with raw(postgres) as conn:
+            conn.execute(f"DROP TABLE {table}")
+
+
 def test_an_sqlalchemy_connection_commits_a_block_that_only_enqueued(
     make_store: MakeStore, postgres: Any
 ) -> None:

@@ -98,8 +98,19 @@ def server_of(driver: Any) -> tuple[Any, ...]:
     psycopg's errors (an application's aborted transaction) propagate."""
     known = _servers.get(driver)
     if known is None:
+        from psycopg.pq import TransactionStatus  # noqa: PLC0415
+
+        # Outside a transaction, the question would begin one, and the application's
+        # `with conn.transaction():` opened next would then be a savepoint in it that
+        # commits nothing: that transaction, which holds only the question, is ended.
+        begins = not driver.autocommit and (
+            driver.info.transaction_status == TransactionStatus.IDLE
+        )
         with app_cursor(driver) as cur:
-            known = _servers[driver] = tuple(cur.execute(_SERVER).fetchone())
+            known = tuple(cur.execute(_SERVER).fetchone())
+        if begins:
+            driver.rollback()
+        _servers[driver] = known
     return known
 
 
