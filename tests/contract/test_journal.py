@@ -194,6 +194,29 @@ def test_an_unreadable_line_is_logged_and_the_others_are_copied(
         store.close()
 
 
+def test_a_line_whose_key_sqlite_cannot_write_is_copied_with_the_others(tmp_path: Path) -> None:
+    """A key holding a lone surrogate, as an offload before its build-time check wrote it:
+    its line is copied with the surrogate escaped, and the lines around it with it (before,
+    the copy failed as a whole, every time, and no task of the journal ran)."""
+    db = tmp_path / "q.db"
+    ids = killed_producer(
+        db,
+        "put(1)\n"
+        "task = Task(record, (9,), key='api')\n"
+        "task.meta.key = 'api-\\udcff'\n"
+        "store.put(task, lease=False)\n"
+        "print(task.id, flush=True)\n"
+        "put(1)",
+    )
+    store = SQLiteStore(db)
+    try:
+        claimed = store.claim(10)
+        assert [t.id for t in claimed] == ids
+        assert claimed[1].key == "api-\\udcff"
+    finally:
+        store.close()
+
+
 def test_journals_rotate_and_every_line_is_delivered_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

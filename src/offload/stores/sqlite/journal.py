@@ -244,6 +244,12 @@ def _text_or_none(value: Any) -> bool:
     return value is None or type(value) is str
 
 
+def _writable(text: str) -> str:
+    """`text` with any lone surrogate written as its escape: an older offload let one into
+    a task's key, and SQLite cannot write it (every line of the copy then failed)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _finite(value: Any) -> bool:
     return type(value) in (int, float) and math.isfinite(value)
 
@@ -274,6 +280,8 @@ def _journal_lines(data: bytes, source: str) -> tuple[list[tuple[Any, ...]], dic
             ):
                 raise ValueError("a field of the wrong type")
             until = None if lease is None else due + lease
+            if key is not None and not key.isascii():
+                key = _writable(key)
             rows.append((task_id, idempotency_key, key, call.decode(), retry, due, owner, until))
         except (ValueError, UnicodeDecodeError) as exc:
             log.error("offload: left an unreadable line in journal %s: %s", source, exc)
