@@ -467,6 +467,32 @@ def test_other_asgi_scopes_pass_through(make_offloader: Callable[..., Offloader]
     assert seen == ["lifespan"]
 
 
+def test_a_websockets_tasks_are_not_held_until_it_closes(
+    make_offloader: Callable[..., Offloader],
+) -> None:
+    """A WebSocket may stay open for hours: a task enqueued in it is performed while it is
+    open, not held as a request's tasks are until its response is sent."""
+    off = make_offloader()
+    done = Done()
+    performed_while_open: list[bool] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert scope["type"] == "websocket"
+        off.enqueue_task(done, rid="pushed")
+        performed_while_open.append(await asyncio.to_thread(done.event.wait, WAIT))
+
+    async def nothing() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def drop(message: Any) -> None:
+        pass
+
+    scope = {"type": "websocket", "path": "/ws", "headers": []}
+    asyncio.run(offload.web.ASGIMiddleware(app)(scope, nothing, drop))
+    assert performed_while_open == [True]
+    assert delivered(off, done) == ["pushed"]
+
+
 @pytest.mark.parametrize("middleware", [offload.web.WSGIMiddleware, offload.web.ASGIMiddleware])
 def test_a_middleware_wraps_an_application_only(middleware: Any) -> None:
     with pytest.raises(TypeError, match=r"wraps an? (WSGI|ASGI) application, not 'app'"):
