@@ -67,7 +67,8 @@ def shutdown_all(timeout: float | None = None) -> None:
     deadline = clock.monotonic() + timeout
     for offloader in offloaders:  # a request still open at exit holds no wake-up now
         try:
-            offloader._let_go()
+            remaining = max(0.0, deadline - clock.monotonic())
+            offloader._let_go(min(remaining, offloader.shutdown_timeout))
         except Exception:
             log.exception("offload: error while waking the workers of %r at exit", offloader)
     _announce(offloaders, deadline, clock)

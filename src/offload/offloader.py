@@ -372,10 +372,16 @@ class Offloader:
         """Shut down already, with nothing left (the exit hook skips it)."""
         return self._core.closed and self._core.sched.idle()
 
-    def _let_go(self) -> None:
-        """Give the wake-ups requests still hold (offload.web), first thing at exit."""
-        if self._pid == os.getpid():
-            self._pool.let_go()
+    def _let_go(self, seconds: float) -> None:
+        """First thing at exit: give the wake-ups requests still hold (offload.web); if no
+        worker could start for a memory store's tasks (Python 3.12+ starts no thread at
+        exit), perform them on this thread, within `seconds`."""
+        if self._pid != os.getpid():
+            return
+        pool = self._pool
+        pool.let_go(at_exit=True)
+        if not self._store.durable and not pool.threads and not self._core.closed:
+            pool.run_here(self._clock.monotonic() + seconds)
 
     def _retire(self) -> None:
         """Take no new tasks, but let the workers finish what is held (configure())."""

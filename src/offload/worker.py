@@ -165,6 +165,33 @@ class WorkerPool:
                 if threading.current_thread() in self.threads:
                     self._leave()
 
+    def run_here(self, until: float) -> None:
+        """Perform ready tasks on the calling thread until none is left or `until` (the
+        clock's monotonic time) passes, waiting for a retry due before then. For the exit
+        hook where no worker could start (Python 3.12+ refuses new threads at exit): a
+        memory store's tasks would otherwise be lost. An attempt under way when `until`
+        passes is finished first."""
+        core, clock, backlog, run_one = self.core, self.clock, self._backlog, self._run_one
+        assert backlog is not None
+        assert run_one is not None
+        resources = Resources()
+        pause = threading.Condition(core.lock)
+        try:
+            while True:
+                with core.lock:
+                    now = clock.monotonic()
+                    if self.threads or core.stopping or now >= until:
+                        return  # a worker runs after all, or the time is up
+                    task, wait, idle = backlog.take(now)
+                    if task is None:
+                        if idle or wait is None or now + wait >= until:
+                            return
+                        clock.wait(pause, wait)  # a retry's backoff
+                        continue
+                run_one(task, resources)
+        finally:
+            resources.close()
+
     def _next(self, wake: threading.Condition) -> Task | None:
         """Block until a task may run, or return None when this worker should exit."""
         core = self.core
@@ -235,13 +262,15 @@ class WorkerPool:
         elif not self.ran:
             self.check_running()
 
-    def let_go(self) -> None:
+    def let_go(self, *, at_exit: bool = False) -> None:
         """Give the wake-ups every request holds for this pool (flush() and shutdown() wait
-        for the workers, and a response a server never closed must not keep them)."""
+        for the workers, and a response a server never closed must not keep them). At
+        exit, a worker that cannot start is not reported: the exit hook performs the
+        tasks itself (run_here)."""
         with self.core.lock:
             holds, self.holds = self.holds, set()
         for hold in holds:
-            hold.release()
+            hold.release(quiet=at_exit)
 
     def _leave(self) -> None:
         """Called with the lock held: this thread leaves the pool."""
@@ -290,7 +319,7 @@ class WakeHold:
         """Whether a wake-up is being held."""
         return bool(self._pools)
 
-    def release(self) -> None:
+    def release(self, *, quiet: bool = False) -> None:
         """Give every held wake-up now; later ones are not held. Idempotent.
 
         One pool at a time: an interruption leaves the rest listed, for `let_go`. Each is
@@ -310,7 +339,7 @@ class WakeHold:
                     pool.engage(raise_unstarted=True, holdable=False)
                 except ShutDown as exc:  # no thread: the task stays, for the next engage
                     failed = exc
-            if failed is not None:  # (after the response: nobody else to tell)
+            if failed is not None and not quiet:  # (after the response: nobody else to tell)
                 with Guarded():
                     log.warning(
                         "offload: could not start a worker after the response (%s); its "

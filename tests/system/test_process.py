@@ -29,6 +29,41 @@ def test_atexit_delivers_what_was_enqueued(server: ScriptedServer) -> None:
     assert sorted(json.loads(r.body)["i"] for r in server.requests_to("/exit")) == list(range(25))
 
 
+# Python 3.12+ starts no thread once the interpreter is finalizing (atexit hooks included);
+# this atexit hook, registered last and so run first, makes any Python refuse them too.
+NO_THREADS_AT_EXIT = """
+import atexit, threading
+def _refuse(self):
+    raise RuntimeError("can't create new thread at interpreter shutdown")
+atexit.register(lambda: setattr(threading.Thread, "start", _refuse))
+"""
+
+
+def test_at_exit_a_held_task_whose_worker_cannot_start_is_performed_by_the_hook(
+    server: ScriptedServer,
+) -> None:
+    """A response never closed holds its task's wake-up (offload.web) until exit; where no
+    worker thread can start then (Python 3.12+), the exit hook performs the memory store's
+    calls itself: before, they waited the whole shutdown timeout and became dead letters.
+    (An enqueue made at exit with no worker to start raises ShutDown, as documented.)"""
+    result = run_python(
+        f"""
+        import atexit, offload, offload.web
+        URL = "{server.url("/at-exit")}"
+        def app(environ, start_response):
+            offload.enqueue_task(offload.http("POST", URL))
+            start_response("200 OK", [])
+            return [b"ok"]
+        """
+        + "\n        OPEN = offload.web.WSGIMiddleware(app)({}, lambda s, h: None)\n"
+        + NO_THREADS_AT_EXIT.replace("\n", "\n        "),
+        env={"OFFLOAD_SHUTDOWN_TIMEOUT": "20"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(server.requests_to("/at-exit")) == 1, result.stderr
+    assert "dead-lettered" not in result.stderr and "could not start" not in result.stderr
+
+
 def test_exit_under_outage_is_bounded_and_reports(server: ScriptedServer) -> None:
     never = threading.Event()
     server.script("/hang", Answer.hang(never))
