@@ -67,3 +67,28 @@ def test_a_nul_in_any_filter_is_refused_before_a_store_sees_it(name: str) -> Non
     assert Filters.read(lambda field: given.get(field, "")).error == (
         f"{name}: a NUL character is not allowed"
     )
+
+
+@pytest.mark.parametrize("theirs_first", [True, False])
+def test_a_post_carrying_two_csrf_cookies_is_refused_in_either_order(theirs_first: bool) -> None:
+    """A site of a parent domain can set a cookie of the console's CSRF cookie's name: the
+    request then carries two, and which one is read depends on the client's order (Python
+    3.10's cookie jar and 3.11's send them in opposite orders). Refused either way, even
+    when the token matches one of them; one cookie with its token is allowed."""
+    from offload.console.access import CSRF_COOKIE, Access
+    from offload.console.http import Request
+
+    access = Access("a-console-token-of-some-length", None)
+    ours, theirs = access.new_nonce(), access.new_nonce()  # theirs: got from /login
+    cookies = [f"{CSRF_COOKIE}={ours}", f"{CSRF_COOKIE}={theirs}"]
+    if theirs_first:
+        cookies.reverse()
+
+    def post(cookie: str, token: str) -> tuple[bool, str]:
+        environ = {"REQUEST_METHOD": "POST", "HTTP_COOKIE": cookie, "HTTP_X_CSRF_TOKEN": token}
+        return access.post_allowed(Request(environ))
+
+    for token in (access.csrf_token(ours), access.csrf_token(theirs)):
+        allowed, why = post("; ".join(cookies), token)
+        assert not allowed and "two CSRF cookies" in why
+    assert post(f"{CSRF_COOKIE}={ours}; other=1", access.csrf_token(ours)) == (True, "")

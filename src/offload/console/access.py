@@ -122,6 +122,10 @@ class Access:
         site = (request.header("Sec-Fetch-Site") or "").lower()
         if site in _FOREIGN:
             return False, "a request from another site"
+        if CSRF_COOKIE in request.repeated_cookies:
+            # Another site of a parent domain may have set one: whichever was read, the
+            # request cannot be told apart from a forged one.
+            return False, "two CSRF cookies (one set by another site of this domain?)"
         nonce = request.cookies.get(CSRF_COOKIE, "")
         sent = request.header("X-CSRF-Token") or request.field("csrf")
         if not nonce or not sent:

@@ -50,12 +50,18 @@ class Request:
         self.path = path.rstrip("/") or "/"
         self.query = parse_qs(_text(str(environ.get("QUERY_STRING", ""))), keep_blank_values=True)
         self.cookies: dict[str, str] = {}
+        # Names sent more than once (a cookie of the same name set for a parent domain, by
+        # another site of it): which one SimpleCookie keeps depends on the client's order.
+        self.repeated_cookies: frozenset[str] = frozenset()
         header = str(environ.get("HTTP_COOKIE", ""))
         if header:
             jar: SimpleCookie = SimpleCookie()
             with contextlib.suppress(CookieError):  # another's malformed cookie: read none
                 jar.load(header)
             self.cookies = {name: morsel.value for name, morsel in jar.items()}
+            names = [part.partition("=")[0].strip() for part in header.split(";")]
+            if len(names) != len(set(names)):
+                self.repeated_cookies = frozenset(n for n in names if names.count(n) > 1)
         self._form: dict[str, list[str]] | None = None
 
     @property
